@@ -1,0 +1,53 @@
+"""One exception tree. Adapters translate vendor errors into these with `raise ... from exc`.
+
+The CLI maps `ConfigError` to exit 2 and prints `str(exc)` as one line; every message
+names the thing (document, key, field, URL) and says what to do.
+"""
+
+
+class RepageError(Exception):
+    """Base of every error repage raises on purpose."""
+
+
+class ConfigError(RepageError):
+    """Bad configuration or usage: a malformed URL, a missing field, an unreachable store."""
+
+
+class StoreError(RepageError):
+    """A store (Milvus, bucket, ledger) failed in a way that is not the caller's input."""
+
+
+class StoreUnavailable(StoreError, ConfigError):
+    """A store does not answer at all (wrong URI, server down, missing bucket)."""
+
+
+class Throttled(StoreError):
+    """The store asked us to slow down (HTTP 429, 503 SlowDown, Milvus rate limit)."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ObjectNotFound(StoreError):
+    """The object key does not exist in the bucket."""
+
+
+class SchemaError(ConfigError):
+    """The collection lacks a field repage needs, or has an unsupported shape."""
+
+
+class InvalidFilterValue(RepageError, ValueError):
+    """A value that would be inlined into a Milvus filter expression is not acceptable."""
+
+
+class IllegalTransition(RepageError):
+    """A ledger state change that the transition table does not allow."""
+
+
+class StaleLease(RepageError):
+    """A write carried a fencing token that is no longer current: another worker owns the document."""
+
+
+class BadInput(RepageError):
+    """A document's data cannot be processed (corrupt PDF, unparseable row); recorded in the ledger."""

@@ -1,0 +1,61 @@
+"""The document state machine of DESIGN §4: one table, every edge commented. Pure."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from repage.errors import IllegalTransition
+
+
+class State(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    MIGRATED = "migrated"
+    VERIFIED = "verified"
+    REVIEW = "review"
+    DEFERRED = "deferred"
+    SKIPPED = "skipped"
+    UNRECOVERABLE = "unrecoverable"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+
+
+class Path(StrEnum):
+    KEYS = "keys"
+    PDF = "pdf"
+    REPROCESS = "reprocess"
+    NONE = "none"
+
+
+NEW = None  # the "from" of a document the ledger has never seen
+
+TRANSITIONS: dict[State | None, frozenset[State]] = {
+    # scan: affected chunks found -> pending; nothing to fix -> skipped;
+    # no key, no listed image and no source at all -> unrecoverable (scan already knows).
+    NEW: frozenset({State.PENDING, State.SKIPPED, State.UNRECOVERABLE}),
+    # a worker claims it (lease + fencing token)
+    State.PENDING: frozenset({State.RUNNING}),
+    State.RUNNING: frozenset({
+        State.PENDING,        # lease expired (worker died) or run stopped cleanly mid-batch
+        State.MIGRATED,       # all chunks written and read back
+        State.REVIEW,         # a page match below the confidence threshold
+        State.DEFERRED,       # only reprocess can fix it and reprocessing is off for this run
+        State.UNRECOVERABLE,  # no key, no images, no source
+        State.FAILED,         # an error; attempts counts them
+    }),
+    State.FAILED: frozenset({State.PENDING}),    # retry
+    State.DEFERRED: frozenset({State.PENDING}),  # reprocess enabled
+    State.REVIEW: frozenset({State.PENDING}),    # review accepted or rejected
+    State.MIGRATED: frozenset({State.VERIFIED, State.ROLLED_BACK}),  # verify passed / rollback
+    State.VERIFIED: frozenset({State.ROLLED_BACK}),                   # rollback after verify
+    State.ROLLED_BACK: frozenset({State.PENDING}),                    # scanned again
+    # skipped and unrecoverable are final: a scan never counts a done document as affected.
+}
+
+DONE = frozenset({State.MIGRATED, State.VERIFIED, State.SKIPPED, State.UNRECOVERABLE})
+
+
+def check_transition(src: State | None, dst: State) -> None:
+    """Raise IllegalTransition unless the table allows src -> dst."""
+    if dst not in TRANSITIONS.get(src, frozenset()):
+        raise IllegalTransition(f"illegal ledger transition {src or '(new)'} -> {dst}")
