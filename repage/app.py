@@ -1,0 +1,79 @@
+"""Build the three stores from Settings. The CLI and the service both call `open_stores`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from repage.config import Settings
+
+if TYPE_CHECKING:  # the adapters import their SDKs; load them only when a store is opened
+    from repage.stores.ledger import Ledger
+    from repage.stores.objects import ObjectStore
+    from repage.stores.vectors import MilvusVectors
+
+
+@dataclass
+class Stores:
+    """The open stores of one process; `close()` releases them in reverse order."""
+
+    settings: Settings
+    vectors: MilvusVectors | None = None
+    objects: ObjectStore | None = None
+    ledger: Ledger | None = None
+    _opened: list = field(default_factory=list)
+
+    def close(self) -> None:
+        for store in reversed(self._opened):
+            store.close()
+        self._opened.clear()
+
+    def __enter__(self) -> Stores:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_vectors(settings: Settings) -> MilvusVectors:
+    from repage.stores.vectors import MilvusVectors
+
+    token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
+    return MilvusVectors(settings.milvus_uri, settings.collection, token=token)
+
+
+def open_objects(settings: Settings) -> ObjectStore:
+    from repage.stores.objects import ObjectStore
+
+    def secret(value):
+        return value.get_secret_value() if value else None
+
+    return ObjectStore.from_url(
+        settings.store_url,
+        endpoint=settings.s3_endpoint,
+        region=settings.s3_region,
+        access_key_id=secret(settings.aws_access_key_id),
+        secret_access_key=secret(settings.aws_secret_access_key),
+    )
+
+
+def open_ledger(settings: Settings) -> Ledger:
+    from repage.stores.ledger import Ledger
+
+    return Ledger(settings.ledger_url)
+
+
+def open_stores(settings: Settings, *, vectors: bool = True, objects: bool = True, ledger: bool = True) -> Stores:
+    """Open the requested stores; on failure close what was opened and re-raise."""
+    stores = Stores(settings)
+    openers = (("ledger", ledger, open_ledger), ("vectors", vectors, open_vectors), ("objects", objects, open_objects))
+    try:
+        for name, wanted, opener in openers:
+            if wanted:
+                store = opener(settings)
+                setattr(stores, name, store)
+                stores._opened.append(store)
+    except BaseException:
+        stores.close()
+        raise
+    return stores

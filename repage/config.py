@@ -1,0 +1,215 @@
+"""Settings: read from the environment, `repage.toml` and flags at the edges only.
+
+Precedence: flags > REPAGE_* environment > the app's own env names (fallback) >
+repage.toml > defaults. The CLI and the service call `load_settings` once and pass
+the resulting object down; library code never reads the environment itself.
+`demo` and the tests pass `app_fallbacks=False`: a demo must never touch production.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from repage.errors import ConfigError
+
+DEFAULT_DATA_DIR = "./repage-data"
+
+
+class Prices(BaseModel):
+    """Dollar prices (DESIGN §8 defaults); override under [prices] in repage.toml."""
+
+    model_config = ConfigDict(extra="forbid")
+    class_a_per_million: float = 4.50  # R2 List, Put, Copy
+    class_b_per_million: float = 0.36  # R2 Get, Head
+    reprocess_compute_per_document: float = 0.10  # low end of $0.10-1.00
+    vision_per_image: float = 0.01  # low end of $0.01-0.10
+    ocr_per_image: float = 0.001
+
+
+class Matching(BaseModel):
+    """pdf-path confidence threshold (DESIGN §2); [matching] in repage.toml."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_hash_distance: int = Field(10, ge=0, le=64)
+    min_hash_margin: int = Field(8, ge=0, le=64)
+
+
+class Settings(BaseModel):
+    """Everything repage needs, validated once. Secrets are SecretStr: never printed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    milvus_uri: str = f"{DEFAULT_DATA_DIR}/milvus.db"
+    milvus_token: SecretStr | None = None
+    collection: str = "fltr_documents"
+    store_url: str = f"file://{DEFAULT_DATA_DIR}/bucket"
+    s3_endpoint: str | None = None
+    s3_region: str = "auto"
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+    ledger_url: str = f"sqlite:///{DEFAULT_DATA_DIR}/ledger.db"
+    source_key_template: str = "{dataset_id}/{filename}"
+    read_token: SecretStr | None = None
+    admin_token: SecretStr | None = None
+    reprocess_url: str | None = None
+    reprocess_token: SecretStr | None = None
+    key_patterns: tuple[str, ...] = ()
+    concurrency: int = Field(4, ge=1, le=256)
+    batch_size: int = Field(50, ge=1, le=10_000)
+    access_half_life_hours: float = Field(72.0, gt=0)
+    prices: Prices = Prices()
+    matching: Matching = Matching()
+
+    @field_validator("milvus_uri")
+    @classmethod
+    def _milvus_uri(cls, value: str) -> str:
+        if value.startswith(("http://", "https://", "tcp://")):
+            parts = urlsplit(value)
+            if not parts.hostname:
+                raise ValueError(f"REPAGE_MILVUS_URI {value!r} has no host: use http://host:19530")
+            return value
+        if "://" in value or not value.endswith(".db"):
+            raise ValueError(
+                f"REPAGE_MILVUS_URI {value!r} is neither a Milvus Lite file (*.db) nor http(s)://host:port"
+            )
+        return value
+
+    @field_validator("store_url")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if scheme not in {"file", "s3", "memory"}:
+            raise ValueError(f"REPAGE_STORE_URL {value!r} must start with file://, s3:// or memory://")
+        if scheme == "s3" and not urlsplit(value).netloc:
+            raise ValueError(f"REPAGE_STORE_URL {value!r} names no bucket: use s3://BUCKET")
+        return value
+
+    @field_validator("ledger_url")
+    @classmethod
+    def _ledger_url(cls, value: str) -> str:
+        if not re.match(r"^(sqlite:///.+|postgres(ql)?(\+psycopg)?://.+)$", value):
+            raise ValueError(f"REPAGE_LEDGER_URL {redact_url(value)!r} must be sqlite:///PATH or postgresql://...")
+        return value
+
+    @field_validator("collection")
+    @classmethod
+    def _collection(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,254}", value):
+            raise ValueError(f"REPAGE_COLLECTION {value!r} is not a valid Milvus collection name")
+        return value
+
+    def __repr_args__(self):
+        # repr/str must never show a URL password (a ledger URL may carry one)
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if isinstance(value, str) else value
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a plain dict with every secret and URL password masked."""
+        shown = self.model_dump(mode="json")
+        for name, value in shown.items():
+            if isinstance(getattr(self, name), SecretStr):
+                shown[name] = "***"
+            elif isinstance(value, str) and "://" in value:
+                shown[name] = redact_url(value)
+        return shown
+
+
+# REPAGE_* variable -> Settings field
+ENV_NAMES: dict[str, str] = {
+    "REPAGE_MILVUS_URI": "milvus_uri",
+    "REPAGE_MILVUS_TOKEN": "milvus_token",
+    "REPAGE_COLLECTION": "collection",
+    "REPAGE_STORE_URL": "store_url",
+    "REPAGE_S3_ENDPOINT": "s3_endpoint",
+    "REPAGE_S3_REGION": "s3_region",
+    "AWS_ACCESS_KEY_ID": "aws_access_key_id",
+    "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key",
+    "REPAGE_LEDGER_URL": "ledger_url",
+    "REPAGE_SOURCE_KEY_TEMPLATE": "source_key_template",
+    "REPAGE_READ_TOKEN": "read_token",
+    "REPAGE_ADMIN_TOKEN": "admin_token",
+    "REPAGE_REPROCESS_URL": "reprocess_url",
+    "REPAGE_REPROCESS_TOKEN": "reprocess_token",
+}
+
+
+def redact_url(url: str) -> str:
+    """Mask the password (and any token query value) of a URL."""
+    url = re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+    return re.sub(r"(?i)((?:token|secret|password|key)=)[^&]+", r"\1***", url)
+
+
+def app_fallback_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Settings taken from the app's own variable names (FLTR): MILVUS_*, R2_*."""
+    values: dict[str, Any] = {}
+    if environ.get("MILVUS_URI"):
+        values["milvus_uri"] = environ["MILVUS_URI"]
+    if environ.get("MILVUS_TOKEN"):
+        values["milvus_token"] = environ["MILVUS_TOKEN"]
+    if environ.get("R2_ACCOUNT_ID"):
+        values["s3_endpoint"] = f"https://{environ['R2_ACCOUNT_ID']}.r2.cloudflarestorage.com"
+    if environ.get("R2_BUCKET_NAME"):
+        values["store_url"] = f"s3://{environ['R2_BUCKET_NAME']}"
+    if environ.get("R2_ACCESS_KEY_ID"):
+        values["aws_access_key_id"] = environ["R2_ACCESS_KEY_ID"]
+    if environ.get("R2_SECRET_ACCESS_KEY"):
+        values["aws_secret_access_key"] = environ["R2_SECRET_ACCESS_KEY"]
+    return values
+
+
+def read_toml(path: Path | None) -> dict[str, Any]:
+    """The [repage] table (or top level) of repage.toml; {} when there is no file."""
+    if path is None or not path.exists():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read TOML ({exc}); fix the file or pass --config") from exc
+    return dict(data.get("repage", data))
+
+
+def load_settings(
+    environ: Mapping[str, str],
+    *,
+    toml_path: Path | None = None,
+    flags: Mapping[str, Any] | None = None,
+    app_fallbacks: bool = True,
+) -> Settings:
+    """Merge defaults < toml < app fallbacks < REPAGE_* env < flags, then validate."""
+    values: dict[str, Any] = read_toml(toml_path)
+    if app_fallbacks:
+        values.update(app_fallback_values(environ))
+    values.update({field: environ[name] for name, field in ENV_NAMES.items() if environ.get(name)})
+    values.update({k: v for k, v in (flags or {}).items() if v is not None})
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None
+
+
+def demo_settings(data_dir: Path) -> Settings:
+    """Settings for `repage demo`: everything under data_dir, never the app's env names."""
+    data_dir = data_dir.resolve()
+    flags = {
+        "milvus_uri": str(data_dir / "milvus.db"),
+        "store_url": f"file://{data_dir / 'bucket'}",
+        "ledger_url": f"sqlite:///{data_dir / 'ledger.db'}",
+        "collection": "fltr_documents",
+    }
+    return load_settings({}, flags=flags, app_fallbacks=False)  # no environ: never production
+
+
+def _one_line(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "settings"
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = f"unknown setting {where!r}: check the spelling in repage.toml"
+    return f"configuration error in {where}: {message}"

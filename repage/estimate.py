@@ -1,0 +1,146 @@
+"""Time and cost model (DESIGN §2, §8). Pure: measured latencies and counts in, figures out.
+
+The latencies come from a probe of real calls against the configured stores
+(`repage.probe`); nothing here is a constant for time except the seed's own
+published ranges, shown beside our figures for comparison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+from repage.config import Prices
+from repage.states import Path
+
+# Object requests per moved image, by the safety protocol (DESIGN §5): GET the
+# legacy object to hash it, COPY it, HEAD the copy, GET the copy to compare hashes.
+MOVE_CLASS_A = 1
+MOVE_CLASS_B = 3
+# The seed's published per-document ranges (seconds), quoted beside ours.
+SEED_FAST_PATH_S = (5.0, 30.0)
+SEED_REPROCESS_S = (30.0, 300.0)
+
+
+@dataclass(frozen=True)
+class Latencies:
+    """Seconds per operation as measured by the probe (medians)."""
+
+    milvus_query_s: float  # one batch query of all chunks of `batch_size` documents
+    milvus_write_s: float  # one batch write (estimated from a read of the same size)
+    object_head_s: float
+    object_list_s: float
+    object_copy_s: float
+    get_bytes_per_s: float  # source PDF download throughput
+    pdf_seconds_per_mb: float  # local PDF image extraction + matching
+    mean_source_bytes: float = 0.0  # mean size of the sampled source PDFs
+    sample_size: int = 0
+
+
+@dataclass(frozen=True)
+class PathLoad:
+    """What one path has to do, from the scan."""
+
+    documents: int = 0
+    chunks: int = 0
+    images_to_move: int = 0  # images whose key is not canonical
+    listings: int = 0  # listing requests the run will repeat for unlinked chunks
+    source_bytes: int = 0  # pdf path: bytes of the source PDFs to read
+
+
+@dataclass(frozen=True)
+class PathEstimate:
+    path: str
+    documents: int
+    chunks: int
+    class_a: int
+    class_b: int
+    seconds: float
+    dollars: float
+    seed_seconds: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class Estimate:
+    concurrency: int
+    batch_size: int
+    paths: list[PathEstimate] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return sum(p.seconds for p in self.paths)
+
+    @property
+    def dollars(self) -> float:
+        return sum(p.dollars for p in self.paths)
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data.update(total_seconds=self.seconds, total_dollars=self.dollars)
+        return data
+
+
+def request_dollars(class_a: int, class_b: int, prices: Prices) -> float:
+    return class_a * prices.class_a_per_million / 1e6 + class_b * prices.class_b_per_million / 1e6
+
+
+def _milvus_seconds(documents: int, batch_size: int, lat: Latencies) -> float:
+    batches = -(-documents // batch_size)  # ceil
+    return batches * (lat.milvus_query_s + lat.milvus_write_s + lat.milvus_query_s)  # query, write, read back
+
+
+def keys_estimate(load: PathLoad, lat: Latencies, prices: Prices, concurrency: int, batch_size: int) -> PathEstimate:
+    class_a = load.images_to_move * MOVE_CLASS_A + load.listings
+    class_b = load.images_to_move * MOVE_CLASS_B
+    object_s = load.images_to_move * (lat.object_copy_s + 3 * lat.object_head_s) + load.listings * lat.object_list_s
+    seconds = _milvus_seconds(load.documents, batch_size, lat) + object_s / concurrency
+    return PathEstimate("keys", load.documents, load.chunks, class_a, class_b, seconds,
+                        request_dollars(class_a, class_b, prices), _seed_range(SEED_FAST_PATH_S, load.documents))
+
+
+def pdf_estimate(load: PathLoad, lat: Latencies, prices: Prices, concurrency: int, batch_size: int) -> PathEstimate:
+    class_a = load.chunks  # at most one upload or copy per image chunk
+    class_b = load.documents + load.chunks  # one GET of the PDF, one GET per bucket image compared
+    mb = load.source_bytes / 1e6
+    transfer_s = load.source_bytes / max(lat.get_bytes_per_s, 1.0)
+    work_s = transfer_s + mb * lat.pdf_seconds_per_mb + load.chunks * lat.object_copy_s
+    seconds = _milvus_seconds(load.documents, batch_size, lat) + work_s / concurrency
+    return PathEstimate("pdf", load.documents, load.chunks, class_a, class_b, seconds,
+                        request_dollars(class_a, class_b, prices), _seed_range(SEED_FAST_PATH_S, load.documents))
+
+
+def reprocess_estimate(load: PathLoad, prices: Prices, concurrency: int) -> PathEstimate:
+    """The slow path runs the app's pipeline: its time is the seed's range, not measured here."""
+    images = load.chunks
+    dollars = load.documents * prices.reprocess_compute_per_document + images * (
+        prices.vision_per_image + prices.ocr_per_image)
+    low, high = SEED_REPROCESS_S
+    seconds = load.documents * (low + high) / 2 / concurrency
+    return PathEstimate("reprocess", load.documents, load.chunks, 0, load.documents, seconds, dollars,
+                        _seed_range(SEED_REPROCESS_S, load.documents))
+
+
+def _seed_range(per_doc: tuple[float, float], documents: int) -> tuple[float, float]:
+    return (per_doc[0] * documents, per_doc[1] * documents)
+
+
+def estimate(
+    loads: Mapping[Path, PathLoad], lat: Latencies, prices: Prices, *, concurrency: int, batch_size: int
+) -> Estimate:
+    """Time (at `concurrency`) and dollars for every path with work to do."""
+    result = Estimate(concurrency=concurrency, batch_size=batch_size)
+    if Path.KEYS in loads:
+        result.paths.append(keys_estimate(loads[Path.KEYS], lat, prices, concurrency, batch_size))
+    if Path.PDF in loads:
+        result.paths.append(pdf_estimate(loads[Path.PDF], lat, prices, concurrency, batch_size))
+    if Path.REPROCESS in loads:
+        result.paths.append(reprocess_estimate(loads[Path.REPROCESS], prices, concurrency))
+    return result
+
+
+def human_seconds(seconds: float) -> str:
+    """3.2 s, 4.5 min, 2.1 h, 3.0 d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.1f} s"

@@ -1,0 +1,161 @@
+"""One entry point per command: the CLI and the HTTP service both call these.
+
+Each takes Settings (already validated), opens what it needs, returns a plain dict
+(the `--json` document). Renderers for people live at the bottom.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from repage import probe
+from repage.app import open_ledger, open_objects, open_stores, open_vectors
+from repage.config import Settings
+from repage.errors import RepageError
+from repage.estimate import human_seconds
+from repage.scan import scan_store
+
+
+def doctor(settings: Settings) -> dict:
+    """Resolved configuration (redacted) and whether each store answers. Writes nothing."""
+    report: dict = {"settings": settings.redacted(), "stores": {}}
+    for name, check in (("milvus", _doctor_vectors), ("bucket", _doctor_objects), ("ledger", _doctor_ledger)):
+        try:
+            report["stores"][name] = {"ok": True, **check(settings)}
+        except RepageError as exc:
+            report["stores"][name] = {"ok": False, "error": str(exc)}
+    report["ok"] = all(s["ok"] for s in report["stores"].values())
+    return report
+
+
+def _doctor_vectors(settings: Settings) -> dict:
+    if not settings.milvus_uri.startswith(("http://", "https://", "tcp://")) and not Path(settings.milvus_uri).exists():
+        raise RepageError(f"Milvus Lite file {settings.milvus_uri} does not exist (doctor creates nothing): "
+                          "run `repage demo` or set REPAGE_MILVUS_URI")
+    vectors = open_vectors(settings)
+    try:
+        info = vectors.info()
+        return {"uri": vectors.describe(), "schema": info.as_dict(),
+                "partial_update": vectors.supports_partial_update(), "rows": vectors.count()}
+    finally:
+        vectors.close()
+
+
+def _doctor_objects(settings: Settings) -> dict:
+    url = settings.store_url
+    if url.startswith("file://") and not Path(url.removeprefix("file://")).is_dir():
+        raise RepageError(f"bucket folder {url} does not exist (doctor creates nothing)")
+    objects = open_objects(settings)
+    try:
+        objects.check()
+        return {"url": objects.describe()}
+    finally:
+        objects.close()
+
+
+def _doctor_ledger(settings: Settings) -> dict:
+    from repage.stores.ledger import Ledger
+
+    return Ledger.probe(settings.ledger_url)
+
+
+def scan(settings: Settings, *, dataset_id: str | None = None, console: Console | None = None) -> dict:
+    with open_stores(settings) as stores:
+        started = time.perf_counter()
+        report = scan_store(stores, dataset_id=dataset_id, progress=_progress(console, "scan"))
+        result = report.as_dict()
+        result["seconds"] = round(time.perf_counter() - started, 3)
+        return result
+
+
+def estimate(settings: Settings, *, sample: int = 20) -> dict:
+    """Scan first when the ledger is empty, then measure latencies and apply the model."""
+    with open_stores(settings) as stores:
+        if not stores.ledger.counts():
+            scan_store(stores)
+        return probe.estimate_store(stores, sample=sample).as_report()
+
+
+def demo(settings: Settings, *, data_dir: Path, pk: str, console: Console | None = None) -> dict:
+    """Build the broken demo store under data_dir, then scan and estimate it."""
+    from repage.demo import build_demo
+
+    started = time.perf_counter()
+    summary = build_demo(data_dir, settings=settings, pk=pk, log=_log(console))
+    built = time.perf_counter() - started
+    report = {"build": summary.as_dict(), "build_seconds": round(built, 1)}
+    report["scan"] = scan(settings, console=console)
+    report["scan"].pop("documents")
+    report["estimate"] = estimate(settings)
+    return report
+
+
+def _progress(console: Console | None, what: str) -> Callable[[int, int], None] | None:
+    if console is None:
+        return None
+
+    def show(done: int, total: int) -> None:
+        if done == total or done % 500 == 0:
+            console.print(f"{what}: {done}/{total} documents", markup=False)
+    return show
+
+
+def _log(console: Console | None) -> Callable[[str], None]:
+    return (lambda message: console.print(message, markup=False)) if console else (lambda message: None)
+
+
+# ---- renderers (people) ----
+
+def render_doctor(console: Console) -> Callable[[dict], None]:
+    def render(report: dict) -> None:
+        for key, value in report["settings"].items():
+            console.print(f"{key:24} {value}", markup=False)
+        for name, state in report["stores"].items():
+            mark = "ok" if state["ok"] else "FAILED"
+            detail = state.get("error") or ", ".join(f"{k}={v}" for k, v in state.items() if k not in {"ok", "schema"})
+            console.print(f"{name:8} {mark:6} {detail}", markup=False)
+            if "schema" in state:
+                console.print(f"         schema: {state['schema']}", markup=False)
+    return render
+
+
+def render_scan(console: Console) -> Callable[[dict], None]:
+    def render(report: dict) -> None:
+        table = Table("dataset", *sorted(report["totals"]), title="documents by path")
+        for dataset, counts in report["datasets"].items():
+            table.add_row(dataset, *(str(counts.get(k, 0)) for k in sorted(report["totals"])))
+        table.add_row("total", *(str(report["totals"][k]) for k in sorted(report["totals"])))
+        console.print(table)
+        console.print(f"affected chunks: {report['affected_chunks']}; object requests: {report['object_requests']}",
+                      markup=False)
+    return render
+
+
+def render_estimate(console: Console) -> Callable[[dict], None]:
+    def render(report: dict) -> None:
+        table = Table("path", "documents", "chunks", "class A", "class B", "time", "dollars", "seed's range",
+                      title=f"estimate at concurrency {report['concurrency']}")
+        for p in report["paths"]:
+            seed = p["seed_seconds"]
+            seed_text = f"{human_seconds(seed[0])} - {human_seconds(seed[1])}" if seed else "-"
+            table.add_row(p["path"], str(p["documents"]), str(p["chunks"]), str(p["class_a"]), str(p["class_b"]),
+                          human_seconds(p["seconds"]), f"${p['dollars']:.4f}", seed_text)
+        table.add_row("total", "", "", "", "", human_seconds(report["total_seconds"]),
+                      f"${report['total_dollars']:.4f}", "")
+        console.print(table)
+        console.print(f"measured on {report['latencies']['sample_size']} documents: {report['latencies']}",
+                      markup=False)
+    return render
+
+
+def render_demo(console: Console) -> Callable[[dict], None]:
+    def render(report: dict) -> None:
+        console.print(f"demo store built in {report['build_seconds']} s: {report['build']}", markup=False)
+        render_scan(console)(report["scan"])
+        render_estimate(console)(report["estimate"])
+    return render

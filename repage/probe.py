@@ -1,0 +1,132 @@
+"""Measure real latencies on a sample of documents, then apply the estimate model.
+
+Read-only: queries, HEADs, LISTs and GETs. Writes are never made to measure them:
+a batch write is taken to cost what a batch read of the same rows costs, and a
+server-side COPY what a GET of the same object costs (stated in the report).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+
+from repage.errors import BadInput, ObjectNotFound
+from repage.estimate import Estimate, Latencies, PathLoad, estimate
+from repage.keys import image_prefix, parse_image_key, source_key_candidates
+from repage.pdfpages import iter_page_images
+from repage.states import Path, State
+
+ASSUMPTIONS = ("batch write time = measured batch read time; COPY time = measured GET time of an image; "
+               "reprocess time = the seed's 30 s - 5 min per document")
+
+
+@dataclass
+class EstimateReport:
+    result: Estimate
+    latencies: Latencies
+    loads: dict
+
+    def as_report(self) -> dict:
+        report = self.result.as_dict()
+        report["latencies"] = asdict(self.latencies)
+        report["loads"] = self.loads
+        report["assumptions"] = ASSUMPTIONS
+        return report
+
+
+def timed(call: Callable[[], object]) -> tuple[float, object]:
+    started = time.perf_counter()
+    value = call()
+    return time.perf_counter() - started, value
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def path_loads(ledger) -> dict[Path, PathLoad]:
+    """Documents and chunks per path still to do, from the ledger."""
+    docs: dict[Path, int] = defaultdict(int)
+    chunks: dict[Path, int] = defaultdict(int)
+    moves: dict[Path, int] = defaultdict(int)
+    for record in ledger.documents(states={State.PENDING, State.FAILED, State.DEFERRED, State.REVIEW}):
+        path = Path(record.path)
+        docs[path] += 1
+        chunks[path] += record.affected_chunks or 0
+        moves[path] += record.images_to_move or 0
+    return {p: PathLoad(documents=docs[p], chunks=chunks[p], images_to_move=moves[p]) for p in docs}
+
+
+def sample_documents(ledger, sample: int) -> dict[Path, list]:
+    picked: dict[Path, list] = defaultdict(list)
+    for record in ledger.documents(states={State.PENDING}):
+        if len(picked[Path(record.path)]) < sample:
+            picked[Path(record.path)].append(record)
+    return picked
+
+
+def measure(stores, picked: dict[Path, list], batch_size: int) -> Latencies:
+    docs = (picked[Path.KEYS] + picked[Path.PDF])[:batch_size]
+    query_s, rows = timed(lambda: stores.vectors.fetch_documents([d.document_id for d in docs])) if docs else (0.0, [])
+    keys = [r["image_r2_key"] for r in rows if r.get("image_r2_key")][:len(docs) or 1]
+    heads, gets = _time_objects(stores.objects, keys)
+    lists = [timed(lambda d=d: next(iter(stores.objects.list(image_prefix(d.dataset_id, d.document_id))), None))[0]
+             for d in docs[:5]]
+    get_rate, pdf_s_per_mb, mean_size = _time_sources(stores, picked[Path.PDF][:3])
+    return Latencies(milvus_query_s=query_s, milvus_write_s=query_s, object_head_s=median(heads),
+                     object_list_s=median(lists), object_copy_s=median(gets), get_bytes_per_s=get_rate,
+                     pdf_seconds_per_mb=pdf_s_per_mb, mean_source_bytes=mean_size, sample_size=len(docs))
+
+
+def _time_objects(objects, keys: Sequence[str]) -> tuple[list[float], list[float]]:
+    heads, gets = [], []
+    for key in keys:
+        try:
+            heads.append(timed(lambda k=key: objects.head(k))[0])
+            gets.append(timed(lambda k=key: objects.get(k))[0])
+        except ObjectNotFound:
+            continue
+    return heads, gets
+
+
+def _time_sources(stores, records: Sequence) -> tuple[float, float, float]:
+    """GET throughput of source PDFs, local extraction seconds per MB, mean PDF size."""
+    total_bytes, get_s, cpu_s, count = 0, 0.0, 0.0, 0
+    for record in records:
+        data = _get_source(stores, record)
+        if data is None:
+            continue
+        seconds, data = data
+        total_bytes, get_s, count = total_bytes + len(data), get_s + seconds, count + 1
+        try:
+            cpu_s += timed(lambda d=data: sum(1 for _ in iter_page_images(d, record.filename)))[0]
+        except BadInput:
+            continue
+    if not total_bytes:
+        return 0.0, 0.0, 0.0
+    return total_bytes / max(get_s, 1e-9), cpu_s / (total_bytes / 1e6), total_bytes / count
+
+
+def _get_source(stores, record) -> tuple[float, bytes] | None:
+    fields = {"dataset_id": record.dataset_id, "filename": record.filename, "document_id": record.document_id}
+    for key in source_key_candidates(stores.settings.source_key_template, fields):
+        try:
+            return timed(lambda k=key: stores.objects.get(k))
+        except ObjectNotFound:
+            continue
+    return None
+
+
+def estimate_store(stores, *, sample: int = 20) -> EstimateReport:
+    settings = stores.settings
+    loads = path_loads(stores.ledger)
+    latencies = measure(stores, sample_documents(stores.ledger, sample), settings.batch_size)
+    if Path.PDF in loads:  # the scan does not read sources: size them from the sample
+        pdf = loads[Path.PDF]
+        loads[Path.PDF] = replace(pdf, source_bytes=int(latencies.mean_source_bytes * pdf.documents))
+    result = estimate(loads, latencies, settings.prices, concurrency=settings.concurrency,
+                      batch_size=settings.batch_size)
+    return EstimateReport(result, latencies, {p.value: asdict(load) for p, load in loads.items()})

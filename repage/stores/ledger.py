@@ -1,0 +1,768 @@
+"""The ledger (DESIGN §4): progress, leases and journals in SQLite (WAL) or PostgreSQL.
+
+SQLAlchemy Core only; the only module that imports sqlalchemy. Every public method runs
+in its own short transaction and closes it before returning, because callers make Milvus
+and bucket calls between ledger calls (never hold a lock across the network).
+
+Times (lease expiry, created/updated/started/finished, events) are epoch seconds from the
+DATABASE clock, so workers on machines with skewed clocks agree on when a lease expired.
+
+Fencing: a claim bumps the document's `fencing_token`; every write of a worker carries it.
+A write with a token that is not current, or whose lease has expired, raises StaleLease.
+A write without a token (`token=None`) is a maintenance write (verify, rollback, gc) and
+is refused while a worker holds the document.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from dataclasses import fields as dc_fields
+from enum import StrEnum
+from itertools import islice
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+from repage.errors import ConfigError, IllegalTransition, StaleLease, StoreError, StoreUnavailable
+from repage.states import Path, State, check_transition
+
+SCHEMA_VERSION = 1
+BATCH = 500  # rows per executemany / IN list: well under SQLite's and libpq's parameter limits
+_PG_INIT_LOCK = 0x7265_7061_6765  # advisory lock id ("repage") serializing schema creation
+_RESCANNABLE = (State.PENDING, State.FAILED, State.DEFERRED, State.REVIEW)
+_ADDITIVE = ("dollars", "object_requests_a", "object_requests_b", "bytes_read")
+_SETTABLE = ("total_chunks", "affected_chunks", "path", "priority")
+ORDERS = ("oldest", "random", "priority")
+
+
+class ObjectState(StrEnum):
+    INTENDED = "intended"  # journaled before the copy (DESIGN §5 step 1)
+    COPIED = "copied"      # CopyObject returned
+    VERIFIED = "verified"  # HEAD matched size and content hash
+    DELETED = "deleted"    # old object removed by gc
+
+
+# --------------------------------------------------------------------------- schema
+
+_md = sa.MetaData()
+_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements INTEGER only
+
+
+def _zero() -> Any:
+    return sa.text("0")
+
+
+meta_t = sa.Table(
+    "repage_meta", _md,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+docs_t = sa.Table(
+    "documents", _md,
+    sa.Column("document_id", sa.String, primary_key=True),
+    sa.Column("dataset_id", sa.String, nullable=False),
+    sa.Column("filename", sa.Text, nullable=False, server_default=""),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("path", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False, server_default=""),
+    sa.Column("priority", sa.Double, nullable=False, server_default=_zero()),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default=_zero()),
+    sa.Column("affected_chunks", sa.Integer, nullable=False, server_default=_zero()),
+    sa.Column("total_chunks", sa.Integer),
+    sa.Column("lease_owner", sa.String),
+    sa.Column("fencing_token", sa.BigInteger, nullable=False, server_default=_zero()),
+    sa.Column("lease_expires", sa.Double),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+    sa.Column("started_at", sa.Double),
+    sa.Column("finished_at", sa.Double),
+    sa.Column("dollars", sa.Double, nullable=False, server_default=_zero()),
+    sa.Column("object_requests_a", sa.BigInteger, nullable=False, server_default=_zero()),
+    sa.Column("object_requests_b", sa.BigInteger, nullable=False, server_default=_zero()),
+    sa.Column("bytes_read", sa.BigInteger, nullable=False, server_default=_zero()),
+    sa.Column("last_error", sa.Text),
+    sa.Index("ix_documents_state_path", "state", "path"),
+    sa.Index("ix_documents_state_priority", "state", "priority"),
+    sa.Index("ix_documents_state_created", "state", "created_at", "document_id"),
+    sa.Index("ix_documents_state_lease", "state", "lease_expires"),
+    sa.Index("ix_documents_dataset", "dataset_id"),
+    sa.Index("ix_documents_updated", "updated_at"),
+)
+
+def _doc_fk() -> sa.ForeignKey:
+    return sa.ForeignKey("documents.document_id", ondelete="CASCADE")
+
+chunks_t = sa.Table(
+    "chunk_journal", _md,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("document_id", sa.String, _doc_fk(), nullable=False),
+    sa.Column("fencing_token", sa.BigInteger, nullable=False),
+    sa.Column("identity", sa.Text, nullable=False),
+    sa.Column("old_pk", sa.Text), sa.Column("new_pk", sa.Text),
+    sa.Column("old_page", sa.Integer), sa.Column("new_page", sa.Integer),
+    sa.Column("old_key", sa.Text), sa.Column("new_key", sa.Text),
+    sa.Column("row_checksum", sa.Text),
+    sa.Column("applied", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Index("ix_chunk_journal_doc_identity", "document_id", "identity"),
+)
+
+objects_t = sa.Table(
+    "object_journal", _md,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("document_id", sa.String, _doc_fk(), nullable=False),
+    sa.Column("fencing_token", sa.BigInteger, nullable=False),
+    sa.Column("old_key", sa.Text, nullable=False),
+    sa.Column("new_key", sa.Text, nullable=False),
+    sa.Column("size", sa.BigInteger),
+    sa.Column("content_hash", sa.Text),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Index("ix_object_journal_doc_keys", "document_id", "old_key", "new_key"),
+    sa.Index("ix_object_journal_state", "state"),
+)
+
+events_t = sa.Table(
+    "events", _md,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Double, nullable=False),
+    sa.Column("kind", sa.String(64), nullable=False),
+    sa.Column("document_id", sa.String),
+    sa.Column("count", sa.Integer, nullable=False, server_default=sa.text("1")),
+    sa.Column("detail", sa.Text),
+    sa.Index("ix_events_at", "at"),
+    sa.Index("ix_events_kind_at", "kind", "at"),
+)
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class ScanRecord:
+    document_id: str
+    dataset_id: str
+    filename: str
+    path: Path
+    state: State  # pending, skipped or unrecoverable: the edges from (new)
+    reason: str
+    affected_chunks: int
+    total_chunks: int | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    document_id: str
+    dataset_id: str
+    filename: str
+    path: Path
+    fencing_token: int
+    affected_chunks: int
+    lease_expires: float = 0.0  # DB-clock epoch seconds; renew before it passes
+
+
+@dataclass(frozen=True)
+class ChunkJournalEntry:
+    identity: str  # stable chunk identity as a JSON string (chunk_id, or document_id+chunk_index)
+    old_pk: str | None = None  # primary keys as text: INT64 and VARCHAR keys both fit
+    new_pk: str | None = None
+    old_page: int | None = None
+    new_page: int | None = None
+    old_key: str | None = None  # image_r2_key before / after
+    new_key: str | None = None
+    row_checksum: str | None = None  # checksum of the rest of the row
+    applied: bool = False
+    # set by the ledger when read back:
+    id: int | None = None
+    document_id: str | None = None
+    fencing_token: int | None = None
+    created_at: float | None = None
+
+
+@dataclass(frozen=True)
+class ObjectJournalEntry:
+    old_key: str
+    new_key: str
+    size: int | None = None
+    content_hash: str | None = None
+    state: ObjectState = ObjectState.INTENDED
+    id: int | None = None
+    document_id: str | None = None
+    fencing_token: int | None = None
+    created_at: float | None = None
+
+
+@dataclass(frozen=True)
+class DocumentRecord:
+    document_id: str
+    dataset_id: str
+    filename: str
+    state: State
+    path: Path
+    reason: str
+    priority: float
+    attempts: int
+    affected_chunks: int
+    total_chunks: int | None
+    lease_owner: str | None
+    fencing_token: int
+    lease_expires: float | None
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+    dollars: float
+    object_requests_a: int
+    object_requests_b: int
+    bytes_read: int
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    at: float
+    kind: str
+    document_id: str | None
+    count: int
+    detail: str | None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _batches(items: Iterable[Any], size: int = BATCH) -> Iterator[list[Any]]:
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+def _redact(text: str, password: str | None = None) -> str:
+    """Hide `user:password@` in any URL-looking text (also in driver messages)."""
+    text = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+    return text.replace(password, "***") if password else text
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _record(row: Any) -> DocumentRecord:
+    data = dict(row._mapping)
+    data["state"], data["path"] = State(data["state"]), Path(data["path"])
+    return DocumentRecord(**data)
+
+
+def _from_row(cls: type, row: Any) -> Any:
+    m = row._mapping
+    return cls(**{f.name: m[f.name] for f in dc_fields(cls)})
+
+
+# --------------------------------------------------------------------------- the ledger
+
+
+class Ledger:
+    """Progress, leases and journals. Safe to share between threads; one per process."""
+
+    def __init__(self, url: str):
+        self._url = self._parse_url(url)
+        self._sqlite = self._url.get_backend_name() == "sqlite"
+        self._engine = self._make_engine()
+        self._init_schema()
+
+    # ----------------------------------------------------------------- connection
+
+    @staticmethod
+    def _parse_url(raw: str) -> sa.URL:
+        try:
+            url = sa.make_url(raw)
+        except (sa_exc.ArgumentError, ValueError) as exc:
+            raise ConfigError(f"ledger URL {_redact(raw)!r} is malformed: use sqlite:///PATH or postgresql://USER@HOST/DB") from exc
+        backend = url.get_backend_name()
+        if backend == "postgres" or (backend == "postgresql" and url.get_driver_name() != "psycopg"):
+            return url.set(drivername="postgresql+psycopg")  # psycopg 3 is the driver we ship
+        if backend == "postgresql":
+            return url
+        if backend == "sqlite":
+            if url.database in (None, "", ":memory:"):
+                raise ConfigError("ledger URL must name a SQLite file (sqlite:///PATH); an in-memory ledger is lost and not shared")
+            return url
+        raise ConfigError(f"ledger URL {_redact(raw)!r}: unsupported scheme {url.drivername!r} (use sqlite:/// or postgresql://)")
+
+    def _make_engine(self) -> sa.Engine:
+        if not self._sqlite:
+            return sa.create_engine(self._url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+        db = pathlib.Path(self._url.database)
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"ledger folder {db.parent} cannot be created: {exc.strerror}") from exc
+        # check_same_thread off: the pool hands connections to whichever thread asks.
+        engine = sa.create_engine(self._url, connect_args={"timeout": 30, "check_same_thread": False})
+        sa.event.listen(engine, "connect", _sqlite_on_connect)
+        sa.event.listen(engine, "begin", _sqlite_on_begin)
+        return engine
+
+    def describe(self) -> str:
+        """The URL with its password redacted, for logs and `doctor`."""
+        return self._url.render_as_string(hide_password=True)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self, write: bool = True) -> Iterator[sa.Connection]:
+        """One short transaction; driver errors become repage errors with a redacted message."""
+        try:
+            with self._engine.connect() as conn:
+                if write:
+                    conn.execution_options(repage_write=True)  # SQLite: BEGIN IMMEDIATE
+                with conn.begin():
+                    yield conn
+        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+            msg = _redact(_one_line(exc.orig or exc), self._url.password)
+            raise StoreUnavailable(f"ledger {self.describe()} is unavailable: {msg}") from exc
+        except sa_exc.DBAPIError as exc:
+            msg = _redact(_one_line(exc.orig or exc), self._url.password)
+            raise StoreError(f"ledger {self.describe()}: {msg}") from exc
+
+    def _init_schema(self) -> None:
+        with self._tx() as conn:
+            if not self._sqlite:  # concurrent first starts would race on CREATE TABLE
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_INIT_LOCK)))
+            if sa.inspect(conn).has_table("repage_meta"):
+                found = conn.scalar(sa.select(meta_t.c.value).where(meta_t.c.key == "schema_version"))
+                if found is not None and int(found) > SCHEMA_VERSION:
+                    raise ConfigError(
+                        f"ledger {self.describe()} has schema version {found}, newer than this "
+                        f"repage knows ({SCHEMA_VERSION}): upgrade repage")
+                if found is not None:
+                    return  # older versions would be migrated here; there is only version 1
+            _md.create_all(conn)
+            conn.execute(sa.delete(meta_t).where(meta_t.c.key == "schema_version"))
+            conn.execute(sa.insert(meta_t).values(key="schema_version", value=str(SCHEMA_VERSION)))
+
+    # ----------------------------------------------------------------- clock
+
+    def _now(self) -> sa.ColumnElement[float]:
+        """SQL for the database clock in epoch seconds (evaluated by the server, not here)."""
+        if self._sqlite:
+            expr = (sa.func.julianday(sa.literal_column("'now'")) - 2440587.5) * 86400.0
+        else:
+            expr = sa.cast(sa.extract("epoch", sa.func.clock_timestamp()), sa.Double)
+        return sa.type_coerce(expr, sa.Double)
+
+    def db_now(self) -> float:
+        with self._tx(write=False) as conn:
+            return float(conn.scalar(sa.select(self._now())))
+
+    # ----------------------------------------------------------------- scan
+
+    def upsert_scan(self, records: Iterable[ScanRecord]) -> None:
+        """Insert new documents; refresh re-scannable ones; leave running and done ones alone.
+
+        pending/failed/deferred/review: path, reason and counts are refreshed, state kept.
+        rolled_back: re-opened to pending when the scan finds it affected again.
+        running and DONE: untouched (a scan never counts a done document as affected).
+        """
+        for batch in _batches(records):
+            latest = {r.document_id: r for r in batch}  # last one wins within a batch
+            for rec in latest.values():
+                check_transition(None, State(rec.state))
+            with self._tx() as conn:
+                self._upsert_batch(conn, dict(sorted(latest.items())))  # sorted: PG lock order
+
+    def _upsert_batch(self, conn: sa.Connection, recs: dict[str, ScanRecord]) -> None:
+        existing = dict(conn.execute(
+            sa.select(docs_t.c.document_id, docs_t.c.state).where(docs_t.c.document_id.in_(list(recs)))).all())
+        new = [r for d, r in recs.items() if d not in existing]
+        refresh = [r for d, r in recs.items() if existing.get(d) in _RESCANNABLE]
+        reopen = [r for d, r in recs.items()
+                  if existing.get(d) == State.ROLLED_BACK and r.state == State.PENDING]
+        now = self._now()
+        if new:
+            conn.execute(self._insert_ignore().values(created_at=now, updated_at=now), [
+                {"document_id": r.document_id, "dataset_id": r.dataset_id, "filename": r.filename,
+                 "state": State(r.state).value, "path": Path(r.path).value, "reason": r.reason,
+                 "affected_chunks": r.affected_chunks, "total_chunks": r.total_chunks} for r in new])
+        for rows, src, extra in ((refresh, _RESCANNABLE, {}),
+                                 (reopen, (State.ROLLED_BACK,), {"state": State.PENDING.value})):
+            if rows:
+                conn.execute(self._rescan_update(src, extra), [self._rescan_params(r) for r in rows])
+
+    def _insert_ignore(self) -> Any:
+        # Another scanner may insert the same document between our SELECT and INSERT.
+        insert = sqlite_dialect.insert if self._sqlite else pg_dialect.insert
+        return insert(docs_t).on_conflict_do_nothing(index_elements=["document_id"])
+
+    def _rescan_update(self, src: Sequence[State], extra: dict[str, Any]) -> Any:
+        c = docs_t.c
+        total = sa.bindparam("b_total", type_=sa.Integer)
+        return (sa.update(docs_t)
+                .where(c.document_id == sa.bindparam("b_id"),
+                       sa.or_(*(c.state == s.value for s in src)))  # executemany: no expanding IN
+                .values(dataset_id=sa.bindparam("b_dataset"), filename=sa.bindparam("b_filename"),
+                        path=sa.bindparam("b_path"), reason=sa.bindparam("b_reason"),
+                        affected_chunks=sa.bindparam("b_affected"),
+                        total_chunks=sa.func.coalesce(total, c.total_chunks),
+                        updated_at=self._now(), **extra))
+
+    @staticmethod
+    def _rescan_params(r: ScanRecord) -> dict[str, Any]:
+        return {"b_id": r.document_id, "b_dataset": r.dataset_id, "b_filename": r.filename,
+                "b_path": Path(r.path).value, "b_reason": r.reason,
+                "b_affected": r.affected_chunks, "b_total": r.total_chunks}
+
+    def set_priority(self, priorities: Mapping[str, float]) -> None:
+        """Set the claim priority of documents (order="priority" claims highest first)."""
+        stmt = (sa.update(docs_t).where(docs_t.c.document_id == sa.bindparam("b_id"))
+                .values(priority=sa.bindparam("b_priority")))
+        for batch in _batches(sorted(priorities.items())):
+            with self._tx() as conn:
+                conn.execute(stmt, [{"b_id": d, "b_priority": float(p)} for d, p in batch])
+
+    # ----------------------------------------------------------------- leases
+
+    def claim_batch(self, owner: str, limit: int, lease_seconds: float, *,
+                    paths: set[Path] | None = None, dataset_id: str | None = None,
+                    document_ids: Sequence[str] | None = None, order: str = "oldest") -> list[Claim]:
+        """Move up to `limit` pending documents to running under a new lease, in `order`."""
+        if order not in ORDERS:
+            raise ValueError(f"claim order {order!r} is not one of {ORDERS}")
+        if limit <= 0 or (paths is not None and not paths):
+            return []
+        c = docs_t.c
+        with self._tx() as conn:
+            ids = self._pick(conn, limit, paths, dataset_id, document_ids, order)
+            if not ids:
+                return []
+            now = self._now()
+            rows = conn.execute(
+                sa.update(docs_t).where(c.document_id.in_(ids), c.state == State.PENDING.value)
+                .values(state=State.RUNNING.value, lease_owner=owner, lease_expires=now + lease_seconds,
+                        fencing_token=c.fencing_token + 1, started_at=now, finished_at=None, updated_at=now)
+                .returning(c.document_id, c.dataset_id, c.filename, c.path, c.fencing_token,
+                           c.affected_chunks, c.lease_expires)).all()
+        rank = {d: i for i, d in enumerate(ids)}
+        claims = [Claim(r.document_id, r.dataset_id, r.filename, Path(r.path), r.fencing_token,
+                        r.affected_chunks, r.lease_expires) for r in rows]
+        return sorted(claims, key=lambda cl: rank[cl.document_id])
+
+    def _pick(self, conn: sa.Connection, limit: int, paths: set[Path] | None, dataset_id: str | None,
+              document_ids: Sequence[str] | None, order: str) -> list[str]:
+        c = docs_t.c
+        q = sa.select(c.document_id).where(c.state == State.PENDING.value)
+        if paths is not None:
+            q = q.where(c.path.in_(sorted(Path(p).value for p in paths)))
+        if dataset_id is not None:
+            q = q.where(c.dataset_id == dataset_id)
+        q = q.order_by(*{"oldest": (c.created_at, c.document_id), "random": (sa.func.random(),),
+                         "priority": (c.priority.desc(), c.created_at, c.document_id)}[order])
+        if not self._sqlite:
+            # PostgreSQL: rows another claimer holds are skipped, not waited for. SQLite would
+            # drop this clause silently; there BEGIN IMMEDIATE already serializes claimers.
+            q = q.with_for_update(skip_locked=True)
+        if document_ids is None:
+            return list(conn.scalars(q.limit(limit)))
+        picked: list[str] = []
+        for batch in _batches(dict.fromkeys(document_ids)):  # bounded IN lists
+            picked += conn.scalars(q.where(c.document_id.in_(batch)).limit(limit - len(picked)))
+            if len(picked) >= limit:
+                break
+        return picked
+
+    def release_expired(self) -> int:
+        """Return running documents whose lease has expired to pending; how many."""
+        c = docs_t.c
+        with self._tx() as conn:
+            return conn.execute(
+                sa.update(docs_t).where(c.state == State.RUNNING.value, c.lease_expires < self._now())
+                .values(state=State.PENDING.value, lease_owner=None, lease_expires=None,
+                        updated_at=self._now())).rowcount
+
+    def renew_lease(self, document_id: str, token: int, lease_seconds: float) -> float:
+        """Extend a live lease to db_now()+lease_seconds; returns the new expiry. StaleLease if lost."""
+        c = docs_t.c
+        with self._tx() as conn:
+            expires = conn.scalar(
+                sa.update(docs_t).where(*self._live(document_id, token))
+                .values(lease_expires=self._now() + lease_seconds, updated_at=self._now())
+                .returning(c.lease_expires))
+        if expires is None:
+            raise StaleLease(f"lease on document {document_id} with token {token} is no longer current")
+        return float(expires)
+
+    def _live(self, document_id: str, token: int) -> tuple[Any, ...]:
+        """WHERE clauses that hold only while `token` owns a live lease on the document."""
+        c = docs_t.c
+        return (c.document_id == document_id, c.state == State.RUNNING.value,
+                c.fencing_token == token, c.lease_expires >= self._now())
+
+    # ----------------------------------------------------------------- transitions
+
+    def transition(self, document_id: str, dst: State, *, token: int | None = None,
+                   reason: str | None = None, error: str | None = None, **fields: Any) -> None:
+        """Move a document along an edge of the state table.
+
+        A running document needs the current `token` and a live lease (else StaleLease); the
+        check is part of the UPDATE, so a worker whose lease expired cannot win a race.
+        A token given for a document that is not running is stale too.
+        `fields`: dollars, object_requests_a, object_requests_b, bytes_read are ADDED to the
+        document's totals; total_chunks, affected_chunks, path, priority are SET.
+        Entering running is claim_batch's job; documents enter the ledger through upsert_scan.
+        """
+        dst = State(dst)
+        values = self._field_values(fields)
+        c = docs_t.c
+        with self._tx() as conn:
+            row = conn.execute(sa.select(c.state, c.fencing_token)
+                               .where(c.document_id == document_id).with_for_update()).first()
+            if row is None:
+                raise IllegalTransition(f"document {document_id} is not in the ledger: scan it first")
+            src = State(row.state)
+            if token is not None and (src != State.RUNNING or token != row.fencing_token):
+                raise StaleLease(f"document {document_id}: token {token} is stale ({src}, token {row.fencing_token})")
+            check_transition(src, dst)
+            if dst == State.RUNNING:
+                raise IllegalTransition(f"document {document_id}: pending -> running happens only by claim_batch")
+            where: tuple[Any, ...] = (c.document_id == document_id, c.state == src.value)
+            if src == State.RUNNING:
+                if token is None:
+                    raise StaleLease(f"document {document_id} is running: its fencing token is required")
+                where = self._live(document_id, token)
+                values.update(lease_owner=None, lease_expires=None)
+            values.update(self._edge_values(dst, reason, error))
+            if conn.execute(sa.update(docs_t).where(*where).values(**values)).rowcount != 1:
+                raise StaleLease(f"lease on document {document_id} expired before {src} -> {dst}")
+
+    def _edge_values(self, dst: State, reason: str | None, error: str | None) -> dict[str, Any]:
+        now = self._now()
+        values: dict[str, Any] = {"state": dst.value, "updated_at": now}
+        if dst != State.PENDING:
+            values["finished_at"] = now  # the end of an attempt, or of verify/rollback
+        if dst == State.FAILED:
+            values["attempts"] = docs_t.c.attempts + 1
+        if reason is not None:
+            values["reason"] = reason
+        if error is not None:
+            values["last_error"] = error
+        return values
+
+    @staticmethod
+    def _field_values(fields: Mapping[str, Any]) -> dict[str, Any]:
+        unknown = set(fields) - set(_ADDITIVE) - set(_SETTABLE)
+        if unknown:
+            raise TypeError(f"transition() got unknown fields {sorted(unknown)}")
+        values: dict[str, Any] = {}
+        for name, value in fields.items():
+            if name in _ADDITIVE:
+                values[name] = docs_t.c[name] + value
+            else:
+                values[name] = Path(value).value if name == "path" else value
+        return values
+
+    # ----------------------------------------------------------------- journals
+
+    def _require_lease(self, conn: sa.Connection, document_id: str, token: int | None) -> int:
+        """Check (and on PostgreSQL lock) the document's lease; returns its fencing token."""
+        c = docs_t.c
+        row = conn.execute(
+            sa.select(c.state, c.fencing_token, (c.lease_expires >= self._now()).label("live"))
+            .where(c.document_id == document_id).with_for_update()).first()
+        if row is None:
+            raise StaleLease(f"document {document_id} is not in the ledger")
+        running = row.state == State.RUNNING.value
+        if token is None and running:
+            raise StaleLease(f"document {document_id} is leased to a worker: pass its fencing token")
+        if token is not None and not (running and row.fencing_token == token and row.live):
+            raise StaleLease(f"document {document_id}: token {token} is stale or its lease expired")
+        return row.fencing_token
+
+    def add_chunk_journal(self, document_id: str, token: int | None,
+                          entries: Sequence[ChunkJournalEntry]) -> None:
+        """Record intended chunk changes (DESIGN §5 step 1); later entries supersede earlier ones."""
+        for batch in _batches(entries):
+            with self._tx() as conn:
+                current = self._require_lease(conn, document_id, token)
+                conn.execute(sa.insert(chunks_t).values(created_at=self._now()), [
+                    {"document_id": document_id, "fencing_token": current, "identity": e.identity,
+                     "old_pk": e.old_pk, "new_pk": e.new_pk, "old_page": e.old_page,
+                     "new_page": e.new_page, "old_key": e.old_key, "new_key": e.new_key,
+                     "row_checksum": e.row_checksum, "applied": e.applied} for e in batch])
+
+    def mark_chunks_applied(self, document_id: str, token: int | None, identities: Iterable[str],
+                            *, new_pks: Mapping[str, str] | None = None) -> None:
+        """Mark the latest journal entry of each identity applied; record server-assigned keys."""
+        for batch in _batches(dict.fromkeys(identities)):
+            with self._tx() as conn:
+                self._require_lease(conn, document_id, token)
+                latest = dict(conn.execute(
+                    sa.select(chunks_t.c.identity, sa.func.max(chunks_t.c.id))
+                    .where(chunks_t.c.document_id == document_id, chunks_t.c.identity.in_(batch))
+                    .group_by(chunks_t.c.identity)).all())
+                if not latest:
+                    continue
+                stmt = sa.update(chunks_t).where(chunks_t.c.id == sa.bindparam("b_id")).values(
+                    applied=True, new_pk=sa.func.coalesce(sa.bindparam("b_pk", type_=sa.Text), chunks_t.c.new_pk))
+                conn.execute(stmt, [{"b_id": i, "b_pk": (new_pks or {}).get(ident)}
+                                    for ident, i in latest.items()])
+
+    def chunk_journal(self, document_id: str) -> list[ChunkJournalEntry]:
+        """The latest entry per chunk identity, in identity order."""
+        t = chunks_t
+        latest = (sa.select(sa.func.max(t.c.id)).where(t.c.document_id == document_id)
+                  .group_by(t.c.identity).scalar_subquery())
+        with self._tx(write=False) as conn:
+            rows = conn.execute(sa.select(t).where(t.c.id.in_(latest)).order_by(t.c.identity)).all()
+        return [_from_row(ChunkJournalEntry, r) for r in rows]
+
+    def add_object_journal(self, document_id: str, token: int | None,
+                           entries: Sequence[ObjectJournalEntry]) -> None:
+        for batch in _batches(entries):
+            with self._tx() as conn:
+                current = self._require_lease(conn, document_id, token)
+                conn.execute(sa.insert(objects_t).values(created_at=self._now()), [
+                    {"document_id": document_id, "fencing_token": current, "old_key": e.old_key,
+                     "new_key": e.new_key, "size": e.size, "content_hash": e.content_hash,
+                     "state": ObjectState(e.state).value} for e in batch])
+
+    def set_object_state(self, document_id: str, token: int | None, old_key: str, new_key: str,
+                         state: ObjectState | str, *, size: int | None = None,
+                         content_hash: str | None = None) -> None:
+        """Advance the latest journal entry of one move; size/hash are set when given."""
+        t = objects_t
+        values: dict[str, Any] = {"state": ObjectState(state).value}
+        values.update({k: v for k, v in (("size", size), ("content_hash", content_hash)) if v is not None})
+        latest = (sa.select(sa.func.max(t.c.id)).where(
+            t.c.document_id == document_id, t.c.old_key == old_key, t.c.new_key == new_key).scalar_subquery())
+        with self._tx() as conn:
+            self._require_lease(conn, document_id, token)
+            if conn.execute(sa.update(t).where(t.c.id == latest).values(**values)).rowcount != 1:
+                raise StoreError(f"document {document_id}: no object journal entry {old_key} -> {new_key}")
+
+    def object_journal(self, document_id: str) -> list[ObjectJournalEntry]:
+        """The latest entry per (old_key, new_key), in journal order."""
+        t = objects_t
+        latest = (sa.select(sa.func.max(t.c.id)).where(t.c.document_id == document_id)
+                  .group_by(t.c.old_key, t.c.new_key).scalar_subquery())
+        with self._tx(write=False) as conn:
+            rows = conn.execute(sa.select(t).where(t.c.id.in_(latest)).order_by(t.c.id)).all()
+        return [replace(_from_row(ObjectJournalEntry, r), state=ObjectState(r.state)) for r in rows]
+
+    # ----------------------------------------------------------------- reports
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        c = docs_t.c
+        with self._tx(write=False) as conn:
+            rows = conn.execute(sa.select(c.state, c.path, sa.func.count()).group_by(c.state, c.path)).all()
+        return {(s, p): n for s, p, n in rows}
+
+    def documents(self, states: set[State] | None = None, limit: int | None = None,
+                  dataset_id: str | None = None) -> Iterator[DocumentRecord]:
+        """Documents in id order, fetched in pages so no transaction stays open while iterating."""
+        c, after, left = docs_t.c, None, limit
+        while left is None or left > 0:
+            size = 1000 if left is None else min(1000, left)
+            q = sa.select(docs_t).order_by(c.document_id).limit(size)
+            if states is not None:
+                q = q.where(c.state.in_([State(s).value for s in states]))
+            if dataset_id is not None:
+                q = q.where(c.dataset_id == dataset_id)
+            if after is not None:
+                q = q.where(c.document_id > after)
+            with self._tx(write=False) as conn:
+                rows = conn.execute(q).all()
+            yield from (_record(r) for r in rows)
+            if len(rows) < size:
+                return
+            after, left = rows[-1].document_id, None if left is None else left - len(rows)
+
+    def get(self, document_id: str) -> DocumentRecord | None:
+        with self._tx(write=False) as conn:
+            row = conn.execute(sa.select(docs_t).where(docs_t.c.document_id == document_id)).first()
+        return None if row is None else _record(row)
+
+    def last_errors(self, n: int) -> list[DocumentRecord]:
+        """The n most recently updated documents that carry an error message."""
+        c = docs_t.c
+        with self._tx(write=False) as conn:
+            rows = conn.execute(sa.select(docs_t).where(c.last_error.is_not(None))
+                                .order_by(c.updated_at.desc(), c.document_id).limit(n)).all()
+        return [_record(r) for r in rows]
+
+    def totals(self) -> dict[str, float | int]:
+        """Spend and I/O summed over all documents, plus the document count."""
+        c = docs_t.c
+        cols = [sa.func.coalesce(sa.func.sum(c[name]), 0).label(name) for name in _ADDITIVE]
+        with self._tx(write=False) as conn:
+            row = conn.execute(sa.select(sa.func.count().label("documents"), *cols)).one()
+        out: dict[str, float | int] = {k: int(v) for k, v in row._mapping.items()}
+        out["dollars"] = float(row.dollars)
+        return out
+
+    def add_event(self, kind: str, document_id: str | None = None, count: int = 1,
+                  detail: str | None = None) -> None:
+        with self._tx() as conn:
+            conn.execute(sa.insert(events_t).values(at=self._now(), kind=kind, document_id=document_id,
+                                                    count=count, detail=detail))
+
+    def events(self, since: float | None = None, kinds: Iterable[str] | None = None,
+               limit: int | None = None) -> list[Event]:
+        """Events in time order; with `limit`, the most recent `limit` of them."""
+        t = events_t
+        q = sa.select(t).order_by(t.c.id.desc())
+        if since is not None:
+            q = q.where(t.c.at >= since)
+        if kinds is not None:
+            q = q.where(t.c.kind.in_(list(kinds)))
+        if limit is not None:
+            q = q.limit(limit)
+        with self._tx(write=False) as conn:
+            rows = conn.execute(q).all()
+        return [_from_row(Event, r) for r in reversed(rows)]
+
+    def prune_events(self, before: float) -> int:
+        """Delete events older than `before` (DB-clock epoch seconds); how many."""
+        with self._tx() as conn:
+            return conn.execute(sa.delete(events_t).where(events_t.c.at < before)).rowcount
+
+
+# --------------------------------------------------------------------------- SQLite hooks
+
+
+def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    # Take BEGIN away from the sqlite3 module (documented SQLAlchemy recipe) so that
+    # _sqlite_on_begin can issue BEGIN IMMEDIATE: SQLite has no SKIP LOCKED, so writers
+    # take the write lock up front instead of failing to upgrade a read lock mid-transaction.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA busy_timeout = 30000")  # wait for the writer lock instead of failing
+    cur.execute("PRAGMA journal_mode = WAL")    # readers never block the writer, nor it them
+    cur.execute("PRAGMA foreign_keys = ON")
+    cur.close()
+
+
+def _sqlite_on_begin(conn: sa.Connection) -> None:
+    write = conn.get_execution_options().get("repage_write", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+__all__ = [
+    "Ledger", "ScanRecord", "Claim", "ChunkJournalEntry", "ObjectJournalEntry", "ObjectState",
+    "DocumentRecord", "Event", "SCHEMA_VERSION", "ORDERS",
+]

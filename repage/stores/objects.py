@@ -1,0 +1,347 @@
+"""The bucket adapter: the only module that imports obstore (DESIGN §3, §7).
+
+`ObjectStore` is a small synchronous facade over obstore's sync functions for
+`file://`, `memory://` and `s3://` (R2, moto). It
+
+- turns obstore's own retries off, so repage's backoff sees throttling (obstore
+  retries 5xx *and* 429 up to 10 times by default, for minutes);
+- translates obstore errors into the `repage.errors` tree, `raise ... from exc`;
+- counts requests by R2 billing class ('A' list/put/copy, 'B' get/head, 'free'
+  delete) for the cost model;
+- keeps secrets out of repr, `describe()` and error messages.
+
+Keys are passed to obstore as they are: a key holding `%20` is stored as the three
+characters `%20`, never decoded or encoded a second time. A list prefix is matched
+per path segment: `a/b` lists `a/b/...`, never `a/bc`.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import obstore
+from obstore.exceptions import PermissionDeniedError, UnauthenticatedError
+from obstore.store import LocalStore, MemoryStore, S3Store
+
+from repage.errors import ConfigError, ObjectNotFound, StoreError, StoreUnavailable, Throttled
+
+T = TypeVar("T")
+
+LIST_PAGE_SIZE = 1000  # S3/R2 return at most 1000 keys per ListObjectsV2 request
+CHECK_PREFIX = "__repage_check__"
+RETRY_CONFIG = {"max_retries": 0, "retry_timeout": timedelta(seconds=10)}
+CLIENT_OPTIONS = {"connect_timeout": timedelta(seconds=5), "timeout": timedelta(seconds=120)}
+REQUEST_CLASS = {"list": "A", "put": "A", "copy": "A", "get": "B", "head": "B", "delete": "free"}
+URL_HELP = "use file:///abs/path, file://./relative, memory:// or s3://BUCKET"
+CREDENTIALS_HELP = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+BUCKET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]$")
+STATUS = re.compile(r"status code: (\d{3})|status: (\d{3})")
+S3_CODE = re.compile(r"<Code>([A-Za-z]+)</Code>")
+CONNECT_FAILURE = ("error sending request", "kind: Connect", "Connection refused", "dns error")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str | None
+    last_modified: datetime | None
+
+    @classmethod
+    def from_meta(cls, meta) -> ObjectInfo:
+        etag = meta.get("e_tag")
+        return cls(
+            key=meta["path"],
+            size=int(meta["size"]),
+            etag=etag.strip('"') if etag else None,
+            last_modified=meta.get("last_modified"),
+        )
+
+
+class Redactor:
+    """Replaces secret strings in text; its repr never shows them.
+
+    Strings shorter than 4 characters are not real credentials (and would mangle
+    every message), so they are left alone.
+    """
+
+    def __init__(self, *secrets: str | None):
+        self._secrets = tuple(s for s in secrets if s and len(s) >= 4)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def __repr__(self) -> str:
+        return "Redactor(***)"
+
+
+def strip_userinfo(url: str) -> str:
+    """`scheme://user:pass@host/...` -> `scheme://***@host/...` for display."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1***@", url)
+
+
+class ObjectStore:
+    """A bucket (or folder, or memory) with counted, translated, synchronous requests."""
+
+    def __init__(self, store, *, description: str, redact: Redactor | None = None):
+        self._store = store
+        self._description = description
+        self._redact = redact or Redactor()
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+
+    # ---- construction ---------------------------------------------------------
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        endpoint: str | None = None,
+        region: str = "auto",
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        allow_http: bool | None = None,
+    ) -> ObjectStore:
+        scheme, sep, rest = url.partition("://")
+        scheme = scheme.lower()
+        if sep and scheme == "file":
+            return cls._local(url, rest)
+        if sep and scheme == "memory":
+            return cls._memory(url, rest)
+        if sep and scheme == "s3":
+            redact = Redactor(access_key_id, secret_access_key)
+            credentials = (access_key_id, secret_access_key)
+            return cls._s3(url, rest, endpoint, region, credentials, allow_http, redact)
+        raise ConfigError(f"store URL {strip_userinfo(url)!r} is not supported: {URL_HELP}")
+
+    @classmethod
+    def _local(cls, url: str, rest: str) -> ObjectStore:
+        if rest.startswith("localhost/"):
+            rest = rest[len("localhost"):]
+        if not rest.strip("/"):
+            raise ConfigError(f"store URL {url!r} names no folder: {URL_HELP}")
+        folder = Path(rest).expanduser().resolve()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            store = LocalStore(folder)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"store folder {str(folder)!r} from {url!r} cannot be used ({exc}): fix the path or its permissions"
+            ) from exc
+        return cls(store, description=folder.as_uri())
+
+    @classmethod
+    def _memory(cls, url: str, rest: str) -> ObjectStore:
+        if rest.strip("/"):
+            raise ConfigError(f"store URL {url!r}: a memory store takes no name or path, use memory://")
+        return cls(MemoryStore(), description="memory://")
+
+    @classmethod
+    def _s3(cls, url, rest, endpoint, region, credentials, allow_http, redact) -> ObjectStore:
+        shown = redact(strip_userinfo(url))
+        bucket = rest.rstrip("/")
+        if not BUCKET_NAME.match(bucket):
+            raise ConfigError(
+                f"store URL {shown!r} does not name a bucket: use s3://BUCKET (3-63 letters, digits, '.', '-', no path)"
+            )
+        if not all(credentials):
+            raise ConfigError(f"store URL {shown!r} needs credentials: {CREDENTIALS_HELP}")
+        options = dict(CLIENT_OPTIONS)
+        if endpoint is not None:
+            options["allow_http"] = check_endpoint(endpoint, allow_http, redact)
+        elif allow_http is not None:
+            options["allow_http"] = allow_http
+        if endpoint is None and region == "auto":
+            region = "us-east-1"  # 'auto' is R2's; plain AWS S3 needs a real region
+        config = {"region": region, "virtual_hosted_style_request": False}
+        if endpoint is not None:
+            config["endpoint"] = endpoint.rstrip("/")
+        try:
+            store = S3Store(
+                bucket,
+                access_key_id=credentials[0],
+                secret_access_key=credentials[1],
+                client_options=options,
+                retry_config=RETRY_CONFIG,
+                **config,
+            )
+        except (obstore.exceptions.BaseError, ValueError) as exc:
+            raise ConfigError(f"store URL {shown!r} cannot be opened: {redact(first_line(exc))}") from exc
+        where = f" at {strip_userinfo(endpoint)}" if endpoint else ""
+        return cls(store, description=f"s3://{bucket}{where} (region {region})", redact=redact)
+
+    # ---- display and accounting -----------------------------------------------
+
+    def describe(self) -> str:
+        """Where this store is, for display; never holds a secret."""
+        return self._description
+
+    def __repr__(self) -> str:
+        return f"ObjectStore({self._description!r})"
+
+    __str__ = describe
+
+    def request_counts(self) -> Counter[str]:
+        """A copy of `counts`, taken under the lock."""
+        with self._lock:
+            return Counter(self.counts)
+
+    def _count(self, op: str) -> None:
+        with self._lock:
+            self.counts[REQUEST_CLASS[op]] += 1
+
+    # ---- requests ---------------------------------------------------------------
+
+    def list(self, prefix: str) -> Iterator[list[ObjectInfo]]:
+        """Objects under `prefix` (per path segment; '' = all), one page per request."""
+        store = self._open()
+        stream = self._call(
+            "list", prefix, lambda: obstore.list(store, prefix or None, chunk_size=LIST_PAGE_SIZE), count=False
+        )
+        pages = 0
+        while True:
+            page = self._call("list", prefix, lambda: next(stream, None), count=False)
+            if page is not None or pages == 0:
+                self._count("list")
+            if page is None:
+                return
+            pages += 1
+            yield [ObjectInfo.from_meta(meta) for meta in page]
+
+    def head(self, key: str) -> ObjectInfo:
+        store = self._open()
+        return ObjectInfo.from_meta(self._call("head", key, lambda: obstore.head(store, key)))
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.head(key)
+        except ObjectNotFound:
+            return False
+        return True
+
+    def get(self, key: str) -> bytes:
+        store = self._open()
+        return self._call("get", key, lambda: bytes(obstore.get(store, key).bytes()))
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the object; an `end` past the object's size is clamped."""
+        if not 0 <= start < end:
+            raise ValueError(f"byte range [{start}, {end}) of {key!r} is empty: need 0 <= start < end")
+        store = self._open()
+        return self._call("get", key, lambda: bytes(obstore.get_range(store, key, start=start, end=end)))
+
+    def put(self, key: str, data: bytes) -> None:
+        store = self._open()
+        # One PUT per object (no multipart), so one put is one Class A request.
+        self._call("put", key, lambda: obstore.put(store, key, data, use_multipart=False))
+
+    def copy(self, src: str, dst: str) -> None:
+        """Server-side copy; overwrites `dst`."""
+        store = self._open()
+        self._call("copy", src, lambda: obstore.copy(store, src, dst, overwrite=True), dst=dst)
+
+    def delete(self, key: str) -> None:
+        """Deletes `key`; a missing key is not an error."""
+        store = self._open()
+        try:
+            self._call("delete", key, lambda: obstore.delete(store, key))
+        except ObjectNotFound:
+            pass
+
+    def check(self) -> None:
+        """One cheap request (first list page). StoreUnavailable if the store cannot be used;
+        Throttled passes through (the store answers, it is just busy)."""
+        try:
+            next(iter(self.list(CHECK_PREFIX)), None)
+        except (StoreUnavailable, Throttled):
+            raise
+        except StoreError as exc:
+            raise StoreUnavailable(f"store check failed: {exc}") from exc
+
+    def close(self) -> None:
+        self._store = None
+
+    def __enter__(self) -> ObjectStore:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ---- plumbing ---------------------------------------------------------------
+
+    def _open(self):
+        if self._store is None:
+            raise StoreError(f"{self._description} is closed: open a new ObjectStore")
+        return self._store
+
+    def _call(self, op: str, key: str, fn: Callable[[], T], *, count: bool = True, dst: str | None = None) -> T:
+        if count:
+            self._count(op)
+        try:
+            return fn()
+        except (obstore.exceptions.BaseError, OSError, ValueError) as exc:
+            target = key if dst is None else f"{key} -> {dst}"
+            error = translate_error(exc, op=op, key=key, target=target, where=self._description, redact=self._redact)
+            raise error from exc
+
+
+# ---- error translation -------------------------------------------------------------
+
+
+def check_endpoint(endpoint: str, allow_http: bool | None, redact: Redactor) -> bool:
+    """Validates an S3 endpoint URL; returns the allow_http to use."""
+    parts = urlsplit(endpoint)
+    shown = redact(strip_userinfo(endpoint))
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(
+            f"S3 endpoint {shown!r} is not an http(s) URL: use e.g. https://<account_id>.r2.cloudflarestorage.com"
+        )
+    if parts.scheme == "http" and allow_http is False:
+        raise ConfigError(f"S3 endpoint {shown!r} is plain http but allow_http is off: use https or allow http")
+    return parts.scheme == "http" if allow_http is None else allow_http
+
+
+def first_line(exc: BaseException) -> str:
+    line = str(exc).split("\n", 1)[0].strip()
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def http_status(text: str) -> int | None:
+    match = STATUS.search(text)
+    return int(match.group(1) or match.group(2)) if match else None
+
+
+def translate_error(
+    exc: BaseException, *, op: str, key: str, target: str, where: str, redact: Redactor
+) -> StoreError:
+    """Maps an obstore error to the repage tree (the caller raises it `from exc`)."""
+    text = str(exc)
+    status = http_status(text)
+    code_match = S3_CODE.search(text)
+    code = code_match.group(1) if code_match else None
+    reason = redact(f"HTTP {status} {code or ''}".strip() if status else first_line(exc))
+    target = redact(target)
+    if code == "NoSuchBucket":
+        return StoreUnavailable(f"{where}: the bucket does not exist: create it or fix REPAGE_STORE_URL")
+    if status in (429, 503) or code == "SlowDown":
+        return Throttled(f"{where} asked to slow down on {op} {target!r} ({reason}): back off and retry")
+    if isinstance(exc, FileNotFoundError) or status == 404:
+        return ObjectNotFound(f"object {key!r} not found in {where}")
+    if isinstance(exc, (PermissionDeniedError, UnauthenticatedError)) or status in (401, 403):
+        return StoreUnavailable(f"{where} refused {op} {target!r} ({reason}): check the credentials: {CREDENTIALS_HELP}")
+    if status is None and any(marker in text for marker in CONNECT_FAILURE):
+        return StoreUnavailable(f"{where} does not answer ({reason}): check the endpoint and that the server is up")
+    if isinstance(exc, ValueError):
+        return StoreError(f"{op} {target!r} in {where} failed: invalid key or argument ({reason})")
+    return StoreError(f"{op} {target!r} in {where} failed ({reason})")

@@ -1,0 +1,692 @@
+"""Milvus adapter: the only module that imports pymilvus.
+
+Reads the collection schema instead of assuming it, streams affected chunks, fetches
+whole documents within Milvus' per-request limits and writes page fixes either as a
+partial update or as a full-row upsert that keeps every other field bit for bit.
+
+pymilvus retries (3.0.2, `pymilvus/decorators.py::retry_on_rpc_failure`): every RPC
+is wrapped in a loop that retries rate-limit errors (`ErrorCode.RATE_LIMIT` /
+`common_pb2.RateLimit`) and gRPC transient errors up to 75 times with backoff up to
+3 s. There is no client-wide switch; the loop reads per-call kwargs instead:
+`retry_on_rate_limit=False` turns the rate-limit retry off (we pass it on every call
+so repage's own throttle sees the 429-equivalent), and a `timeout` bounds the
+transient-error retry by wall time instead of by count. RESOURCE_EXHAUSTED,
+DEADLINE_EXCEEDED and INVALID_ARGUMENT are never retried by pymilvus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import operator
+import re
+from collections import Counter, defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+from urllib.parse import urlsplit
+
+import grpc
+import numpy as np
+from pymilvus import DataType, MilvusClient
+from pymilvus.exceptions import ConnectionConfigException, ErrorCode, MilvusException
+from pymilvus.grpc_gen import common_pb2
+
+from repage.errors import (
+    ConfigError,
+    InvalidFilterValue,
+    SchemaError,
+    StoreError,
+    StoreUnavailable,
+    Throttled,
+)
+
+
+
+def _quiet_pymilvus_logging() -> None:
+    """pymilvus installs its own stderr handlers at import and logs every failed RPC with a
+    traceback; repage translates those errors into one-line messages itself (CLI contract).
+    Hand its loggers to the application's logging config, and at CRITICAL by default."""
+    for name in ("pymilvus", "pymilvus.milvus_client", "pymilvus.bulk_writer"):
+        log = logging.getLogger(name)
+        log.handlers[:] = [logging.NullHandler()]
+        log.propagate = True
+        log.setLevel(logging.CRITICAL if name == "pymilvus" else logging.NOTSET)
+
+
+_quiet_pymilvus_logging()
+
+MAX_QUERY_ROWS = 16_384  # Milvus' hard cap on rows returned by one query
+MAX_REQUEST_BYTES = 64 * 1024 * 1024  # Milvus' cap on one request/response
+MAX_STRING_BYTES = 65_535  # longest VARCHAR Milvus stores
+MAX_FILTER_BYTES = 1024 * 1024  # keep expressions parseable quickly by the proxy
+MAX_WRITE_ROWS = 10_000
+SIZE_MARGIN = 0.8  # estimates are rough: stay 20% under every limit
+TEXT_BYTES_GUESS = 4096  # a FLTR chunk is ~1k tokens before we have measured any row
+
+LIGHT_FIELDS = (
+    "document_id", "dataset_id", "filename", "chunk_type", "page", "image_index",
+    "ocr_confidence", "image_r2_key", "image_size", "chunk_index",
+)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+# ---------------------------------------------------------------- filter safety (pure)
+
+def validate_identifier(name: Any) -> str:
+    if not isinstance(name, str) or not _IDENT.fullmatch(name):
+        raise InvalidFilterValue(f"field name {name!r} is not a valid Milvus field name")
+    return name
+
+
+def quote_string(value: Any, *, field: str = "value") -> str:
+    """A Milvus string literal; refuses what the filter grammar cannot carry safely."""
+    if not isinstance(value, str):
+        raise InvalidFilterValue(f"{field}: expected a string, got {type(value).__name__}")
+    if _CONTROL.search(value):
+        raise InvalidFilterValue(f"{field}: value contains a control character (e.g. NUL)")
+    if len(value.encode("utf-8")) > MAX_STRING_BYTES:
+        raise InvalidFilterValue(f"{field}: value longer than {MAX_STRING_BYTES} bytes")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def quote_int(value: Any, *, field: str = "value") -> str:
+    if isinstance(value, (bool, str, float)):
+        raise InvalidFilterValue(f"{field}: expected an integer, got {type(value).__name__}")
+    try:
+        number = operator.index(value)  # accepts numpy ints, refuses floats and objects
+    except TypeError as exc:
+        raise InvalidFilterValue(f"{field}: expected an integer, got {type(value).__name__}") from exc
+    if not _INT64[0] <= number <= _INT64[1]:
+        raise InvalidFilterValue(f"{field}: {number} is outside INT64")
+    return str(number)
+
+
+def literal(field: str, value: Any) -> str:
+    return quote_string(value, field=field) if isinstance(value, str) else quote_int(value, field=field)
+
+
+def eq_filter(field: str, value: Any) -> str:
+    return f"{validate_identifier(field)} == {literal(field, value)}"
+
+
+def in_filter(field: str, values: Sequence[Any]) -> str:
+    validate_identifier(field)
+    values = list(values)
+    if not values:
+        raise InvalidFilterValue(f"{field}: empty value list")
+    if len({isinstance(v, str) for v in values}) > 1:
+        raise InvalidFilterValue(f"{field}: mixed strings and numbers in one list")
+    return f"{field} in [{', '.join(literal(field, v) for v in values)}]"
+
+
+def affected_filter(fields: Sequence[str]) -> str:
+    """DESIGN §1's affected-chunk filter, built only from fields the schema has."""
+    have = set(fields)
+    terms = [f'chunk_type == "{t}"' for t in ("ocr", "image") if "chunk_type" in have]
+    if "ocr_confidence" in have:
+        terms.append("ocr_confidence > 0.0")
+    if "page" not in have or not terms:
+        missing = "page" if "page" not in have else "chunk_type"
+        raise SchemaError(f"collection has no field {missing!r}: cannot tell affected chunks apart")
+    return f"page == 0 && ({' || '.join(terms)})"
+
+
+AFFECTED_FILTER = affected_filter(("page", "chunk_type", "ocr_confidence"))
+
+
+# ---------------------------------------------------------------- checksums (pure)
+
+def _canonical(value: Any, as_vector: bool) -> Any:
+    if isinstance(value, np.ndarray) or as_vector:
+        return np.asarray(value, dtype=np.float32).tobytes().hex()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def row_checksum(row: Mapping[str, Any], exclude: Sequence[str] = ("page", "image_r2_key"),
+                 *, vector_fields: Sequence[str] = ()) -> str:
+    """sha256 of every field but `exclude`, vectors as float32 bytes, `$meta` flattened."""
+    flat = {k: v for k, v in row.items() if k != "$meta"}
+    flat.update(row.get("$meta") or {})
+    canon = {k: _canonical(v, k in vector_fields) for k, v in flat.items() if k not in exclude}
+    blob = json.dumps(canon, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _row_bytes(row: Mapping[str, Any]) -> int:
+    total = 0
+    for value in row.values():
+        if isinstance(value, str):
+            total += len(value.encode("utf-8"))
+        elif isinstance(value, (list, tuple, np.ndarray)):
+            total += 4 * len(value)
+        elif isinstance(value, dict):
+            total += len(json.dumps(value, default=str))
+        else:
+            total += 8
+    return total
+
+
+def _batches(items: Sequence[Any], cost: Callable[[Any], int], max_items: int, max_cost: int):
+    """Consecutive slices bounded by count and summed cost (at least one item each)."""
+    batch, spent = [], 0
+    for item in items:
+        c = cost(item)
+        if batch and (len(batch) >= max_items or spent + c > max_cost):
+            yield batch
+            batch, spent = [], 0
+        batch.append(item)
+        spent += c
+    if batch:
+        yield batch
+
+
+def supports_partial_update_version(version: str) -> bool:
+    """Lite 3.x: yes; Lite 2.5.x: no (it deletes the row it rejects); Milvus >= 2.6: yes."""
+    lite = re.match(r"milvus_lite-(\d+)\.", version or "")
+    if lite:
+        return int(lite.group(1)) >= 3
+    server = re.search(r"(\d+)\.(\d+)", version or "")  # "v2.6.3", "... Milvus 2.5"
+    return bool(server) and (int(server.group(1)), int(server.group(2))) >= (2, 6)
+
+
+# ---------------------------------------------------------------- schema and changes
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    name: str
+    pk_field: str
+    pk_type: str  # 'int64' | 'varchar'
+    auto_id: bool
+    vector_field: str
+    dim: int
+    fields: tuple[str, ...]
+    dynamic: bool
+    identity_fields: tuple[str, ...]
+    server_version: str
+
+
+@dataclass(frozen=True)
+class ChunkChange:
+    identity: tuple
+    pk: Any
+    page: int
+    image_r2_key: str | None = None
+
+
+def parse_schema(name: str, desc: Mapping[str, Any], version: str) -> CollectionInfo:
+    fields = list(desc["fields"])
+    by_name = {f["name"]: f for f in fields}
+    for required in ("document_id", "page"):
+        if required not in by_name:
+            raise SchemaError(f"collection {name!r} has no field {required!r}")
+    pk = next(f for f in fields if f.get("is_primary"))
+    vec = next((f for f in fields if f["type"] == DataType.FLOAT_VECTOR), None)
+    if vec is None:
+        raise SchemaError(f"collection {name!r} has no FLOAT_VECTOR field 'vector'")
+    return CollectionInfo(
+        name=name, pk_field=pk["name"],
+        pk_type="varchar" if pk["type"] == DataType.VARCHAR else "int64",
+        auto_id=bool(pk.get("auto_id") or desc.get("auto_id")),
+        vector_field=vec["name"], dim=int(vec["params"]["dim"]),
+        fields=tuple(by_name), dynamic=bool(desc.get("enable_dynamic_field")),
+        identity_fields=_identity_fields(name, by_name), server_version=version,
+    )
+
+
+def _identity_fields(name: str, by_name: Mapping[str, Any]) -> tuple[str, ...]:
+    chunk_id = by_name.get("chunk_id")
+    if chunk_id is not None and chunk_id["type"] == DataType.VARCHAR:
+        return ("chunk_id",)
+    if "chunk_index" not in by_name:
+        raise SchemaError(f"collection {name!r} has neither 'chunk_id' nor 'chunk_index': no stable chunk identity")
+    return ("document_id", "chunk_index")
+
+
+# ---------------------------------------------------------------- connection and errors
+
+def redact_uri(uri: str) -> str:
+    parts = urlsplit(uri)
+    if not parts.scheme or len(parts.scheme) == 1:  # a Lite path (or a Windows drive)
+        return uri
+    host = parts.hostname or ""
+    netloc = ("***@" if parts.username or parts.password else "") + host
+    return f"{parts.scheme}://{netloc}" + (f":{parts.port}" if parts.port else "") + parts.path
+
+
+def normalize_uri(uri: str) -> str:
+    if re.match(r"(https?|tcp)://|unix:", uri):
+        return uri
+    if not uri.endswith(".db"):
+        raise ConfigError(f"Milvus URI {uri!r}: give a Lite path ending in .db or http(s)://host:port")
+    path = Path(uri).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)  # pymilvus refuses a missing parent
+    return str(path)
+
+
+def _is_rate_limit(exc: BaseException) -> bool:
+    if isinstance(exc, grpc.RpcError):
+        return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    return isinstance(exc, MilvusException) and (
+        exc.code == ErrorCode.RATE_LIMIT or exc.compatible_code == common_pb2.RateLimit
+        or "rate limit" in str(exc.message).lower())
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, grpc.RpcError):
+        return exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return isinstance(exc, ConnectionConfigException) or (
+        isinstance(exc, MilvusException) and exc.code == 2)  # 2 = CONNECT_FAILED
+
+
+def _one_line(exc: BaseException, secret: str) -> str:
+    text = exc.message if isinstance(exc, MilvusException) else str(exc)
+    if isinstance(exc, grpc.RpcError):
+        text = f"{exc.code().name}: {exc.details()}"
+    text = " ".join(str(text).split())[:300]
+    return text.replace(secret, "***") if secret else text
+
+
+@contextmanager
+def vendor_errors(what: str, secret: str = ""):
+    """Translate pymilvus/gRPC errors into repage's tree; messages never carry the token."""
+    try:
+        yield
+    except (MilvusException, grpc.RpcError) as exc:
+        msg = f"Milvus {what} failed: {_one_line(exc, secret)}"
+        if _is_rate_limit(exc):
+            raise Throttled(msg) from exc
+        if _is_unavailable(exc):
+            raise StoreUnavailable(msg) from exc
+        raise StoreError(msg) from exc
+
+
+def connect(uri: str, token: str | None, timeout: float) -> MilvusClient:
+    uri = normalize_uri(uri)
+    where = redact_uri(uri)
+    try:
+        # dedicated: never share a gRPC channel through pymilvus' process-wide registry,
+        # which a forked worker would inherit with a dead channel.
+        return MilvusClient(uri, token=token or "", timeout=timeout, dedicated=True)
+    except ConnectionConfigException as exc:
+        hint = ("" if "://" in uri else
+                " (another process may hold this Lite folder: share it via `milvus-lite server`)")
+        raise StoreUnavailable(f"Milvus at {where} could not be opened{hint}") from exc
+    except (MilvusException, grpc.RpcError) as exc:
+        raise StoreUnavailable(f"Milvus at {where} does not answer: {_one_line(exc, token or '')}") from exc
+
+
+# ---------------------------------------------------------------- the adapter
+
+class MilvusVectors:
+    """One collection in one Milvus (Lite file, Lite server, Milvus or Zilliz)."""
+
+    def __init__(self, uri: str, collection: str, token: str | None = None, *,
+                 timeout: float = 30.0, max_query_rows: int = MAX_QUERY_ROWS,
+                 max_request_bytes: int = MAX_REQUEST_BYTES):
+        self.uri, self.collection = normalize_uri(uri), collection
+        self._token, self._timeout = token or "", timeout
+        self.max_query_rows, self.max_request_bytes = max_query_rows, max_request_bytes
+        self.ops: Counter = Counter()  # RPCs by kind: for tests and the cost model
+        self._info: CollectionInfo | None = None
+        self._client: MilvusClient | None = connect(self.uri, token, timeout)
+        try:
+            self._open_collection()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- plumbing
+    def _rpc(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("timeout", self._timeout)
+        kwargs["retry_on_rate_limit"] = False  # repage's throttle, not pymilvus' 75 tries
+        self.ops[method] += 1
+        with vendor_errors(method, self._token):
+            return getattr(self._client, method)(*args, **kwargs)
+
+    def _open_collection(self) -> None:
+        if not self._rpc("has_collection", self.collection):
+            raise ConfigError(f"collection {self.collection!r} does not exist at "
+                              f"{redact_uri(self.uri)}; set REPAGE_COLLECTION")
+        state = self._rpc("get_load_state", self.collection)
+        if "Loaded" not in str(state.get("state")):  # a reopened Lite DB comes back released
+            self._rpc("load_collection", self.collection)
+
+    def describe(self) -> str:
+        kind = "Milvus Lite" if "://" not in self.uri else "Milvus"
+        token = ", token set" if self._token else ""
+        return f"{kind} {redact_uri(self.uri)}, collection {self.collection!r}{token}"
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def __enter__(self) -> MilvusVectors:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- schema
+    def info(self) -> CollectionInfo:
+        if self._info is None:
+            desc = self._rpc("describe_collection", self.collection)
+            version = str(self._rpc("get_server_version"))
+            self._info = parse_schema(self.collection, desc, version)
+        return self._info
+
+    def supports_partial_update(self) -> bool:
+        return supports_partial_update_version(self.info().server_version)
+
+    def _keys_stable(self) -> bool:
+        """Whether an upsert keeps primary keys: a real server renumbers auto_id rows."""
+        info = self.info()
+        return not info.auto_id or info.server_version.startswith("milvus_lite-")
+
+    def _light_fields(self) -> list[str]:
+        info = self.info()
+        wanted = (info.pk_field, *info.identity_fields, *LIGHT_FIELDS)
+        return [f for f in dict.fromkeys(wanted) if f in info.fields]
+
+    def _output_fields(self, fields: Sequence[str] | None, with_vectors: bool) -> list[str]:
+        info = self.info()
+        if fields:
+            out = [validate_identifier(f) for f in fields]
+            return out + [info.vector_field] if with_vectors and info.vector_field not in out else out
+        if with_vectors:
+            return ["*"]
+        return [f for f in info.fields if f != info.vector_field] + (["$meta"] if info.dynamic else [])
+
+    def _bytes_per_row(self, with_vectors: bool) -> int:
+        return (self.info().dim * 4 if with_vectors else 0) + TEXT_BYTES_GUESS
+
+    def row_checksum(self, row: Mapping[str, Any]) -> str:
+        info = self.info()
+        exclude = ("page", "image_r2_key") + ((info.pk_field,) if info.auto_id else ())
+        return row_checksum(row, exclude, vector_fields=(info.vector_field,))
+
+    # -- reads
+    def _query(self, expr: str, output_fields: Sequence[str], limit: int | None = None) -> list[dict]:
+        extra = {"limit": limit} if limit else {}
+        rows = self._rpc("query", self.collection, filter=expr, output_fields=list(output_fields),
+                         consistency_level="Strong", **extra)
+        return [dict(r) for r in rows]
+
+    def count(self, filter: str = "") -> int:
+        rows = self._rpc("query", self.collection, filter=filter, output_fields=["count(*)"],
+                         consistency_level="Strong")
+        return int(rows[0]["count(*)"])
+
+    def _iterate(self, expr: str, output_fields: Sequence[str], batch_rows: int) -> Iterator[list[dict]]:
+        it = self._rpc("query_iterator", self.collection, batch_size=min(batch_rows, MAX_QUERY_ROWS),
+                       filter=expr, output_fields=list(output_fields), consistency_level="Strong")
+        try:
+            while True:
+                self.ops["query_iterator.next"] += 1
+                with vendor_errors("query_iterator", self._token):
+                    batch = it.next()
+                if not batch:
+                    return
+                yield [dict(r) for r in batch]
+        finally:
+            it.close()
+
+    def iter_affected(self, dataset_id: str | None = None, *, page_rows: int = 10_000,
+                      fields: Sequence[str] | None = None) -> Iterator[list[dict]]:
+        """Affected chunks in pages of `page_rows`, in primary-key order (not by document)."""
+        info = self.info()
+        expr = affected_filter(info.fields)
+        if dataset_id is not None:
+            if "dataset_id" not in info.fields:
+                raise SchemaError(f"collection {info.name!r} has no field 'dataset_id'")
+            expr = f"({expr}) && {eq_filter('dataset_id', dataset_id)}"
+        out = [validate_identifier(f) for f in fields] if fields else self._light_fields()
+        page: list[dict] = []
+        for batch in self._iterate(expr, out, page_rows):
+            page.extend(batch)
+            while len(page) >= page_rows:
+                yield page[:page_rows]
+                page = page[page_rows:]
+        if page:
+            yield page
+
+    def _row_cap(self, bytes_per_row: float) -> int:
+        by_bytes = int(self.max_request_bytes * SIZE_MARGIN // max(bytes_per_row, 1))
+        return max(1, min(self.max_query_rows, by_bytes))
+
+    def _query_split(self, keys: list, make_filter: Callable[[list], str],
+                     out: Sequence[str], cap: int) -> list[dict]:
+        """Query for `keys`; a full page may be truncated, so halve and retry."""
+        rows = self._query(make_filter(keys), out, limit=cap)
+        if len(rows) < cap:
+            return rows
+        if len(keys) == 1:  # one key alone has more rows than a page: stream it
+            self.ops["split_iterate"] += 1
+            return [r for batch in self._iterate(make_filter(keys), out, cap) for r in batch]
+        self.ops["split"] += 1
+        mid = len(keys) // 2
+        return (self._query_split(keys[:mid], make_filter, out, cap)
+                + self._query_split(keys[mid:], make_filter, out, cap))
+
+    def fetch_documents(self, document_ids: Sequence[str], *, fields: Sequence[str] | None = None,
+                        with_vectors: bool = True) -> list[dict]:
+        """Every chunk of these documents, in as few queries as rows/bytes limits allow."""
+        pending = list(dict.fromkeys(document_ids))
+        for doc in pending:
+            quote_string(doc, field="document_id")  # refuse bad ids before any I/O
+        out = self._output_fields(fields, with_vectors)
+        model = _SizeModel(self._bytes_per_row(with_vectors))
+        rows: list[dict] = []
+        while pending:
+            cap = self._row_cap(model.bytes_per_row)
+            batch = _take_ids(pending, model.ids_per_call(cap))
+            pending = pending[len(batch):]
+            got = self._query_split(batch, lambda ks: in_filter("document_id", ks), out, cap)
+            model.observe(len(batch), got)
+            rows.extend(got)
+        return rows
+
+    def _identity_filter(self, identities: list[tuple]) -> str:
+        fields = self.info().identity_fields
+        if fields == ("chunk_id",):
+            return in_filter("chunk_id", [i[0] for i in identities])
+        by_doc: dict[str, list] = defaultdict(list)
+        for doc, index in identities:
+            by_doc[doc].append(index)
+        return " || ".join(f"({eq_filter('document_id', d)} && {in_filter('chunk_index', ix)})"
+                           for d, ix in by_doc.items())
+
+    def find_by_identity(self, identities: Sequence[tuple], *,
+                         with_vectors: bool = False) -> dict[tuple, list[dict]]:
+        """Rows by stable identity (never by an old primary key); lists expose duplicates."""
+        info = self.info()
+        wanted = list(dict.fromkeys(tuple(i) for i in identities))
+        found: dict[tuple, list[dict]] = {i: [] for i in wanted}
+        if not wanted:
+            return found
+        self._identity_filter(wanted)  # validate every value before any I/O
+        out = self._output_fields(None, with_vectors)
+        cap = self._row_cap(self._bytes_per_row(with_vectors))
+        for group in _batches(wanted, _identity_cost, max(1, cap // 2), MAX_FILTER_BYTES):
+            for row in self._query_split(group, self._identity_filter, out, cap):
+                key = tuple(row[f] for f in info.identity_fields)
+                found.setdefault(key, []).append(row)
+        return found
+
+    # -- writes
+    def insert(self, rows: Sequence[Mapping[str, Any]]) -> list:
+        pks: list = []
+        for batch in self._write_batches(rows):
+            pks.extend(self._rpc("insert", self.collection, batch)["ids"])
+        return pks
+
+    def delete_by_pks(self, pks: Sequence[Any]) -> None:
+        # Not `delete(ids=...)`: pymilvus 3.0.2 quotes VARCHAR pks without escaping them.
+        pk = self.info().pk_field
+        for batch in _batches(list(pks), _identity_cost, MAX_WRITE_ROWS, MAX_FILTER_BYTES):
+            self._rpc("delete", self.collection, filter=in_filter(pk, batch))
+
+    def _write_batches(self, rows: Sequence[Mapping[str, Any]]):
+        limit = int(self.max_request_bytes * SIZE_MARGIN)
+        return _batches([dict(r) for r in rows], _row_bytes, MAX_WRITE_ROWS, limit)
+
+    def _upsert(self, rows: list[dict], partial: bool) -> None:
+        """One upsert request; the seam a test double overrides to act like another server."""
+        self._rpc("upsert", self.collection, rows, partial_update=partial)
+
+    def write_changes(self, changes: Sequence[ChunkChange], *,
+                      rows_before: Mapping[tuple, Mapping[str, Any]] | None = None) -> None:
+        """Set page (and image_r2_key) on these chunks; idempotent under a crash-retry."""
+        changes = list(changes)
+        if not changes:
+            return
+        if any(c.image_r2_key is not None for c in changes) and "image_r2_key" not in self.info().fields:
+            raise SchemaError(f"collection {self.collection!r} has no field 'image_r2_key'")
+        partial = self.supports_partial_update()
+        if partial and self._keys_stable():
+            rows, extras = [self._partial_row(c, c.pk) for c in changes], []
+        else:
+            rows, extras = self._resolve_rows(changes, rows_before or {}, partial)
+        for batch in self._write_batches(rows):
+            self._upsert(batch, partial)
+        if extras:  # only after the kept rows are written: a crash here loses nothing
+            self.delete_by_pks(extras)
+
+    def _partial_row(self, change: ChunkChange, pk: Any) -> dict:
+        row = {self.info().pk_field: pk, "page": change.page}
+        if change.image_r2_key is not None:
+            row["image_r2_key"] = change.image_r2_key
+        return row
+
+    def _resolve_rows(self, changes: list[ChunkChange], rows_before: Mapping[tuple, Mapping],
+                      partial: bool) -> tuple[list[dict], list]:
+        """Rows to write, found by identity, and pks of crash duplicates to delete."""
+        need_full = not partial and any(tuple(c.identity) not in rows_before for c in changes)
+        current = self.find_by_identity([c.identity for c in changes], with_vectors=need_full)
+        rows, extras = [], []
+        for change in changes:
+            keep, dupes = self._pick(change, current.get(tuple(change.identity), []))
+            extras.extend(dupes)
+            if _at_target(keep, change):
+                continue
+            pk = keep[self.info().pk_field]
+            base = rows_before.get(tuple(change.identity)) or keep
+            rows.append(self._partial_row(change, pk) if partial else self._full_row(change, pk, base))
+        return rows, extras
+
+    def _pick(self, change: ChunkChange, rows: list[dict]) -> tuple[dict, list]:
+        """The row to keep (preferring one already fixed) and the duplicates to drop."""
+        if not rows:
+            raise StoreError(f"chunk {change.identity!r} not found in {self.collection!r}")
+        pk = self.info().pk_field
+        ordered = sorted(rows, key=lambda r: (_at_target(r, change), r[pk]), reverse=True)
+        keep, dupes = ordered[0], ordered[1:]
+        if any(self.row_checksum(d) != self.row_checksum(keep) for d in dupes):
+            raise StoreError(f"chunk {change.identity!r} has {len(rows)} rows that differ: "
+                             "not a retry duplicate, resolve by hand")
+        return keep, [d[pk] for d in dupes]
+
+    def _full_row(self, change: ChunkChange, pk: Any, base: Mapping[str, Any]) -> dict:
+        """The whole row again: vector, every field and dynamic `$meta` keys kept as read."""
+        info = self.info()
+        row = {k: v for k, v in base.items() if k != "$meta"}
+        row.update(base.get("$meta") or {})
+        if not info.dynamic:
+            row = {k: v for k, v in row.items() if k in info.fields}
+        row.update(self._partial_row(change, pk))
+        if info.vector_field not in row:
+            raise StoreError(f"chunk {change.identity!r}: full-row write needs its vector")
+        return row
+
+    # -- setup helpers (demo and tests)
+    @classmethod
+    def create_collection(cls, uri: str, collection: str, token: str | None = None, *,
+                          pk: str = "auto", dim: int = 1536, dynamic: bool = False,
+                          chunk_id_field: bool = True, index_type: str = "FLAT",
+                          timeout: float = 30.0, **kwargs: Any) -> MilvusVectors:
+        """Create the FLTR collection of DESIGN §1 and open it."""
+        client = connect(uri, token, timeout)
+        try:
+            with vendor_errors("create_collection", token or ""):
+                schema = fltr_schema(client, pk=pk, dim=dim, dynamic=dynamic, chunk_id_field=chunk_id_field)
+                index = client.prepare_index_params()
+                index.add_index("vector", index_type=index_type, metric_type="COSINE")
+                client.create_collection(collection, schema=schema, index_params=index, timeout=timeout)
+        finally:
+            client.close()
+        return cls(uri, collection, token, timeout=timeout, **kwargs)
+
+    def drop_collection(self) -> None:
+        self._rpc("drop_collection", self.collection)
+
+
+def fltr_schema(client: MilvusClient, *, pk: str, dim: int, dynamic: bool, chunk_id_field: bool):
+    if pk not in ("auto", "chunk_id"):
+        raise ConfigError(f"pk must be 'auto' or 'chunk_id', not {pk!r}")
+    schema = client.create_schema(auto_id=pk == "auto", enable_dynamic_field=dynamic)
+    if pk == "auto":
+        schema.add_field("id", DataType.INT64, is_primary=True, auto_id=True)
+    if pk == "chunk_id" or chunk_id_field:
+        schema.add_field("chunk_id", DataType.VARCHAR, max_length=512, is_primary=pk == "chunk_id")
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+    for name, kind, extra in _FLTR_FIELDS:
+        schema.add_field(name, kind, **extra)
+    return schema
+
+
+_V = DataType.VARCHAR
+_FLTR_FIELDS = (
+    ("text", _V, {"max_length": 65535}),
+    ("dataset_id", _V, {"max_length": 128}),
+    ("document_id", _V, {"max_length": 256}),
+    ("filename", _V, {"max_length": 1024}),
+    ("chunk_index", DataType.INT64, {}),
+    ("document_type", _V, {"max_length": 64}),
+    ("title", _V, {"max_length": 1024}),
+    ("chunk_type", _V, {"max_length": 32}),
+    ("page", DataType.INT64, {"default_value": 0}),
+    ("image_index", DataType.INT64, {"nullable": True}),
+    ("ocr_confidence", DataType.FLOAT, {"nullable": True}),
+    ("image_r2_key", _V, {"max_length": 512, "nullable": True}),
+    ("image_size", _V, {"max_length": 64, "nullable": True}),
+)
+
+
+class _SizeModel:
+    """Adapts ids-per-query to the rows per document and bytes per row seen so far."""
+
+    def __init__(self, bytes_per_row: float, rows_per_doc: float = 32.0):
+        self.bytes_per_row, self.rows_per_doc = bytes_per_row, rows_per_doc
+        self._ids = self._rows = self._bytes = 0
+
+    def ids_per_call(self, cap: int) -> int:
+        return max(1, int(cap * SIZE_MARGIN // max(self.rows_per_doc, 1.0)))
+
+    def observe(self, ids: int, rows: list[dict]) -> None:
+        self._ids += ids
+        self._rows += len(rows)
+        self._bytes += sum(_row_bytes(r) for r in rows)
+        self.rows_per_doc = max(self._rows / self._ids, 1.0)
+        if self._rows:  # measured size replaces the guess, which is deliberately generous
+            self.bytes_per_row = max(self._bytes / self._rows, 64.0)
+
+
+def _identity_cost(key: Any) -> int:
+    return len(str(key)) + 8
+
+
+def _take_ids(pending: list[str], limit: int) -> list[str]:
+    """Up to `limit` ids whose quoted form stays under the filter size bound."""
+    return next(_batches(pending, _identity_cost, limit, MAX_FILTER_BYTES), [])
+
+
+def _at_target(row: Mapping[str, Any], change: ChunkChange) -> bool:
+    key_ok = change.image_r2_key is None or row.get("image_r2_key") == change.image_r2_key
+    return row.get("page") == change.page and key_ok

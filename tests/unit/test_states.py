@@ -1,0 +1,34 @@
+import itertools
+
+import pytest
+
+from repage.errors import IllegalTransition
+from repage.states import DONE, NEW, TRANSITIONS, State, check_transition
+
+DESIGN_EDGES = {
+    (NEW, State.PENDING), (NEW, State.SKIPPED), (NEW, State.UNRECOVERABLE),
+    (State.PENDING, State.RUNNING),
+    (State.RUNNING, State.PENDING), (State.RUNNING, State.MIGRATED), (State.RUNNING, State.REVIEW),
+    (State.RUNNING, State.DEFERRED), (State.RUNNING, State.UNRECOVERABLE), (State.RUNNING, State.FAILED),
+    (State.FAILED, State.PENDING), (State.DEFERRED, State.PENDING), (State.REVIEW, State.PENDING),
+    (State.MIGRATED, State.VERIFIED), (State.MIGRATED, State.ROLLED_BACK), (State.VERIFIED, State.ROLLED_BACK),
+    (State.ROLLED_BACK, State.PENDING),
+}
+
+
+def test_table_is_exactly_the_design_edges():
+    edges = {(src, dst) for src, dsts in TRANSITIONS.items() for dst in dsts}
+    assert edges == DESIGN_EDGES
+
+
+@pytest.mark.parametrize("src,dst", list(itertools.product([NEW, *State], State)))
+def test_every_other_edge_is_refused(src, dst):
+    if (src, dst) in DESIGN_EDGES:
+        check_transition(src, dst)
+    else:
+        with pytest.raises(IllegalTransition):
+            check_transition(src, dst)
+
+
+def test_done_states():
+    assert DONE == {State.MIGRATED, State.VERIFIED, State.SKIPPED, State.UNRECOVERABLE}
