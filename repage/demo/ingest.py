@@ -67,6 +67,7 @@ class Placed:
     legacy_name: str
     index: int
     bucket_key: str | None  # where the image is in the bucket; None = never uploaded
+    bucket_key_has_page: bool  # construction knowledge: a listing would find its page
     chunk_key: str  # the chunk's image_r2_key ('' = lost)
     chunk_key_has_page: bool  # construction knowledge: the chunk key names the page
     canonical_key: str
@@ -232,28 +233,151 @@ def place_images(doc: IngestedDoc, images: Sequence[PageImage], rng: random.Rand
     return sorted(placed, key=lambda p: p.index)
 
 
-def _scenario_keys(doc: IngestedDoc, spec, idx: int, page: int, name: str, gone: bool) -> tuple[str | None, str, bool]:
-    """(bucket key or None, chunk key, chunk key names the page) for one image."""
+def _scenario_keys(doc: IngestedDoc, spec, idx: int, page: int, name: str,
+                   gone: bool) -> tuple[str | None, bool, str, bool]:
+    """(bucket key or None, it names the page, chunk key, it names the page) for one image."""
     ds, d = doc.dataset_id, doc.document_id
     legacy = legacy_image_key(ds, d, idx, name)
     docling = docling_image_key(ds, d, idx)
     s = spec.scenario
     if s in ("legacy", "legacy-no-source"):
-        return legacy, legacy, True
+        return legacy, True, legacy, True
     if s == "legacy-unlinked":
-        return legacy, ("" if gone else legacy), not gone
+        return legacy, True, ("" if gone else legacy), not gone
     if s == "canonical":
         canonical = canonical_image_key(ds, d, page, idx, "png")
-        return canonical, canonical, True
+        return canonical, True, canonical, True
     if s == "docling":
-        return docling, docling, False
+        return docling, False, docling, False
     if s == "missing-images":
         # Some chunks kept a legacy key naming a page, others lost it: still not all resolvable.
         if spec.chunk_keys == "mixed" and not gone:
-            return None, legacy, True
-        return None, "", False
+            return None, False, legacy, True
+        return None, False, "", False
     if s == "unrecoverable":
-        return None, ("" if spec.kind == "scan" else docling), False
+        return None, False, ("" if spec.kind == "scan" else docling), False
     if s == "non-pdf-source":
-        return None, "", False
+        return None, False, "", False
     raise ValueError(f"{spec.filename!r}: scenario {s!r} has no images")
+
+
+# ---------------------------------------------------------------- documents and truth
+
+# The path each scenario is built to take; a spec whose construction disagrees is a bug.
+SCENARIO_PATH = {
+    "legacy": "keys", "legacy-unlinked": "keys", "canonical": "keys", "legacy-no-source": "keys",
+    "docling": "pdf", "missing-images": "pdf", "non-pdf-source": "reprocess",
+    "unrecoverable": "none", "text-only": "none",
+}
+FINAL_STATE = {"keys": "migrated", "pdf": "migrated", "reprocess": "deferred"}
+
+
+def uuid4(rng: random.Random) -> str:
+    """A version-4 UUID from a seeded RNG: the same demo for the same seed."""
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def source_key(dataset_id: str, spec) -> str:
+    """`{dataset_id}/{filename}`, URL-encoded for the specs that say so (the app did both)."""
+    return f"{dataset_id}/{quote(spec.filename) if spec.quoted_source else spec.filename}"
+
+
+def has_source(spec) -> bool:
+    return spec.scenario not in ("legacy-no-source", "unrecoverable")
+
+
+def doc_images(corpus: CorpusDoc) -> list[PageImage]:
+    """The images the pipeline would have cut out of this document."""
+    spec = corpus.spec
+    if spec.scenario == "text-only":
+        return []
+    if spec.kind in ("native", "scan"):
+        return extract_images(corpus.data, full_pages=spec.kind == "scan")
+    from PIL import Image  # png/jpg source: the file is the one page image
+
+    with Image.open(io.BytesIO(corpus.data)) as im:
+        return [PageImage(0, "full", corpus.data, im.width, im.height)]
+
+
+def expected_plan(placed: Sequence[Placed], source: bool, filename: str) -> tuple[str, str]:
+    """(path, scan state) by DESIGN §2's rules, from what we know we built."""
+    if not placed:
+        return "none", "skipped"
+    if all(p.chunk_key_has_page or p.bucket_key_has_page for p in placed):
+        return "keys", "pending"
+    if source:
+        return ("pdf" if filename.lower().endswith(".pdf") else "reprocess"), "pending"
+    return "none", "unrecoverable"
+
+
+def _chunk_truth(row: dict, p: Placed) -> dict:
+    page_from = "key" if p.chunk_key_has_page else "listing" if p.bucket_key_has_page else None
+    return {
+        "chunk_id": row["chunk_id"],
+        "chunk_index": row["chunk_index"],
+        "chunk_type": row["chunk_type"],
+        "true_page": p.image.page,
+        "image_index": p.index,
+        "current_key": p.chunk_key,
+        "canonical_key": p.canonical_key,
+        "image_in_bucket": p.bucket_key is not None,
+        "bucket_key": p.bucket_key,
+        "legacy_name": p.legacy_name,
+        "image_size": row["image_size"],
+        "page_from_keys": page_from,
+    }
+
+
+def _doc_truth(doc: IngestedDoc, placed: Sequence[Placed], chunks: list[dict], src: str | None) -> dict:
+    spec = doc.corpus.spec
+    path, state = expected_plan(placed, src is not None, spec.filename)
+    if path != SCENARIO_PATH[spec.scenario]:
+        raise ValueError(f"demo spec {spec.filename!r}: scenario {spec.scenario!r} built as path {path!r}")
+    return {
+        "document_id": doc.document_id,
+        "dataset_id": doc.dataset_id,
+        "dataset": spec.dataset,
+        "filename": spec.filename,
+        "scenario": spec.scenario,
+        "kind": spec.kind,
+        "expected_path": path,
+        "expected_state": state,
+        "expected_final_state": FINAL_STATE.get(path, state),
+        "page_count": doc.corpus.page_count,
+        "source_key": src,
+        "source": {"name": spec.source, "pages": list(spec.pages) if spec.pages else None},
+        "chunk_count": len(doc.rows),
+        "text_chunks": sum(1 for r in doc.rows if r["chunk_type"] == "text"),
+        "images_total": len(placed),
+        "images_in_bucket": sum(1 for p in placed if p.bucket_key is not None),
+        "affected_chunks": chunks,
+    }
+
+
+def ingest_document(corpus: CorpusDoc, dataset_id: str, rng: random.Random) -> IngestedDoc:
+    """One document through the buggy pipeline: rows, uploads and its ground truth."""
+    spec = corpus.spec
+    doc = IngestedDoc(corpus, dataset_id, uuid4(rng), rows=[], uploads=[], truth={})
+    if spec.kind == "native":
+        add_text_chunks(doc)
+    placed = place_images(doc, doc_images(corpus), rng)
+    chunks = []
+    for p in placed:
+        row = _image_row(doc, p, ocr=spec.kind != "native", rng=rng)
+        doc.rows.append(row)
+        chunks.append(_chunk_truth(row, p))
+        if p.bucket_key is not None:
+            doc.uploads.append((p.bucket_key, p.image.png))
+    src = source_key(dataset_id, spec) if has_source(spec) else None
+    if src is not None:
+        doc.uploads.append((src, corpus.data))
+    doc.truth = _doc_truth(doc, placed, chunks, src)
+    doc.images_total, doc.affected = len(placed), len(chunks)
+    return doc
+
+
+def ingest_corpus(corpus: Sequence[CorpusDoc], seed: int = 7) -> list[IngestedDoc]:
+    """Every document, with dataset and document ids drawn from one seeded RNG."""
+    rng = random.Random(seed)
+    datasets = {name: uuid4(rng) for name in DATASETS}
+    return [ingest_document(c, datasets[c.spec.dataset], rng) for c in corpus]

@@ -1,0 +1,47 @@
+from repage.config import Prices
+from repage.estimate import Latencies, PathLoad, estimate, human_seconds, request_dollars
+from repage.states import Path
+
+LAT = Latencies(milvus_query_s=0.5, milvus_write_s=0.5, object_head_s=0.01, object_list_s=0.05,
+                object_copy_s=0.02, get_bytes_per_s=10e6, pdf_seconds_per_mb=0.2, mean_source_bytes=2e6, sample_size=10)
+
+
+def test_r2_prices():
+    assert request_dollars(1_000_000, 0, Prices()) == 4.5
+    assert round(request_dollars(0, 1_000_000, Prices()), 6) == 0.36
+
+
+def test_keys_path_counts_requests_and_scales_with_concurrency():
+    loads = {Path.KEYS: PathLoad(documents=100, chunks=600, images_to_move=600)}
+    one = estimate(loads, LAT, Prices(), concurrency=1, batch_size=50)
+    eight = estimate(loads, LAT, Prices(), concurrency=8, batch_size=50)
+    keys = one.paths[0]
+    assert (keys.class_a, keys.class_b) == (600, 1800)
+    assert eight.seconds < one.seconds
+    assert keys.seed_seconds == (500.0, 3000.0)  # the seed's 5-30 s per document
+
+
+def test_no_moves_no_object_cost():
+    loads = {Path.KEYS: PathLoad(documents=10, chunks=60, images_to_move=0)}
+    assert estimate(loads, LAT, Prices(), concurrency=4, batch_size=50).dollars == 0
+
+
+def test_reprocess_dollars_from_price_table():
+    loads = {Path.REPROCESS: PathLoad(documents=10, chunks=50)}
+    est = estimate(loads, LAT, Prices(), concurrency=1, batch_size=50)
+    assert round(est.dollars, 4) == round(10 * 0.10 + 50 * (0.01 + 0.001), 4)
+
+
+def test_pdf_path_uses_measured_throughput():
+    fast = estimate({Path.PDF: PathLoad(documents=10, chunks=60, source_bytes=20_000_000)}, LAT, Prices(),
+                    concurrency=1, batch_size=50)
+    slow_lat = Latencies(**{**LAT.__dict__, "get_bytes_per_s": 1e6})
+    slow = estimate({Path.PDF: PathLoad(documents=10, chunks=60, source_bytes=20_000_000)}, slow_lat, Prices(),
+                    concurrency=1, batch_size=50)
+    assert slow.seconds > fast.seconds
+
+
+def test_human_seconds():
+    assert human_seconds(5) == "5.0 s"
+    assert human_seconds(90) == "1.5 min"
+    assert human_seconds(7200) == "2.0 h"
