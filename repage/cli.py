@@ -143,6 +143,159 @@ def demo(
     run_command(body)
 
 
+def parse_duration(text: str | None) -> float | None:
+    """'90', '90s', '15m', '2h', '7d' -> seconds."""
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text[-1:] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"duration {text!r}: use a number of seconds or 30s, 15m, 2h, 7d") from None
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    limit: Annotated[int | None, typer.Option(min=1, help="Stop after this many documents.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Documents per batch (one query, one write).")] = None,
+    concurrency: Annotated[int | None, typer.Option(min=1, help="Object operations in flight.")] = None,
+    object_ops_per_second: Annotated[float | None, typer.Option(min=0.01, help="Bucket request rate limit.")] = None,
+    milvus_writes_per_second: Annotated[float | None, typer.Option(min=0.01, help="Milvus write rate limit.")] = None,
+    pause: Annotated[float, typer.Option(min=0, help="Seconds to wait between batches.")] = 0.0,
+    dry_run: Annotated[bool, typer.Option(help="Print the exact changes; write nothing anywhere.")] = False,
+    document_id: Annotated[list[str] | None, typer.Option(help="Only this document (repeatable).")] = None,
+    dataset_id: Annotated[str | None, typer.Option(help="Only this dataset.")] = None,
+    path: Annotated[str, typer.Option(help="auto or keys (pdf and reprocess are not built yet).")] = "auto",
+    order: Annotated[str, typer.Option(help="oldest, random or priority.")] = "oldest",
+    move_images: Annotated[bool, typer.Option(help="Copy images to canonical keys (--no-move-images: pages only).")] = True,
+    max_failures: Annotated[int | None, typer.Option(min=0, help="Stop cleanly after more failures than this.")] = None,
+    max_error_rate: Annotated[float | None, typer.Option(min=0, max=1, help="Stop cleanly above this failure ratio.")] = None,
+    max_duration: Annotated[str | None, typer.Option(help="Stop cleanly after this long (30m, 2h).")] = None,
+    budget: Annotated[float | None, typer.Option(min=0, help="Stop cleanly once this many dollars are spent.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Migrate pending documents in batches (scans first when the ledger is empty).
+
+    Example: repage run --limit 100 --batch-size 50 --object-ops-per-second 200 --no-move-images
+    """
+    from repage.migrate import RunOptions
+    from repage.runner import RunLimits, Selection
+    from repage.states import Path as RepairPath
+
+    def body():
+        if path not in {"auto", "keys"}:
+            raise ConfigError(f"--path {path!r}: use auto or keys (the pdf and reprocess paths are not built yet)")
+        if order not in {"oldest", "random", "priority"}:
+            raise ConfigError(f"--order {order!r}: use oldest, random or priority")
+        settings = settings_from(ctx)
+        limits = RunLimits(limit=limit, batch_size=batch_size or settings.batch_size,
+                           concurrency=concurrency or settings.concurrency,
+                           object_ops_per_second=object_ops_per_second,
+                           milvus_writes_per_second=milvus_writes_per_second, pause_seconds=pause,
+                           max_failures=max_failures, max_error_rate=max_error_rate,
+                           max_duration_seconds=parse_duration(max_duration), budget_dollars=budget)
+        options = RunOptions(move_images=move_images, dry_run=dry_run, failpoint=os.environ.get("REPAGE_FAILPOINT"))
+        selection = Selection(paths=frozenset({RepairPath.KEYS}), document_ids=tuple(document_id) if document_id else None,
+                              dataset_id=dataset_id, order=order)
+        report = operations.run(settings, options, limits, selection, on_batch=_run_progress(as_json))
+        emit(report, as_json, operations.render_run(out))
+        if report["failed"]:
+            raise typer.Exit(Exit.FAILURES)
+    run_command(body)
+
+
+def _run_progress(quiet: bool):
+    if quiet:
+        return None
+
+    def show(summary) -> None:
+        rate = summary.documents / summary.seconds if summary.seconds else 0.0
+        err.print(f"batch {summary.batches}: {summary.migrated} migrated, {summary.failed} failed, "
+                  f"{rate:.1f} docs/s, ${summary.dollars:.4f}", markup=False)
+    return show
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    watch: Annotated[float | None, typer.Option(help="Refresh every N seconds until interrupted.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Totals by state and path, throughput, ETA, dollars, last errors (reads the ledger only).
+
+    Example: repage status --watch 5
+    """
+    import time
+
+    def body():
+        settings = settings_from(ctx)
+        while True:
+            emit(operations.status(settings), as_json, operations.render_status(out))
+            if not watch:
+                return
+            time.sleep(watch)
+    run_command(body)
+
+
+@app.command()
+def verify(
+    ctx: typer.Context,
+    document_id: Annotated[list[str] | None, typer.Option(help="Only this document (repeatable).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Check every migrated document against its journal; passing ones become verified.
+
+    Example: repage verify --json
+    """
+    def body():
+        report = operations.verify(settings_from(ctx), document_id or None)
+        emit(report, as_json, operations.render_check(out, "verify"))
+        if report["failed"]:
+            raise typer.Exit(Exit.FAILURES)
+    run_command(body)
+
+
+@app.command()
+def rollback(
+    ctx: typer.Context,
+    document_id: Annotated[list[str] | None, typer.Option(help="Roll back this document (repeatable).")] = None,
+    all_documents: Annotated[bool, typer.Option("--all", help="Roll back every migrated document.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Restore the journal's old page and image key values exactly, and remove the copies.
+
+    Example: repage rollback --document-id 5b1c...
+    """
+    def body():
+        if bool(document_id) == all_documents:
+            raise ConfigError("rollback needs exactly one of --document-id ID or --all")
+        report = operations.rollback(settings_from(ctx), None if all_documents else document_id)
+        emit(report, as_json, operations.render_check(out, "rollback"))
+        if report["failed"]:
+            raise typer.Exit(Exit.FAILURES)
+    run_command(body)
+
+
+@app.command()
+def gc(
+    ctx: typer.Context,
+    grace: Annotated[str, typer.Option(help="Keep superseded images this long (7d, 12h, 0).")] = "7d",
+    as_json: JsonFlag = False,
+) -> None:
+    """Delete superseded images after the grace period, only when no chunk points at them.
+
+    Example: repage gc --grace 7d
+    """
+    def body():
+        report = operations.gc(settings_from(ctx), parse_duration(grace))
+        emit(report, as_json, lambda r: out.print(f"deleted {r['deleted']} superseded images; kept {len(r['kept'])}",
+                                                    markup=False))
+    run_command(body)
+
+
 def main() -> None:
     app(prog_name="repage")
 

@@ -159,3 +159,84 @@ def render_demo(console: Console) -> Callable[[dict], None]:
         render_scan(console)(report["scan"])
         render_estimate(console)(report["estimate"])
     return render
+
+
+# ---- the migration (issue 4 commands)
+
+def run(settings: Settings, options, limits, selection, *, on_batch=None, stop=None) -> dict:
+    from repage.runner import run_migration
+
+    with open_stores(settings) as stores:
+        return run_migration(stores, options, limits, selection, on_batch=on_batch, stop=stop).as_dict()
+
+
+def status(settings: Settings) -> dict:
+    from repage.status import migration_status
+
+    with open_stores(settings, vectors=False, objects=False) as stores:
+        return migration_status(stores.ledger, settings.prices)
+
+
+def verify(settings: Settings, document_ids=None) -> dict:
+    from repage.verify import verify_documents
+
+    with open_stores(settings) as stores:
+        return verify_documents(stores, document_ids).as_dict()
+
+
+def rollback(settings: Settings, document_ids=None) -> dict:
+    from repage.verify import rollback_documents
+
+    with open_stores(settings) as stores:
+        return rollback_documents(stores, document_ids).as_dict()
+
+
+def gc(settings: Settings, grace_seconds: float) -> dict:
+    from repage.verify import gc_objects
+
+    with open_stores(settings) as stores:
+        return gc_objects(stores, grace_seconds)
+
+
+def render_status(console: Console) -> Callable[[dict], None]:
+    def render(report: dict) -> None:
+        table = Table("state", "path", "documents", title="migration status")
+        for row in report["by_state_and_path"]:
+            table.add_row(row["state"], row["path"], str(row["documents"]))
+        console.print(table)
+        rates = report["throughput"]
+        eta = report["eta_seconds"]
+        console.print(f"done {report['done']} / {report['documents']}; "
+                      f"{rates['recent_documents_per_s']:.2f} docs/s recent, "
+                      f"{rates['overall_documents_per_s']:.2f} overall; "
+                      f"ETA {human_seconds(eta) if eta is not None else 'unknown'}; "
+                      f"${report['dollars_spent']:.4f} spent, ${report['dollars_projected']:.4f} projected",
+                      markup=False)
+        for err in report["last_errors"]:
+            console.print(f"  {err['document_id']} ({err['state']}): {err['error']}", markup=False)
+    return render
+
+
+def render_check(console: Console, what: str) -> Callable[[dict], None]:
+    def render(report: dict) -> None:
+        console.print(f"{what}: {report['passed']} of {report['checked']} documents ok", markup=False)
+        for doc, problem in report["failed"].items():
+            console.print(f"  {doc}: {problem}", markup=False)
+    return render
+
+
+def render_run(console: Console) -> Callable[[dict], None]:
+    def render(report: dict) -> None:
+        console.print(
+            f"{report['migrated']} migrated, {report['failed']} failed, {report['chunks_written']} chunks, "
+            f"{report['objects_copied']} images moved, ${report['dollars']:.4f}, {report['seconds']:.1f} s "
+            f"({report['stopped_because']})", markup=False)
+        for change in report.get("dry_run_changes", []):
+            console.print(f"  {change['document_id']}: {len(change['chunks'])} chunks, "
+                          f"{len(change['copies'])} copies", markup=False)
+            for chunk in change["chunks"]:
+                console.print(f"    {chunk['chunk']} page {chunk['page'][0]} -> {chunk['page'][1]}, "
+                              f"key {chunk['image_r2_key'][0]} -> {chunk['image_r2_key'][1]}", markup=False)
+        for doc, error in report["errors"].items():
+            console.print(f"  failed {doc}: {error}", markup=False)
+    return render

@@ -56,10 +56,14 @@ SOURCES: dict[str, tuple[str, str]] = {
     "freefem": ("freefem-doc", "usr/share/doc/freefem-doc/freefem.pdf"),
 }
 
-# Scan look: a fax/copier at ~80 DPI, grayscale, some sensor noise, JPEG q60.
+# Scan look: a copier at ~80 DPI, grayscale, paper tone, a slight skew, sensor noise,
+# JPEG q60. Noise is kept slight: it survives into the PNGs the pipeline stored and
+# makes them big (sigma 9 tripled the bucket).
 SCAN_DPI = 80
 SCAN_QUALITY = 60
-SCAN_NOISE_SIGMA = 9.0
+SCAN_NOISE_SIGMA = 3.0
+SCAN_MAX_SKEW_DEG = 0.4
+SCAN_TONE = (0.94, 8.0)  # pixel * a + b: white paper reads light grey, black ink dark grey
 
 
 @dataclass(frozen=True)
@@ -218,9 +222,11 @@ def _save(pdf: pdfium.PdfDocument) -> bytes:
 
 
 def scan_page(page: pdfium.PdfPage, rng: np.random.Generator) -> Image.Image:
-    """A page as a cheap scanner sees it: 80 DPI grayscale with Gaussian sensor noise."""
+    """A page as a cheap scanner sees it: 80 DPI grayscale, skewed, toned, noisy."""
     gray = page.render(scale=SCAN_DPI / 72, grayscale=True).to_pil().convert("L")
-    pixels = np.asarray(gray, dtype=np.float32)
+    skew = float(rng.uniform(-SCAN_MAX_SKEW_DEG, SCAN_MAX_SKEW_DEG))
+    gray = gray.rotate(skew, resample=Image.Resampling.BILINEAR, fillcolor=255)
+    pixels = np.asarray(gray, dtype=np.float32) * SCAN_TONE[0] + SCAN_TONE[1]
     noisy = pixels + rng.normal(0.0, SCAN_NOISE_SIGMA, pixels.shape)
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), mode="L")
 

@@ -21,12 +21,13 @@ import random
 import string
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import quote
 
 import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_raw
+from PIL import Image
 
 from repage.demo.corpus import CorpusDoc
 from repage.keys import (
@@ -42,7 +43,6 @@ MIN_IMAGE_SIDE = 32  # px: smaller is an icon or a bullet, not a figure
 MAX_ASPECT = 20.0  # a 600x8 strip is a rule or a border
 CHUNK_CHARS = 1000  # text chunk target length
 SNIPPET_CHARS = 240  # nearby page text quoted in an image chunk's description
-IMAGE_SCENARIOS_WITH_SOURCE = {"legacy", "legacy-unlinked", "canonical", "docling", "missing-images"}
 DATASETS = ("manuals", "engineering", "scans", "archive")
 
 Sub = int | Literal["full"]
@@ -85,7 +85,6 @@ class IngestedDoc:
     truth: dict
     images_total: int = 0
     affected: int = 0
-    notes: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- extraction
@@ -101,7 +100,7 @@ def is_junk(width: int, height: int) -> bool:
 def _png(obj: pdfium.PdfImage) -> tuple[bytes, int, int] | None:
     try:
         pil = obj.get_bitmap(render=False).to_pil()
-    except Exception:  # pdfium cannot decode some colour spaces; the pipeline skipped those too
+    except (pdfium.PdfiumError, ValueError, OSError):  # undecodable colour space: skipped, as the pipeline did
         return None
     if pil.mode not in ("L", "RGB", "RGBA"):
         pil = pil.convert("RGB")
@@ -293,8 +292,7 @@ def doc_images(corpus: CorpusDoc) -> list[PageImage]:
         return []
     if spec.kind in ("native", "scan"):
         return extract_images(corpus.data, full_pages=spec.kind == "scan")
-    from PIL import Image  # png/jpg source: the file is the one page image
-
+    # png/jpg source: the file itself is the one page image
     with Image.open(io.BytesIO(corpus.data)) as im:
         return [PageImage(0, "full", corpus.data, im.width, im.height)]
 

@@ -40,6 +40,7 @@ _RESCANNABLE = (State.PENDING, State.FAILED, State.DEFERRED, State.REVIEW)
 _ADDITIVE = ("dollars", "object_requests_a", "object_requests_b", "bytes_read")
 _SETTABLE = ("total_chunks", "affected_chunks", "path", "priority")
 ORDERS = ("oldest", "random", "priority")
+_STAMPED = ("id", "document_id", "fencing_token", "created_at")  # journal columns the ledger fills
 
 
 class ObjectState(StrEnum):
@@ -55,8 +56,8 @@ _md = sa.MetaData()
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements INTEGER only
 
 
-def _zero() -> Any:
-    return sa.text("0")
+def _counter(name: str, type_: Any = sa.BigInteger) -> sa.Column[Any]:
+    return sa.Column(name, type_, nullable=False, server_default=sa.text("0"))
 
 
 meta_t = sa.Table(
@@ -73,22 +74,14 @@ docs_t = sa.Table(
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("path", sa.String(16), nullable=False),
     sa.Column("reason", sa.Text, nullable=False, server_default=""),
-    sa.Column("priority", sa.Double, nullable=False, server_default=_zero()),
-    sa.Column("attempts", sa.Integer, nullable=False, server_default=_zero()),
-    sa.Column("affected_chunks", sa.Integer, nullable=False, server_default=_zero()),
-    sa.Column("total_chunks", sa.Integer),
-    sa.Column("lease_owner", sa.String),
-    sa.Column("fencing_token", sa.BigInteger, nullable=False, server_default=_zero()),
-    sa.Column("lease_expires", sa.Double),
-    sa.Column("created_at", sa.Double, nullable=False),
-    sa.Column("updated_at", sa.Double, nullable=False),
-    sa.Column("started_at", sa.Double),
-    sa.Column("finished_at", sa.Double),
-    sa.Column("dollars", sa.Double, nullable=False, server_default=_zero()),
-    sa.Column("object_requests_a", sa.BigInteger, nullable=False, server_default=_zero()),
-    sa.Column("object_requests_b", sa.BigInteger, nullable=False, server_default=_zero()),
-    sa.Column("bytes_read", sa.BigInteger, nullable=False, server_default=_zero()),
-    sa.Column("last_error", sa.Text),
+    _counter("priority", sa.Double), _counter("attempts", sa.Integer),
+    _counter("affected_chunks", sa.Integer), sa.Column("total_chunks", sa.Integer),
+    # lease: owner, token (monotonic per document) and expiry, all from the DB clock
+    sa.Column("lease_owner", sa.String), _counter("fencing_token"), sa.Column("lease_expires", sa.Double),
+    sa.Column("created_at", sa.Double, nullable=False), sa.Column("updated_at", sa.Double, nullable=False),
+    sa.Column("started_at", sa.Double), sa.Column("finished_at", sa.Double),
+    _counter("dollars", sa.Double), _counter("object_requests_a"), _counter("object_requests_b"),
+    _counter("bytes_read"), sa.Column("last_error", sa.Text),
     sa.Index("ix_documents_state_path", "state", "path"),
     sa.Index("ix_documents_state_priority", "state", "priority"),
     sa.Index("ix_documents_state_created", "state", "created_at", "document_id"),
@@ -120,10 +113,8 @@ objects_t = sa.Table(
     sa.Column("id", _ID, primary_key=True, autoincrement=True),
     sa.Column("document_id", sa.String, _doc_fk(), nullable=False),
     sa.Column("fencing_token", sa.BigInteger, nullable=False),
-    sa.Column("old_key", sa.Text, nullable=False),
-    sa.Column("new_key", sa.Text, nullable=False),
-    sa.Column("size", sa.BigInteger),
-    sa.Column("content_hash", sa.Text),
+    sa.Column("old_key", sa.Text, nullable=False), sa.Column("new_key", sa.Text, nullable=False),
+    sa.Column("size", sa.BigInteger), sa.Column("content_hash", sa.Text),
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("created_at", sa.Double, nullable=False),
     sa.Index("ix_object_journal_doc_keys", "document_id", "old_key", "new_key"),
@@ -286,17 +277,18 @@ class Ledger:
         try:
             url = sa.make_url(raw)
         except (sa_exc.ArgumentError, ValueError) as exc:
-            raise ConfigError(f"ledger URL {_redact(raw)!r} is malformed: use sqlite:///PATH or postgresql://USER@HOST/DB") from exc
+            raise ConfigError(f"ledger URL {_redact(raw)!r} is malformed: "
+                              "use sqlite:///PATH or postgresql://USER@HOST/DB") from exc
         backend = url.get_backend_name()
-        if backend == "postgres" or (backend == "postgresql" and url.get_driver_name() != "psycopg"):
+        if backend in ("postgres", "postgresql"):
             return url.set(drivername="postgresql+psycopg")  # psycopg 3 is the driver we ship
-        if backend == "postgresql":
-            return url
-        if backend == "sqlite":
-            if url.database in (None, "", ":memory:"):
-                raise ConfigError("ledger URL must name a SQLite file (sqlite:///PATH); an in-memory ledger is lost and not shared")
-            return url
-        raise ConfigError(f"ledger URL {_redact(raw)!r}: unsupported scheme {url.drivername!r} (use sqlite:/// or postgresql://)")
+        if backend != "sqlite":
+            raise ConfigError(f"ledger URL {_redact(raw)!r}: unsupported scheme {url.drivername!r} "
+                              "(use sqlite:/// or postgresql://)")
+        if url.database in (None, "", ":memory:"):
+            raise ConfigError("ledger URL must name a SQLite file (sqlite:///PATH): "
+                              "an in-memory ledger is neither kept nor shared")
+        return url
 
     def _make_engine(self) -> sa.Engine:
         if not self._sqlite:
@@ -403,7 +395,10 @@ class Ledger:
         for rows, src, extra in ((refresh, _RESCANNABLE, {}),
                                  (reopen, (State.ROLLED_BACK,), {"state": State.PENDING.value})):
             if rows:
-                conn.execute(self._rescan_update(src, extra), [self._rescan_params(r) for r in rows])
+                conn.execute(self._rescan_update(src, extra), [
+                    {"b_id": r.document_id, "b_dataset": r.dataset_id, "b_filename": r.filename,
+                     "b_path": Path(r.path).value, "b_reason": r.reason,
+                     "b_affected": r.affected_chunks, "b_total": r.total_chunks} for r in rows])
 
     def _insert_ignore(self) -> Any:
         # Another scanner may insert the same document between our SELECT and INSERT.
@@ -421,12 +416,6 @@ class Ledger:
                         affected_chunks=sa.bindparam("b_affected"),
                         total_chunks=sa.func.coalesce(total, c.total_chunks),
                         updated_at=self._now(), **extra))
-
-    @staticmethod
-    def _rescan_params(r: ScanRecord) -> dict[str, Any]:
-        return {"b_id": r.document_id, "b_dataset": r.dataset_id, "b_filename": r.filename,
-                "b_path": Path(r.path).value, "b_reason": r.reason,
-                "b_affected": r.affected_chunks, "b_total": r.total_chunks}
 
     def set_priority(self, priorities: Mapping[str, float]) -> None:
         """Set the claim priority of documents (order="priority" claims highest first)."""
@@ -474,8 +463,9 @@ class Ledger:
         q = q.order_by(*{"oldest": (c.created_at, c.document_id), "random": (sa.func.random(),),
                          "priority": (c.priority.desc(), c.created_at, c.document_id)}[order])
         if not self._sqlite:
-            # PostgreSQL: rows another claimer holds are skipped, not waited for. SQLite would
-            # drop this clause silently; there BEGIN IMMEDIATE already serializes claimers.
+            # PostgreSQL: rows another claimer holds are skipped, not waited for (throughput;
+            # the UPDATE's `state = pending` is what makes a double claim impossible). SQLite
+            # would drop this clause silently; there BEGIN IMMEDIATE serializes claimers.
             q = q.with_for_update(skip_locked=True)
         if document_ids is None:
             return list(conn.scalars(q.limit(limit)))
@@ -593,53 +583,46 @@ class Ledger:
             raise StaleLease(f"document {document_id}: token {token} is stale or its lease expired")
         return row.fencing_token
 
+    def _append(self, table: sa.Table, document_id: str, token: int | None, entries: Sequence[Any]) -> None:
+        """Insert journal entries under the lease, stamped with the writer's fencing token."""
+        for batch in _batches(entries):
+            with self._tx() as conn:
+                current = self._require_lease(conn, document_id, token)
+                conn.execute(sa.insert(table).values(created_at=self._now()), [
+                    {**{f.name: getattr(e, f.name) for f in dc_fields(e) if f.name not in _STAMPED},
+                     "document_id": document_id, "fencing_token": current} for e in batch])
+
+    def _latest(self, table: sa.Table, document_id: str, *group: sa.Column[Any]) -> list[Any]:
+        """The newest journal row per `group` (a retried step journals the same change again)."""
+        t = table
+        newest = (sa.select(sa.func.max(t.c.id)).where(t.c.document_id == document_id)
+                  .group_by(*group).scalar_subquery())
+        with self._tx(write=False) as conn:
+            return conn.execute(sa.select(t).where(t.c.id.in_(newest)).order_by(*group, t.c.id)).all()
+
     def add_chunk_journal(self, document_id: str, token: int | None,
                           entries: Sequence[ChunkJournalEntry]) -> None:
         """Record intended chunk changes (DESIGN §5 step 1); later entries supersede earlier ones."""
-        for batch in _batches(entries):
-            with self._tx() as conn:
-                current = self._require_lease(conn, document_id, token)
-                conn.execute(sa.insert(chunks_t).values(created_at=self._now()), [
-                    {"document_id": document_id, "fencing_token": current, "identity": e.identity,
-                     "old_pk": e.old_pk, "new_pk": e.new_pk, "old_page": e.old_page,
-                     "new_page": e.new_page, "old_key": e.old_key, "new_key": e.new_key,
-                     "row_checksum": e.row_checksum, "applied": e.applied} for e in batch])
-
-    def mark_chunks_applied(self, document_id: str, token: int | None, identities: Iterable[str],
-                            *, new_pks: Mapping[str, str] | None = None) -> None:
-        """Mark the latest journal entry of each identity applied; record server-assigned keys."""
-        for batch in _batches(dict.fromkeys(identities)):
-            with self._tx() as conn:
-                self._require_lease(conn, document_id, token)
-                latest = dict(conn.execute(
-                    sa.select(chunks_t.c.identity, sa.func.max(chunks_t.c.id))
-                    .where(chunks_t.c.document_id == document_id, chunks_t.c.identity.in_(batch))
-                    .group_by(chunks_t.c.identity)).all())
-                if not latest:
-                    continue
-                stmt = sa.update(chunks_t).where(chunks_t.c.id == sa.bindparam("b_id")).values(
-                    applied=True, new_pk=sa.func.coalesce(sa.bindparam("b_pk", type_=sa.Text), chunks_t.c.new_pk))
-                conn.execute(stmt, [{"b_id": i, "b_pk": (new_pks or {}).get(ident)}
-                                    for ident, i in latest.items()])
-
-    def chunk_journal(self, document_id: str) -> list[ChunkJournalEntry]:
-        """The latest entry per chunk identity, in identity order."""
-        t = chunks_t
-        latest = (sa.select(sa.func.max(t.c.id)).where(t.c.document_id == document_id)
-                  .group_by(t.c.identity).scalar_subquery())
-        with self._tx(write=False) as conn:
-            rows = conn.execute(sa.select(t).where(t.c.id.in_(latest)).order_by(t.c.identity)).all()
-        return [_from_row(ChunkJournalEntry, r) for r in rows]
+        self._append(chunks_t, document_id, token, entries)
 
     def add_object_journal(self, document_id: str, token: int | None,
                            entries: Sequence[ObjectJournalEntry]) -> None:
-        for batch in _batches(entries):
+        """Record intended object moves (DESIGN §5 step 1), normally in state `intended`."""
+        self._append(objects_t, document_id, token, entries)
+
+    def mark_chunks_applied(self, document_id: str, token: int | None, identities: Iterable[str],
+                            *, new_pks: Mapping[str, str] | None = None) -> None:
+        """Mark the latest entry of each identity applied; record keys a server assigned (§5.4)."""
+        t, new_pks = chunks_t, new_pks or {}
+        stmt = sa.update(t).where(t.c.id == sa.bindparam("b_id")).values(
+            applied=True, new_pk=sa.func.coalesce(sa.bindparam("b_pk", type_=sa.Text), t.c.new_pk))
+        for batch in _batches(dict.fromkeys(identities)):
             with self._tx() as conn:
-                current = self._require_lease(conn, document_id, token)
-                conn.execute(sa.insert(objects_t).values(created_at=self._now()), [
-                    {"document_id": document_id, "fencing_token": current, "old_key": e.old_key,
-                     "new_key": e.new_key, "size": e.size, "content_hash": e.content_hash,
-                     "state": ObjectState(e.state).value} for e in batch])
+                self._require_lease(conn, document_id, token)
+                newest = conn.execute(sa.select(t.c.identity, sa.func.max(t.c.id)).where(
+                    t.c.document_id == document_id, t.c.identity.in_(batch)).group_by(t.c.identity)).all()
+                if newest:
+                    conn.execute(stmt, [{"b_id": i, "b_pk": new_pks.get(ident)} for ident, i in newest])
 
     def set_object_state(self, document_id: str, token: int | None, old_key: str, new_key: str,
                          state: ObjectState | str, *, size: int | None = None,
@@ -648,20 +631,20 @@ class Ledger:
         t = objects_t
         values: dict[str, Any] = {"state": ObjectState(state).value}
         values.update({k: v for k, v in (("size", size), ("content_hash", content_hash)) if v is not None})
-        latest = (sa.select(sa.func.max(t.c.id)).where(
+        newest = (sa.select(sa.func.max(t.c.id)).where(
             t.c.document_id == document_id, t.c.old_key == old_key, t.c.new_key == new_key).scalar_subquery())
         with self._tx() as conn:
             self._require_lease(conn, document_id, token)
-            if conn.execute(sa.update(t).where(t.c.id == latest).values(**values)).rowcount != 1:
+            if conn.execute(sa.update(t).where(t.c.id == newest).values(**values)).rowcount != 1:
                 raise StoreError(f"document {document_id}: no object journal entry {old_key} -> {new_key}")
 
+    def chunk_journal(self, document_id: str) -> list[ChunkJournalEntry]:
+        """The latest entry per chunk identity, in identity order."""
+        return [_from_row(ChunkJournalEntry, r) for r in self._latest(chunks_t, document_id, chunks_t.c.identity)]
+
     def object_journal(self, document_id: str) -> list[ObjectJournalEntry]:
-        """The latest entry per (old_key, new_key), in journal order."""
-        t = objects_t
-        latest = (sa.select(sa.func.max(t.c.id)).where(t.c.document_id == document_id)
-                  .group_by(t.c.old_key, t.c.new_key).scalar_subquery())
-        with self._tx(write=False) as conn:
-            rows = conn.execute(sa.select(t).where(t.c.id.in_(latest)).order_by(t.c.id)).all()
+        """The latest entry per (old_key, new_key), in key order."""
+        rows = self._latest(objects_t, document_id, objects_t.c.old_key, objects_t.c.new_key)
         return [replace(_from_row(ObjectJournalEntry, r), state=ObjectState(r.state)) for r in rows]
 
     # ----------------------------------------------------------------- reports

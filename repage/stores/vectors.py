@@ -413,10 +413,12 @@ class MilvusVectors:
         return row_checksum(row, exclude, vector_fields=(info.vector_field,))
 
     # -- reads
-    def _query(self, expr: str, output_fields: Sequence[str], limit: int | None = None) -> list[dict]:
-        extra = {"limit": limit} if limit else {}
+    def _query(self, expr: str, output_fields: Sequence[str], limit: int | None = None,
+               **params: Any) -> list[dict]:
+        if limit:
+            params["limit"] = limit
         rows = self._rpc("query", self.collection, filter=expr, output_fields=list(output_fields),
-                         consistency_level="Strong", **extra)
+                         consistency_level="Strong", **params)
         return [dict(r) for r in rows]
 
     def count(self, filter: str = "") -> int:
@@ -425,18 +427,22 @@ class MilvusVectors:
         return int(rows[0]["count(*)"])
 
     def _iterate(self, expr: str, output_fields: Sequence[str], batch_rows: int) -> Iterator[list[dict]]:
-        it = self._rpc("query_iterator", self.collection, batch_size=min(batch_rows, MAX_QUERY_ROWS),
-                       filter=expr, output_fields=list(output_fields), consistency_level="Strong")
-        try:
-            while True:
-                self.ops["query_iterator.next"] += 1
-                with vendor_errors("query_iterator", self._token):
-                    batch = it.next()
-                if not batch:
-                    return
-                yield [dict(r) for r in batch]
-        finally:
-            it.close()
+        """Pages in primary-key order, by a cursor on the pk. Not pymilvus' query_iterator:
+        3.0.2 inlines the last VARCHAR pk unescaped (`pk > "<raw>" and (...)`), so a
+        chunk_id containing `"` breaks the scan or, worse, widens its filter."""
+        pk, cursor = self.info().pk_field, None
+        batch = min(batch_rows, MAX_QUERY_ROWS)
+        while True:
+            bound = None if cursor is None else f"{pk} > {literal(pk, cursor)}"
+            page_expr = " && ".join(f"({e})" for e in (bound, expr) if e)
+            # iterator=True asks the server for the lowest pks in pk order, as its own iterator does
+            rows = self._query(page_expr, output_fields, limit=batch, iterator="True",
+                               reduce_stop_for_best="True")
+            if rows:
+                yield rows
+            if len(rows) < batch:
+                return
+            cursor = max(r[pk] for r in rows)
 
     def iter_affected(self, dataset_id: str | None = None, *, page_rows: int = 10_000,
                       fields: Sequence[str] | None = None) -> Iterator[list[dict]]:
@@ -616,9 +622,13 @@ class MilvusVectors:
         try:
             with vendor_errors("create_collection", token or ""):
                 schema = fltr_schema(client, pk=pk, dim=dim, dynamic=dynamic, chunk_id_field=chunk_id_field)
+                client.create_collection(collection, schema=schema, timeout=timeout)
                 index = client.prepare_index_params()
                 index.add_index("vector", index_type=index_type, metric_type="COSINE")
-                client.create_collection(collection, schema=schema, index_params=index, timeout=timeout)
+                # sync=False: pymilvus' index wait sleeps 0.5 s first and calls AllocTimestamp,
+                # which Lite lacks; load_collection below waits for readiness anyway.
+                client.create_index(collection, index, timeout=timeout, sync=False)
+                client.load_collection(collection, timeout=timeout)
         finally:
             client.close()
         return cls(uri, collection, token, timeout=timeout, **kwargs)

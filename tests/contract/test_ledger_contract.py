@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing
+import queue
 import sqlite3
 import threading
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -100,6 +102,11 @@ def test_bad_urls_give_one_redacted_line(url, error):
     assert "s3cret" not in message and "\n" not in message
 
 
+def test_postgres_urls_use_psycopg3():
+    for raw in ("postgres://u@h/db", "postgresql://u@h/db", "postgresql+psycopg2://u@h/db"):
+        assert Ledger._parse_url(raw).drivername == "postgresql+psycopg"
+
+
 def test_describe_redacts_password(ledger_url):
     url = ledger_url.replace("postgresql://postgres@", "postgresql://postgres:pw@")
     with Ledger(url) as led:  # trust auth: the password is ignored by the server
@@ -107,8 +114,6 @@ def test_describe_redacts_password(ledger_url):
 
 
 def test_db_now_is_epoch_seconds_from_the_database(ledger):
-    import time
-
     first, second = ledger.db_now(), ledger.db_now()
     assert first <= second
     assert abs(first - time.time()) < 300  # same host here; epoch seconds, not days
@@ -140,10 +145,10 @@ def test_rescan_updates_open_documents_and_leaves_done_and_running_alone(ledger)
         got = ledger.get(doc)
         assert (got.state, got.path, got.reason, got.affected_chunks, got.total_chunks) == (
             state, Path.PDF, "rescan", 7, 10)  # total_chunks None keeps the known count
-    for doc, state in (("done", State.MIGRATED), ("running", State.RUNNING), ("skip", State.SKIPPED)):
+    for doc, state, affected in (("done", State.MIGRATED, 3), ("running", State.RUNNING, 3),
+                                 ("skip", State.SKIPPED, 0)):
         got = ledger.get(doc)
-        assert (got.state, got.path, got.reason) == (state, Path.KEYS if doc != "skip" else Path.KEYS,
-                                                    "page 0"), doc
+        assert (got.state, got.path, got.reason, got.affected_chunks) == (state, Path.KEYS, "page 0", affected), doc
     assert ledger.get("running").fencing_token == token
     assert ledger.get("rolled").state == State.PENDING  # rolled_back -> pending: scanned again
 
@@ -281,8 +286,14 @@ def test_concurrent_processes_never_claim_the_same_document(ledger_url):
              for i in range(n)]
     for p in procs:
         p.start()
+    results, deadline = [], time.monotonic() + 90
     try:
-        results = [out.get(timeout=90) for _ in procs]
+        while len(results) < n:
+            try:
+                results.append(out.get(timeout=1))
+            except queue.Empty:  # fail fast if a claimer died instead of reporting
+                assert all(p.exitcode in (None, 0) for p in procs), [p.exitcode for p in procs]
+                assert time.monotonic() < deadline, "claimer processes did not finish"
     finally:
         for p in procs:
             p.join(timeout=30)
@@ -396,9 +407,10 @@ def test_reports(ledger):
     assert ledger.totals()["documents"] == 1203
 
 
-def test_no_transaction_stays_open_between_calls(ledger, ledger_url):
-    if not ledger_url.startswith("sqlite"):
-        pytest.skip("checked with a second SQLite writer; PostgreSQL uses row locks")
+def test_no_transaction_stays_open_between_calls(tmp_path):
+    """Checked with a second SQLite writer that refuses to wait (PostgreSQL locks rows only)."""
+    ledger_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    ledger = Ledger(ledger_url)
     ledger.upsert_scan([rec(f"d{i:04d}") for i in range(1500)])
     pages = ledger.documents()
     next(pages)  # a paged iterator suspended mid-way holds no transaction
@@ -408,3 +420,4 @@ def test_no_transaction_stays_open_between_calls(ledger, ledger_url):
     other.execute("ROLLBACK")
     other.close()
     assert sum(1 for _ in pages) == 1499
+    ledger.close()

@@ -3,8 +3,11 @@ gRPC server, auto_id and chunk_id primary keys, and a server-like renumbering do
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,7 +177,7 @@ def test_write_changes_full_row_path(vectors, monkeypatch, with_rows_before):
     rows_before = _by_identity(vectors, rows) if with_rows_before else None
     vectors.ops.clear()
     _write_and_check(vectors, rows, rows_before=rows_before)
-    assert vectors.ops["upsert"] >= 1
+    assert vectors.ops["upsert"] + vectors.ops["insert"] >= 1  # the double upserts by insert
 
 
 def test_write_changes_is_idempotent(vectors):
@@ -255,8 +258,11 @@ def test_injection_values_match_literally(vectors):
         got = vectors.fetch_documents([evil], with_vectors=False)
         assert {r["document_id"] for r in got} == {evil} and len(got) == 2
         assert vectors.count(eq_filter("document_id", evil)) == 2
-    pages = list(vectors.iter_affected('ds" || page >= 0 || "x'))
+    # page_rows=1 moves the pk cursor past every row: on chunk_id backends the cursor is an evil id
+    pages = list(vectors.iter_affected('ds" || page >= 0 || "x', page_rows=1))
+    assert [len(p) for p in pages] == [1] * len(EVIL_IDS)
     assert {r["document_id"] for p in pages for r in p} == set(EVIL_IDS)
+    assert all(is_affected(r) for p in pages for r in p)
     assert list(vectors.iter_affected('nothing" || page == 0 || dataset_id == "')) == []
     info = vectors.info()
     found = vectors.find_by_identity([identity_of(info, {"chunk_id": f"{EVIL_IDS[0]}_1",
@@ -301,6 +307,25 @@ def test_bad_ids_fail_before_any_io(vectors):
 def test_unknown_collection_is_a_config_error(request, backend):
     with pytest.raises(ConfigError, match="no_such_collection"):
         MilvusVectors(backend_uri(request, backend), "no_such_collection")
+
+
+def test_released_collection_is_loaded_on_open(vectors):
+    insert_sample(vectors, ["d1"], chunks=2)
+    vectors._client.release_collection(vectors.collection)  # as a reopened Lite DB comes back
+    with MilvusVectors(vectors.uri, vectors.collection) as reopened:
+        assert reopened.count() == 2
+
+
+def test_locked_lite_folder_is_unavailable(milvus_lite_uri):
+    """Lite locks its folder per process: a second process gets a one-line StoreUnavailable."""
+    code = ("import sys; from repage.stores.vectors import MilvusVectors; from repage.errors import StoreUnavailable\n"
+            "try: MilvusVectors(sys.argv[1], 'x', timeout=5)\n"
+            "except StoreUnavailable as e: print(e); sys.exit(3)")
+    MilvusVectors.create_collection(milvus_lite_uri, unique_name("lock"), dim=8).close()  # folder in use here
+    done = subprocess.run([sys.executable, "-c", code, milvus_lite_uri], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).parents[2])
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "milvus-lite server" in done.stdout and done.stdout.count("\n") == 1
 
 
 def test_unreachable_server_is_unavailable_fast():

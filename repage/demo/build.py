@@ -1,0 +1,287 @@
+"""`build_demo`: a realistic broken store (Milvus + bucket) and its ground truth.
+
+Order matters for a safe rebuild: wipe what the previous demo left (its collection,
+its objects, the ledger file inside data_dir), build everything in memory, then write
+Milvus, the bucket, and the ground truth last, so a ground-truth file on disk always
+describes a store that was fully written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from repage.config import demo_settings
+from repage.demo import corpus as corpus_mod
+from repage.demo.embed import MODEL_NAME, embed_all
+from repage.demo.ingest import IngestedDoc, ingest_corpus
+from repage.errors import ConfigError, StoreError
+from repage.stores.objects import ObjectStore
+from repage.stores.vectors import AFFECTED_FILTER, MilvusVectors
+
+GROUND_TRUTH = "ground-truth.json"
+COLLECTION = "fltr_documents"
+LEDGER_SIDECARS = ("", "-wal", "-shm", "-journal")
+
+VectorsFactory = Callable[..., MilvusVectors]  # called as factory(pk=..., dim=...)
+
+
+@dataclass
+class DemoSummary:
+    """What was built, where, and how long it took (seconds)."""
+
+    data_dir: str
+    milvus: str
+    collection: str
+    pk: str
+    store: str
+    ground_truth: str
+    ledger: str
+    embedding_model: str
+    seed: int
+    packages: list[str]
+    documents: int = 0
+    pages: int = 0
+    chunks: int = 0
+    images: int = 0
+    images_in_bucket: int = 0
+    affected_chunks: int = 0
+    objects: int = 0
+    bytes_uploaded: int = 0
+    scenarios: dict[str, dict[str, int]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(time.perf_counter() - start, 3)
+
+
+# ---------------------------------------------------------------- stores
+
+
+def fresh_collection(uri: str, collection: str = COLLECTION, token: str | None = None) -> VectorsFactory:
+    """A factory that drops `collection` if it exists and creates it anew (pk variant, dim)."""
+
+    def factory(*, pk: str, dim: int) -> MilvusVectors:
+        try:
+            old = MilvusVectors(uri, collection, token)
+        except ConfigError:  # the collection does not exist yet: nothing to wipe
+            pass
+        else:
+            with old:
+                old.drop_collection()
+        return MilvusVectors.create_collection(uri, collection, token, pk=pk, dim=dim)
+
+    return factory
+
+
+def _open_vectors(vectors: VectorsFactory | MilvusVectors | None, data_dir: Path,
+                  pk: str, dim: int) -> MilvusVectors:
+    if vectors is None:
+        vectors = fresh_collection(demo_settings(data_dir).milvus_uri)
+    if not isinstance(vectors, MilvusVectors):
+        return vectors(pk=pk, dim=dim)
+    # An instance cannot be recreated with another pk variant: accept it only empty and matching.
+    info = vectors.info()
+    variant = "auto" if info.auto_id else "chunk_id"
+    if variant != pk or info.dim != dim or vectors.count("") != 0:
+        raise ConfigError(
+            f"collection {info.name!r} is not an empty pk={pk} dim={dim} collection: pass "
+            "repage.demo.fresh_collection(uri) so the demo can recreate it"
+        )
+    return vectors
+
+
+def _inside(path: Path, data_dir: Path) -> bool:
+    return path.resolve().is_relative_to(data_dir)
+
+
+def _wipe_ledger(ledger: Path, data_dir: Path) -> None:
+    if not _inside(ledger, data_dir):
+        raise ConfigError(f"ledger {ledger} is outside {data_dir}: the demo only deletes files inside its data dir")
+    for suffix in LEDGER_SIDECARS:
+        Path(f"{ledger}{suffix}").unlink(missing_ok=True)
+
+
+def _previous_datasets(data_dir: Path) -> set[str]:
+    try:
+        truth = json.loads((data_dir / GROUND_TRUTH).read_text(encoding="utf-8"))
+        return {d["dataset_id"] for d in truth.get("documents", [])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def _wipe_objects(objects: ObjectStore, datasets: set[str]) -> int:
+    """Delete every object under the demo's dataset prefixes (and nothing else)."""
+    # Keys first, deletes after: never delete under a listing that is still paging.
+    keys = [info.key for ds in sorted(datasets) for page in objects.list(f"{ds}/") for info in page]
+    for key in keys:
+        objects.delete(key)
+    return len(keys)
+
+
+def _default_objects(data_dir: Path) -> ObjectStore:
+    bucket = data_dir / "bucket"
+    shutil.rmtree(bucket, ignore_errors=True)  # inside data_dir by construction
+    bucket.mkdir(parents=True)
+    return ObjectStore.from_url(demo_settings(data_dir).store_url)
+
+
+# ---------------------------------------------------------------- rows and truth
+
+
+def milvus_rows(docs: Sequence[IngestedDoc], dim: int) -> list[dict]:
+    """Every chunk row with its vector; both pk variants take the same rows (chunk_id field)."""
+    rows = [row for doc in docs for row in doc.rows]
+    for row, vector in zip(rows, embed_all((r["text"] for r in rows), dim), strict=True):
+        row["vector"] = vector
+    return rows
+
+
+def _scenario_counts(docs: Sequence[IngestedDoc]) -> dict[str, dict[str, int]]:
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for doc in docs:
+        t = doc.truth
+        counts[t["scenario"]].update(
+            documents=1, pages=t["page_count"], chunks=t["chunk_count"], images=t["images_total"],
+            images_in_bucket=t["images_in_bucket"], affected_chunks=len(t["affected_chunks"]),
+        )
+    return {name: dict(c) for name, c in sorted(counts.items())}
+
+
+def ground_truth(docs: Sequence[IngestedDoc], summary: DemoSummary) -> dict:
+    return {
+        "about": "Written by `repage demo` from construction knowledge; never read by the migration.",
+        "seed": summary.seed,
+        "collection": summary.collection,
+        "pk": summary.pk,
+        "embedding_model": summary.embedding_model,
+        "packages": summary.packages,
+        "affected_filter": AFFECTED_FILTER,
+        "totals": {k: getattr(summary, k) for k in ("documents", "pages", "chunks", "images",
+                                                    "images_in_bucket", "affected_chunks")},
+        "documents": [doc.truth for doc in docs],
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+def _summarize(summary: DemoSummary, docs: Sequence[IngestedDoc]) -> None:
+    summary.documents = len(docs)
+    summary.pages = sum(d.corpus.page_count for d in docs)
+    summary.chunks = sum(len(d.rows) for d in docs)
+    summary.images = sum(d.images_total for d in docs)
+    summary.images_in_bucket = sum(d.truth["images_in_bucket"] for d in docs)
+    summary.affected_chunks = sum(d.affected for d in docs)
+    summary.objects = sum(len(d.uploads) for d in docs)
+    summary.bytes_uploaded = sum(len(data) for d in docs for _, data in d.uploads)
+    summary.scenarios = _scenario_counts(docs)
+
+
+# ---------------------------------------------------------------- the entry point
+
+
+def build_demo(
+    data_dir: Path,
+    *,
+    pk: str = "auto",
+    vectors: VectorsFactory | MilvusVectors | None = None,
+    objects: ObjectStore | None = None,
+    dim: int = 1536,
+    cache_dir: Path | None = None,
+    seed: int = 7,
+    ledger_path: Path | None = None,
+) -> DemoSummary:
+    """Build the demo store into `data_dir` (wiping the previous demo first).
+
+    vectors: None = Milvus Lite at data_dir/milvus.db; or a factory(pk=, dim=) that
+    returns a freshly created collection (see `fresh_collection`); or an empty
+    MilvusVectors of the right pk variant and dim.
+    objects: None = a local bucket folder data_dir/bucket (recreated); or any
+    ObjectStore, where only the demo's dataset prefixes are deleted.
+    ledger_path: the ledger file to delete (default data_dir/ledger.db; must be inside).
+    """
+    if pk not in ("auto", "chunk_id"):
+        raise ConfigError(f"pk must be 'auto' or 'chunk_id', not {pk!r}")
+    data_dir = Path(data_dir).expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    timer = _Timer()
+    with timer("total"):
+        with timer("wipe"):
+            _wipe_ledger(ledger_path or data_dir / "ledger.db", data_dir)
+            previous = _previous_datasets(data_dir)
+            (data_dir / GROUND_TRUTH).unlink(missing_ok=True)
+            objects = objects or _default_objects(data_dir)
+        with timer("corpus"):
+            made = corpus_mod.build_corpus(cache_dir, seed=seed)
+        with timer("ingest"):
+            docs = ingest_corpus(made, seed)
+        with timer("embed"):
+            rows = milvus_rows(docs, dim)
+        with timer("milvus"):
+            store = _open_vectors(vectors, data_dir, pk, dim)
+            try:
+                store.insert(rows)
+            except BaseException:
+                _close_ours(store, vectors)
+                raise
+        with timer("bucket"):
+            _wipe_objects(objects, previous | {d.dataset_id for d in docs})
+            for doc in docs:
+                for key, data in doc.uploads:
+                    objects.put(key, data)
+        summary = DemoSummary(
+            data_dir=str(data_dir), milvus=store.describe(), collection=store.collection, pk=pk,
+            store=objects.describe(), ground_truth=str(data_dir / GROUND_TRUTH),
+            ledger=str(ledger_path or data_dir / "ledger.db"), embedding_model=MODEL_NAME,
+            seed=seed, packages=corpus_mod.packages(),
+        )
+        _summarize(summary, docs)
+        with timer("check"):
+            try:
+                _check_counts(store, summary)
+            finally:
+                _close_ours(store, vectors)
+        _write_json(data_dir / GROUND_TRUTH, ground_truth(docs, summary))
+    summary.timings = timer.timings
+    return summary
+
+
+def _close_ours(store: MilvusVectors, given: object) -> None:
+    # Close what build_demo opened (an in-process Lite keeps its folder locked);
+    # an instance the caller passed stays theirs to close.
+    if store is not given:
+        store.close()
+
+
+def _check_counts(store: MilvusVectors, summary: DemoSummary) -> None:
+    """Milvus must hold exactly what we built: catches a silent partial insert."""
+    total, affected = store.count(""), store.count(AFFECTED_FILTER)
+    if (total, affected) != (summary.chunks, summary.affected_chunks):
+        raise StoreError(
+            f"demo collection holds {total} chunks ({affected} affected), "
+            f"built {summary.chunks} ({summary.affected_chunks} affected)"
+        )

@@ -1,0 +1,359 @@
+"""One batch of the keys path: compute the changes, apply them by the protocol of DESIGN §5.
+
+1. journal the intended chunk changes and object moves (with the legacy object's
+   size and content hash) under the document's fencing token;
+2. copy each legacy image to its canonical key, HEAD it, compare size and hash;
+3. write the batch's chunks in one call (partial update, or full-row upsert);
+4. read them back by stable identity and check page, key and the rest-of-row checksum;
+5. mark the document migrated. Old objects stay until `gc`.
+A document that already has a journal (an earlier attempt died) is finished from its
+journal, never re-planned from rows that may be half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from repage.errors import BadInput, ObjectNotFound, RepageError, StaleLease
+from repage.keys import canonical_image_key, image_prefix, parse_image_key
+from repage.plan import DocumentPlan, classify, is_affected, needs_listing
+from repage.states import Path, State
+from repage.stores.ledger import ChunkJournalEntry, Claim, ObjectJournalEntry, ObjectState
+from repage.stores.vectors import ChunkChange
+
+FAILPOINTS = ("after-journal", "after-copy", "after-write", "after-readback", "after-transition")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    move_images: bool = True
+    dry_run: bool = False
+    failpoint: str | None = None  # name from FAILPOINTS: SIGKILL ourselves there (crash tests)
+
+
+@dataclass
+class Usage:
+    """Requests and bytes one document cost; dollars come from the price table."""
+
+    class_a: int = 0
+    class_b: int = 0
+    bytes_read: int = 0
+
+
+@dataclass
+class DocumentWork:
+    claim: Claim
+    rows: list[dict]
+    chunks: list[ChunkJournalEntry] = field(default_factory=list)
+    moves: list[ObjectJournalEntry] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)
+    error: str | None = None
+    outcome: State | None = None  # set when the document ends before the write
+
+    @property
+    def document_id(self) -> str:
+        return self.claim.document_id
+
+
+@dataclass
+class BatchResult:
+    migrated: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    other: dict[str, State] = field(default_factory=dict)
+    chunks_written: int = 0
+    objects_copied: int = 0
+    usage: Usage = field(default_factory=Usage)
+    changes: list[dict] = field(default_factory=list)  # dry run: the exact changes
+
+
+def failpoint(options: RunOptions, name: str) -> None:
+    """Die like a crash (no cleanup, no flush) at a named step when asked to."""
+    if options.failpoint == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def identity_json(identity: Sequence) -> str:
+    return json.dumps(list(identity), separators=(",", ":"))
+
+
+def identity_of(row: Mapping, fields: Sequence[str]) -> tuple:
+    return tuple(row.get(f) for f in fields)
+
+
+class BatchMigrator:
+    """Applies the protocol to one claimed batch. Stateless between batches."""
+
+    def __init__(self, stores, options: RunOptions, *, object_limiter=None, write_limiter=None,
+                 concurrency: int = 4, patterns: Sequence = ()):
+        self.vectors, self.objects, self.ledger = stores.vectors, stores.objects, stores.ledger
+        self.info = self.vectors.info()
+        self.options = options
+        self.object_limiter = object_limiter
+        self.write_limiter = write_limiter
+        self.concurrency = concurrency
+        self.patterns = patterns
+
+    # ---- planning
+
+    def plan(self, claims: Sequence[Claim]) -> list[DocumentWork]:
+        rows = self.vectors.fetch_documents([c.document_id for c in claims])
+        by_doc: dict[str, list[dict]] = defaultdict(list)
+        for row in rows:
+            by_doc[row["document_id"]].append(row)
+        works = [DocumentWork(c, by_doc.get(c.document_id, [])) for c in claims]
+        self._parallel(self._plan_document, works)
+        return works
+
+    def _plan_document(self, work: DocumentWork) -> None:
+        try:
+            journal = [] if self.options.dry_run else self.ledger.chunk_journal(work.document_id)
+            if journal:  # resume: the journal is the plan
+                work.chunks = journal
+                work.moves = self.ledger.object_journal(work.document_id)
+            else:
+                self._fresh_plan(work)
+        except (RepageError, ValueError) as exc:
+            work.error = f"document {work.document_id}: {exc}"
+
+    def _fresh_plan(self, work: DocumentWork) -> None:
+        fields = self.info.identity_fields
+        affected = [r for r in work.rows if is_affected(r)]
+        listed = self._list_images(work) if affected and needs_listing(affected, self.patterns) else None
+        plan = classify(work.document_id, affected, [identity_of(r, fields) for r in affected],
+                        dataset_id=work.claim.dataset_id, filename=work.claim.filename,
+                        listed_keys=listed, source_exists=None, patterns=self.patterns)
+        if not affected:
+            work.outcome = State.MIGRATED  # nothing left to fix (fixed by another tool meanwhile)
+            return
+        if plan.path != Path.KEYS:
+            work.error = (f"document {work.document_id}: keys no longer tell every page "
+                          f"({plan.resolved}/{plan.affected}); run `repage scan` again")
+            return
+        self._intend(work, plan, {identity_of(r, fields): r for r in affected})
+
+    def _list_images(self, work: DocumentWork) -> list[str]:
+        keys: list[str] = []
+        for page in self.objects.list(image_prefix(work.claim.dataset_id, work.document_id)):
+            work.usage.class_a += 1
+            keys.extend(info.key for info in page)
+        return keys
+
+    def _intend(self, work: DocumentWork, plan: DocumentPlan, rows: Mapping[tuple, dict]) -> None:
+        targets = {c.identity: self._target_key(work, c) for c in plan.chunks}
+        wanted = {c.found_key: targets[c.identity] for c in plan.chunks
+                  if targets[c.identity] is not None and targets[c.identity] != c.found_key}
+        work.moves = [m for m in (self._describe_move(work, old, new) for old, new in sorted(wanted.items())) if m]
+        moved = {m.old_key for m in work.moves}
+        for chunk in plan.chunks:
+            target = targets[chunk.identity]
+            if chunk.found_key in wanted and chunk.found_key not in moved:
+                target = None  # its image is missing: fix the page, leave the key as it is
+            row = rows[chunk.identity]
+            work.chunks.append(ChunkJournalEntry(
+                identity=identity_json(chunk.identity), old_pk=str(row[self.info.pk_field]),
+                old_page=int(row.get("page") or 0), new_page=chunk.page, old_key=chunk.current_key,
+                new_key=target if target != chunk.current_key else None,
+                row_checksum=self.vectors.row_checksum(row)))
+
+    def _target_key(self, work: DocumentWork, chunk) -> str | None:
+        """The key the chunk's image should end at (None: the chunk knows no image)."""
+        found = chunk.found_key
+        if found is None:
+            return None
+        parsed = parse_image_key(found, patterns=self.patterns)
+        if not self.options.move_images or parsed.fmt == "canonical":
+            return found
+        index = chunk.image_index if chunk.image_index is not None else parsed.index
+        return canonical_image_key(work.claim.dataset_id, work.document_id, chunk.page, index,
+                                   (parsed.ext or "png").lower())
+
+    def _describe_move(self, work: DocumentWork, old: str, new: str) -> ObjectJournalEntry | None:
+        """Size and content hash of the legacy object, read before anything is written."""
+        try:
+            data = self._object_call(self.objects.get, old)
+        except ObjectNotFound:
+            return None
+        finally:
+            work.usage.class_b += 1
+        work.usage.bytes_read += len(data)
+        return ObjectJournalEntry(old, new, len(data), hashlib.sha256(data).hexdigest(), ObjectState.INTENDED)
+
+    # ---- applying
+
+    def apply(self, works: list[DocumentWork]) -> BatchResult:
+        result = BatchResult()
+        live = [w for w in works if self._settle_early(w, result)]
+        if self.options.dry_run:
+            result.changes = [self._change_record(w) for w in live]
+            return result
+        live = [w for w in live if self._journal(w, result)]
+        failpoint(self.options, "after-journal")
+        self._parallel(self._copy_objects, live)
+        live = [w for w in live if self._keep(w, result)]
+        failpoint(self.options, "after-copy")
+        self._write(live, result)
+        failpoint(self.options, "after-write")
+        live = [w for w in live if self._read_back(w, result)]
+        failpoint(self.options, "after-readback")
+        for work in live:
+            self._finish(work, result)
+        failpoint(self.options, "after-transition")
+        return result
+
+    def _settle_early(self, work: DocumentWork, result: BatchResult) -> bool:
+        """Documents that end before any write: errors and nothing-to-do."""
+        if work.error is None and work.outcome is None:
+            return True
+        if self.options.dry_run:
+            if work.error:
+                result.failed[work.document_id] = work.error
+            return False
+        if work.error:
+            self._fail(work, result, work.error)
+        else:
+            self._transition(work, work.outcome, result, reason="nothing left to fix")
+        return False
+
+    def _journal(self, work: DocumentWork, result: BatchResult) -> bool:
+        try:
+            if work.chunks and work.chunks[0].id is None:  # fresh plan: record the intent
+                # objects first: a chunk journal is only ever resumed with its moves recorded
+                self.ledger.add_object_journal(work.document_id, work.claim.fencing_token, work.moves)
+                self.ledger.add_chunk_journal(work.document_id, work.claim.fencing_token, work.chunks)
+            return True
+        except StaleLease as exc:
+            result.other[work.document_id] = State.PENDING
+            work.error = str(exc)
+            return False
+
+    def _copy_objects(self, work: DocumentWork) -> None:
+        try:
+            for move in work.moves:
+                if move.state != ObjectState.VERIFIED:
+                    self._copy_one(work, move)
+        except (RepageError, ValueError) as exc:
+            work.error = f"document {work.document_id}: {exc}"
+
+    def _copy_one(self, work: DocumentWork, move: ObjectJournalEntry) -> None:
+        self._object_call(self.objects.copy, move.old_key, move.new_key)
+        work.usage.class_a += 1
+        head = self._object_call(self.objects.head, move.new_key)
+        copied = self._object_call(self.objects.get, move.new_key)
+        work.usage.class_b += 2
+        if head.size != move.size or hashlib.sha256(copied).hexdigest() != move.content_hash:
+            raise BadInput(f"copy of {move.old_key} to {move.new_key} does not match (size or content hash)")
+        self.ledger.set_object_state(work.document_id, work.claim.fencing_token, move.old_key, move.new_key,
+                                     ObjectState.VERIFIED)
+
+    def _keep(self, work: DocumentWork, result: BatchResult) -> bool:
+        if work.error is None:
+            return True
+        self._fail(work, result, work.error)
+        return False
+
+    def _write(self, works: list[DocumentWork], result: BatchResult) -> None:
+        changes, before = [], {}
+        for work in works:
+            rows = {identity_json(identity_of(r, self.info.identity_fields)): r for r in work.rows}
+            for chunk in work.chunks:
+                row = rows.get(chunk.identity)
+                identity = tuple(json.loads(chunk.identity))
+                pk = row[self.info.pk_field] if row else None
+                changes.append(ChunkChange(identity, pk, chunk.new_page, chunk.new_key))
+                if row is not None:
+                    before[identity] = row
+        if self.write_limiter is not None:
+            self.write_limiter.acquire()
+        self.vectors.write_changes(changes, rows_before=before)
+        result.chunks_written += len(changes)
+
+    def _read_back(self, work: DocumentWork, result: BatchResult) -> bool:
+        identities = [tuple(json.loads(c.identity)) for c in work.chunks]
+        found = self.vectors.find_by_identity(identities, with_vectors=True)
+        for chunk, identity in zip(work.chunks, identities, strict=True):
+            problem = self._check_row(chunk, found.get(identity, []))
+            if problem:
+                self._fail(work, result, f"document {work.document_id}: chunk {chunk.identity}: {problem}")
+                return False
+        new_pks = {c.identity: str(found[i][0][self.info.pk_field]) for c, i in zip(work.chunks, identities)}
+        self.ledger.mark_chunks_applied(work.document_id, work.claim.fencing_token, list(new_pks),
+                                        new_pks=new_pks)
+        return True
+
+    def _check_row(self, chunk: ChunkJournalEntry, rows: list[dict]) -> str | None:
+        if len(rows) != 1:
+            return f"{len(rows)} rows after the write (expected exactly 1)"
+        row = rows[0]
+        if row.get("page") != chunk.new_page:
+            return f"page reads {row.get('page')} after the write, expected {chunk.new_page}"
+        expected_key = chunk.new_key if chunk.new_key is not None else chunk.old_key
+        if (row.get("image_r2_key") or None) != (expected_key or None):
+            return f"image_r2_key reads {row.get('image_r2_key')!r}, expected {expected_key!r}"
+        if self.vectors.row_checksum(row) != chunk.row_checksum:
+            return "fields other than page/image_r2_key changed (checksum differs)"
+        return None
+
+    def _finish(self, work: DocumentWork, result: BatchResult) -> None:
+        copied = len(work.moves)
+        result.objects_copied += copied
+        self._transition(work, State.MIGRATED, result, reason=f"{len(work.chunks)} chunks, {copied} images moved",
+                         total_chunks=len(work.rows))
+
+    # ---- ledger helpers
+
+    def _fail(self, work: DocumentWork, result: BatchResult, message: str) -> None:
+        result.failed[work.document_id] = message
+        self._transition(work, State.FAILED, result, error=message)
+
+    def _transition(self, work: DocumentWork, state: State, result: BatchResult, **fields) -> None:
+        usage = work.usage
+        try:
+            self.ledger.transition(work.document_id, state, token=work.claim.fencing_token,
+                                   object_requests_a=usage.class_a, object_requests_b=usage.class_b,
+                                   bytes_read=usage.bytes_read, **fields)
+        except StaleLease as exc:  # another worker owns it now: write nothing more
+            result.other[work.document_id] = State.PENDING
+            result.failed.pop(work.document_id, None)
+            work.error = str(exc)
+            return
+        if state == State.MIGRATED:
+            result.migrated.append(work.document_id)
+        elif state != State.FAILED:
+            result.other[work.document_id] = state
+        result.usage.class_a += usage.class_a
+        result.usage.class_b += usage.class_b
+        result.usage.bytes_read += usage.bytes_read
+
+    # ---- plumbing
+
+    def _object_call(self, fn: Callable, *args):
+        if self.object_limiter is None:
+            return fn(*args)
+        from repage.throttle import call_with_backoff
+
+        return call_with_backoff(lambda: fn(*args), self.object_limiter)
+
+    def _parallel(self, fn: Callable[[DocumentWork], None], works: Iterable[DocumentWork]) -> None:
+        works = list(works)
+        if self.concurrency <= 1 or len(works) <= 1:
+            for work in works:
+                fn(work)
+            return
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            list(pool.map(fn, works))
+
+    @staticmethod
+    def _change_record(work: DocumentWork) -> dict:
+        """One document's exact changes, as `run --dry-run` prints them."""
+        chunks = [{"chunk": json.loads(c.identity), "page": [c.old_page, c.new_page],
+                   "image_r2_key": [c.old_key, c.new_key if c.new_key is not None else c.old_key]}
+                  for c in work.chunks]
+        return {"document_id": work.document_id, "chunks": chunks,
+                "copies": [[m.old_key, m.new_key] for m in work.moves]}

@@ -1,0 +1,195 @@
+"""A run: claim batches from the ledger and migrate them until done or a limit says stop.
+
+Stops cleanly between batches (the documents of a finished batch are settled, nothing
+is left running) on: --limit, --max-failures, --max-error-rate, --max-duration,
+--budget, or a stop request (pause from the service, SIGTERM).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+from repage.estimate import request_dollars
+from repage.keys import compile_patterns
+from repage.migrate import BatchMigrator, BatchResult, RunOptions
+from repage.scan import scan_store
+from repage.states import Path, State
+from repage.stores.ledger import Claim, Ledger
+from repage.throttle import AdaptiveLimiter, Clock, SystemClock
+
+LEASE_SECONDS = 300.0
+MIN_DOCS_FOR_ERROR_RATE = 20  # an error rate over a handful of documents says nothing
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    limit: int | None = None  # documents
+    batch_size: int = 50
+    concurrency: int = 4
+    object_ops_per_second: float | None = None
+    milvus_writes_per_second: float | None = None
+    pause_seconds: float = 0.0
+    max_failures: int | None = None
+    max_error_rate: float | None = None
+    max_duration_seconds: float | None = None
+    budget_dollars: float | None = None
+
+
+@dataclass(frozen=True)
+class Selection:
+    paths: frozenset[Path] = frozenset({Path.KEYS})
+    document_ids: tuple[str, ...] | None = None
+    dataset_id: str | None = None
+    order: str = "oldest"
+
+
+@dataclass
+class RunSummary:
+    documents: int = 0
+    migrated: int = 0
+    failed: int = 0
+    other: dict[str, int] = field(default_factory=dict)
+    chunks_written: int = 0
+    objects_copied: int = 0
+    class_a: int = 0
+    class_b: int = 0
+    dollars: float = 0.0
+    seconds: float = 0.0
+    batches: int = 0
+    stopped_because: str = "no more pending documents"
+    errors: dict[str, str] = field(default_factory=dict)
+    dry_run_changes: list[dict] = field(default_factory=list)
+    throttled: int = 0
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        if not self.dry_run_changes:
+            data.pop("dry_run_changes")
+        return data
+
+
+def owner_name() -> str:
+    """Who holds a lease: host, pid and a random part (pids repeat across machines)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Runner:
+    def __init__(self, stores, options: RunOptions, limits: RunLimits, selection: Selection, *,
+                 clock: Clock | None = None, on_batch: Callable[[RunSummary], None] | None = None,
+                 stop: threading.Event | None = None):
+        self.stores, self.options, self.limits, self.selection = stores, options, limits, selection
+        self.clock = clock or SystemClock()
+        self.on_batch = on_batch
+        self.stop = stop or threading.Event()
+        self.owner = owner_name()
+        self.object_limiter = AdaptiveLimiter(limits.object_ops_per_second, self.clock)
+        self.write_limiter = AdaptiveLimiter(limits.milvus_writes_per_second, self.clock)
+        self.migrator = BatchMigrator(stores, options, object_limiter=self.object_limiter,
+                                      write_limiter=self.write_limiter, concurrency=limits.concurrency,
+                                      patterns=compile_patterns(stores.settings.key_patterns))
+        self.summary = RunSummary()
+
+    def run(self) -> RunSummary:
+        started = self.clock.now()
+        while (reason := self._stop_reason(started)) is None:
+            claims = self._claim()
+            if not claims:
+                break
+            self._account(self._migrate(claims))
+            if self.on_batch:
+                self.on_batch(self.summary)
+            if self.limits.pause_seconds and self._stop_reason(started) is None:
+                self.clock.sleep(self.limits.pause_seconds)
+        else:
+            self.summary.stopped_because = reason
+        self.summary.seconds = self.clock.now() - started
+        self.summary.throttled = self.object_limiter.throttled_count + self.write_limiter.throttled_count
+        return self.summary
+
+    def _claim(self):
+        ledger = self.stores.ledger
+        size = self.limits.batch_size
+        if self.limits.limit is not None:
+            size = min(size, self.limits.limit - self.summary.documents)
+        if self.options.dry_run:
+            return self._peek(size)
+        ledger.release_expired()
+        sel = self.selection
+        return ledger.claim_batch(self.owner, size, LEASE_SECONDS, paths=set(sel.paths), dataset_id=sel.dataset_id,
+                                  document_ids=sel.document_ids, order=sel.order)
+
+    def _peek(self, size: int):
+        """Dry run: pending documents as if claimed, without touching the ledger."""
+        seen = self.summary.documents
+        records = [r for r in self.stores.ledger.documents(states={State.PENDING}, dataset_id=self.selection.dataset_id)
+                   if r.path in self.selection.paths
+                   and (self.selection.document_ids is None or r.document_id in self.selection.document_ids)]
+        return [Claim(r.document_id, r.dataset_id, r.filename, r.path, r.fencing_token, r.affected_chunks)
+                for r in records[seen:seen + size]]
+
+    def _migrate(self, claims: Sequence) -> BatchResult:
+        works = self.migrator.plan(claims)
+        return self.migrator.apply(works)
+
+    def _account(self, result: BatchResult) -> None:
+        s, prices = self.summary, self.stores.settings.prices
+        s.batches += 1
+        s.documents += len(result.migrated) + len(result.failed) + len(result.other)
+        s.migrated += len(result.migrated)
+        s.failed += len(result.failed)
+        for state in result.other.values():
+            s.other[str(state)] = s.other.get(str(state), 0) + 1
+        s.errors.update(result.failed)
+        s.chunks_written += result.chunks_written
+        s.objects_copied += result.objects_copied
+        s.class_a += result.usage.class_a
+        s.class_b += result.usage.class_b
+        s.dollars = request_dollars(s.class_a, s.class_b, prices)
+        s.dry_run_changes.extend(result.changes)
+        if self.options.dry_run:
+            s.documents += len(result.changes)
+        elif result.migrated:  # throughput history for status and the dashboard
+            self.stores.ledger.add_event("migrated", count=len(result.migrated), detail=str(result.chunks_written))
+
+    def _stop_reason(self, started: float) -> str | None:
+        s, lim = self.summary, self.limits
+        checks = (
+            (self.stop.is_set(), "stop requested"),
+            (lim.limit is not None and s.documents >= lim.limit, f"--limit {lim.limit} reached"),
+            (lim.max_failures is not None and s.failed > lim.max_failures,
+             f"--max-failures {lim.max_failures} exceeded ({s.failed} failed)"),
+            (lim.max_error_rate is not None and s.documents >= MIN_DOCS_FOR_ERROR_RATE
+             and s.failed / s.documents > lim.max_error_rate,
+             f"--max-error-rate {lim.max_error_rate} exceeded ({s.failed}/{s.documents})"),
+            (lim.max_duration_seconds is not None and self.clock.now() - started >= lim.max_duration_seconds,
+             f"--max-duration {lim.max_duration_seconds:.0f}s reached"),
+            (lim.budget_dollars is not None and s.dollars >= lim.budget_dollars,
+             f"--budget ${lim.budget_dollars} spent (${s.dollars:.4f})"),
+        )
+        return next((why for hit, why in checks if hit), None)
+
+
+def run_migration(stores, options: RunOptions, limits: RunLimits, selection: Selection, **kwargs) -> RunSummary:
+    """The one entry point for `repage run` and the service: scans first when the ledger is empty.
+
+    A dry run on an empty ledger scans into a throw-away SQLite ledger, so the configured
+    ledger stays untouched like every other store.
+    """
+    if stores.ledger.counts():
+        return Runner(stores, options, limits, selection, **kwargs).run()
+    if not options.dry_run:
+        scan_store(stores, dataset_id=selection.dataset_id)
+        return Runner(stores, options, limits, selection, **kwargs).run()
+    with tempfile.TemporaryDirectory(prefix="repage-dry-run-") as tmp:
+        scratch = replace(stores, ledger=Ledger(f"sqlite:///{tmp}/ledger.db"), _opened=[])
+        try:
+            scan_store(scratch, dataset_id=selection.dataset_id)
+            return Runner(scratch, options, limits, selection, **kwargs).run()
+        finally:
+            scratch.ledger.close()

@@ -1,0 +1,60 @@
+"""The figures of `repage status` (and of the service's /migration/status). Reads the ledger only."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from repage.estimate import request_dollars
+from repage.states import DONE, State
+
+RECENT_SECONDS = 300.0  # "recent" throughput: the last five minutes
+TODO = {State.PENDING, State.RUNNING, State.FAILED, State.REVIEW, State.DEFERRED}
+
+
+def throughput(events, now: float, window: float) -> dict:
+    """Documents and chunks per second over the window, and since the first batch."""
+    if not events:
+        return {"recent_documents_per_s": 0.0, "overall_documents_per_s": 0.0, "recent_chunks_per_s": 0.0}
+    recent = [e for e in events if e.at >= now - window]
+    span = max(now - events[0].at, 1e-9)
+    recent_span = max(min(window, now - recent[0].at), 1e-9) if recent else window
+    return {
+        "recent_documents_per_s": sum(e.count for e in recent) / recent_span,
+        "overall_documents_per_s": sum(e.count for e in events) / span,
+        "recent_chunks_per_s": sum(_chunks(e) for e in recent) / recent_span,
+    }
+
+
+def _chunks(event) -> int:
+    try:
+        return int(event.detail or 0)
+    except ValueError:
+        return 0
+
+
+def migration_status(ledger, prices) -> dict:
+    counts = ledger.counts()
+    by_state, by_path = Counter(), Counter()
+    for (state, path), n in counts.items():
+        by_state[state] += n
+        by_path[path] += n
+    now = ledger.db_now()
+    rates = throughput(ledger.events(kinds=["migrated"]), now, RECENT_SECONDS)
+    todo = sum(by_state[s.value] for s in TODO)
+    done = sum(by_state[s.value] for s in DONE)
+    totals = ledger.totals()
+    spent = request_dollars(int(totals.get("object_requests_a", 0)), int(totals.get("object_requests_b", 0)),
+                            prices) + float(totals.get("dollars", 0.0))
+    rate = rates["recent_documents_per_s"] or rates["overall_documents_per_s"]
+    migrated = by_state[State.MIGRATED.value] + by_state[State.VERIFIED.value]
+    return {
+        "documents": sum(by_state.values()), "done": done, "todo": todo,
+        "by_state": dict(by_state), "by_path": dict(by_path),
+        "by_state_and_path": [{"state": s, "path": p, "documents": n} for (s, p), n in sorted(counts.items())],
+        "throughput": rates,
+        "eta_seconds": todo / rate if rate and todo else (0.0 if not todo else None),
+        "dollars_spent": spent,
+        "dollars_projected": spent + (spent / migrated * todo if migrated else 0.0),
+        "last_errors": [{"document_id": r.document_id, "state": str(r.state), "error": r.last_error}
+                        for r in ledger.last_errors(10)],
+    }
