@@ -65,6 +65,14 @@ def run_command(action: Callable[[], Any]) -> Any:
     except RepageError as exc:
         err.print(f"repage: failed: {exc}", markup=False)
         raise typer.Exit(Exit.FAILURES) from None
+    except (typer.Exit, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # a bug: one line, and the traceback only when asked for
+        if os.environ.get("REPAGE_DEBUG"):
+            raise
+        err.print(f"repage: internal error: {type(exc).__name__}: {exc} (set REPAGE_DEBUG=1 for the traceback)",
+                  markup=False)
+        raise typer.Exit(Exit.FAILURES) from None
 
 
 def emit(data: dict, as_json: bool, render: Callable[[dict], None]) -> None:

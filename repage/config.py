@@ -64,6 +64,7 @@ class Settings(BaseModel):
     concurrency: int = Field(4, ge=1, le=256)
     batch_size: int = Field(50, ge=1, le=10_000)
     access_half_life_hours: float = Field(72.0, gt=0)
+    lease_seconds: float = Field(300.0, gt=0)  # a dead worker's documents return to pending after this
     prices: Prices = Prices()
     matching: Matching = Matching()
 

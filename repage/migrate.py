@@ -259,19 +259,25 @@ class BatchMigrator:
         return False
 
     def _write(self, works: list[DocumentWork], result: BatchResult) -> None:
+        """All chunks of the batch in one write (one field set, so one request per size cap)."""
         changes, before = [], {}
+        has_key = "image_r2_key" in self.info.fields
         for work in works:
             rows = {identity_json(identity_of(r, self.info.identity_fields)): r for r in work.rows}
             for chunk in work.chunks:
                 row = rows.get(chunk.identity)
                 identity = tuple(json.loads(chunk.identity))
-                pk = row[self.info.pk_field] if row else None
-                changes.append(ChunkChange(identity, pk, chunk.new_page, chunk.new_key))
+                key = chunk.new_key if chunk.new_key is not None else (chunk.old_key or "") if has_key else None
+                changes.append(ChunkChange(identity, row[self.info.pk_field] if row else None, chunk.new_page, key))
                 if row is not None:
                     before[identity] = row
-        if self.write_limiter is not None:
-            self.write_limiter.acquire()
-        self.vectors.write_changes(changes, rows_before=before)
+        call = lambda: self.vectors.write_changes(changes, rows_before=before)  # noqa: E731
+        if self.write_limiter is None:
+            call()
+        else:
+            from repage.throttle import call_with_backoff
+
+            call_with_backoff(call, self.write_limiter)
         result.chunks_written += len(changes)
 
     def _read_back(self, work: DocumentWork, result: BatchResult) -> bool:

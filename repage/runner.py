@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
+from repage.errors import IllegalTransition, RepageError, StaleLease
 from repage.estimate import request_dollars
 from repage.keys import compile_patterns
 from repage.migrate import BatchMigrator, BatchResult, RunOptions
@@ -23,7 +24,6 @@ from repage.states import Path, State
 from repage.stores.ledger import Claim, Ledger
 from repage.throttle import AdaptiveLimiter, Clock, SystemClock
 
-LEASE_SECONDS = 300.0
 MIN_DOCS_FOR_ERROR_RATE = 20  # an error rate over a handful of documents says nothing
 
 
@@ -102,6 +102,7 @@ class Runner:
             if not claims:
                 break
             self._account(self._migrate(claims))
+            self.summary.seconds = self.clock.now() - started
             if self.on_batch:
                 self.on_batch(self.summary)
             if self.limits.pause_seconds and self._stop_reason(started) is None:
@@ -121,7 +122,7 @@ class Runner:
             return self._peek(size)
         ledger.release_expired()
         sel = self.selection
-        return ledger.claim_batch(self.owner, size, LEASE_SECONDS, paths=set(sel.paths), dataset_id=sel.dataset_id,
+        return ledger.claim_batch(self.owner, size, self.stores.settings.lease_seconds, paths=set(sel.paths), dataset_id=sel.dataset_id,
                                   document_ids=sel.document_ids, order=sel.order)
 
     def _peek(self, size: int):
@@ -134,8 +135,24 @@ class Runner:
                 for r in records[seen:seen + size]]
 
     def _migrate(self, claims: Sequence) -> BatchResult:
-        works = self.migrator.plan(claims)
-        return self.migrator.apply(works)
+        try:
+            return self.migrator.apply(self.migrator.plan(claims))
+        except RepageError as exc:  # a batch-wide failure (the write, a store down): each document failed
+            return self._fail_batch(claims, f"batch failed: {exc}")
+
+    def _fail_batch(self, claims: Sequence, message: str) -> BatchResult:
+        result = BatchResult()
+        for claim in claims:
+            if self.options.dry_run:
+                result.failed[claim.document_id] = message
+                continue
+            try:
+                self.stores.ledger.transition(claim.document_id, State.FAILED, token=claim.fencing_token,
+                                              error=message)
+                result.failed[claim.document_id] = message
+            except (StaleLease, IllegalTransition):
+                pass  # settled by the batch before it failed, or taken over by another worker
+        return result
 
     def _account(self, result: BatchResult) -> None:
         s, prices = self.summary, self.stores.settings.prices
@@ -159,20 +176,20 @@ class Runner:
 
     def _stop_reason(self, started: float) -> str | None:
         s, lim = self.summary, self.limits
-        checks = (
-            (self.stop.is_set(), "stop requested"),
-            (lim.limit is not None and s.documents >= lim.limit, f"--limit {lim.limit} reached"),
-            (lim.max_failures is not None and s.failed > lim.max_failures,
-             f"--max-failures {lim.max_failures} exceeded ({s.failed} failed)"),
-            (lim.max_error_rate is not None and s.documents >= MIN_DOCS_FOR_ERROR_RATE
-             and s.failed / s.documents > lim.max_error_rate,
-             f"--max-error-rate {lim.max_error_rate} exceeded ({s.failed}/{s.documents})"),
-            (lim.max_duration_seconds is not None and self.clock.now() - started >= lim.max_duration_seconds,
-             f"--max-duration {lim.max_duration_seconds:.0f}s reached"),
-            (lim.budget_dollars is not None and s.dollars >= lim.budget_dollars,
-             f"--budget ${lim.budget_dollars} spent (${s.dollars:.4f})"),
-        )
-        return next((why for hit, why in checks if hit), None)
+        if self.stop.is_set():
+            return "stop requested"
+        if lim.limit is not None and s.documents >= lim.limit:
+            return f"--limit {lim.limit} reached"
+        if lim.max_failures is not None and s.failed > lim.max_failures:
+            return f"--max-failures {lim.max_failures} exceeded ({s.failed} failed)"
+        if (lim.max_error_rate is not None and s.documents >= MIN_DOCS_FOR_ERROR_RATE
+                and s.failed / s.documents > lim.max_error_rate):
+            return f"--max-error-rate {lim.max_error_rate} exceeded ({s.failed}/{s.documents} failed)"
+        if lim.max_duration_seconds is not None and self.clock.now() - started >= lim.max_duration_seconds:
+            return f"--max-duration {lim.max_duration_seconds:.0f}s reached"
+        if lim.budget_dollars is not None and s.dollars >= lim.budget_dollars:
+            return f"--budget ${lim.budget_dollars} spent (${s.dollars:.4f})"
+        return None
 
 
 def run_migration(stores, options: RunOptions, limits: RunLimits, selection: Selection, **kwargs) -> RunSummary:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from repage.errors import ObjectNotFound
 from repage.keys import compile_patterns, image_prefix, source_key_candidates
 from repage.plan import DocumentPlan, classify, needs_listing
-from repage.states import DONE, Path, State
+from repage.states import DONE, State
 from repage.stores.ledger import ScanRecord
 
 # Light fields the scan needs per affected chunk (those the collection has).
@@ -163,5 +163,7 @@ def scan_store(stores, *, dataset_id: str | None = None,
 
 
 def _scan_record(plan: DocumentPlan, summary: DocumentSummary) -> ScanRecord:
+    moves = {c.found_key for c in plan.chunks if c.found_key and c.fmt not in ("canonical", "unknown")}
     return ScanRecord(document_id=plan.document_id, dataset_id=plan.dataset_id, filename=plan.filename,
-                      path=plan.path, state=plan.state, reason=plan.reason, affected_chunks=plan.affected)
+                      path=plan.path, state=plan.state, reason=plan.reason, affected_chunks=plan.affected,
+                      images_to_move=len(moves))

@@ -29,8 +29,7 @@ T = TypeVar("T")
 
 
 class Clock(Protocol):
-    def now(self) -> float:
-        """Monotonic seconds."""
+    def now(self) -> float: ...  # monotonic seconds
 
     def sleep(self, seconds: float) -> None: ...
 
@@ -161,7 +160,7 @@ class AdaptiveLimiter:
     def __init__(self, max_rate: float | None, clock: Clock | None = None, *, min_rate: float = 1.0,
                  decrease: float = 0.5, increase_step: float | None = None, latency_factor: float = 2.0,
                  backoff_initial: float = 0.1, backoff_max: float = 10.0, cooldown_s: float = 1.0,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, slow_latency_floor_s: float = 0.05):
         if not 0 < decrease < 1:
             raise ValueError(f"decrease must be in (0, 1), not {decrease!r}")
         if not latency_factor > 1:
@@ -170,6 +169,9 @@ class AdaptiveLimiter:
         self.max_rate = check_rate(max_rate, "max_rate")
         self.min_rate = min(check_rate(min_rate, "min_rate"), max_rate or math.inf)
         self.decrease, self.latency_factor, self.cooldown_s = decrease, latency_factor, cooldown_s
+        # Below this a latency rise is noise (a local disk answers in microseconds and
+        # doubles on any scheduler hiccup), not a store under load.
+        self.slow_latency_floor_s = slow_latency_floor_s
         self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
         self._step = increase_step if increase_step is not None else (max_rate / 20 if max_rate else None)
         self._rng = rng or random.Random()
@@ -188,9 +190,7 @@ class AdaptiveLimiter:
     def current_rate(self) -> float | None:
         return self._bucket.rate
 
-    @property
-    def baseline_latency(self) -> float | None:
-        return self._baseline
+    baseline_latency = property(lambda self: self._baseline)
 
     def acquire(self, n: float = 1.0) -> float:
         """Waits out any throttle hold, then for the rate. Returns the seconds it waited."""
@@ -218,6 +218,7 @@ class AdaptiveLimiter:
         with self._lock:
             self._streak = 0
             slow = (self._baseline is not None and self._samples >= self.WARMUP_SAMPLES
+                    and latency_s >= self.slow_latency_floor_s
                     and latency_s > self.latency_factor * self._baseline)
             self._observe_latency(latency_s)
             if slow:

@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.milvus",
     "tests.fixtures.ledger",
+    "tests.fixtures.proxy",
 ]

@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from repage.config import demo_settings
+from repage.app import open_objects
+from repage.config import Settings, demo_settings
 from repage.demo import corpus as corpus_mod
 from repage.demo.embed import MODEL_NAME, embed_all
 from repage.demo.ingest import IngestedDoc, ingest_corpus
@@ -31,6 +32,7 @@ COLLECTION = "fltr_documents"
 LEDGER_SIDECARS = ("", "-wal", "-shm", "-journal")
 
 VectorsFactory = Callable[..., MilvusVectors]  # called as factory(pk=..., dim=...)
+Log = Callable[[str], None]
 
 
 @dataclass
@@ -47,6 +49,7 @@ class DemoSummary:
     embedding_model: str
     seed: int
     packages: list[str]
+    datasets: dict[str, str] = field(default_factory=dict)  # name -> dataset_id
     documents: int = 0
     pages: int = 0
     chunks: int = 0
@@ -58,8 +61,10 @@ class DemoSummary:
     scenarios: dict[str, dict[str, int]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
+    def as_dict(self) -> dict:
         return asdict(self)
+
+    to_dict = as_dict
 
 
 class _Timer:
@@ -94,10 +99,11 @@ def fresh_collection(uri: str, collection: str = COLLECTION, token: str | None =
     return factory
 
 
-def _open_vectors(vectors: VectorsFactory | MilvusVectors | None, data_dir: Path,
+def _open_vectors(vectors: VectorsFactory | MilvusVectors | None, settings: Settings,
                   pk: str, dim: int) -> MilvusVectors:
     if vectors is None:
-        vectors = fresh_collection(demo_settings(data_dir).milvus_uri)
+        token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
+        vectors = fresh_collection(settings.milvus_uri, settings.collection, token)
     if not isinstance(vectors, MilvusVectors):
         return vectors(pk=pk, dim=dim)
     # An instance cannot be recreated with another pk variant: accept it only empty and matching.
@@ -115,7 +121,14 @@ def _inside(path: Path, data_dir: Path) -> bool:
     return path.resolve().is_relative_to(data_dir)
 
 
-def _wipe_ledger(ledger: Path, data_dir: Path) -> None:
+def _sqlite_path(ledger_url: str) -> Path | None:
+    return Path(ledger_url.removeprefix("sqlite:///")) if ledger_url.startswith("sqlite:///") else None
+
+
+def _wipe_ledger(ledger: Path | None, data_dir: Path, log: Log) -> None:
+    if ledger is None:  # a PostgreSQL ledger is no file of ours to delete
+        log("demo: the ledger is not a SQLite file: left as it is")
+        return
     if not _inside(ledger, data_dir):
         raise ConfigError(f"ledger {ledger} is outside {data_dir}: the demo only deletes files inside its data dir")
     for suffix in LEDGER_SIDECARS:
@@ -139,11 +152,15 @@ def _wipe_objects(objects: ObjectStore, datasets: set[str]) -> int:
     return len(keys)
 
 
-def _default_objects(data_dir: Path) -> ObjectStore:
-    bucket = data_dir / "bucket"
-    shutil.rmtree(bucket, ignore_errors=True)  # inside data_dir by construction
-    bucket.mkdir(parents=True)
-    return ObjectStore.from_url(demo_settings(data_dir).store_url)
+def _open_objects(settings: Settings, data_dir: Path) -> ObjectStore:
+    """The settings' store; a local bucket folder inside data_dir is recreated empty."""
+    url = settings.store_url
+    if url.startswith("file://"):
+        folder = Path(url.removeprefix("file://")).expanduser().resolve()
+        if _inside(folder, data_dir) and folder != data_dir:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+    return open_objects(settings)
 
 
 # ---------------------------------------------------------------- rows and truth
@@ -176,6 +193,7 @@ def ground_truth(docs: Sequence[IngestedDoc], summary: DemoSummary) -> dict:
         "pk": summary.pk,
         "embedding_model": summary.embedding_model,
         "packages": summary.packages,
+        "datasets": summary.datasets,
         "affected_filter": AFFECTED_FILTER,
         "totals": {k: getattr(summary, k) for k in ("documents", "pages", "chunks", "images",
                                                     "images_in_bucket", "affected_chunks")},
@@ -191,6 +209,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _summarize(summary: DemoSummary, docs: Sequence[IngestedDoc]) -> None:
     summary.documents = len(docs)
+    summary.datasets = {d.corpus.spec.dataset: d.dataset_id for d in docs}
     summary.pages = sum(d.corpus.page_count for d in docs)
     summary.chunks = sum(len(d.rows) for d in docs)
     summary.images = sum(d.images_total for d in docs)
@@ -208,56 +227,46 @@ def build_demo(
     data_dir: Path,
     *,
     pk: str = "auto",
+    settings: Settings | None = None,
     vectors: VectorsFactory | MilvusVectors | None = None,
     objects: ObjectStore | None = None,
     dim: int = 1536,
     cache_dir: Path | None = None,
     seed: int = 7,
     ledger_path: Path | None = None,
+    log: Log | None = None,
 ) -> DemoSummary:
     """Build the demo store into `data_dir` (wiping the previous demo first).
 
-    vectors: None = Milvus Lite at data_dir/milvus.db; or a factory(pk=, dim=) that
-    returns a freshly created collection (see `fresh_collection`); or an empty
-    MilvusVectors of the right pk variant and dim.
-    objects: None = a local bucket folder data_dir/bucket (recreated); or any
-    ObjectStore, where only the demo's dataset prefixes are deleted.
-    ledger_path: the ledger file to delete (default data_dir/ledger.db; must be inside).
+    settings: where the stores are; default `demo_settings(data_dir)` (Milvus Lite
+    data_dir/milvus.db, bucket folder data_dir/bucket, ledger data_dir/ledger.db).
+    vectors: overrides settings: a factory(pk=, dim=) returning a freshly created
+    collection (see `fresh_collection`), or an empty MilvusVectors of that pk and dim.
+    objects: overrides settings: any ObjectStore; only the demo's dataset prefixes are
+    deleted in it (a bucket folder from settings inside data_dir is recreated instead).
+    ledger_path: the SQLite ledger file to delete (default from settings; inside data_dir).
     """
     if pk not in ("auto", "chunk_id"):
         raise ConfigError(f"pk must be 'auto' or 'chunk_id', not {pk!r}")
     data_dir = Path(data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    settings = settings or demo_settings(data_dir)
+    log = log or (lambda message: None)
+    ledger = ledger_path or _sqlite_path(settings.ledger_url)
     timer = _Timer()
     with timer("total"):
         with timer("wipe"):
-            _wipe_ledger(ledger_path or data_dir / "ledger.db", data_dir)
+            _wipe_ledger(ledger, data_dir, log)
             previous = _previous_datasets(data_dir)
             (data_dir / GROUND_TRUTH).unlink(missing_ok=True)
-            objects = objects or _default_objects(data_dir)
-        with timer("corpus"):
-            made = corpus_mod.build_corpus(cache_dir, seed=seed)
-        with timer("ingest"):
-            docs = ingest_corpus(made, seed)
+        docs = _make_documents(cache_dir, seed, timer, log)
         with timer("embed"):
             rows = milvus_rows(docs, dim)
-        with timer("milvus"):
-            store = _open_vectors(vectors, data_dir, pk, dim)
-            try:
-                store.insert(rows)
-            except BaseException:
-                _close_ours(store, vectors)
-                raise
-        with timer("bucket"):
-            _wipe_objects(objects, previous | {d.dataset_id for d in docs})
-            for doc in docs:
-                for key, data in doc.uploads:
-                    objects.put(key, data)
+        store = _write_vectors(vectors, settings, pk, dim, rows, timer, log)
         summary = DemoSummary(
             data_dir=str(data_dir), milvus=store.describe(), collection=store.collection, pk=pk,
-            store=objects.describe(), ground_truth=str(data_dir / GROUND_TRUTH),
-            ledger=str(ledger_path or data_dir / "ledger.db"), embedding_model=MODEL_NAME,
-            seed=seed, packages=corpus_mod.packages(),
+            store="", ground_truth=str(data_dir / GROUND_TRUTH), ledger=str(ledger or settings.ledger_url),
+            embedding_model=MODEL_NAME, seed=seed, packages=corpus_mod.packages(),
         )
         _summarize(summary, docs)
         with timer("check"):
@@ -265,16 +274,53 @@ def build_demo(
                 _check_counts(store, summary)
             finally:
                 _close_ours(store, vectors)
+        with timer("bucket"):
+            summary.store = _write_objects(objects, settings, data_dir, docs, previous)
+        log(f"demo: {summary.objects} objects ({summary.bytes_uploaded / 1e6:.1f} MB) in {summary.store}")
         _write_json(data_dir / GROUND_TRUTH, ground_truth(docs, summary))
+        log(f"demo: ground truth in {summary.ground_truth}")
     summary.timings = timer.timings
     return summary
 
 
-def _close_ours(store: MilvusVectors, given: object) -> None:
-    # Close what build_demo opened (an in-process Lite keeps its folder locked);
-    # an instance the caller passed stays theirs to close.
-    if store is not given:
-        store.close()
+def _make_documents(cache_dir: Path | None, seed: int, timer: _Timer, log: Log) -> list[IngestedDoc]:
+    cache = cache_dir or corpus_mod.DEFAULT_CACHE
+    with timer("corpus"):
+        log(f"demo: Debian packages {', '.join(corpus_mod.packages())} (cache {cache})")
+        made = corpus_mod.build_corpus(cache, seed=seed)
+    with timer("ingest"):
+        docs = ingest_corpus(made, seed)
+    pages = sum(d.corpus.page_count for d in docs)
+    log(f"demo: {len(docs)} documents, {pages} pages, {sum(d.images_total for d in docs)} images")
+    return docs
+
+
+def _write_vectors(vectors, settings: Settings, pk: str, dim: int, rows: list[dict],
+                   timer: _Timer, log: Log) -> MilvusVectors:
+    with timer("milvus"):
+        store = _open_vectors(vectors, settings, pk, dim)
+        try:
+            store.insert(rows)
+        except BaseException:
+            _close_ours(store, vectors)
+            raise
+    log(f"demo: {len(rows)} chunks (pk={pk}, {MODEL_NAME}) in {store.describe()}")
+    return store
+
+
+def _write_objects(objects: ObjectStore | None, settings: Settings, data_dir: Path,
+                   docs: Sequence[IngestedDoc], previous: set[str]) -> str:
+    """Upload images and sources; returns where. Closes the store only if it opened it."""
+    store = objects or _open_objects(settings, data_dir)
+    try:
+        _wipe_objects(store, previous | {d.dataset_id for d in docs})
+        for doc in docs:
+            for key, data in doc.uploads:
+                store.put(key, data)
+        return store.describe()
+    finally:
+        if objects is None:
+            store.close()
 
 
 def _check_counts(store: MilvusVectors, summary: DemoSummary) -> None:
@@ -285,3 +331,10 @@ def _check_counts(store: MilvusVectors, summary: DemoSummary) -> None:
             f"demo collection holds {total} chunks ({affected} affected), "
             f"built {summary.chunks} ({summary.affected_chunks} affected)"
         )
+
+
+def _close_ours(store: MilvusVectors, given: object) -> None:
+    # Close what build_demo opened (an in-process Lite keeps its folder locked);
+    # an instance the caller passed stays theirs to close.
+    if store is not given:
+        store.close()

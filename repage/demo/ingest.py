@@ -38,9 +38,13 @@ from repage.keys import (
     legacy_sort_index,
 )
 
-# Junk filter, as the pipeline had one: tracking pixels, bullets, icons and rules.
-MIN_IMAGE_SIDE = 32  # px: smaller is an icon or a bullet, not a figure
+# Junk filter, as the pipeline had one: tracking pixels, hairlines and rules. The pdf
+# path must rebuild the same image list, so these equal repage.pdfpages' values (a
+# test compares the two extractions); they are not imported, the demo stays the
+# independent reference.
+MIN_IMAGE_SIDE = 8  # px: a 1x1 pixel or a hairline is layout junk
 MAX_ASPECT = 20.0  # a 600x8 strip is a rule or a border
+FORM_DEPTH = 2  # images nested in form XObjects up to this depth count too
 CHUNK_CHARS = 1000  # text chunk target length
 SNIPPET_CHARS = 240  # nearby page text quoted in an image chunk's description
 DATASETS = ("manuals", "engineering", "scans", "archive")
@@ -119,7 +123,7 @@ def extract_images(pdf_bytes: bytes, *, full_pages: bool = False) -> list[PageIm
     try:
         for page_no, page in enumerate(pdf):
             n = 0
-            for obj in page.get_objects(filter=(pdfium_raw.FPDF_PAGEOBJ_IMAGE,), max_depth=3):
+            for obj in page.get_objects(filter=(pdfium_raw.FPDF_PAGEOBJ_IMAGE,), max_depth=FORM_DEPTH):
                 if is_junk(*obj.get_px_size()) or (got := _png(obj)) is None:
                     continue
                 found.append(PageImage(page_no, "full" if full_pages else n, *got))
@@ -315,6 +319,7 @@ def _chunk_truth(row: dict, p: Placed) -> dict:
         "chunk_index": row["chunk_index"],
         "chunk_type": row["chunk_type"],
         "true_page": p.image.page,
+        "n": p.image.n,  # position among the page's kept images ('full': a scanned page)
         "image_index": p.index,
         "current_key": p.chunk_key,
         "canonical_key": p.canonical_key,

@@ -16,7 +16,9 @@ is refused while a worker holds the document.
 from __future__ import annotations
 
 import pathlib
+import contextlib
 import re
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -38,7 +40,7 @@ BATCH = 500  # rows per executemany / IN list: well under SQLite's and libpq's p
 _PG_INIT_LOCK = 0x7265_7061_6765  # advisory lock id ("repage") serializing schema creation
 _RESCANNABLE = (State.PENDING, State.FAILED, State.DEFERRED, State.REVIEW)
 _ADDITIVE = ("dollars", "object_requests_a", "object_requests_b", "bytes_read")
-_SETTABLE = ("total_chunks", "affected_chunks", "path", "priority")
+_SETTABLE = ("total_chunks", "affected_chunks", "images_to_move", "path", "priority")
 ORDERS = ("oldest", "random", "priority")
 _STAMPED = ("id", "document_id", "fencing_token", "created_at")  # journal columns the ledger fills
 
@@ -76,6 +78,7 @@ docs_t = sa.Table(
     sa.Column("reason", sa.Text, nullable=False, server_default=""),
     _counter("priority", sa.Double), _counter("attempts", sa.Integer),
     _counter("affected_chunks", sa.Integer), sa.Column("total_chunks", sa.Integer),
+    _counter("images_to_move", sa.Integer),  # from the scan: non-canonical images (for estimate)
     # lease: owner, token (monotonic per document) and expiry, all from the DB clock
     sa.Column("lease_owner", sa.String), _counter("fencing_token"), sa.Column("lease_expires", sa.Double),
     sa.Column("created_at", sa.Double, nullable=False), sa.Column("updated_at", sa.Double, nullable=False),
@@ -147,6 +150,7 @@ class ScanRecord:
     reason: str
     affected_chunks: int
     total_chunks: int | None = None
+    images_to_move: int = 0
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,7 @@ class DocumentRecord:
     attempts: int
     affected_chunks: int
     total_chunks: int | None
+    images_to_move: int
     lease_owner: str | None
     fencing_token: int
     lease_expires: float | None
@@ -267,6 +272,7 @@ class Ledger:
     def __init__(self, url: str):
         self._url = self._parse_url(url)
         self._sqlite = self._url.get_backend_name() == "sqlite"
+        self._write_lock = threading.RLock()
         self._engine = self._make_engine()
         self._init_schema()
 
@@ -304,6 +310,30 @@ class Ledger:
         sa.event.listen(engine, "begin", _sqlite_on_begin)
         return engine
 
+    @classmethod
+    def probe(cls, raw_url: str) -> dict[str, Any]:
+        """Whether the ledger answers, without creating or writing anything (for `doctor`)."""
+        url = cls._parse_url(raw_url)
+        shown = url.render_as_string(hide_password=True)
+        if url.get_backend_name() == "sqlite":
+            db = pathlib.Path(url.database)
+            if not db.exists():
+                return {"url": shown, "exists": False, "note": "created by the first scan"}
+            url = url.set(database=f"file:{db.resolve()}?mode=ro", query={"uri": "true"})
+        engine = sa.create_engine(url, connect_args={} if url.get_backend_name() == "sqlite"
+                                  else {"connect_timeout": 10})
+        try:
+            with engine.connect() as conn:
+                has_meta = sa.inspect(conn).has_table("repage_meta")
+                version = conn.scalar(sa.select(meta_t.c.value).where(meta_t.c.key == "schema_version")) \
+                    if has_meta else None
+                documents = conn.scalar(sa.select(sa.func.count()).select_from(docs_t)) if has_meta else 0
+        except sa_exc.SQLAlchemyError as exc:
+            raise StoreUnavailable(f"ledger {shown} does not answer: {_redact(_one_line(exc), url.password)}") from exc
+        finally:
+            engine.dispose()
+        return {"url": shown, "exists": True, "schema_version": version, "documents": documents}
+
     def describe(self) -> str:
         """The URL with its password redacted, for logs and `doctor`."""
         return self._url.render_as_string(hide_password=True)
@@ -320,8 +350,11 @@ class Ledger:
     @contextmanager
     def _tx(self, write: bool = True) -> Iterator[sa.Connection]:
         """One short transaction; driver errors become repage errors with a redacted message."""
+        # SQLite: threads of one process take turns here. Left to SQLite, a waiting writer
+        # polls the file lock with sleeps of up to 100 ms: many small writes crawl.
+        serialize = self._write_lock if (write and self._sqlite) else contextlib.nullcontext()
         try:
-            with self._engine.connect() as conn:
+            with serialize, self._engine.connect() as conn:
                 if write:
                     conn.execution_options(repage_write=True)  # SQLite: BEGIN IMMEDIATE
                 with conn.begin():
@@ -380,8 +413,8 @@ class Ledger:
                 self._upsert_batch(conn, dict(sorted(latest.items())))  # sorted: PG lock order
 
     def _upsert_batch(self, conn: sa.Connection, recs: dict[str, ScanRecord]) -> None:
-        existing = dict(conn.execute(
-            sa.select(docs_t.c.document_id, docs_t.c.state).where(docs_t.c.document_id.in_(list(recs)))).all())
+        c = docs_t.c
+        existing = dict(conn.execute(sa.select(c.document_id, c.state).where(c.document_id.in_(list(recs)))).all())
         new = [r for d, r in recs.items() if d not in existing]
         refresh = [r for d, r in recs.items() if existing.get(d) in _RESCANNABLE]
         reopen = [r for d, r in recs.items()
@@ -391,14 +424,15 @@ class Ledger:
             conn.execute(self._insert_ignore().values(created_at=now, updated_at=now), [
                 {"document_id": r.document_id, "dataset_id": r.dataset_id, "filename": r.filename,
                  "state": State(r.state).value, "path": Path(r.path).value, "reason": r.reason,
-                 "affected_chunks": r.affected_chunks, "total_chunks": r.total_chunks} for r in new])
+                 "affected_chunks": r.affected_chunks, "total_chunks": r.total_chunks,
+                 "images_to_move": r.images_to_move} for r in new])
         for rows, src, extra in ((refresh, _RESCANNABLE, {}),
                                  (reopen, (State.ROLLED_BACK,), {"state": State.PENDING.value})):
             if rows:
                 conn.execute(self._rescan_update(src, extra), [
                     {"b_id": r.document_id, "b_dataset": r.dataset_id, "b_filename": r.filename,
                      "b_path": Path(r.path).value, "b_reason": r.reason,
-                     "b_affected": r.affected_chunks, "b_total": r.total_chunks} for r in rows])
+                     "b_affected": r.affected_chunks, "b_total": r.total_chunks, "b_moves": r.images_to_move} for r in rows])
 
     def _insert_ignore(self) -> Any:
         # Another scanner may insert the same document between our SELECT and INSERT.
@@ -414,6 +448,7 @@ class Ledger:
                 .values(dataset_id=sa.bindparam("b_dataset"), filename=sa.bindparam("b_filename"),
                         path=sa.bindparam("b_path"), reason=sa.bindparam("b_reason"),
                         affected_chunks=sa.bindparam("b_affected"),
+                        images_to_move=sa.bindparam("b_moves"),
                         total_chunks=sa.func.coalesce(total, c.total_chunks),
                         updated_at=self._now(), **extra))
 
@@ -526,10 +561,11 @@ class Ledger:
                 raise IllegalTransition(f"document {document_id} is not in the ledger: scan it first")
             src = State(row.state)
             if token is not None and (src != State.RUNNING or token != row.fencing_token):
-                raise StaleLease(f"document {document_id}: token {token} is stale ({src}, token {row.fencing_token})")
+                raise StaleLease(f"document {document_id}: token {token} is stale "
+                                 f"(state {src}, current token {row.fencing_token})")
             check_transition(src, dst)
             if dst == State.RUNNING:
-                raise IllegalTransition(f"document {document_id}: pending -> running happens only by claim_batch")
+                raise IllegalTransition(f"document {document_id}: pending -> running is claim_batch's job")
             where: tuple[Any, ...] = (c.document_id == document_id, c.state == src.value)
             if src == State.RUNNING:
                 if token is None:
@@ -640,7 +676,8 @@ class Ledger:
 
     def chunk_journal(self, document_id: str) -> list[ChunkJournalEntry]:
         """The latest entry per chunk identity, in identity order."""
-        return [_from_row(ChunkJournalEntry, r) for r in self._latest(chunks_t, document_id, chunks_t.c.identity)]
+        rows = self._latest(chunks_t, document_id, chunks_t.c.identity)
+        return [_from_row(ChunkJournalEntry, r) for r in rows]
 
     def object_journal(self, document_id: str) -> list[ObjectJournalEntry]:
         """The latest entry per (old_key, new_key), in key order."""

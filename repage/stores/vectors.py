@@ -23,7 +23,7 @@ import operator
 import re
 from collections import Counter, defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
@@ -34,15 +34,7 @@ from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import ConnectionConfigException, ErrorCode, MilvusException
 from pymilvus.grpc_gen import common_pb2
 
-from repage.errors import (
-    ConfigError,
-    InvalidFilterValue,
-    SchemaError,
-    StoreError,
-    StoreUnavailable,
-    Throttled,
-)
-
+from repage.errors import ConfigError, InvalidFilterValue, SchemaError, StoreError, StoreUnavailable, Throttled
 
 
 def _quiet_pymilvus_logging() -> None:
@@ -211,6 +203,9 @@ class CollectionInfo:
     identity_fields: tuple[str, ...]
     server_version: str
 
+    def as_dict(self) -> dict:
+        return asdict(self)
+
 
 @dataclass(frozen=True)
 class ChunkChange:
@@ -280,9 +275,13 @@ def _is_rate_limit(exc: BaseException) -> bool:
 
 def _is_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, grpc.RpcError):
-        return exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        return exc.code() in _UNAVAILABLE_CODES
     return isinstance(exc, ConnectionConfigException) or (
         isinstance(exc, MilvusException) and exc.code == 2)  # 2 = CONNECT_FAILED
+
+
+_UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                      grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 def _one_line(exc: BaseException, secret: str) -> str:
@@ -422,6 +421,7 @@ class MilvusVectors:
         return [dict(r) for r in rows]
 
     def count(self, filter: str = "") -> int:
+        """count(*) of rows matching `filter`, which callers build with eq_filter/in_filter."""
         rows = self._rpc("query", self.collection, filter=filter, output_fields=["count(*)"],
                          consistency_level="Strong")
         return int(rows[0]["count(*)"])
@@ -431,7 +431,7 @@ class MilvusVectors:
         3.0.2 inlines the last VARCHAR pk unescaped (`pk > "<raw>" and (...)`), so a
         chunk_id containing `"` breaks the scan or, worse, widens its filter."""
         pk, cursor = self.info().pk_field, None
-        batch = min(batch_rows, MAX_QUERY_ROWS)
+        batch = min(batch_rows, self.max_query_rows)
         while True:
             bound = None if cursor is None else f"{pk} > {literal(pk, cursor)}"
             page_expr = " && ".join(f"({e})" for e in (bound, expr) if e)
@@ -447,15 +447,31 @@ class MilvusVectors:
     def iter_affected(self, dataset_id: str | None = None, *, page_rows: int = 10_000,
                       fields: Sequence[str] | None = None) -> Iterator[list[dict]]:
         """Affected chunks in pages of `page_rows`, in primary-key order (not by document)."""
-        info = self.info()
-        expr = affected_filter(info.fields)
+        expr = affected_filter(self.info().fields)
+        return self._pages(expr, dataset_id, page_rows, fields or self._light_fields())
+
+    def iter_documents(self, dataset_id: str | None = None, *, page_rows: int = 10_000,
+                       fields: Sequence[str] | None = None) -> Iterator[list[dict]]:
+        """Every chunk, light fields only, so a scan also sees documents with nothing to fix."""
+        wanted = fields or ("document_id", "dataset_id", "filename")
+        out = [f for f in dict.fromkeys((self.info().pk_field, *wanted)) if f in self.info().fields]
+        return self._pages("", dataset_id, page_rows, out)
+
+    def _pages(self, expr: str, dataset_id: str | None, page_rows: int,
+               fields: Sequence[str]) -> Iterator[list[dict]]:
+        if page_rows < 1:
+            raise ConfigError(f"page_rows must be at least 1, not {page_rows}")
         if dataset_id is not None:
-            if "dataset_id" not in info.fields:
-                raise SchemaError(f"collection {info.name!r} has no field 'dataset_id'")
-            expr = f"({expr}) && {eq_filter('dataset_id', dataset_id)}"
-        out = [validate_identifier(f) for f in fields] if fields else self._light_fields()
+            if "dataset_id" not in self.info().fields:
+                raise SchemaError(f"collection {self.collection!r} has no field 'dataset_id'")
+            expr = " && ".join(f"({e})" for e in (expr, eq_filter("dataset_id", dataset_id)) if e)
+        out = [validate_identifier(f) for f in fields]
+        return self._regroup(self._iterate(expr, out, page_rows), page_rows)
+
+    @staticmethod
+    def _regroup(batches: Iterator[list[dict]], page_rows: int) -> Iterator[list[dict]]:
         page: list[dict] = []
-        for batch in self._iterate(expr, out, page_rows):
+        for batch in batches:
             page.extend(batch)
             while len(page) >= page_rows:
                 yield page[:page_rows]
@@ -492,7 +508,7 @@ class MilvusVectors:
         rows: list[dict] = []
         while pending:
             cap = self._row_cap(model.bytes_per_row)
-            batch = _take_ids(pending, model.ids_per_call(cap))
+            batch = next(_batches(pending, _identity_cost, model.ids_per_call(cap), MAX_FILTER_BYTES))
             pending = pending[len(batch):]
             got = self._query_split(batch, lambda ks: in_filter("document_id", ks), out, cap)
             model.observe(len(batch), got)
@@ -550,7 +566,7 @@ class MilvusVectors:
     def write_changes(self, changes: Sequence[ChunkChange], *,
                       rows_before: Mapping[tuple, Mapping[str, Any]] | None = None) -> None:
         """Set page (and image_r2_key) on these chunks; idempotent under a crash-retry."""
-        changes = list(changes)
+        changes = list({tuple(c.identity): c for c in changes}.values())  # last one wins
         if not changes:
             return
         if any(c.image_r2_key is not None for c in changes) and "image_r2_key" not in self.info().fields:
@@ -560,8 +576,11 @@ class MilvusVectors:
             rows, extras = [self._partial_row(c, c.pk) for c in changes], []
         else:
             rows, extras = self._resolve_rows(changes, rows_before or {}, partial)
-        for batch in self._write_batches(rows):
-            self._upsert(batch, partial)
+        # A partial upsert needs one field set per request: rows that also set
+        # image_r2_key go in other requests than rows that set only page.
+        for shape in sorted({tuple(sorted(r)) for r in rows}):
+            for batch in self._write_batches([r for r in rows if tuple(sorted(r)) == shape]):
+                self._upsert(batch, partial)
         if extras:  # only after the kept rows are written: a crash here loses nothing
             self.delete_by_pks(extras)
 
@@ -690,11 +709,6 @@ class _SizeModel:
 
 def _identity_cost(key: Any) -> int:
     return len(str(key)) + 8
-
-
-def _take_ids(pending: list[str], limit: int) -> list[str]:
-    """Up to `limit` ids whose quoted form stays under the filter size bound."""
-    return next(_batches(pending, _identity_cost, limit, MAX_FILTER_BYTES), [])
 
 
 def _at_target(row: Mapping[str, Any], change: ChunkChange) -> bool:

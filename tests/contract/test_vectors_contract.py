@@ -79,6 +79,7 @@ def test_schema_detection(vectors):
         assert info.identity_fields == expected
     assert info.server_version.startswith("milvus_lite-3.")
     assert vectors.supports_partial_update() is (spec.get("cls") is not RenumberingVectors)
+    assert info.as_dict()["identity_fields"] == info.identity_fields
 
 
 def test_affected_filter_uses_only_existing_fields():
@@ -103,6 +104,18 @@ def test_iter_affected_exact_and_paged(vectors):
     assert {"page", "chunk_type", "image_r2_key", info.pk_field} <= set(pages[0][0])
     only_ds2 = [r for page in vectors.iter_affected("ds2") for r in page]
     assert {r["document_id"] for r in only_ds2} == {"e1"} and len(only_ds2) == 4
+
+
+def test_iter_documents_sees_every_chunk(vectors):
+    insert_sample(vectors, ["d1", "d2"], chunks=3)
+    insert_sample(vectors, ["e1"], chunks=3, dataset_id="ds2")
+    pages = list(vectors.iter_documents(page_rows=4))
+    assert [len(p) for p in pages] == [4, 4, 1]
+    assert Counter(r["document_id"] for p in pages for r in p) == {"d1": 3, "d2": 3, "e1": 3}
+    assert set(pages[0][0]) == {vectors.info().pk_field, "document_id", "dataset_id", "filename"}
+    assert {r["document_id"] for p in vectors.iter_documents("ds2") for r in p} == {"e1"}
+    with pytest.raises(ConfigError):
+        vectors.iter_documents(page_rows=0)
 
 
 def test_fetch_documents_returns_every_chunk(vectors):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import threading
+from bisect import bisect_left
 
 import pytest
 
@@ -23,7 +24,7 @@ def acquisition_times(bucket: TokenBucket, clock: FakeClock, count: int) -> list
 def window_counts(times: list[float], width: float) -> list[int]:
     """Counts in [t, t + width) for each t that starts a window lying wholly inside the run."""
     end = times[-1]
-    return [sum(1 for u in times if t <= u < t + width) for t in times if t + width <= end]
+    return [bisect_left(times, t + width) - i for i, t in enumerate(times) if t + width <= end]
 
 
 # ---- token bucket ---------------------------------------------------------------------
@@ -257,10 +258,11 @@ def test_call_with_backoff_gives_up_after_attempts():
     assert len(fn.calls) == 5 and lim.throttled_count == 5
 
 
-def test_call_with_backoff_respects_retry_after():
+@pytest.mark.parametrize("adaptive", [True, False], ids=["limiter-holds", "backoff-waits"])
+def test_call_with_backoff_respects_retry_after(adaptive):
     clock = FakeClock()
     fn = Flaky(clock, failures=2, retry_after=3.0)
-    call_with_backoff(fn, limiter(clock), clock=clock)
+    call_with_backoff(fn, limiter(clock) if adaptive else TokenBucket(None, clock=clock), clock=clock)
     assert [b - a for a, b in zip(fn.calls, fn.calls[1:])] == [pytest.approx(3.01), pytest.approx(3.01)]
 
 
