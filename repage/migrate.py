@@ -16,19 +16,23 @@ import hashlib
 import json
 import os
 import signal
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from repage.errors import BadInput, ObjectNotFound, RepageError, StaleLease
+from repage.errors import BadInput, ConfigError, ObjectNotFound, RepageError, StaleLease
 from repage.keys import canonical_image_key, image_prefix, parse_image_key
 from repage.plan import DocumentPlan, classify, is_affected, needs_listing
 from repage.states import Path, State
 from repage.stores.ledger import ChunkJournalEntry, Claim, ObjectJournalEntry, ObjectState
 from repage.stores.vectors import ChunkChange
 
-FAILPOINTS = ("after-journal", "after-copy", "after-write", "after-readback", "after-transition")
+# Protocol steps where a crash test can kill the process (REPAGE_FAILPOINT=NAME, or
+# hit:N for the N-th step reached whatever its name: random kills without timing).
+FAILPOINTS = ("after-journal", "after-object-copy", "after-copy", "after-write", "after-readback",
+              "after-transition")
 
 
 @dataclass(frozen=True)
@@ -73,10 +77,24 @@ class BatchResult:
     changes: list[dict] = field(default_factory=list)  # dry run: the exact changes
 
 
-def failpoint(options: RunOptions, name: str) -> None:
-    """Die like a crash (no cleanup, no flush) at a named step when asked to."""
-    if options.failpoint == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+class Failpoints:
+    """Die like a crash (SIGKILL: no cleanup, no flush) at a named step, or at the N-th step."""
+
+    def __init__(self, spec: str | None):
+        self.name, self.nth, self.count = None, None, 0
+        self._lock = threading.Lock()
+        if spec and spec.startswith("hit:"):
+            self.nth = int(spec.removeprefix("hit:"))
+        elif spec:
+            if spec not in FAILPOINTS:
+                raise ConfigError(f"REPAGE_FAILPOINT={spec!r}: use one of {', '.join(FAILPOINTS)} or hit:N")
+            self.name = spec
+
+    def hit(self, name: str) -> None:
+        with self._lock:
+            self.count += 1
+            if name == self.name or self.count == self.nth:
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
 def identity_json(identity: Sequence) -> str:
@@ -99,6 +117,7 @@ class BatchMigrator:
         self.write_limiter = write_limiter
         self.concurrency = concurrency
         self.patterns = patterns
+        self.failpoints = Failpoints(options.failpoint)
 
     # ---- planning
 
@@ -194,17 +213,17 @@ class BatchMigrator:
             result.changes = [self._change_record(w) for w in live]
             return result
         live = [w for w in live if self._journal(w, result)]
-        failpoint(self.options, "after-journal")
+        self.failpoints.hit("after-journal")
         self._parallel(self._copy_objects, live)
         live = [w for w in live if self._keep(w, result)]
-        failpoint(self.options, "after-copy")
+        self.failpoints.hit("after-copy")
         self._write(live, result)
-        failpoint(self.options, "after-write")
+        self.failpoints.hit("after-write")
         live = [w for w in live if self._read_back(w, result)]
-        failpoint(self.options, "after-readback")
+        self.failpoints.hit("after-readback")
         for work in live:
             self._finish(work, result)
-        failpoint(self.options, "after-transition")
+        self.failpoints.hit("after-transition")
         return result
 
     def _settle_early(self, work: DocumentWork, result: BatchResult) -> bool:
@@ -244,6 +263,7 @@ class BatchMigrator:
     def _copy_one(self, work: DocumentWork, move: ObjectJournalEntry) -> None:
         self._object_call(self.objects.copy, move.old_key, move.new_key)
         work.usage.class_a += 1
+        self.failpoints.hit("after-object-copy")
         head = self._object_call(self.objects.head, move.new_key)
         copied = self._object_call(self.objects.get, move.new_key)
         work.usage.class_b += 2
