@@ -42,19 +42,27 @@ def open_vectors(settings: Settings) -> MilvusVectors:
     return MilvusVectors(settings.milvus_uri, settings.collection, token=token)
 
 
-def open_objects(settings: Settings) -> ObjectStore:
+def open_objects(settings: Settings, *, check: bool = True) -> ObjectStore:
+    """The bucket; with `check`, one cheap LIST so a missing bucket fails now, in one line."""
     from repage.stores.objects import ObjectStore
 
     def secret(value):
         return value.get_secret_value() if value else None
 
-    return ObjectStore.from_url(
+    store = ObjectStore.from_url(
         settings.store_url,
         endpoint=settings.s3_endpoint,
         region=settings.s3_region,
         access_key_id=secret(settings.aws_access_key_id),
         secret_access_key=secret(settings.aws_secret_access_key),
     )
+    if check:
+        try:
+            store.check()
+        except BaseException:
+            store.close()
+            raise
+    return store
 
 
 def open_ledger(settings: Settings) -> Ledger:
@@ -66,7 +74,8 @@ def open_ledger(settings: Settings) -> Ledger:
 def open_stores(settings: Settings, *, vectors: bool = True, objects: bool = True, ledger: bool = True) -> Stores:
     """Open the requested stores; on failure close what was opened and re-raise."""
     stores = Stores(settings)
-    openers = (("ledger", ledger, open_ledger), ("vectors", vectors, open_vectors), ("objects", objects, open_objects))
+    # the ledger last: a run that fails on Milvus or bucket configuration leaves no ledger file behind
+    openers = (("vectors", vectors, open_vectors), ("objects", objects, open_objects), ("ledger", ledger, open_ledger))
     try:
         for name, wanted, opener in openers:
             if wanted:

@@ -22,8 +22,8 @@ from repage.errors import ConfigError, RepageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Recover page numbers of image/OCR chunks in a Milvus + S3/R2 RAG store.")
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # soft wrap: an error stays one line
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 
@@ -305,6 +305,8 @@ def gc(
 
 
 def main() -> None:
+    # gRPC's C core logs keepalive chatter with Milvus Lite's server on stderr; our errors are one line.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     app(prog_name="repage")
 
 

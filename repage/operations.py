@@ -6,6 +6,7 @@ Each takes Settings (already validated), opens what it needs, returns a plain di
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -82,17 +83,52 @@ def estimate(settings: Settings, *, sample: int = 20) -> dict:
 
 
 def demo(settings: Settings, *, data_dir: Path, pk: str, console: Console | None = None) -> dict:
-    """Build the broken demo store under data_dir, then scan and estimate it."""
-    from repage.demo import build_demo
+    """Build the broken demo store under data_dir, scan, estimate, migrate and verify it.
 
+    The before/after figures compare Milvus with the demo's ground truth: the report
+    reads it, the migration never does.
+    """
+    from repage.demo import build_demo
+    from repage.migrate import RunOptions
+    from repage.runner import RunLimits, Selection
+
+    log = _log(console)
     started = time.perf_counter()
-    summary = build_demo(data_dir, settings=settings, pk=pk, log=_log(console))
-    built = time.perf_counter() - started
-    report = {"build": summary.as_dict(), "build_seconds": round(built, 1)}
+    summary = build_demo(data_dir, settings=settings, pk=pk, log=log)
+    report = {"build": _build_summary(summary), "build_seconds": round(time.perf_counter() - started, 1)}
+    truth = json.loads(Path(summary.ground_truth).read_text())
+    report["before"] = page_accuracy(settings, truth)
     report["scan"] = scan(settings, console=console)
     report["scan"].pop("documents")
     report["estimate"] = estimate(settings)
+    log("migrating the keys path ...")
+    report["run"] = run(settings, RunOptions(), RunLimits(batch_size=settings.batch_size,
+                                                          concurrency=settings.concurrency), Selection())
+    report["verify"] = verify(settings)
+    report["after"] = page_accuracy(settings, truth)
     return report
+
+
+def _build_summary(summary) -> dict:
+    keep = ("data_dir", "documents", "pages", "chunks", "images", "images_in_bucket", "affected_chunks",
+            "embedding_model", "packages")
+    return {k: v for k, v in summary.as_dict().items() if k in keep}
+
+
+def page_accuracy(settings: Settings, truth: dict) -> dict:
+    """Per expected path: affected chunks whose page equals the true page, still 0, or wrong."""
+    with open_stores(settings, objects=False, ledger=False) as stores:
+        docs = [d["document_id"] for d in truth["documents"]]
+        rows = stores.vectors.fetch_documents(docs, fields=["chunk_id", "page"], with_vectors=False)
+    pages = {r["chunk_id"]: r["page"] for r in rows}
+    by_path: dict[str, dict[str, int]] = {}
+    for doc in truth["documents"]:
+        counts = by_path.setdefault(doc["expected_path"], {"right": 0, "still_0": 0, "wrong": 0})
+        for chunk in doc["affected_chunks"]:
+            page = pages.get(chunk["chunk_id"])
+            label = "right" if page == chunk["true_page"] else "still_0" if page == 0 else "wrong"
+            counts[label] += 1
+    return by_path
 
 
 def _progress(console: Console | None, what: str) -> Callable[[int, int], None] | None:
@@ -138,26 +174,42 @@ def render_scan(console: Console) -> Callable[[dict], None]:
 
 def render_estimate(console: Console) -> Callable[[dict], None]:
     def render(report: dict) -> None:
-        table = Table("path", "documents", "chunks", "class A", "class B", "time", "dollars", "seed's range",
+        table = Table("path", "docs", "chunks", "requests A/B", "time", "dollars", "seed's figure",
                       title=f"estimate at concurrency {report['concurrency']}")
         for p in report["paths"]:
             seed = p["seed_seconds"]
-            seed_text = f"{human_seconds(seed[0])} - {human_seconds(seed[1])}" if seed else "-"
-            table.add_row(p["path"], str(p["documents"]), str(p["chunks"]), str(p["class_a"]), str(p["class_b"]),
+            seed_text = f"{human_seconds(seed[0])}-{human_seconds(seed[1])}" if seed else "-"
+            table.add_row(p["path"], str(p["documents"]), str(p["chunks"]), f"{p['class_a']}/{p['class_b']}",
                           human_seconds(p["seconds"]), f"${p['dollars']:.4f}", seed_text)
-        table.add_row("total", "", "", "", "", human_seconds(report["total_seconds"]),
-                      f"${report['total_dollars']:.4f}", "")
+        table.add_row("total", "", "", "", human_seconds(report["total_seconds"]), f"${report['total_dollars']:.4f}", "")
         console.print(table)
-        console.print(f"measured on {report['latencies']['sample_size']} documents: {report['latencies']}",
-                      markup=False)
+        lat = report["latencies"]
+        console.print(
+            f"measured on {lat['sample_size']} documents: Milvus batch query {lat['milvus_query_s'] * 1e3:.0f} ms, "
+            f"HEAD {lat['object_head_s'] * 1e3:.2f} ms, LIST {lat['object_list_s'] * 1e3:.2f} ms, "
+            f"GET {lat['object_copy_s'] * 1e3:.2f} ms, source PDFs {lat['get_bytes_per_s'] / 1e6:.0f} MB/s, "
+            f"PDF extraction {lat['pdf_seconds_per_mb']:.2f} s/MB", markup=False)
+        console.print(f"assumed: {report['assumptions']}", markup=False)
     return render
 
 
 def render_demo(console: Console) -> Callable[[dict], None]:
     def render(report: dict) -> None:
-        console.print(f"demo store built in {report['build_seconds']} s: {report['build']}", markup=False)
+        b = report["build"]
+        console.print(f"built in {report['build_seconds']} s under {b['data_dir']}: {b['documents']} documents, "
+                      f"{b['pages']} pages, {b['chunks']} chunks ({b['affected_chunks']} with page 0), "
+                      f"{b['images_in_bucket']} images in the bucket; vectors: {b['embedding_model']}", markup=False)
         render_scan(console)(report["scan"])
         render_estimate(console)(report["estimate"])
+        render_run(console)(report["run"])
+        render_check(console, "verify")(report["verify"])
+        table = Table("path", "right before", "right after", "still 0 after", "wrong after",
+                      title="affected chunks against the ground truth (true page 0 reads right before)")
+        for path, after in sorted(report["after"].items()):
+            before = report["before"].get(path, {})
+            table.add_row(path, str(before.get("right", 0)), str(after["right"]), str(after["still_0"]),
+                          str(after["wrong"]))
+        console.print(table)
     return render
 
 

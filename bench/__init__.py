@@ -1,0 +1,1 @@
+"""Benchmarks for repage: synthetic FLTR-shaped stores and measurements against them."""

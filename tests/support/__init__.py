@@ -1,0 +1,1 @@
+"""Helpers shared by integration tests (not fixtures: plain functions and classes)."""
