@@ -208,22 +208,40 @@ def run(
         options = RunOptions(move_images=move_images, dry_run=dry_run, failpoint=os.environ.get("REPAGE_FAILPOINT"))
         selection = Selection(paths=frozenset({RepairPath.KEYS}), document_ids=tuple(document_id) if document_id else None,
                               dataset_id=dataset_id, order=order)
-        report = operations.run(settings, options, limits, selection, on_batch=_run_progress(as_json))
+        with _RunProgress(enabled=not as_json) as progress:
+            report = operations.run(settings, options, limits, selection, on_batch=progress.update)
         emit(report, as_json, operations.render_run(out))
         if report["failed"]:
             raise typer.Exit(Exit.FAILURES)
     run_command(body)
 
 
-def _run_progress(quiet: bool):
-    if quiet:
-        return None
+class _RunProgress:
+    """A Rich progress bar on stderr: documents, documents/s, ETA and dollars, per batch."""
 
-    def show(summary) -> None:
+    def __init__(self, enabled: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("run"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[rate]:.1f} docs/s"), TimeRemainingColumn(),
+                                 TextColumn("${task.fields[dollars]:.4f}  {task.fields[failed]} failed"),
+                                 console=err, disable=not enabled)
+        self.task = None
+
+    def __enter__(self) -> _RunProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, summary) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task("run", total=summary.pending_at_start or None,
+                                               rate=0.0, dollars=0.0, failed=0)
         rate = summary.documents / summary.seconds if summary.seconds else 0.0
-        err.print(f"batch {summary.batches}: {summary.migrated} migrated, {summary.failed} failed, "
-                  f"{rate:.1f} docs/s, ${summary.dollars:.4f}", markup=False)
-    return show
+        self.progress.update(self.task, completed=summary.documents, rate=rate, dollars=summary.dollars,
+                             failed=summary.failed)
 
 
 @app.command()

@@ -66,6 +66,7 @@ class RunSummary:
     errors: dict[str, str] = field(default_factory=dict)
     dry_run_changes: list[dict] = field(default_factory=list)
     throttled: int = 0
+    pending_at_start: int = 0  # documents the run could claim when it started (progress total)
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -97,6 +98,7 @@ class Runner:
 
     def run(self) -> RunSummary:
         started = self.clock.now()
+        self.summary.pending_at_start = self._pending()
         while (reason := self._stop_reason(started)) is None:
             claims = self._claim()
             if not claims:
@@ -112,6 +114,14 @@ class Runner:
         self.summary.seconds = self.clock.now() - started
         self.summary.throttled = self.object_limiter.throttled_count + self.write_limiter.throttled_count
         return self.summary
+
+    def _pending(self) -> int:
+        counts = self.stores.ledger.counts()
+        total = sum(n for (state, path), n in counts.items()
+                    if state == State.PENDING.value and Path(path) in self.selection.paths)
+        if self.selection.document_ids is not None:
+            total = min(total, len(self.selection.document_ids))
+        return min(total, self.limits.limit) if self.limits.limit is not None else total
 
     def _claim(self):
         ledger = self.stores.ledger

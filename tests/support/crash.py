@@ -31,7 +31,7 @@ import numpy as np
 from repage.app import Stores, open_ledger, open_objects, open_stores
 from repage.config import ENV_NAMES, Settings, load_settings
 from repage.keys import canonical_image_key, legacy_image_key, legacy_image_name, legacy_sort_index
-from repage.migrate import RunOptions
+from repage.migrate import RunOptions, identity_json, identity_of
 from repage.runner import RunLimits, Runner, Selection, run_migration
 from repage.scan import scan_store
 from repage.states import State
@@ -400,15 +400,15 @@ class Snapshot:
     row_count: int
     objects: dict[str, str]  # key -> sha256 of the bytes
     states: dict[str, str]
-    pks: dict[tuple, list[str]]  # current primary keys by identity (within one collection only)
+    pks: dict[str, list[str]]  # current primary keys by journal identity (within one collection only)
 
 
 def snapshot(stores: Stores, doc_ids: list[str]) -> Snapshot:
     vectors, info = stores.vectors, stores.vectors.info()
     rows = vectors.fetch_documents(doc_ids)
-    pks: dict[tuple, list[str]] = {}
+    pks: dict[str, list[str]] = {}
     for r in rows:
-        pks.setdefault((r["document_id"], r["chunk_index"]), []).append(str(r[info.pk_field]))
+        pks.setdefault(identity_json(identity_of(r, info.identity_fields)), []).append(str(r[info.pk_field]))
     objects = {}
     for page in stores.objects.list(""):
         for obj in page:
