@@ -171,7 +171,7 @@ def run_scan(uri: str, run_dir: Path, interval: float, server: LiteServer) -> di
     out_path, err_path = run_dir / "scan.json", run_dir / "scan.stderr"
     command = [str(BIN / "repage"), "scan", "--json"]
     peak_own = peak_tree = 0
-    samples = 0
+    samples: list[tuple[float, int, int]] = []
     server_peak = server.rss_mb()
     with out_path.open("w") as out, err_path.open("w") as err:
         started = time.perf_counter()
@@ -181,16 +181,19 @@ def run_scan(uri: str, run_dir: Path, interval: float, server: LiteServer) -> di
             own, tree = tree_rss(watched)
             peak_own, peak_tree = max(peak_own, own), max(peak_tree, tree)
             server_peak = max(server_peak, server.rss_mb())
-            samples += 1
+            samples.append((time.perf_counter() - started, own, tree))
             time.sleep(interval)
         wall = time.perf_counter() - started
+    with (run_dir / "rss.csv").open("w") as timeline:  # seconds since start, MB: where the peak is
+        timeline.write("seconds,rss_mb,tree_rss_mb\n")
+        timeline.writelines(f"{t:.2f},{o / 2**20:.1f},{r / 2**20:.1f}\n" for t, o, r in samples)
     if proc.returncode != 0:
         raise RepageError(f"`{' '.join(command)}` exited {proc.returncode}: "
                           f"{err_path.read_text().strip()[-2000:]}")
     report = json.loads(out_path.read_text())
     return {"command": " ".join(["repage", "scan", "--json"]), "wall_seconds": round(wall, 2),
             "scan_seconds": report.get("seconds"), "peak_rss_mb": round(peak_tree / 2**20, 1),
-            "peak_rss_main_mb": round(peak_own / 2**20, 1), "samples": samples,
+            "peak_rss_main_mb": round(peak_own / 2**20, 1), "samples": len(samples),
             "interval_s": interval, "server_peak_rss_mb": round(server_peak, 1),
             "documents": len(report["documents"]), "totals": report["totals"],
             "affected_chunks": report["affected_chunks"], "object_requests": report["object_requests"]}

@@ -158,11 +158,14 @@ class BatchMigrator:
         self._intend(work, plan, {identity_of(r, fields): r for r in affected})
 
     def _list_images(self, work: DocumentWork) -> list[str]:
-        keys: list[str] = []
-        for page in self.objects.list(image_prefix(work.claim.dataset_id, work.document_id)):
-            work.usage.class_a += 1
-            keys.extend(info.key for info in page)
-        return keys
+        prefix = image_prefix(work.claim.dataset_id, work.document_id)
+        # Through the limiter like every bucket call of a run (a throttled listing starts over);
+        # pages after the first were requests too, so they take their slots afterwards.
+        pages = self._object_call(lambda: list(self.objects.list(prefix)))
+        if len(pages) > 1 and self.object_limiter is not None:
+            self.object_limiter.acquire(len(pages) - 1)
+        work.usage.class_a += max(len(pages), 1)  # an empty listing is still one (billed) request
+        return [info.key for page in pages for info in page]
 
     def _intend(self, work: DocumentWork, plan: DocumentPlan, rows: Mapping[tuple, dict]) -> None:
         targets = {c.identity: self._target_key(work, c) for c in plan.chunks}
@@ -186,8 +189,10 @@ class BatchMigrator:
         found = chunk.found_key
         if found is None:
             return None
+        if not self.options.move_images:  # pages only: every key stays as it is (DESIGN §5)
+            return chunk.current_key
         parsed = parse_image_key(found, patterns=self.patterns)
-        if not self.options.move_images or parsed.fmt == "canonical":
+        if parsed.fmt == "canonical":
             return found
         index = chunk.image_index if chunk.image_index is not None else parsed.index
         return canonical_image_key(work.claim.dataset_id, work.document_id, chunk.page, index,
@@ -329,8 +334,11 @@ class BatchMigrator:
     def _finish(self, work: DocumentWork, result: BatchResult) -> None:
         copied = len(work.moves)
         result.objects_copied += copied
+        # Distinct identities, not rows: rows fetched on a resume may include the duplicate a
+        # crash mid-upsert left behind (the write just deleted it); verify compares with this.
+        chunks = len({identity_of(r, self.info.identity_fields) for r in work.rows})
         self._transition(work, State.MIGRATED, result, reason=f"{len(work.chunks)} chunks, {copied} images moved",
-                         total_chunks=len(work.rows))
+                         total_chunks=chunks)
 
     # ---- ledger helpers
 

@@ -19,7 +19,7 @@ from repage.app import open_ledger, open_objects, open_stores, open_vectors
 from repage.config import Settings
 from repage.errors import RepageError
 from repage.estimate import human_seconds
-from repage.scan import scan_store
+from repage.scan import scan_completed, scan_store
 
 
 def doctor(settings: Settings) -> dict:
@@ -77,7 +77,7 @@ def scan(settings: Settings, *, dataset_id: str | None = None, console: Console 
 def estimate(settings: Settings, *, sample: int = 20) -> dict:
     """Scan first when the ledger is empty, then measure latencies and apply the model."""
     with open_stores(settings) as stores:
-        if not stores.ledger.counts():
+        if not stores.ledger.counts() or not scan_completed(stores.ledger):  # none, or a killed scan's part
             scan_store(stores)
         return probe.estimate_store(stores, sample=sample).as_report()
 
@@ -217,8 +217,11 @@ def render_demo(console: Console) -> Callable[[dict], None]:
 
 def run(settings: Settings, options, limits, selection, *, on_batch=None, stop=None) -> dict:
     from repage.runner import run_migration
+    from repage.stores.ledger import Ledger
 
-    with open_stores(settings) as stores:
+    # A dry run writes nothing anywhere: not even a new ledger (run_migration scans into a scratch one).
+    no_ledger = options.dry_run and not Ledger.probe(settings.ledger_url).get("schema_version")
+    with open_stores(settings, ledger=not no_ledger) as stores:
         return run_migration(stores, options, limits, selection, on_batch=on_batch, stop=stop).as_dict()
 
 

@@ -11,6 +11,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -19,7 +20,7 @@ from repage.errors import IllegalTransition, RepageError, StaleLease
 from repage.estimate import request_dollars
 from repage.keys import compile_patterns
 from repage.migrate import BatchMigrator, BatchResult, RunOptions
-from repage.scan import scan_store
+from repage.scan import scan_completed, scan_store
 from repage.states import Path, State
 from repage.stores.ledger import Claim, Ledger
 from repage.throttle import AdaptiveLimiter, Clock, SystemClock
@@ -47,6 +48,9 @@ class Selection:
     document_ids: tuple[str, ...] | None = None
     dataset_id: str | None = None
     order: str = "oldest"
+    min_accesses: float | None = None  # only documents with at least this many decayed accesses
+    access_now: float | None = None  # epoch seconds the decay is judged at (None: now)
+    enqueued_only: bool = False  # only documents lazy repair or an admin enqueued
 
 
 @dataclass
@@ -89,7 +93,10 @@ class Runner:
         self.on_batch = on_batch
         self.stop = stop or threading.Event()
         self.owner = owner_name()
-        self.object_limiter = AdaptiveLimiter(limits.object_ops_per_second, self.clock)
+        # Latency is judged on the median of the last few object requests: one slow reply of
+        # the store (a GC pause, a tail latency) must not halve the rate for the next ~10 s.
+        self.object_limiter = AdaptiveLimiter(limits.object_ops_per_second, self.clock,
+                                              latency_window=max(16, 4 * limits.concurrency))
         self.write_limiter = AdaptiveLimiter(limits.milvus_writes_per_second, self.clock)
         self.migrator = BatchMigrator(stores, options, object_limiter=self.object_limiter,
                                       write_limiter=self.write_limiter, concurrency=limits.concurrency,
@@ -133,7 +140,17 @@ class Runner:
         ledger.release_expired()
         sel = self.selection
         return ledger.claim_batch(self.owner, size, self.stores.settings.lease_seconds, paths=set(sel.paths), dataset_id=sel.dataset_id,
-                                  document_ids=sel.document_ids, order=sel.order)
+                                  document_ids=sel.document_ids, order=sel.order, enqueued_only=sel.enqueued_only,
+                                  min_access_rank=self._min_access_rank())
+
+    def _min_access_rank(self) -> float | None:
+        from repage.access import half_life_seconds, rank_threshold
+
+        sel = self.selection
+        if not sel.min_accesses:
+            return None
+        now = sel.access_now if sel.access_now is not None else time.time()  # access times are wall clock
+        return rank_threshold(sel.min_accesses, now, half_life_seconds(self.stores.settings.access_half_life_hours))
 
     def _peek(self, size: int):
         """Dry run: pending documents as if claimed, without touching the ledger."""
@@ -208,7 +225,10 @@ def run_migration(stores, options: RunOptions, limits: RunLimits, selection: Sel
     A dry run on an empty ledger scans into a throw-away SQLite ledger, so the configured
     ledger stays untouched like every other store.
     """
-    if stores.ledger.counts():
+    # None: a dry run with no ledger yet. A ledger with documents but no finished scan was left by
+    # a run killed mid-scan: scan again (scans are idempotent and keep running/done documents).
+    if (stores.ledger is not None and stores.ledger.counts()
+            and (options.dry_run or scan_completed(stores.ledger))):
         return Runner(stores, options, limits, selection, **kwargs).run()
     if not options.dry_run:
         scan_store(stores, dataset_id=selection.dataset_id)

@@ -23,6 +23,7 @@ from repage.stores.ledger import ScanRecord
 SCAN_FIELDS = ("document_id", "dataset_id", "filename", "chunk_type", "page", "image_index",
                "ocr_confidence", "image_r2_key", "image_size", "chunk_index", "chunk_id")
 FLUSH_EVERY = 500  # ledger rows per upsert
+SCAN_COMPLETE = "scan-complete"  # ledger event written when a scan has recorded every document
 
 
 @dataclass
@@ -116,9 +117,11 @@ class Classifier:
 
     def list_images(self, dataset_id: str, document_id: str) -> list[str]:
         keys: list[str] = []
+        pages = 0
         for page in self.objects.list(image_prefix(dataset_id, document_id)):
-            self.requests += 1
+            pages += 1
             keys.extend(info.key for info in page)
+        self.requests += max(pages, 1)  # an empty listing is still one (billed) request
         return keys
 
     def source_exists(self, row: Mapping, summary: DocumentSummary) -> bool:
@@ -158,8 +161,17 @@ def scan_store(stores, *, dataset_id: str | None = None,
         if progress:
             progress(done, len(documents))
     ledger.upsert_scan(pending)
+    # Last: a scan killed between two flushes leaves a partial ledger that must not pass for a
+    # scan. Once only: a rescan of an unchanged store changes nothing in the ledger.
+    if not scan_completed(ledger):
+        ledger.add_event(SCAN_COMPLETE, count=len(documents), detail=dataset_id)
     report.object_requests = classifier.requests
     return report
+
+
+def scan_completed(ledger) -> bool:
+    """Whether a scan ever finished on this ledger (documents alone may be a killed scan's part)."""
+    return bool(ledger.events(kinds=[SCAN_COMPLETE], limit=1))
 
 
 def _scan_record(plan: DocumentPlan, summary: DocumentSummary) -> ScanRecord:

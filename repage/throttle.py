@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
@@ -141,7 +143,12 @@ class AdaptiveLimiter:
     """AIMD rate control for one store, shared by every thread that writes to it.
 
     Decrease: a throttle, or a latency above `latency_factor` x the EWMA baseline,
-    multiplies the rate by `decrease`, but never below `min_rate`. A throttle also holds
+    multiplies the rate by `decrease`, but never below `min_rate`. The latency judged is
+    the median of the last `latency_window` samples (default 1: each sample alone). A
+    window wider than twice the requests in flight ignores one stall of the store, which
+    slows every in-flight request at once, and still reacts when most requests slow down.
+    Each cut takes `max_rate / 2 / increase_step` seconds to win back, so a limiter that
+    cut on every tail latency would run well under its rate. A throttle also holds
     every caller for `retry_after`, or for a jittered exponential backoff when the
     server gives no Retry-After. After one decrease, later signals do nothing until
     `cooldown_s` has passed. Without that, N threads hit by one 503 burst would cut
@@ -160,11 +167,14 @@ class AdaptiveLimiter:
     def __init__(self, max_rate: float | None, clock: Clock | None = None, *, min_rate: float = 1.0,
                  decrease: float = 0.5, increase_step: float | None = None, latency_factor: float = 2.0,
                  backoff_initial: float = 0.1, backoff_max: float = 10.0, cooldown_s: float = 1.0,
-                 rng: random.Random | None = None, slow_latency_floor_s: float = 0.05):
+                 rng: random.Random | None = None, slow_latency_floor_s: float = 0.05,
+                 latency_window: int = 1):
         if not 0 < decrease < 1:
             raise ValueError(f"decrease must be in (0, 1), not {decrease!r}")
         if not latency_factor > 1:
             raise ValueError(f"latency_factor must be > 1, not {latency_factor!r}")
+        if not latency_window >= 1:
+            raise ValueError(f"latency_window must be >= 1, not {latency_window!r}")
         self.clock = clock or SystemClock()
         self.max_rate = check_rate(max_rate, "max_rate")
         self.min_rate = min(check_rate(min_rate, "min_rate"), max_rate or math.inf)
@@ -182,6 +192,7 @@ class AdaptiveLimiter:
         self._streak = 0  # throttles since the last success
         self._baseline: float | None = None
         self._samples = 0
+        self._recent: deque[float] = deque(maxlen=int(latency_window))
         self._window = (self.clock.now(), 0, 0.0)  # (start, count, rate of the previous window)
         self.throttled_count = 0
         self.slowdowns = 0
@@ -217,9 +228,11 @@ class AdaptiveLimiter:
     def on_success(self, latency_s: float) -> None:
         with self._lock:
             self._streak = 0
+            self._recent.append(latency_s)
+            typical = statistics.median(self._recent)
             slow = (self._baseline is not None and self._samples >= self.WARMUP_SAMPLES
-                    and latency_s >= self.slow_latency_floor_s
-                    and latency_s > self.latency_factor * self._baseline)
+                    and typical >= self.slow_latency_floor_s
+                    and typical > self.latency_factor * self._baseline)
             self._observe_latency(latency_s)
             if slow:
                 self.slowdowns += self._decrease(self.clock.now())

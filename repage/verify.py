@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from repage.errors import ObjectNotFound, RepageError
 from repage.states import State
 from repage.stores.ledger import ObjectState
-from repage.stores.vectors import ChunkChange, eq_filter
+from repage.stores.vectors import ChunkChange, eq_filter, in_filter
 
 
 @dataclass
@@ -126,10 +126,11 @@ def rollback_document(stores, record) -> None:
     changes = [ChunkChange(_identity(c.identity), _current_pk(vectors, found, c), c.old_page,
                            (c.old_key or "") if c.new_key is not None else None) for c in journal]
     vectors.write_changes(changes)
+    referenced = _referenced_keys(vectors, [move.new_key for move in moves])
     for move in moves:
         # back to intended: a later run of this document must copy the image again
         ledger.set_object_state(record.document_id, None, move.old_key, move.new_key, ObjectState.INTENDED)
-        if not _referenced(vectors, move.new_key):
+        if move.new_key not in referenced:
             objects.delete(move.new_key)
     ledger.transition(record.document_id, State.ROLLED_BACK, reason="rolled back from the journal")
 
@@ -145,6 +146,18 @@ def _referenced(vectors, key: str) -> bool:
     if "image_r2_key" not in vectors.info().fields:
         return False
     return vectors.count(eq_filter("image_r2_key", key)) > 0
+
+
+def _referenced_keys(vectors, keys: list[str], batch: int = 500) -> set[str]:
+    """The keys some chunk points at: one count per `batch` keys, one per key only where any is."""
+    if "image_r2_key" not in vectors.info().fields:
+        return set()
+    keys, found = list(dict.fromkeys(keys)), set()
+    for start in range(0, len(keys), batch):
+        group = keys[start:start + batch]
+        if vectors.count(in_filter("image_r2_key", group)) > 0:
+            found.update(k for k in group if _referenced(vectors, k))
+    return found
 
 
 def rollback_documents(stores, document_ids: Iterable[str] | None = None) -> CheckReport:

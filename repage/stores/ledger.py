@@ -32,6 +32,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
+from repage.access import Decayed
 from repage.errors import ConfigError, IllegalTransition, StaleLease, StoreError, StoreUnavailable
 from repage.states import Path, State, check_transition
 
@@ -136,6 +137,20 @@ events_t = sa.Table(
     sa.Index("ix_events_kind_at", "kind", "at"),
 )
 
+# Usage and lazy requests (repage/access.py, repage/lazy.py). No foreign key on purpose:
+# the read path sees documents that no scan has recorded yet, and their accesses count too.
+accesses_t = sa.Table(
+    "accesses", _md,
+    sa.Column("document_id", sa.String, primary_key=True),
+    sa.Column("dataset_id", sa.String),
+    _counter("score", sa.Double),  # decayed access count as of scored_at
+    sa.Column("scored_at", sa.Double, nullable=False),  # epoch seconds of the hits (app clock)
+    sa.Column("access_rank", sa.Double),  # log2(score) + scored_at/half-life: orders by decayed count
+    sa.Column("enqueued_at", sa.Double),  # lazy repair or an admin asked for it: claimed first
+    sa.Index("ix_accesses_rank", "access_rank"),
+    sa.Index("ix_accesses_enqueued", "enqueued_at"),
+)
+
 
 # --------------------------------------------------------------------------- records
 
@@ -230,6 +245,20 @@ class Event:
     document_id: str | None
     count: int
     detail: str | None
+
+
+@dataclass(frozen=True)
+class AccessRecord:
+    """A document's decayed accesses (repage/access.py) and its lazy request, with its state."""
+
+    document_id: str
+    dataset_id: str | None
+    score: float  # decayed count as of scored_at
+    scored_at: float
+    access_rank: float | None
+    enqueued_at: float | None
+    state: State | None  # None: no scan has recorded the document yet
+    path: Path | None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -377,6 +406,7 @@ class Ledger:
                         f"ledger {self.describe()} has schema version {found}, newer than this "
                         f"repage knows ({SCHEMA_VERSION}): upgrade repage")
                 if found is not None:
+                    _md.create_all(conn)  # tables added within version 1 (accesses); checkfirst
                     return  # older versions would be migrated here; there is only version 1
             _md.create_all(conn)
             conn.execute(sa.delete(meta_t).where(meta_t.c.key == "schema_version"))
@@ -442,15 +472,15 @@ class Ledger:
     def _rescan_update(self, src: Sequence[State], extra: dict[str, Any]) -> Any:
         c = docs_t.c
         total = sa.bindparam("b_total", type_=sa.Integer)
-        return (sa.update(docs_t)
-                .where(c.document_id == sa.bindparam("b_id"),
-                       sa.or_(*(c.state == s.value for s in src)))  # executemany: no expanding IN
-                .values(dataset_id=sa.bindparam("b_dataset"), filename=sa.bindparam("b_filename"),
-                        path=sa.bindparam("b_path"), reason=sa.bindparam("b_reason"),
-                        affected_chunks=sa.bindparam("b_affected"),
-                        images_to_move=sa.bindparam("b_moves"),
-                        total_chunks=sa.func.coalesce(total, c.total_chunks),
-                        updated_at=self._now(), **extra))
+        values = dict(dataset_id=sa.bindparam("b_dataset"), filename=sa.bindparam("b_filename"),
+                      path=sa.bindparam("b_path"), reason=sa.bindparam("b_reason"),
+                      affected_chunks=sa.bindparam("b_affected"), images_to_move=sa.bindparam("b_moves"),
+                      total_chunks=sa.func.coalesce(total, c.total_chunks))
+        where = [c.document_id == sa.bindparam("b_id"),
+                 sa.or_(*(c.state == s.value for s in src))]  # executemany: no expanding IN
+        if not extra:  # a refresh that changes nothing leaves the row (and its updated_at) alone
+            where.append(sa.or_(*(c[name].is_distinct_from(value) for name, value in values.items())))
+        return sa.update(docs_t).where(*where).values(**values, updated_at=self._now(), **extra)
 
     def set_priority(self, priorities: Mapping[str, float]) -> None:
         """Set the claim priority of documents (order="priority" claims highest first)."""
@@ -464,15 +494,21 @@ class Ledger:
 
     def claim_batch(self, owner: str, limit: int, lease_seconds: float, *,
                     paths: set[Path] | None = None, dataset_id: str | None = None,
-                    document_ids: Sequence[str] | None = None, order: str = "oldest") -> list[Claim]:
-        """Move up to `limit` pending documents to running under a new lease, in `order`."""
+                    document_ids: Sequence[str] | None = None, order: str = "oldest",
+                    min_access_rank: float | None = None, enqueued_only: bool = False) -> list[Claim]:
+        """Move up to `limit` pending documents to running under a new lease, in `order`.
+
+        `priority`: enqueued (lazy) documents first, then `priority`, then access rank.
+        `min_access_rank` keeps documents ranked at least that (repage/access.py
+        rank_threshold); `enqueued_only` keeps enqueued documents only.
+        """
         if order not in ORDERS:
             raise ValueError(f"claim order {order!r} is not one of {ORDERS}")
         if limit <= 0 or (paths is not None and not paths):
             return []
         c = docs_t.c
         with self._tx() as conn:
-            ids = self._pick(conn, limit, paths, dataset_id, document_ids, order)
+            ids = self._pick(conn, limit, paths, dataset_id, document_ids, order, min_access_rank, enqueued_only)
             if not ids:
                 return []
             now = self._now()
@@ -488,20 +524,26 @@ class Ledger:
         return sorted(claims, key=lambda cl: rank[cl.document_id])
 
     def _pick(self, conn: sa.Connection, limit: int, paths: set[Path] | None, dataset_id: str | None,
-              document_ids: Sequence[str] | None, order: str) -> list[str]:
-        c = docs_t.c
+              document_ids: Sequence[str] | None, order: str, min_access_rank: float | None = None,
+              enqueued_only: bool = False) -> list[str]:
+        c, a = docs_t.c, accesses_t.c
         q = sa.select(c.document_id).where(c.state == State.PENDING.value)
         if paths is not None:
             q = q.where(c.path.in_(sorted(Path(p).value for p in paths)))
         if dataset_id is not None:
             q = q.where(c.dataset_id == dataset_id)
+        if order == "priority" or min_access_rank is not None or enqueued_only:
+            q = q.select_from(docs_t.outerjoin(accesses_t, a.document_id == c.document_id))
+            q = q.where(a.access_rank >= min_access_rank) if min_access_rank is not None else q
+            q = q.where(a.enqueued_at.is_not(None)) if enqueued_only else q
         q = q.order_by(*{"oldest": (c.created_at, c.document_id), "random": (sa.func.random(),),
-                         "priority": (c.priority.desc(), c.created_at, c.document_id)}[order])
+                         "priority": (a.enqueued_at.is_(None), a.enqueued_at, c.priority.desc(),
+                                      a.access_rank.desc().nulls_last(), c.created_at, c.document_id)}[order])
         if not self._sqlite:
             # PostgreSQL: rows another claimer holds are skipped, not waited for (throughput;
             # the UPDATE's `state = pending` is what makes a double claim impossible). SQLite
             # would drop this clause silently; there BEGIN IMMEDIATE serializes claimers.
-            q = q.with_for_update(skip_locked=True)
+            q = q.with_for_update(skip_locked=True, of=docs_t)  # OF: never lock the accesses side
         if document_ids is None:
             return list(conn.scalars(q.limit(limit)))
         picked: list[str] = []
@@ -756,10 +798,132 @@ class Ledger:
             rows = conn.execute(q).all()
         return [_from_row(Event, r) for r in reversed(rows)]
 
-    def prune_events(self, before: float) -> int:
-        """Delete events older than `before` (DB-clock epoch seconds); how many."""
+    def prune_events(self, before: float, kinds: Iterable[str] | None = None) -> int:
+        """Delete events older than `before` (DB-clock epoch seconds), of `kinds` if given; how many."""
+        where = [events_t.c.at < before] + ([events_t.c.kind.in_(list(kinds))] if kinds is not None else [])
         with self._tx() as conn:
-            return conn.execute(sa.delete(events_t).where(events_t.c.at < before)).rowcount
+            return conn.execute(sa.delete(events_t).where(*where)).rowcount
+
+    # ----------------------------------------------------------------- usage and lazy requests
+
+    def _accesses_insert(self) -> Any:
+        insert = sqlite_dialect.insert if self._sqlite else pg_dialect.insert
+        return insert(accesses_t).on_conflict_do_nothing(index_elements=["document_id"])
+
+    def record_accesses(self, hits: Mapping[str, tuple[str | None, Decayed]], half_life_s: float) -> int:
+        """Add decayed hits (document -> (dataset_id, Decayed)); returns documents touched.
+
+        Read-modify-write under the row lock (PostgreSQL) or the write lock (SQLite): flushes
+        of several service processes add up instead of overwriting each other.
+        """
+        a = accesses_t.c
+        update = (sa.update(accesses_t).where(a.document_id == sa.bindparam("b_id")).values(
+            dataset_id=sa.func.coalesce(sa.bindparam("b_dataset", type_=sa.String), a.dataset_id),
+            score=sa.bindparam("b_score"), scored_at=sa.bindparam("b_at"), access_rank=sa.bindparam("b_rank")))
+        for batch in _batches(sorted(hits.items())):
+            ids = [doc for doc, _ in batch]
+            with self._tx() as conn:
+                conn.execute(self._accesses_insert(),
+                             [{"document_id": doc, "score": 0.0, "scored_at": hit.at} for doc, (_, hit) in batch])
+                known = {r.document_id: Decayed(r.score, r.scored_at) for r in conn.execute(
+                    sa.select(a.document_id, a.score, a.scored_at).where(a.document_id.in_(ids)).with_for_update())}
+                rows = []
+                for doc, (dataset_id, hit) in batch:
+                    total = known[doc].merge(hit, half_life_s)
+                    rows.append({"b_id": doc, "b_dataset": dataset_id, "b_score": total.score, "b_at": total.at,
+                                 "b_rank": total.rank(half_life_s)})
+                conn.execute(update, rows)
+        return len(hits)
+
+    def enqueue(self, document_ids: Sequence[str], *, retry_failed: bool = False) -> dict[str, str]:
+        """Ask for documents to be claimed before everything else (lazy repair, admin).
+
+        Per document: "enqueued" (newly: an `enqueued` event is written), "queued" (it was
+        already), or its state when there is nothing to queue (running, done, review,
+        deferred, failed). A document no scan has recorded is enqueued: the worker scans it.
+        `retry_failed` first moves a failed document back to pending (the retry edge).
+        """
+        outcome: dict[str, str] = {}
+        for batch in _batches(dict.fromkeys(document_ids)):
+            with self._tx() as conn:
+                outcome.update(self._enqueue_batch(conn, batch, retry_failed))
+        return outcome
+
+    def _enqueue_batch(self, conn: sa.Connection, batch: list[str], retry_failed: bool) -> dict[str, str]:
+        c, a = docs_t.c, accesses_t.c
+        states = dict(conn.execute(sa.select(c.document_id, c.state).where(c.document_id.in_(batch))).all())
+        failed = [d for d in batch if states.get(d) == State.FAILED.value] if retry_failed else []
+        if failed:
+            check_transition(State.FAILED, State.PENDING)
+            conn.execute(sa.update(docs_t).where(c.document_id.in_(failed), c.state == State.FAILED.value)
+                         .values(state=State.PENDING.value, updated_at=self._now()))
+            states.update(dict.fromkeys(failed, State.PENDING.value))
+        wanted = [d for d in batch if states.get(d, State.PENDING.value) == State.PENDING.value]
+        outcome = {d: states[d] for d in batch if d not in wanted}
+        if wanted:
+            now = self._now()
+            conn.execute(self._accesses_insert(), [{"document_id": d, "score": 0.0, "scored_at": 0.0} for d in wanted])
+            newly = set(conn.scalars(sa.update(accesses_t).where(a.document_id.in_(wanted), a.enqueued_at.is_(None))
+                                     .values(enqueued_at=now).returning(a.document_id)))
+            if newly:
+                conn.execute(sa.insert(events_t).values(at=now, kind="enqueued"),
+                             [{"document_id": d, "count": 1} for d in sorted(newly)])
+            outcome.update({d: "enqueued" if d in newly else "queued" for d in wanted})
+        return outcome
+
+    def enqueued(self, *, unscanned_only: bool = False, limit: int | None = None) -> list[str]:
+        """Enqueued documents, oldest request first; `unscanned_only`: those no scan recorded."""
+        a, c = accesses_t.c, docs_t.c
+        q = sa.select(a.document_id).where(a.enqueued_at.is_not(None)).order_by(a.enqueued_at, a.document_id)
+        if unscanned_only:
+            q = q.where(~sa.exists().where(c.document_id == a.document_id))
+        if limit is not None:
+            q = q.limit(limit)
+        with self._tx(write=False) as conn:
+            return list(conn.scalars(q))
+
+    def clear_enqueued(self, document_ids: Sequence[str] | None = None, *,
+                       keep_paths: set[Path] | None = None) -> int:
+        """Drop enqueue requests: of `document_ids`; or else of every scanned document that a
+        claim (of `keep_paths`) can no longer take. Running documents keep theirs."""
+        a, c = accesses_t.c, docs_t.c
+        if document_ids is not None:
+            wheres = [a.document_id.in_(batch) for batch in _batches(dict.fromkeys(document_ids))]
+        else:
+            claimable = c.state == State.PENDING.value
+            if keep_paths is not None:
+                claimable = sa.and_(claimable, c.path.in_(sorted(Path(p).value for p in keep_paths)))
+            settled = sa.select(c.document_id).where(~sa.or_(claimable, c.state == State.RUNNING.value))
+            wheres = [a.document_id.in_(settled)]
+        cleared = 0
+        for where in wheres:
+            with self._tx() as conn:
+                cleared += conn.execute(sa.update(accesses_t).where(a.enqueued_at.is_not(None), where)
+                                        .values(enqueued_at=None)).rowcount
+        return cleared
+
+    def top_accesses(self, limit: int = 20) -> list[AccessRecord]:
+        """Documents by access rank (decayed count), highest first."""
+        a, c = accesses_t.c, docs_t.c
+        q = (sa.select(a.document_id, sa.func.coalesce(a.dataset_id, c.dataset_id).label("dataset_id"), a.score,
+                       a.scored_at, a.access_rank, a.enqueued_at, c.state, c.path)
+             .select_from(accesses_t.outerjoin(docs_t, c.document_id == a.document_id))
+             .where(a.score > 0).order_by(a.access_rank.desc(), a.document_id).limit(limit))
+        with self._tx(write=False) as conn:
+            rows = conn.execute(q).all()
+        return [AccessRecord(r.document_id, r.dataset_id, float(r.score), float(r.scored_at), r.access_rank,
+                             r.enqueued_at, State(r.state) if r.state else None, Path(r.path) if r.path else None)
+                for r in rows]
+
+    def document_ids_by_dataset(self, dataset_ids: Iterable[str]) -> dict[str, list[str]]:
+        """The documents the ledger knows per dataset (an imported dataset hit counts for each)."""
+        c, out = docs_t.c, {}
+        for batch in _batches(sorted(set(dataset_ids))):
+            with self._tx(write=False) as conn:
+                for dataset, doc in conn.execute(sa.select(c.dataset_id, c.document_id)
+                                                 .where(c.dataset_id.in_(batch)).order_by(c.document_id)):
+                    out.setdefault(dataset, []).append(doc)
+        return out
 
 
 # --------------------------------------------------------------------------- SQLite hooks
@@ -784,5 +948,5 @@ def _sqlite_on_begin(conn: sa.Connection) -> None:
 
 __all__ = [
     "Ledger", "ScanRecord", "Claim", "ChunkJournalEntry", "ObjectJournalEntry", "ObjectState",
-    "DocumentRecord", "Event", "SCHEMA_VERSION", "ORDERS",
+    "DocumentRecord", "Event", "AccessRecord", "SCHEMA_VERSION", "ORDERS",
 ]

@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import random
 import signal
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from repage.app import open_ledger
 from repage.migrate import FAILPOINTS
 from repage.states import State
 from repage.verify import verify_documents
 from tests.support.crash import (
+    REFERENCE_LEASE_SECONDS,
     CleanRun,
     Schema,
     Snapshot,
@@ -44,7 +47,9 @@ from tests.support.crash import (
     resume,
     run_cli_child,
     run_renumbering_child,
+    run_scan_killing_child,
     snapshot,
+    wait_for_expired_leases,
 )
 
 pytestmark = pytest.mark.slow
@@ -52,6 +57,7 @@ pytestmark = pytest.mark.slow
 SEED = 20_240_604
 PLAIN_RANDOM_KILLS = 20
 RENUMBERING_RANDOM_KILLS = 6
+KILLED_TWICE = 3
 SIGKILLED = -signal.SIGKILL
 
 
@@ -63,6 +69,7 @@ class Variant:
     clean: CleanRun
     reference: Snapshot
     kills: list[int]  # hit:N values for the random kills
+    twice: list[tuple[int, int]]  # (N, M): killed at hit:N, then again at hit:M while resuming
 
 
 def make_variant(name: str, uri: str, root: Path, schema: Schema, renumbering: bool, kills: int) -> Variant:
@@ -70,7 +77,7 @@ def make_variant(name: str, uri: str, root: Path, schema: Schema, renumbering: b
     template = Template(uri, root, synthetic, schema)
     workdir = root / "reference"
     workdir.mkdir()
-    settings = template.clone(workdir)
+    settings = template.clone(workdir, lease_seconds=REFERENCE_LEASE_SECONDS)
     try:
         with open_for(settings, renumbering) as stores:
             clean = counted_run(stores)
@@ -87,7 +94,10 @@ def make_variant(name: str, uri: str, root: Path, schema: Schema, renumbering: b
     assert reference.states == synthetic.states
     assert reference.row_count == len(synthetic.rows)
     rng = random.Random(f"{SEED}-{name}")
-    return Variant(name, template, renumbering, clean, reference, sorted(rng.sample(range(1, clean.hits + 1), kills)))
+    random_kills = sorted(rng.sample(range(1, clean.hits + 1), kills))
+    # the first kill in the first half, so the resumed run has well over M steps left
+    twice = [(rng.randrange(1, clean.hits // 2), rng.randrange(1, 13)) for _ in range(KILLED_TWICE)]
+    return Variant(name, template, renumbering, clean, reference, random_kills, twice)
 
 
 @pytest.fixture(scope="module")
@@ -102,26 +112,31 @@ def renumbering(milvus_server_uri, tmp_path_factory) -> Variant:
                         Schema(pk="auto", chunk_id_field=False, dynamic=True), True, RENUMBERING_RANDOM_KILLS)
 
 
-def crash_and_recover(variant: Variant, workdir: Path, failpoint: str | None = None, *,
-                      kill_on_upsert: int | None = None) -> dict[str, int]:
-    """Kill a child at the failpoint, resume after the leases expire, compare with the reference.
+Kill = str | int  # a failpoint spec, or (renumbering) the upsert to die inside
 
-    Returns the ledger's documents per state as the crash left them."""
+
+def crash_and_recover(variant: Variant, workdir: Path, *kills: Kill) -> dict[str, int]:
+    """Kill a child at each of `kills` in turn (each next child once the leases of the last
+    expired), then resume and compare with the reference.
+
+    Returns the ledger's documents per state (and the duplicated chunks) as the last kill left them."""
     settings = variant.template.clone(workdir)
     doc_ids = variant.template.synthetic.doc_ids
     try:
-        if variant.renumbering:
-            child = run_renumbering_child(settings, failpoint, kill_on_upsert=kill_on_upsert)
-        else:
-            child = run_cli_child(settings, workdir, failpoint)
-        assert child.returncode == SIGKILLED, (
-            f"{failpoint or f'kill in upsert {kill_on_upsert}'}: child exited {child.returncode}, "
-            f"not by SIGKILL\n{child.stdout[-2000:]}\n{child.stderr[-2000:]}")
+        for kill in kills:
+            with open_ledger(settings) as ledger:
+                wait_for_expired_leases(ledger)
+            if variant.renumbering:
+                child = run_renumbering_child(settings, None if isinstance(kill, int) else kill,
+                                              kill_on_upsert=kill if isinstance(kill, int) else None)
+            else:
+                child = run_cli_child(settings, workdir, kill)
+            assert child.returncode == SIGKILLED, (
+                f"kill {kill!r} of {kills}: child exited {child.returncode}, not by SIGKILL\n"
+                f"{child.stdout[-2000:]}\n{child.stderr[-2000:]}")
         with open_for(settings, variant.renumbering) as stores:
             crashed = snapshot(stores, doc_ids)
-            left: dict[str, int] = {}
-            for state in crashed.states.values():
-                left[state] = left.get(state, 0) + 1
+            left = dict(Counter(crashed.states.values()))
             left["duplicated_chunks"] = sum(len(rows) > 1 for rows in crashed.rows.values())
 
             summary = resume(stores)
@@ -132,7 +147,7 @@ def crash_and_recover(variant: Variant, workdir: Path, failpoint: str | None = N
             got = snapshot(stores, doc_ids)
             journal_problems = check_journal(stores, got, plain_keys=not variant.renumbering)
         problems = diff_snapshots(got, variant.reference) + journal_problems
-        assert not problems, f"after a kill at {failpoint or kill_on_upsert}:\n" + "\n".join(problems)
+        assert not problems, f"after kills {kills}:\n" + "\n".join(problems)
         assert len(report.passed) == variant.clean.summary.migrated
         return left
     finally:
@@ -185,6 +200,12 @@ def test_plain_random_kill(plain, tmp_path, kill):
     crash_and_recover(plain, tmp_path, f"hit:{plain.kills[kill]}")
 
 
+@pytest.mark.parametrize("kill", range(KILLED_TWICE))
+def test_plain_killed_again_while_resuming(plain, tmp_path, kill):
+    first, second = plain.twice[kill]
+    crash_and_recover(plain, tmp_path, f"hit:{first}", f"hit:{second}")
+
+
 # ---------------------------------------------------------------- renumbering adapter, spawned child
 
 
@@ -206,5 +227,42 @@ def test_renumbering_random_kill(renumbering, tmp_path, kill):
 def test_renumbering_kill_inside_the_write(renumbering, tmp_path, upsert):
     """Killed between a server upsert's insert and its delete: the retried write must
     keep one row per chunk, not two."""
-    left = crash_and_recover(renumbering, tmp_path, kill_on_upsert=upsert)
+    left = crash_and_recover(renumbering, tmp_path, upsert)
     assert left["duplicated_chunks"] > 0, left  # the crash really left old and new rows side by side
+
+
+def test_renumbering_killed_inside_the_write_twice(renumbering, tmp_path):
+    """The resumed run dies inside its own first write, before it deleted the first crash's duplicates."""
+    left = crash_and_recover(renumbering, tmp_path, 1, 1)
+    assert left["duplicated_chunks"] > 0, left
+
+
+def test_renumbering_killed_again_while_resuming(renumbering, tmp_path):
+    first, second = renumbering.twice[0]
+    crash_and_recover(renumbering, tmp_path, f"hit:{first}", f"hit:{second}", "after-write")
+
+
+# ---------------------------------------------------------------- a kill during the first scan
+
+
+def test_kill_during_the_first_scan(plain, tmp_path):
+    """`run` on an empty ledger scans first and records documents in flushes (500 at a time);
+    killed after the first flush, the next run must not take the partial ledger for a
+    finished scan, or the documents of the later flushes are never migrated."""
+    settings = plain.template.clone(tmp_path)
+    doc_ids = plain.template.synthetic.doc_ids
+    try:
+        child = run_scan_killing_child(settings, flush_every=4)
+        assert child.returncode == SIGKILLED, child
+        with open_for(settings, False) as stores:
+            recorded = len(list(stores.ledger.documents()))
+            assert 0 < recorded < len(doc_ids)  # the kill left a partial scan behind
+            summary = resume(stores)
+            assert summary.failed == 0, summary.errors
+            report = verify_documents(stores)
+            assert not report.failed, report.failed
+            got = snapshot(stores, doc_ids)
+        problems = diff_snapshots(got, plain.reference)
+        assert not problems, "after a kill during the scan:\n" + "\n".join(problems)
+    finally:
+        drop_collection(settings)

@@ -40,7 +40,10 @@ from repage.stores.vectors import MilvusVectors
 
 REPO = Path(__file__).resolve().parents[2]
 DIM = 8
-LEASE_SECONDS = 0.5
+# A killed child's documents return to pending once this expires: short, so the tests wait
+# little, yet well over a batch (~0.1 s), so a loaded machine does not expire live leases.
+LEASE_SECONDS = 1.0
+REFERENCE_LEASE_SECONDS = 120.0  # the uninterrupted run never loses a lease: its step count is exact
 BATCH_SIZE = 3
 CONCURRENCY = 4
 APP_ENV_NAMES = ("MILVUS_URI", "MILVUS_TOKEN", "R2_ACCOUNT_ID", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY",
@@ -196,7 +199,7 @@ class Template:
             out[ident] = [fixed]
         return out
 
-    def clone(self, workdir: Path) -> Settings:
+    def clone(self, workdir: Path, lease_seconds: float = LEASE_SECONDS) -> Settings:
         """A new collection with the template's rows, a copy of the bucket, an empty ledger."""
         name = f"crash_{uuid.uuid4().hex[:12]}"
         s = self.schema
@@ -204,12 +207,12 @@ class Template:
                                              chunk_id_field=s.chunk_id_field) as store:
             store.insert(self.rows)
         shutil.copytree(self.bucket, workdir / "bucket")
-        return scenario_settings(self.uri, name, workdir)
+        return scenario_settings(self.uri, name, workdir, lease_seconds)
 
 
-def scenario_settings(uri: str, collection: str, workdir: Path) -> Settings:
+def scenario_settings(uri: str, collection: str, workdir: Path, lease_seconds: float) -> Settings:
     flags = dict(milvus_uri=uri, collection=collection, store_url=(workdir / "bucket").as_uri(),
-                 ledger_url=f"sqlite:///{workdir / 'ledger.db'}", lease_seconds=LEASE_SECONDS,
+                 ledger_url=f"sqlite:///{workdir / 'ledger.db'}", lease_seconds=lease_seconds,
                  batch_size=BATCH_SIZE, concurrency=CONCURRENCY)
     return load_settings({}, flags=flags, app_fallbacks=False)
 
@@ -324,10 +327,11 @@ class ChildResult:
     stderr: str = ""
 
 
-def write_config(workdir: Path) -> Path:
+def write_config(workdir: Path, settings: Settings) -> Path:
+    """The run's tuning as a repage.toml (the child gets the stores from REPAGE_* env)."""
     path = workdir / "repage.toml"
-    path.write_text(f"[repage]\nlease_seconds = {LEASE_SECONDS}\nbatch_size = {BATCH_SIZE}\n"
-                    f"concurrency = {CONCURRENCY}\n", encoding="utf-8")
+    path.write_text(f"[repage]\nlease_seconds = {settings.lease_seconds}\nbatch_size = {settings.batch_size}\n"
+                    f"concurrency = {settings.concurrency}\n", encoding="utf-8")
     return path
 
 
@@ -339,7 +343,7 @@ def run_cli_child(settings: Settings, workdir: Path, failpoint: str | None, time
                PYTHONPATH=os.pathsep.join(filter(None, (str(REPO), env.get("PYTHONPATH")))))
     if failpoint:
         env["REPAGE_FAILPOINT"] = failpoint
-    config = write_config(workdir)
+    config = write_config(workdir, settings)
     proc = subprocess.run([sys.executable, "-m", "repage.cli", "--config", str(config), "run", "--json"],
                           env=env, cwd=workdir, capture_output=True, text=True, timeout=timeout)
     return ChildResult(proc.returncode, proc.stdout, proc.stderr)
@@ -352,14 +356,46 @@ def _renumbering_child(flags: dict, failpoint: str | None, kill_on_upsert: int |
     sys.exit(1 if summary.failed else 0)
 
 
+def _scan_killing_child(flags: dict, flush_every: int) -> None:
+    """`repage run` on an empty ledger, killed right after the scan's first ledger flush, as
+    a crash part-way through the scan of a store larger than one flush (500 documents)."""
+    from repage import scan
+    from repage.stores.ledger import Ledger
+
+    scan.FLUSH_EVERY = flush_every
+    upsert_scan = Ledger.upsert_scan
+
+    def upsert_then_die(self, records):
+        records = list(records)
+        upsert_scan(self, records)
+        if records:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    Ledger.upsert_scan = upsert_then_die
+    settings = load_settings({}, flags=flags, app_fallbacks=False)
+    with open_stores(settings) as stores:
+        run_migration(stores, RunOptions(), limits_for(settings), Selection())
+    sys.exit(0)
+
+
+def _flags(settings: Settings) -> dict:
+    return {k: getattr(settings, k) for k in ("milvus_uri", "collection", "store_url", "ledger_url",
+                                              "lease_seconds", "batch_size", "concurrency")}
+
+
+def run_scan_killing_child(settings: Settings, flush_every: int, timeout: float = 120.0) -> ChildResult:
+    return _spawn(_scan_killing_child, (_flags(settings), flush_every), timeout)
+
+
 def run_renumbering_child(settings: Settings, failpoint: str | None = None, *,
                           kill_on_upsert: int | None = None, timeout: float = 120.0) -> ChildResult:
     """A spawned process (fresh gRPC channels, no inherited state) running the migration
     with the renumbering adapter, dying at the failpoint."""
-    flags = {k: getattr(settings, k) for k in ("milvus_uri", "collection", "store_url", "ledger_url",
-                                               "lease_seconds", "batch_size", "concurrency")}
-    proc = multiprocessing.get_context("spawn").Process(
-        target=_renumbering_child, args=(flags, failpoint, kill_on_upsert), daemon=True)
+    return _spawn(_renumbering_child, (_flags(settings), failpoint, kill_on_upsert), timeout)
+
+
+def _spawn(target, args: tuple, timeout: float) -> ChildResult:
+    proc = multiprocessing.get_context("spawn").Process(target=target, args=args, daemon=True)
     proc.start()
     proc.join(timeout)
     if proc.is_alive():

@@ -286,3 +286,25 @@ def test_call_with_backoff_works_with_a_plain_bucket_and_charges_cost():
     fn = Flaky(clock, failures=1, latency=0.0)
     assert call_with_backoff(fn, bucket, cost=10, rng=random.Random(0)) == "ok"
     assert bucket.acquired == 20
+
+
+def test_latency_window_ignores_one_stall_but_not_a_majority():
+    clock = FakeClock()
+    lim = AdaptiveLimiter(20.0, clock, latency_window=5)
+    for _ in range(10):
+        lim.on_success(0.100)
+    lim.on_success(1.0)  # one stall in the window: the median is still 100 ms
+    assert lim.slowdowns == 0 and lim.current_rate == 20.0
+    for _ in range(3):
+        clock.advance(1.0)
+        lim.on_success(1.0)  # now most recent replies are slow
+    assert lim.slowdowns >= 1 and lim.current_rate < 20.0
+
+
+def test_microsecond_latencies_never_count_as_slow():
+    """A local store answers in microseconds; doubling that is noise, not load."""
+    lim = AdaptiveLimiter(20.0, FakeClock())
+    for _ in range(10):
+        lim.on_success(0.00005)
+    lim.on_success(0.0009)  # 18x the baseline, but under the 50 ms floor
+    assert lim.slowdowns == 0 and lim.current_rate == 20.0

@@ -1,0 +1,142 @@
+"""Prometheus metrics of the service (prometheus-client), in a registry per app.
+
+Labels never carry a document id (unbounded cardinality, and ids are customer data):
+only small fixed sets (read outcome, migration state).
+Counters kept by LazyRepair and gauges read from the ledger are exported by a custom
+collector at scrape time, so the request path only increments plain integers.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+READ_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LAZY_COUNTERS = (
+    ("reads", "Responses passed through lazy repair"),
+    ("corrected_chunks", "Chunk pages corrected in responses from their image keys"),
+    ("affected_chunks", "Affected chunks (page 0, image/OCR) seen in responses"),
+    ("enqueue_requests", "Documents marked for migration by the read path (deduplicated per flush)"),
+    ("dropped", "Buffered documents dropped because the lazy buffer was full"),
+    ("flush_errors", "Lazy buffer flushes that failed (ledger unavailable)"),
+    ("flushed_enqueues", "Enqueue requests written to the ledger"),
+)
+
+
+def process_source() -> str:
+    """Who publishes a latency report: one service process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class LatencyWindow:
+    """Read-path Milvus latencies of the last `window_s` seconds; p95 for the worker's back-off."""
+
+    def __init__(self, window_s: float = 30.0, max_samples: int = 10_000,
+                 now: Callable[[], float] = time.monotonic):
+        self.window_s = window_s
+        self._now = now
+        self._samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        with self._lock:
+            self._samples.append((self._now(), seconds))
+
+    def p95(self) -> tuple[float | None, int]:
+        """(p95 in seconds or None, number of samples) over the window."""
+        cutoff = self._now() - self.window_s
+        with self._lock:
+            while self._samples and self._samples[0][0] < cutoff:
+                self._samples.popleft()
+            values = sorted(s for _, s in self._samples)
+        if not values:
+            return None, 0
+        return values[min(len(values) - 1, int(0.95 * len(values)))], len(values)
+
+
+class _StateCollector:
+    """Exports LazyRepair's counters and the ledger's figures at scrape time."""
+
+    def __init__(self, lazy, ledger_figures: Callable[[], dict], window: LatencyWindow):
+        self.lazy, self.ledger_figures, self.window = lazy, ledger_figures, window
+
+    def describe(self):
+        return []  # no duplicate check against other collectors: names are all repage_*
+
+    def collect(self):
+        stats = self.lazy.stats.as_dict()
+        for name, doc in LAZY_COUNTERS:
+            yield CounterMetricFamily(f"repage_lazy_{name}", doc, value=stats[name])
+        yield GaugeMetricFamily("repage_lazy_buffered_documents", "Documents waiting in the lazy buffer",
+                                value=self.lazy.buffered())
+        p95, _ = self.window.p95()
+        yield GaugeMetricFamily("repage_read_latency_p95_seconds", "Read-path Milvus p95 over the last 30 s",
+                                value=p95 if p95 is not None else 0.0)
+        yield from self._ledger()
+
+    def _ledger(self):
+        up = GaugeMetricFamily("repage_ledger_up", "Whether the ledger answered this scrape")
+        try:
+            figures = self.ledger_figures()
+        except Exception:  # noqa: BLE001 - a scrape must answer even when the ledger does not
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        states = GaugeMetricFamily("repage_migration_documents", "Documents by ledger state", labels=["state"])
+        for state, count in sorted(figures["by_state"].items()):
+            states.add_metric([state], count)
+        yield states
+        yield GaugeMetricFamily("repage_worker_paused", "1 while an admin has paused the worker",
+                                value=1.0 if figures["paused"] else 0.0)
+
+
+class ServiceMetrics:
+    def __init__(self, lazy, ledger_figures: Callable[[], dict]):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.window = LatencyWindow()
+        self.reads = Counter("repage_reads", "Chunk reads served, by outcome", ["outcome"], registry=self.registry)
+        self.read_seconds = Histogram("repage_read_milvus_seconds", "Milvus latency of read-path queries",
+                                      buckets=READ_BUCKETS, registry=self.registry)
+        self.registry.register(_StateCollector(lazy, ledger_figures, self.window))
+
+    def observe_read(self, seconds: float, outcome: str) -> None:
+        self.reads.labels(outcome=outcome).inc()
+        if outcome != "error":
+            self.read_seconds.observe(seconds)
+            self.window.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class LatencyPublisher:
+    """Runs in the lazy flusher thread: every `every_s`, the window's p95 to the ledger
+    (`read-latency` event) for workers in any process; old reports are pruned hourly."""
+
+    def __init__(self, ledger, window: LatencyWindow, *, every_s: float = 5.0, keep_s: float = 3600.0):
+        self.ledger, self.window, self.every_s, self.keep_s = ledger, window, every_s, keep_s
+        self.source = process_source()
+        self._last = self._last_prune = 0.0
+
+    def __call__(self) -> None:
+        from repage.worker import READ_LATENCY, publish_read_latency
+
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return
+        self._last = now
+        p95, samples = self.window.p95()
+        if p95 is not None:
+            publish_read_latency(self.ledger, p95, samples, self.source)
+        if now - self._last_prune >= 600.0:
+            self._last_prune = now
+            self.ledger.prune_events(self.ledger.db_now() - self.keep_s, kinds=[READ_LATENCY])

@@ -1,0 +1,349 @@
+"""`repage worker`: long-running; lazy requests first, then the background trickle.
+
+Each cycle:
+1. paused (an admin's `pause` event in the ledger)? do nothing;
+2. the read path's Milvus latency (p95 that services publish as `read-latency` events)
+   above `max_read_latency_s`? back off, doubling the wait up to `backoff_max_s`: users
+   first, like a database health indicator;
+3. lazy: scan the enqueued documents no scan has recorded yet, then migrate every
+   enqueued document (neither quota nor quiet hours apply: someone is reading it);
+4. trickle: outside quiet hours and within the daily quota, one batch of pending documents
+   in priority order (manual priority, then decayed accesses), with `min_accesses`.
+   One batch per cycle, so a lazy request never waits behind a long trickle.
+The migration itself is the same Runner (and limits) as `repage run`. A stop (SIGTERM)
+is honoured between batches: the current batch finishes and nothing is left running.
+
+Everything a restart needs is in the ledger: enqueue requests, pause, the day's quota
+(`worker-trickle` events, counted by the worker's clock day) and leases.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, time as dtime, timedelta, tzinfo
+
+from repage.errors import ConfigError, RepageError
+from repage.keys import compile_patterns
+from repage.migrate import RunOptions
+from repage.plan import is_affected
+from repage.runner import RunLimits, Runner, RunSummary, Selection
+from repage.scan import SCAN_FIELDS, Classifier, DocumentSummary, _scan_record, scan_completed, scan_store
+from repage.states import Path
+
+log = logging.getLogger("repage.worker")
+
+PAUSE, RESUME = "pause", "resume"  # ledger events: the latest of the two decides
+READ_LATENCY = "read-latency"  # published by services: {"p95": s, "n": samples, "source": id}
+TRICKLE = "worker-trickle"  # documents the trickle processed; detail = the worker's clock day
+PATHS = frozenset({Path.KEYS})  # what the worker migrates (pdf and reprocess are not built yet)
+_HHMM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
+
+
+class WallClock:
+    """Epoch seconds (quotas and quiet hours are about the calendar, not a monotonic clock)."""
+
+    def now(self) -> float:
+        return time.time()
+
+    def sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            time.sleep(seconds)
+
+
+@dataclass(frozen=True)
+class QuietHours:
+    """A daily window (may wrap midnight) in which the trickle does not run."""
+
+    start: dtime
+    end: dtime
+
+    @classmethod
+    def parse(cls, text: str) -> QuietHours:
+        parts = text.split("-")
+        matches = [_HHMM.fullmatch(p.strip()) for p in parts] if len(parts) == 2 else []
+        if len(matches) != 2 or not all(matches):
+            raise ConfigError(f"--quiet-hours {text!r}: use HH:MM-HH:MM, e.g. 08:00-20:00")
+        start, end = (dtime(int(m[1]), int(m[2])) for m in matches)
+        if start == end:
+            raise ConfigError(f"--quiet-hours {text!r}: start and end are equal")
+        return cls(start, end)
+
+    def contains(self, moment: datetime) -> bool:
+        now = moment.time().replace(tzinfo=None)
+        if self.start < self.end:
+            return self.start <= now < self.end
+        return now >= self.start or now < self.end  # wraps midnight
+
+    def seconds_until_start(self, moment: datetime) -> float:
+        """From `moment` (outside the window) to the next start of the window."""
+        start = moment.replace(hour=self.start.hour, minute=self.start.minute, second=0, microsecond=0)
+        if start <= moment:
+            start += timedelta(days=1)
+        return (start - moment).total_seconds()
+
+    def __str__(self) -> str:
+        return f"{self.start:%H:%M}-{self.end:%H:%M}"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    daily_quota: int | None = None  # trickle documents per day (lazy requests do not count)
+    quiet_hours: QuietHours | None = None
+    min_accesses: float | None = None  # trickle: only documents with this many decayed accesses
+    max_read_latency_s: float = 0.5  # back off above this read-path Milvus p95
+    latency_max_age_s: float = 60.0  # older latency reports mean nobody is reading
+    poll_seconds: float = 5.0  # wait when there is nothing to do
+    backoff_max_s: float = 300.0
+    tz: tzinfo | None = None  # for quiet hours and the quota day; None: the machine's zone
+
+
+@dataclass
+class CycleReport:
+    cycle: int
+    at: float
+    paused: bool = False
+    read_latency_p95: float | None = None
+    backed_off: bool = False
+    lazy: dict = field(default_factory=dict)
+    trickle: dict = field(default_factory=dict)
+    trickle_skipped: str | None = None
+    quota_left: int | None = None
+    wait_seconds: float = 0.0
+
+    @property
+    def documents(self) -> int:
+        return self.lazy.get("documents", 0) + self.trickle.get("documents", 0)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- ledger signals
+
+
+def is_paused(ledger) -> bool:
+    latest = ledger.events(kinds=[PAUSE, RESUME], limit=1)
+    return bool(latest) and latest[-1].kind == PAUSE
+
+
+def set_paused(ledger, paused: bool, who: str = "admin") -> None:
+    ledger.add_event(PAUSE if paused else RESUME, detail=who)
+
+
+def publish_read_latency(ledger, p95: float, samples: int, source: str) -> None:
+    ledger.add_event(READ_LATENCY, count=samples, detail=json.dumps({"p95": p95, "source": source}))
+
+
+def read_latency_p95(ledger, max_age_s: float) -> float | None:
+    """The worst p95 among the latest report of each service in the last `max_age_s`."""
+    latest: dict[str, float] = {}
+    for event in ledger.events(since=ledger.db_now() - max_age_s, kinds=[READ_LATENCY]):
+        try:
+            data = json.loads(event.detail or "{}")
+            latest[str(data.get("source"))] = float(data["p95"])  # events come in time order
+        except (ValueError, KeyError, TypeError):
+            continue
+    return max(latest.values()) if latest else None
+
+
+def scan_documents(stores, document_ids) -> list[str]:
+    """Scan just these documents (enqueued before any scan saw them); the ones found in Milvus."""
+    settings, info = stores.settings, stores.vectors.info()
+    fields = [f for f in dict.fromkeys((*info.identity_fields, *SCAN_FIELDS)) if f in info.fields]
+    rows = stores.vectors.fetch_documents(list(document_ids), fields=fields, with_vectors=False)
+    documents: dict[str, DocumentSummary] = {}
+    for row in rows:
+        summary = documents.setdefault(row["document_id"], DocumentSummary(
+            str(row.get("dataset_id") or ""), str(row.get("filename") or "")))
+        if is_affected(row):
+            summary.affected.append(row)
+    classify = Classifier(stores.objects, info.identity_fields, settings.source_key_template,
+                          compile_patterns(settings.key_patterns))
+    stores.ledger.upsert_scan([_scan_record(classify(doc, s), s) for doc, s in sorted(documents.items())])
+    return list(documents)
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+class Worker:
+    """Lazy requests first, then the trickle. `cycle()` is one pass; `run_forever()` loops."""
+
+    def __init__(self, stores, *, config: WorkerConfig = WorkerConfig(), limits: RunLimits = RunLimits(),
+                 options: RunOptions = RunOptions(), clock=None, stop_event: threading.Event | None = None):
+        self.stores, self.config, self.limits, self.options = stores, config, limits, options
+        self.clock = clock or WallClock()
+        self.stop_event = stop_event or threading.Event()
+        self.cycles = 0
+        self.last: CycleReport | None = None
+        self.totals = {"lazy": 0, "trickle": 0, "migrated": 0, "failed": 0}
+        self._backoffs = 0
+
+    # ---- one cycle
+
+    def cycle(self) -> CycleReport:
+        self.cycles += 1
+        report = CycleReport(self.cycles, self.clock.now())
+        ledger = self.stores.ledger
+        report.paused = is_paused(ledger)
+        if not report.paused:
+            report.read_latency_p95 = read_latency_p95(ledger, self.config.latency_max_age_s)
+            report.backed_off = self._too_slow(report.read_latency_p95)
+        if report.paused or report.backed_off:
+            self._backoffs = self._backoffs + 1 if report.backed_off else 0
+            report.wait_seconds = min(self.config.poll_seconds * 2 ** max(self._backoffs - 1, 0),
+                                      self.config.backoff_max_s)
+            self.last = report
+            return report
+        self._backoffs = 0
+        report.lazy = self._lazy()
+        if not self.stop_event.is_set():
+            report.trickle, report.trickle_skipped, report.quota_left = self._trickle()
+        report.wait_seconds = 0.0 if report.documents else self.config.poll_seconds
+        self.last = report
+        return report
+
+    def _too_slow(self, p95: float | None) -> bool:
+        return p95 is not None and p95 > self.config.max_read_latency_s
+
+    def _lazy(self) -> dict:
+        ledger = self.stores.ledger
+        unscanned = ledger.enqueued(unscanned_only=True, limit=1000)
+        found = scan_documents(self.stores, unscanned) if unscanned else []
+        if missing := sorted(set(unscanned) - set(found)):  # no chunk in Milvus: nothing to do
+            ledger.clear_enqueued(missing)
+        summary = None
+        if ledger.enqueued(limit=1):
+            selection = Selection(paths=PATHS, order="priority", enqueued_only=True)
+            summary = self._run(selection, self.limits)
+        ledger.clear_enqueued(keep_paths=set(PATHS))  # done, failed or another path: request settled
+        return {"scanned": len(found), **self._count(summary, "lazy")}
+
+    def _trickle(self) -> tuple[dict, str | None, int | None]:
+        moment = datetime.fromtimestamp(self.clock.now(), tz=self.config.tz)
+        quiet = self.config.quiet_hours
+        left = self._quota_left(moment)
+        if quiet is not None and quiet.contains(moment):
+            return {}, f"quiet hours {quiet}", left
+        if left == 0:
+            return {}, "daily quota reached", left
+        ledger = self.stores.ledger
+        if not scan_completed(ledger):  # a fresh ledger: the trickle needs to know the documents
+            scan_store(self.stores)
+        size = self.limits.batch_size if left is None else min(self.limits.batch_size, left)
+        until_quiet = quiet.seconds_until_start(moment) if quiet is not None else None
+        limits = replace(self.limits, limit=size, max_duration_seconds=_min(until_quiet, self.limits.max_duration_seconds))
+        selection = Selection(paths=PATHS, order="priority", min_accesses=self.config.min_accesses,
+                              access_now=self.clock.now())
+        summary = self._run(selection, limits, quota_day=moment.date().isoformat())
+        return self._count(summary, "trickle"), None, None if left is None else left - summary.documents
+
+    def _quota_left(self, moment: datetime) -> int | None:
+        quota = self.config.daily_quota
+        if quota is None:
+            return None
+        day = moment.date().isoformat()
+        events = self.stores.ledger.events(kinds=[TRICKLE], limit=quota + 100)  # one per batch of >= 1
+        return max(0, quota - sum(e.count for e in events if e.detail == day))
+
+    def _run(self, selection: Selection, limits: RunLimits, *, quota_day: str | None = None) -> RunSummary:
+        """One Runner pass; between batches it counts the quota and heeds stop, pause, latency."""
+        run_stop = threading.Event()
+        counted = 0
+
+        def on_batch(summary: RunSummary) -> None:
+            nonlocal counted
+            if quota_day is not None and summary.documents > counted:
+                self.stores.ledger.add_event(TRICKLE, count=summary.documents - counted, detail=quota_day)
+                counted = summary.documents
+            if self._interrupted():
+                run_stop.set()
+
+        if self.stop_event.is_set():
+            run_stop.set()
+        return Runner(self.stores, self.options, limits, selection, clock=self.clock, on_batch=on_batch,
+                      stop=run_stop).run()
+
+    def _interrupted(self) -> bool:
+        if self.stop_event.is_set():
+            return True
+        ledger = self.stores.ledger
+        return is_paused(ledger) or self._too_slow(read_latency_p95(ledger, self.config.latency_max_age_s))
+
+    def _count(self, summary: RunSummary | None, phase: str) -> dict:
+        if summary is None:
+            return {"documents": 0, "migrated": 0, "failed": 0}
+        self.totals[phase] += summary.documents
+        self.totals["migrated"] += summary.migrated
+        self.totals["failed"] += summary.failed
+        return {"documents": summary.documents, "migrated": summary.migrated, "failed": summary.failed,
+                "stopped_because": summary.stopped_because}
+
+    # ---- the loop
+
+    def run_forever(self, *, once: bool = False) -> None:
+        """Cycle until stopped (SIGTERM sets stop_event); store errors are logged and waited out."""
+        while not self.stop_event.is_set():
+            try:
+                report = self.cycle()
+                wait = report.wait_seconds
+            except RepageError as exc:  # a store is down: say so in one line, try again later
+                log.warning("repage worker: cycle failed: %s", exc)
+                self._backoffs += 1
+                wait = min(self.config.poll_seconds * 2 ** self._backoffs, self.config.backoff_max_s)
+                if once:
+                    raise
+            if once:
+                return
+            if wait > 0:
+                self.stop_event.wait(wait)
+
+    def state(self) -> dict:
+        return {"cycles": self.cycles, "stopping": self.stop_event.is_set(), "totals": dict(self.totals),
+                "last_cycle": self.last.as_dict() if self.last else None}
+
+
+def _min(a: float | None, b: float | None) -> float | None:
+    values = [v for v in (a, b) if v is not None]
+    return min(values) if values else None
+
+
+class WorkerThread:
+    """The worker inside the service process (`repage serve --with-worker`), with its own stores."""
+
+    def __init__(self, settings, *, config: WorkerConfig, limits: RunLimits, options: RunOptions = RunOptions()):
+        self.settings, self.config, self.limits, self.options = settings, config, limits, options
+        self.stop_event = threading.Event()
+        self.worker: Worker | None = None
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._main, name="repage-worker", daemon=True)
+
+    def start(self) -> WorkerThread:
+        self._thread.start()
+        return self
+
+    def _main(self) -> None:
+        from repage.app import open_stores
+
+        try:
+            with open_stores(self.settings) as stores:
+                self.worker = Worker(stores, config=self.config, limits=self.limits, options=self.options,
+                                     stop_event=self.stop_event)
+                self.worker.run_forever()
+        except Exception as exc:  # noqa: BLE001 - the service stays up and reports the dead worker
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("repage worker thread stopped: %s", self.error)
+
+    def stop(self, timeout: float = 600.0) -> None:
+        """Ask for a stop and wait: the current batch finishes first."""
+        self.stop_event.set()
+        self._thread.join(timeout)
+
+    def state(self) -> dict:
+        base = self.worker.state() if self.worker else {"cycles": 0}
+        return {**base, "alive": self._thread.is_alive(), "error": self.error}
