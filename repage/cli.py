@@ -183,6 +183,7 @@ def run(
     max_error_rate: Annotated[float | None, typer.Option(min=0, max=1, help="Stop cleanly above this failure ratio.")] = None,
     max_duration: Annotated[str | None, typer.Option(help="Stop cleanly after this long (30m, 2h).")] = None,
     budget: Annotated[float | None, typer.Option(min=0, help="Stop cleanly once this many dollars are spent.")] = None,
+    min_accesses: Annotated[float | None, typer.Option(min=0, help="Only documents with this many decayed accesses.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Migrate pending documents in batches (scans first when the ledger is empty).
@@ -207,7 +208,7 @@ def run(
                            max_duration_seconds=parse_duration(max_duration), budget_dollars=budget)
         options = RunOptions(move_images=move_images, dry_run=dry_run, failpoint=os.environ.get("REPAGE_FAILPOINT"))
         selection = Selection(paths=frozenset({RepairPath.KEYS}), document_ids=tuple(document_id) if document_id else None,
-                              dataset_id=dataset_id, order=order)
+                              dataset_id=dataset_id, order=order, min_accesses=min_accesses or None)
         with _RunProgress(enabled=not as_json) as progress:
             report = operations.run(settings, options, limits, selection, on_batch=progress.update)
         emit(report, as_json, operations.render_run(out))
@@ -320,6 +321,9 @@ def gc(
         emit(report, as_json, lambda r: out.print(f"deleted {r['deleted']} superseded images; kept {len(r['kept'])}",
                                                     markup=False))
     run_command(body)
+
+
+from repage import cli_service  # noqa: E402,F401 — registers serve, worker, access
 
 
 def main() -> None:

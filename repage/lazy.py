@@ -158,6 +158,10 @@ class LazyRepair:
             self._buffer.popitem(last=False)
             self.stats.dropped += 1
 
+    def add_periodic(self, task: Callable[[], None]) -> None:
+        """Run `task` in the flusher thread after every flush (e.g. publishing latency)."""
+        self._periodic.append(task)
+
     def buffered(self) -> int:
         with self._lock:
             return len(self._buffer)

@@ -175,8 +175,10 @@ class Worker:
     """Lazy requests first, then the trickle. `cycle()` is one pass; `run_forever()` loops."""
 
     def __init__(self, stores, *, config: WorkerConfig = WorkerConfig(), limits: RunLimits = RunLimits(),
-                 options: RunOptions = RunOptions(), clock=None, stop_event: threading.Event | None = None):
+                 options: RunOptions = RunOptions(), clock=None, stop_event: threading.Event | None = None,
+                 on_cycle=None):
         self.stores, self.config, self.limits, self.options = stores, config, limits, options
+        self.on_cycle = on_cycle  # called with each CycleReport (the CLI prints them)
         self.clock = clock or WallClock()
         self.stop_event = stop_event or threading.Event()
         self.cycles = 0
@@ -188,7 +190,12 @@ class Worker:
 
     def cycle(self) -> CycleReport:
         self.cycles += 1
-        report = CycleReport(self.cycles, self.clock.now())
+        report = self.last = self._cycle(CycleReport(self.cycles, self.clock.now()))
+        if self.on_cycle is not None:
+            self.on_cycle(report)
+        return report
+
+    def _cycle(self, report: CycleReport) -> CycleReport:
         ledger = self.stores.ledger
         report.paused = is_paused(ledger)
         if not report.paused:
@@ -198,14 +205,12 @@ class Worker:
             self._backoffs = self._backoffs + 1 if report.backed_off else 0
             report.wait_seconds = min(self.config.poll_seconds * 2 ** max(self._backoffs - 1, 0),
                                       self.config.backoff_max_s)
-            self.last = report
             return report
         self._backoffs = 0
         report.lazy = self._lazy()
         if not self.stop_event.is_set():
             report.trickle, report.trickle_skipped, report.quota_left = self._trickle()
         report.wait_seconds = 0.0 if report.documents else self.config.poll_seconds
-        self.last = report
         return report
 
     def _too_slow(self, p95: float | None) -> bool:
@@ -316,8 +321,10 @@ def _min(a: float | None, b: float | None) -> float | None:
 class WorkerThread:
     """The worker inside the service process (`repage serve --with-worker`), with its own stores."""
 
-    def __init__(self, settings, *, config: WorkerConfig, limits: RunLimits, options: RunOptions = RunOptions()):
+    def __init__(self, settings, *, config: WorkerConfig, limits: RunLimits, options: RunOptions = RunOptions(),
+                 shared=None):
         self.settings, self.config, self.limits, self.options = settings, config, limits, options
+        self.shared = shared  # the service's stores: one Milvus client and ledger per process
         self.stop_event = threading.Event()
         self.worker: Worker | None = None
         self.error: str | None = None
@@ -328,10 +335,16 @@ class WorkerThread:
         return self
 
     def _main(self) -> None:
-        from repage.app import open_stores
+        from repage.app import Stores, open_objects, open_stores
 
         try:
-            with open_stores(self.settings) as stores:
+            if self.shared is not None:
+                stores = Stores(self.settings, vectors=self.shared.vectors, ledger=self.shared.ledger)
+                stores.objects = open_objects(self.settings)
+                stores._opened.append(stores.objects)  # close only what this thread opened
+            else:
+                stores = open_stores(self.settings)
+            with stores:
                 self.worker = Worker(stores, config=self.config, limits=self.limits, options=self.options,
                                      stop_event=self.stop_event)
                 self.worker.run_forever()
@@ -347,3 +360,15 @@ class WorkerThread:
     def state(self) -> dict:
         base = self.worker.state() if self.worker else {"cycles": 0}
         return {**base, "alive": self._thread.is_alive(), "error": self.error}
+
+
+def run_worker(settings, *, config: WorkerConfig, limits: RunLimits, options: RunOptions = RunOptions(),
+               stop_event: threading.Event | None = None, once: bool = False, on_cycle=None) -> dict:
+    """`repage worker`: cycle until `stop_event` is set (SIGTERM), or once; the totals."""
+    from repage.app import open_stores
+
+    with open_stores(settings) as stores:
+        worker = Worker(stores, config=config, limits=limits, options=options, stop_event=stop_event,
+                        on_cycle=on_cycle)
+        worker.run_forever(once=once)
+        return worker.state()

@@ -123,9 +123,10 @@ def crash_and_recover(variant: Variant, workdir: Path, *kills: Kill) -> dict[str
     settings = variant.template.clone(workdir)
     doc_ids = variant.template.synthetic.doc_ids
     try:
-        for kill in kills:
-            with open_ledger(settings) as ledger:
-                wait_for_expired_leases(ledger)
+        for i, kill in enumerate(kills):
+            if i:  # the next run starts once the dead one's leases expired
+                with open_ledger(settings) as ledger:
+                    wait_for_expired_leases(ledger)
             if variant.renumbering:
                 child = run_renumbering_child(settings, None if isinstance(kill, int) else kill,
                                               kill_on_upsert=kill if isinstance(kill, int) else None)

@@ -1,0 +1,171 @@
+"""Commands `serve`, `worker` and `access` (import, top), registered on `repage.cli.app`.
+
+Thin like the rest of the CLI: build settings and options, call one function, print.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from repage.cli import Exit, JsonFlag, app, emit, err, out, run_command, settings_from
+from repage.errors import ConfigError
+
+access_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help=(
+    "Usage-based priority: import access logs, show the most used documents.\n\n"
+    "Example: repage access import queries.csv && repage access top --limit 10"))
+
+# Worker options, shared by `worker` and `serve --with-worker`.
+Quota = Annotated[int | None, typer.Option("--daily-quota", min=0, help="Trickle documents per day (lazy ones do not count).")]
+Quiet = Annotated[str | None, typer.Option("--quiet-hours", help="HH:MM-HH:MM (local time) when the trickle does not run.")]
+MinAccesses = Annotated[float | None, typer.Option("--min-accesses", min=0, help="Trickle only documents with this many decayed accesses.")]
+MaxLatency = Annotated[float, typer.Option("--max-read-latency", min=0.001, help="Back off while the read path's Milvus p95 (s) is above this.")]
+Poll = Annotated[float, typer.Option("--poll", min=0.01, help="Seconds to wait when there is nothing to do.")]
+BatchSize = Annotated[int | None, typer.Option("--batch-size", min=1, help="Documents per batch.")]
+Concurrency = Annotated[int | None, typer.Option("--concurrency", min=1, help="Object operations in flight.")]
+ObjectRate = Annotated[float | None, typer.Option("--object-ops-per-second", min=0.01, help="Bucket request rate limit.")]
+WriteRate = Annotated[float | None, typer.Option("--milvus-writes-per-second", min=0.01, help="Milvus write rate limit.")]
+MoveImages = Annotated[bool, typer.Option("--move-images/--no-move-images", help="Copy images to canonical keys.")]
+
+
+def _worker_setup(settings, *, quota, quiet, min_accesses, max_latency, poll, batch_size, concurrency,
+                  object_rate, write_rate, move_images):
+    from repage.migrate import RunOptions
+    from repage.runner import RunLimits
+    from repage.worker import QuietHours, WorkerConfig
+
+    config = WorkerConfig(daily_quota=quota, quiet_hours=QuietHours.parse(quiet) if quiet else None,
+                          min_accesses=min_accesses or None, max_read_latency_s=max_latency, poll_seconds=poll)
+    limits = RunLimits(batch_size=batch_size or settings.batch_size, concurrency=concurrency or settings.concurrency,
+                       object_ops_per_second=object_rate, milvus_writes_per_second=write_rate)
+    return config, limits, RunOptions(move_images=move_images, failpoint=os.environ.get("REPAGE_FAILPOINT"))
+
+
+def serve(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to bind.")] = 8080,
+    with_worker: Annotated[bool, typer.Option("--with-worker", help="Run the worker in this process too.")] = False,
+    insecure_local: Annotated[bool, typer.Option("--insecure-local", help="Serve without tokens (loopback only).")] = False,
+    daily_quota: Quota = None, quiet_hours: Quiet = None, min_accesses: MinAccesses = None,
+    max_read_latency: MaxLatency = 0.5, poll: Poll = 5.0, batch_size: BatchSize = None,
+    concurrency: Concurrency = None, object_ops_per_second: ObjectRate = None,
+    milvus_writes_per_second: WriteRate = None, move_images: MoveImages = True,
+) -> None:
+    """Serve chunks with lazy page repair, migration status, metrics and admin endpoints.
+
+    Needs REPAGE_READ_TOKEN and REPAGE_ADMIN_TOKEN, unless bound to loopback with --insecure-local.
+    Example: repage serve --host 0.0.0.0 --port 8080 --with-worker --daily-quota 500
+    """
+    from repage.service import serve as run_server
+
+    def body():
+        settings = settings_from(ctx)
+        config, limits, options = _worker_setup(
+            settings, quota=daily_quota, quiet=quiet_hours, min_accesses=min_accesses, max_latency=max_read_latency,
+            poll=poll, batch_size=batch_size, concurrency=concurrency, object_rate=object_ops_per_second,
+            write_rate=milvus_writes_per_second, move_images=move_images)
+        run_server(settings, host=host, port=port, insecure_local=insecure_local, with_worker=with_worker,
+                   worker_config=config, worker_limits=limits)
+    run_command(body)
+
+
+def worker(
+    ctx: typer.Context,
+    daily_quota: Quota = None, quiet_hours: Quiet = None, min_accesses: MinAccesses = None,
+    max_read_latency: MaxLatency = 0.5, poll: Poll = 5.0, batch_size: BatchSize = None,
+    concurrency: Concurrency = None, object_ops_per_second: ObjectRate = None,
+    milvus_writes_per_second: WriteRate = None, move_images: MoveImages = True,
+    once: Annotated[bool, typer.Option("--once", help="Run one cycle and exit.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Migrate lazily requested documents first, then trickle the rest in priority order.
+
+    SIGTERM or Ctrl-C stops it after the current batch; a restart resumes from the ledger.
+    Example: repage worker --daily-quota 500 --quiet-hours 08:00-20:00 --min-accesses 3
+    """
+    from repage.worker import run_worker
+
+    def body():
+        settings = settings_from(ctx)
+        config, limits, options = _worker_setup(
+            settings, quota=daily_quota, quiet=quiet_hours, min_accesses=min_accesses, max_latency=max_read_latency,
+            poll=poll, batch_size=batch_size, concurrency=concurrency, object_rate=object_ops_per_second,
+            write_rate=milvus_writes_per_second, move_images=move_images)
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):  # finish the batch, then exit 0
+            signal.signal(signum, lambda *_: stop.set())
+        report = run_worker(settings, config=config, limits=limits, options=options, stop_event=stop, once=once,
+                            on_cycle=None if as_json else _print_cycle)
+        emit(report, as_json, lambda r: out.print(
+            f"worker stopped after {r['cycles']} cycles: {r['totals']['migrated']} migrated, "
+            f"{r['totals']['failed']} failed", markup=False))
+        if report["totals"]["failed"]:
+            raise typer.Exit(Exit.FAILURES)
+    run_command(body)
+
+
+def _print_cycle(report) -> None:
+    if report.paused or report.backed_off or report.documents:
+        state = ("paused" if report.paused else
+                 f"backing off (read p95 {report.read_latency_p95:.3f} s)" if report.backed_off else
+                 f"lazy {report.lazy.get('migrated', 0)} migrated, trickle {report.trickle.get('migrated', 0)} migrated"
+                 + (f" ({report.trickle_skipped})" if report.trickle_skipped else ""))
+        err.print(f"cycle {report.cycle}: {state}", markup=False)
+
+
+@access_app.command("import")
+def access_import(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="CSV (with header) or JSONL: document_id or dataset_id, timestamp[, count].")],
+    fmt: Annotated[str | None, typer.Option("--format", help="csv or jsonl (default: from the file name).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Add an access log's hits (decayed by their age) to document priorities; all or nothing.
+
+    A dataset hit counts for each of its scanned documents.
+    Example: repage access import query-log.jsonl --json
+    """
+    from repage.access_io import import_access_file, render_import
+
+    def body():
+        if fmt is not None and fmt not in {"csv", "jsonl"}:
+            raise ConfigError(f"--format {fmt!r}: use csv or jsonl")
+        emit(import_access_file(settings_from(ctx), file, fmt), as_json, render_import(out))
+    run_command(body)
+
+
+@access_app.command("top")
+def access_top(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option(min=1, help="How many documents.")] = 20,
+    as_json: JsonFlag = False,
+) -> None:
+    """The most used documents by decayed access count (what `run --order priority` takes first).
+
+    Example: repage access top --limit 10 --json
+    """
+    from repage.access_io import access_top as top, render_top
+
+    def body():
+        emit(top(settings_from(ctx), limit), as_json, render_top(out))
+    run_command(body)
+
+
+def _register(target: typer.Typer) -> None:
+    target.command()(serve)
+    target.command()(worker)
+    target.add_typer(access_app, name="access")
+
+
+_register(app)
+# `python -m repage.cli` runs cli.py as __main__, a second copy whose `app` is the one invoked.
+_main = sys.modules.get("__main__")
+if getattr(getattr(_main, "__spec__", None), "name", None) == "repage.cli" and getattr(_main, "app", app) is not app:
+    _register(_main.app)

@@ -1,0 +1,287 @@
+"""The HTTP service (`repage serve`): a FastAPI app factory and a router for existing apps.
+
+Endpoints (DESIGN §6): every one but /healthz needs `Authorization: Bearer`; read
+endpoints take the read or the admin token, admin endpoints only the admin token.
+Missing or wrong token: 401; the read token on an admin endpoint: 403. Tokens are
+compared in constant time and never logged (uvicorn's access log prints the request
+line, never headers; a test checks the captured logs).
+
+  GET  /healthz                          no auth
+  GET  /documents/{document_id}/chunks   read   chunks from Milvus, pages lazily repaired
+  GET  /migration/status                 read   `repage status --json` figures (+ service)
+  GET  /metrics                          read   Prometheus text
+  POST /migration/documents/{id}         admin  enqueue now (a failed document is retried)
+  POST /migration/pause | /resume        admin  every worker (any process) stops/starts between batches
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path as PathParam, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import SecretStr
+
+from repage.config import Settings
+from repage.errors import ConfigError, InvalidFilterValue, RepageError
+from repage.keys import compile_patterns
+from repage.lazy import LazyRepair, LedgerSink
+from repage.metrics import LatencyPublisher, ServiceMetrics
+
+log = logging.getLogger("repage.service")
+
+# Conservative on purpose: FLTR ids are UUIDs; the id is also inlined into a Milvus filter.
+DOCUMENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,255}$"
+DocumentId = PathParam(pattern=DOCUMENT_ID_PATTERN, description="The document's id (as in Milvus).")
+LOOPBACK_NAMES = frozenset({"localhost"})
+
+
+# --------------------------------------------------------------------------- auth
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(settings: Settings, host: str, insecure_local: bool) -> None:
+    """Refuse to serve without both tokens unless bound to loopback with --insecure-local."""
+    if settings.read_token and settings.admin_token:
+        return
+    if not insecure_local:
+        raise ConfigError("repage serve needs REPAGE_READ_TOKEN and REPAGE_ADMIN_TOKEN "
+                          "(or --insecure-local on 127.0.0.1 for a local trial)")
+    if not is_loopback(host):
+        raise ConfigError(f"--insecure-local serves without tokens, so only on loopback: --host {host} is not")
+
+
+class BearerAuth:
+    """Read vs admin bearer tokens, compared in constant time."""
+
+    def __init__(self, read_token: SecretStr | None, admin_token: SecretStr | None, *, open_access: bool = False):
+        self._read = read_token.get_secret_value().encode() if read_token else None
+        self._admin = admin_token.get_secret_value().encode() if admin_token else None
+        self.open = open_access and not (self._read or self._admin)
+
+    def role(self, request: Request) -> str:
+        if self.open:
+            return "admin"
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+        given = token.strip().encode()
+        # Both comparisons always run: the time taken does not tell which token was close.
+        is_admin = self._admin is not None and secrets.compare_digest(given, self._admin)
+        is_read = self._read is not None and secrets.compare_digest(given, self._read)
+        if is_admin:
+            return "admin"
+        if is_read:
+            return "read"
+        raise HTTPException(401, "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    def read(self, request: Request) -> str:
+        return self.role(request)
+
+    def admin(self, request: Request) -> str:
+        if self.role(request) != "admin":
+            raise HTTPException(403, "this endpoint needs the admin token")
+        return "admin"
+
+
+# --------------------------------------------------------------------------- the router
+
+
+@dataclass
+class ServiceParts:
+    """What the endpoints use; an existing app can build these around its own stores."""
+
+    settings: Settings
+    vectors: Any
+    ledger: Any
+    lazy: LazyRepair
+    metrics: ServiceMetrics
+    auth: BearerAuth
+    worker: Any = None  # WorkerThread when --with-worker
+
+
+def make_parts(settings: Settings, vectors, ledger, *, insecure_local: bool = False,
+               now: Callable[[], float] = time.time, flush_seconds: float = 1.0) -> ServiceParts:
+    """LazyRepair, metrics and auth over open stores (the lazy flusher is not started yet)."""
+    lazy = LazyRepair(LedgerSink(ledger, settings.access_half_life_hours),
+                      patterns=compile_patterns(settings.key_patterns), now=now, flush_seconds=flush_seconds)
+    metrics = ServiceMetrics(lazy, lambda: _ledger_figures(ledger))
+    lazy.add_periodic(LatencyPublisher(ledger, metrics.window))
+    auth = BearerAuth(settings.read_token, settings.admin_token, open_access=insecure_local)
+    return ServiceParts(settings, vectors, ledger, lazy, metrics, auth)
+
+
+def _ledger_figures(ledger) -> dict:
+    from repage.worker import is_paused
+
+    by_state: dict[str, int] = {}
+    for (state, _path), n in ledger.counts().items():
+        by_state[state] = by_state.get(state, 0) + n
+    return {"by_state": by_state, "paused": is_paused(ledger)}
+
+
+def create_router(parts: ServiceParts) -> APIRouter:
+    """The endpoints, to mount in any FastAPI app (`app.include_router(router, prefix=...)`)."""
+    router = APIRouter()
+    read, admin = Depends(parts.auth.read), Depends(parts.auth.admin)
+
+    @router.get("/healthz")
+    def healthz() -> dict:
+        return {"ok": True}
+
+    @router.get("/documents/{document_id}/chunks", dependencies=[read])
+    def chunks(document_id: str = DocumentId) -> Response:
+        return _read_chunks(parts, document_id)
+
+    @router.get("/migration/status", dependencies=[read])
+    def status() -> dict:
+        return _guard(lambda: _status(parts))
+
+    @router.get("/metrics", dependencies=[read])
+    def metrics() -> Response:
+        return Response(parts.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @router.post("/migration/documents/{document_id}", dependencies=[admin], status_code=202)
+    def enqueue(document_id: str = DocumentId) -> dict:
+        outcome = _guard(lambda: parts.ledger.enqueue([document_id], retry_failed=True))
+        return {"document_id": document_id, "outcome": outcome[document_id]}
+
+    @router.post("/migration/pause", dependencies=[admin])
+    def pause() -> dict:
+        return _set_paused(parts, True)
+
+    @router.post("/migration/resume", dependencies=[admin])
+    def resume() -> dict:
+        return _set_paused(parts, False)
+
+    return router
+
+
+def _read_chunks(parts: ServiceParts, document_id: str) -> Response:
+    started = time.perf_counter()
+    try:
+        rows = parts.vectors.fetch_documents([document_id], with_vectors=False)
+    except InvalidFilterValue as exc:
+        parts.metrics.observe_read(time.perf_counter() - started, "rejected")
+        raise HTTPException(422, str(exc)) from None
+    except RepageError as exc:
+        parts.metrics.observe_read(time.perf_counter() - started, "error")
+        raise HTTPException(503, f"Milvus: {exc}") from None
+    parts.metrics.observe_read(time.perf_counter() - started, "ok" if rows else "not_found")
+    if not rows:
+        raise HTTPException(404, f"document {document_id} has no chunks")
+    rows.sort(key=lambda r: (r.get("chunk_index") is None, r.get("chunk_index") or 0))
+    corrected = parts.lazy.repair(rows, document_id=document_id)
+    body = {"document_id": document_id, "chunks": rows, "pages_corrected": corrected}
+    return Response(json.dumps(body, default=_json_default), media_type="application/json")
+
+
+def _json_default(value: Any) -> Any:
+    item = getattr(value, "item", None)  # numpy scalars from the Milvus client
+    return item() if callable(item) else str(value)
+
+
+def _status(parts: ServiceParts) -> dict:
+    from repage.status import migration_status
+    from repage.worker import is_paused
+
+    report = migration_status(parts.ledger, parts.settings.prices)
+    report["service"] = {"paused": is_paused(parts.ledger), "lazy": parts.lazy.stats.as_dict(),
+                         "worker": parts.worker.state() if parts.worker is not None else None}
+    return report
+
+
+def _set_paused(parts: ServiceParts, paused: bool) -> dict:
+    from repage.worker import set_paused
+
+    _guard(lambda: set_paused(parts.ledger, paused))
+    return {"paused": paused}
+
+
+def _guard(action: Callable[[], Any]) -> Any:
+    """Ledger calls of an endpoint: an unavailable store is a 503 with one line, not a 500."""
+    try:
+        return action()
+    except RepageError as exc:
+        raise HTTPException(503, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def create_app(settings: Settings, *, stores=None, clock=None, with_worker: bool = False,
+               insecure_local: bool = False, worker_config=None, worker_limits=None,
+               flush_seconds: float = 1.0) -> FastAPI:
+    """The service app. `stores` (vectors + ledger) are opened here unless given (then the
+    caller closes them). `clock.now()` (epoch seconds) stamps accesses; tests inject one."""
+    if not (settings.read_token and settings.admin_token) and not insecure_local:
+        raise ConfigError("the service needs REPAGE_READ_TOKEN and REPAGE_ADMIN_TOKEN (or insecure_local)")
+    owned = stores is None
+    if owned:
+        from repage.app import open_stores
+
+        stores = open_stores(settings, objects=False)
+    parts = make_parts(settings, stores.vectors, stores.ledger, insecure_local=insecure_local,
+                       now=clock.now if clock is not None else time.time, flush_seconds=flush_seconds)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        parts.lazy.start()
+        if with_worker:
+            parts.worker = _start_worker(settings, stores, worker_config, worker_limits)
+        try:
+            yield
+        finally:
+            if parts.worker is not None:
+                parts.worker.stop()  # finishes the current batch
+            parts.lazy.close()
+            if owned:
+                stores.close()
+
+    app = FastAPI(title="repage", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.include_router(create_router(parts))
+    app.state.repage = parts
+    app.add_exception_handler(ConfigError, _config_error)
+    return app
+
+
+async def _config_error(_request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=400)
+
+
+def _start_worker(settings: Settings, stores, config, limits):
+    """The worker thread shares the service's Milvus client and ledger, opens its own bucket."""
+    from repage.runner import RunLimits
+    from repage.worker import WorkerConfig, WorkerThread
+
+    limits = limits or RunLimits(batch_size=settings.batch_size, concurrency=settings.concurrency)
+    return WorkerThread(settings, config=config or WorkerConfig(), limits=limits, shared=stores).start()
+
+
+def serve(settings: Settings, *, host: str, port: int, insecure_local: bool = False, with_worker: bool = False,
+          worker_config=None, worker_limits=None, log_level: str = "info") -> None:
+    """`repage serve`: check the exposure rule, then run uvicorn until SIGTERM/SIGINT."""
+    import uvicorn
+
+    check_exposure(settings, host, insecure_local)
+    app = create_app(settings, with_worker=with_worker, insecure_local=insecure_local,
+                     worker_config=worker_config, worker_limits=worker_limits)
+    # uvicorn's access log line is `client - "METHOD /path HTTP/1.1" status`: no headers, so no token.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=True)
