@@ -20,7 +20,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from repage.errors import BadInput, ConfigError, ObjectNotFound, RepageError, StaleLease
 from repage.keys import canonical_image_key, image_prefix, parse_image_key
@@ -133,17 +133,21 @@ class BatchMigrator:
     def _plan_document(self, work: DocumentWork) -> None:
         try:
             journal = [] if self.options.dry_run else self.ledger.chunk_journal(work.document_id)
-            if journal:  # resume: the journal is the plan
+            if journal and not all(c.applied for c in journal):  # resume: the journal is the plan
                 work.chunks = journal
                 work.moves = self.ledger.object_journal(work.document_id)
-            else:
-                self._fresh_plan(work)
+            else:  # first run, or again after a pages-only run or a rollback
+                self._fresh_plan(work, {c.identity: c for c in journal})
         except (RepageError, ValueError) as exc:
             work.error = f"document {work.document_id}: {exc}"
 
-    def _fresh_plan(self, work: DocumentWork) -> None:
+    def _fresh_plan(self, work: DocumentWork, journal: Mapping[str, ChunkJournalEntry]) -> None:
         fields = self.info.identity_fields
-        affected = [r for r in work.rows if is_affected(r)]
+        # Chunks journalled before read page 0 again for planning: their pages are re-derived
+        # from the keys and must agree with the journal; their old values stay the originals.
+        affected = [dict(r, page=0) if identity_json(identity_of(r, fields)) in journal else r
+                    for r in work.rows]
+        affected = [r for r in affected if is_affected(r)]
         listed = self._list_images(work) if affected and needs_listing(affected, self.patterns) else None
         plan = classify(work.document_id, affected, [identity_of(r, fields) for r in affected],
                         dataset_id=work.claim.dataset_id, filename=work.claim.filename,
@@ -156,6 +160,20 @@ class BatchMigrator:
                           f"({plan.resolved}/{plan.affected}); run `repage scan` again")
             return
         self._intend(work, plan, {identity_of(r, fields): r for r in affected})
+        if journal:
+            work.chunks = [self._keep_originals(work, c, journal.get(c.identity)) for c in work.chunks]
+
+    def _keep_originals(self, work: DocumentWork, entry: ChunkJournalEntry,
+                        before: ChunkJournalEntry | None) -> ChunkJournalEntry:
+        """A re-planned chunk keeps the journal's original old values (rollback restores the store as built)."""
+        if before is None:
+            return entry
+        if before.new_page != entry.new_page:
+            raise BadInput(f"chunk {entry.identity}: keys now say page {entry.new_page}, the journal "
+                           f"recorded {before.new_page}; resolve by hand")
+        new_key = entry.new_key if entry.new_key is not None else before.new_key
+        return replace(entry, old_page=before.old_page, old_key=before.old_key,
+                       new_key=new_key if new_key != before.old_key else None)
 
     def _list_images(self, work: DocumentWork) -> list[str]:
         prefix = image_prefix(work.claim.dataset_id, work.document_id)
@@ -338,7 +356,20 @@ class BatchMigrator:
         # crash mid-upsert left behind (the write just deleted it); verify compares with this.
         chunks = len({identity_of(r, self.info.identity_fields) for r in work.rows})
         self._transition(work, State.MIGRATED, result, reason=f"{len(work.chunks)} chunks, {copied} images moved",
-                         total_chunks=chunks)
+                         total_chunks=chunks, images_to_move=self._images_left(work))
+
+    def _images_left(self, work: DocumentWork) -> int:
+        """Images still at a legacy key after this write (a pages-only run leaves them).
+
+        A run that moves images leaves only those it could not find: 0, so they are not
+        re-queued for ever; a resumed journal may be a pages-only plan, so it is counted.
+        """
+        resumed = bool(work.chunks) and work.chunks[0].id is not None
+        if self.options.move_images and not resumed:
+            return 0
+        finals = {c.new_key if c.new_key is not None else c.old_key for c in work.chunks}
+        return sum(1 for key in finals if key and parse_image_key(key, patterns=self.patterns).fmt
+                   in ("legacy", "docling", "custom"))
 
     # ---- ledger helpers
 

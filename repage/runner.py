@@ -105,6 +105,9 @@ class Runner:
 
     def run(self) -> RunSummary:
         started = self.clock.now()
+        if self.options.move_images and not self.options.dry_run:
+            sel = self.selection
+            self.stores.ledger.requeue_image_moves(sel.dataset_id, sel.document_ids)
         self.summary.pending_at_start = self._pending()
         while (reason := self._stop_reason(started)) is None:
             claims = self._claim()

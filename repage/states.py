@@ -46,8 +46,10 @@ TRANSITIONS: dict[State | None, frozenset[State]] = {
     State.FAILED: frozenset({State.PENDING}),    # retry
     State.DEFERRED: frozenset({State.PENDING}),  # reprocess enabled
     State.REVIEW: frozenset({State.PENDING}),    # review accepted or rejected
-    State.MIGRATED: frozenset({State.VERIFIED, State.ROLLED_BACK}),  # verify passed / rollback
-    State.VERIFIED: frozenset({State.ROLLED_BACK}),                   # rollback after verify
+    # verify passed / rollback / images still to move after a pages-only run (--no-move-images)
+    State.MIGRATED: frozenset({State.VERIFIED, State.ROLLED_BACK, State.PENDING}),
+    # rollback after verify / images still to move after a pages-only run
+    State.VERIFIED: frozenset({State.ROLLED_BACK, State.PENDING}),
     State.ROLLED_BACK: frozenset({State.PENDING}),                    # scanned again
     # skipped and unrecoverable are final: a scan never counts a done document as affected.
 }

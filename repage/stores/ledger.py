@@ -553,6 +553,23 @@ class Ledger:
                 break
         return picked
 
+    def requeue_image_moves(self, dataset_id: str | None = None,
+                            document_ids: Sequence[str] | None = None) -> int:
+        """Migrated/verified documents whose images a pages-only run left at legacy keys go
+        back to pending, so a run that moves images picks them up. How many."""
+        c = docs_t.c
+        where = [c.state.in_([State.MIGRATED.value, State.VERIFIED.value]), c.images_to_move > 0]
+        if dataset_id is not None:
+            where.append(c.dataset_id == dataset_id)
+        moved = 0
+        for batch in _batches(document_ids) if document_ids is not None else [None]:
+            clause = where + ([c.document_id.in_(batch)] if batch is not None else [])
+            with self._tx() as conn:
+                moved += conn.execute(sa.update(docs_t).where(*clause).values(
+                    state=State.PENDING.value, reason="images still to move", finished_at=None,
+                    updated_at=self._now())).rowcount
+        return moved
+
     def release_expired(self) -> int:
         """Return running documents whose lease has expired to pending; how many."""
         c = docs_t.c

@@ -243,10 +243,6 @@ def test_no_move_images_fixes_pages_and_leaves_keys_and_objects(demo):
     assert demo.cli_json("verify")["ok"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "DESIGN §5 gap: after `run --no-move-images` the documents are `migrated` (done), so a later "
-    "`run` claims nothing and no image is ever moved; needs a way back in (state edge + planning "
-    "moves from the journal) - a design decision, reported to the lead"))
 def test_a_run_after_no_move_images_moves_the_images(demo):
     migrated = run_pages_only(demo)
     keys = keys_docs(demo)

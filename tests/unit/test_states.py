@@ -13,6 +13,9 @@ DESIGN_EDGES = {
     (State.FAILED, State.PENDING), (State.DEFERRED, State.PENDING), (State.REVIEW, State.PENDING),
     (State.MIGRATED, State.VERIFIED), (State.MIGRATED, State.ROLLED_BACK), (State.VERIFIED, State.ROLLED_BACK),
     (State.ROLLED_BACK, State.PENDING),
+    # not in DESIGN §4's table: DESIGN §5 makes moving images separable from fixing pages,
+    # so a pages-only document goes back to pending when a later run moves its images
+    (State.MIGRATED, State.PENDING), (State.VERIFIED, State.PENDING),
 }
 
 
