@@ -47,17 +47,20 @@ _FAST_KEY = re.compile(
     re.DOTALL)
 
 
-def _in_range(*numbers: str | None) -> bool:
-    return all(n is None or (len(n) <= 7 and int(n) <= MAX_INT) for n in numbers)
+def _small(number: str | None) -> bool:
+    """keys.py's range check (0..MAX_INT, at most 7 digits) on a matched digit string."""
+    return number is None or len(number) < 7 or (len(number) == 7 and int(number) <= MAX_INT)
 
 
 def page_from_key(key: str, patterns: Sequence = ()) -> int | None:
     """The 0-based page an image key tells, or None: parse_image_key's answer, faster."""
     if not patterns and len(key) <= MAX_KEY_CHARS and (m := _FAST_KEY.fullmatch(key)):
-        if m["cp"] is not None and _in_range(m["cp"], m["ci"]):
-            return int(m["cp"])
-        if m["lp"] is not None and _in_range(m["li"], m["lp"], m["ls"]):
-            return int(m["lp"])
+        canonical_page, canonical_index, legacy_index, legacy_page, legacy_sub = m.groups()
+        if canonical_page is not None:
+            if _small(canonical_page) and _small(canonical_index):
+                return int(canonical_page)
+        elif _small(legacy_page) and _small(legacy_index) and _small(legacy_sub):
+            return int(legacy_page)
     return parse_image_key(key, patterns=patterns).page
 
 

@@ -183,3 +183,47 @@ def _timed(lazy: LazyRepair, rows: list[dict]) -> float:
     started = time.perf_counter()
     lazy.repair(fresh)
     return time.perf_counter() - started
+
+
+# ---- the hot-path key parser must agree with keys.py exactly
+
+from hypothesis import given, settings as hyp_settings, strategies as st  # noqa: E402
+
+from repage.keys import parse_image_key  # noqa: E402
+from repage.lazy import page_from_key  # noqa: E402
+
+_NUMBERS = st.sampled_from(["0", "1", "7", "12", "05", "999999", "1000000", "1000001", "9999999", "12345678", "-1"])
+_PARTS = st.sampled_from(["ds", "doc", "images", "a-b", "x_y", "-", "_", ".pdf", "full", " ", "%20", "/", "\n"])
+_EXTS = st.sampled_from(["png", "PNG", "jpg", "jpeg", "gif", "bmp", "webp", "tif", ""])
+
+
+@st.composite
+def image_keys(draw) -> str:
+    prefix = draw(st.lists(_PARTS, max_size=4).map("".join))
+    kind = draw(st.sampled_from(["canonical", "legacy", "docling", "junk"]))
+    if kind == "canonical":
+        name = f"{draw(_NUMBERS)}_{draw(_NUMBERS)}.{draw(_EXTS)}"
+    elif kind == "legacy":
+        sub = draw(st.one_of(_NUMBERS, st.just("full")))
+        name = f"{draw(_NUMBERS)}_{draw(st.lists(_PARTS, min_size=1, max_size=4).map(''.join))}-{draw(_NUMBERS)}-{sub}.{draw(_EXTS)}"
+    elif kind == "docling":
+        name = f"{draw(_NUMBERS)}_docling_image.{draw(_EXTS)}"
+    else:
+        name = draw(st.lists(st.one_of(_PARTS, _NUMBERS), max_size=6).map("".join))
+    middle = draw(st.sampled_from(["/doc/images/", "/images/", "doc/images/", "/d/images/x/images/", "/d/img/"]))
+    return prefix + middle + name
+
+
+@hyp_settings(max_examples=800, deadline=None)
+@given(image_keys())
+def test_fast_key_parser_agrees_with_keys_module(key):
+    assert page_from_key(key) == parse_image_key(key).page
+
+
+def test_fast_key_parser_examples():
+    assert page_from_key("ds/d/images/3_tmplg9eqtl2.pdf-0-full.png") == 0
+    assert page_from_key("ds/d/images/1_22-1426_Documents_part08of19.pdf-4-1.png") == 4
+    assert page_from_key("ds/d/images/5_0.png") == 5
+    assert page_from_key("ds/d/images/1_a%20b.pdf-9-0.png") == 9  # %-encoded names parse raw, as in keys.py
+    assert page_from_key("ds/d/images/1_a.pdf-1000001-0.png") is None
+    assert page_from_key("ds/d/images/2_docling_image.png") is None

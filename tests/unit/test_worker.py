@@ -1,0 +1,201 @@
+"""The worker under an injected clock: lazy first, daily quota, quiet hours, min-accesses,
+the read-latency back-off and pause; and a SIGTERM mid-batch that loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import pytest
+
+from repage.access import Decayed, half_life_seconds
+from repage.app import open_stores
+from repage.errors import ConfigError
+from repage.migrate import RunOptions
+from repage.runner import RunLimits
+from repage.scan import scan_store
+from repage.states import State
+from repage.stores.ledger import Ledger
+from repage.throttle import FakeClock
+from repage.worker import QuietHours, Worker, WorkerConfig, publish_read_latency, set_paused
+from tests.fixtures.milvus import unique_name
+from tests.integration.test_cli import in_own_process
+from tests.support.service_store import create_store, env_for, expected_pages, fltr_rows, settings_for, write_images
+
+DOCS = [f"d{i}" for i in range(6)]
+TEN_AM = datetime(2024, 5, 1, 10, 0, tzinfo=timezone.utc).timestamp()
+
+
+@pytest.fixture
+def stores(milvus_lite_uri, tmp_path):
+    collection = unique_name("worker")
+    rows = fltr_rows(DOCS)
+    create_store(milvus_lite_uri, collection, rows)
+    settings = settings_for(milvus_lite_uri, collection, "memory://", f"sqlite:///{tmp_path}/ledger.db")
+    with open_stores(settings) as opened:
+        opened.rows = rows
+        yield opened
+        opened.vectors.drop_collection()
+
+
+def make_worker(stores, clock, **config) -> Worker:
+    config.setdefault("tz", timezone.utc)
+    return Worker(stores, config=WorkerConfig(poll_seconds=1.0, **config), limits=RunLimits(batch_size=3),
+                  options=RunOptions(move_images=False), clock=clock)
+
+
+def states(stores) -> dict[str, State]:
+    return {r.document_id: r.state for r in stores.ledger.documents()}
+
+
+def migrated(stores) -> set[str]:
+    return {d for d, s in states(stores).items() if s == State.MIGRATED}
+
+
+def test_lazy_requests_first_even_unscanned_and_stored_pages_fixed(stores):
+    stores.ledger.enqueue(["d4"])  # read before any scan: the worker scans it itself
+    report = make_worker(stores, FakeClock(TEN_AM), daily_quota=0).cycle()
+    assert report.lazy["scanned"] == 1 and report.lazy["migrated"] == 1
+    assert report.trickle_skipped == "daily quota reached"
+    assert migrated(stores) == {"d4"} and stores.ledger.enqueued() == []
+    rows = stores.vectors.fetch_documents(["d4"], with_vectors=False)
+    want = expected_pages(stores.rows)
+    assert {r["chunk_id"]: r["page"] for r in rows} == {c: p for c, p in want.items() if c.startswith("d4_")}
+
+
+def test_daily_quota_by_the_clock_day_survives_a_restart(stores):
+    scan_store(stores)
+    clock = FakeClock(TEN_AM)
+    worker = make_worker(stores, clock, daily_quota=4)
+    assert worker.cycle().trickle["documents"] == 3
+    report = worker.cycle()
+    assert report.trickle["documents"] == 1 and report.quota_left == 0
+    assert worker.cycle().trickle_skipped == "daily quota reached"
+    restarted = make_worker(stores, clock, daily_quota=4)  # the day's count is in the ledger
+    assert restarted.cycle().trickle_skipped == "daily quota reached"
+    clock.advance(86_400)
+    assert restarted.cycle().trickle["documents"] == 2
+    assert len(migrated(stores)) == 6
+
+
+def test_quiet_hours_hold_the_trickle_but_not_lazy_requests(stores):
+    scan_store(stores)
+    clock = FakeClock(TEN_AM)
+    worker = make_worker(stores, clock, quiet_hours=QuietHours.parse("09:00-17:00"))
+    stores.ledger.enqueue(["d2"])
+    report = worker.cycle()
+    assert report.trickle_skipped == "quiet hours 09:00-17:00" and report.lazy["migrated"] == 1
+    assert migrated(stores) == {"d2"}
+    clock.advance(7.5 * 3600)  # 17:30
+    assert worker.cycle().trickle["documents"] == 3
+
+
+def test_min_accesses_and_priority_order(stores):
+    scan_store(stores)
+    half_life = half_life_seconds(stores.settings.access_half_life_hours)
+    stores.ledger.record_accesses({"d1": (None, Decayed(3.0, TEN_AM)), "d3": (None, Decayed(9.0, TEN_AM)),
+                                   "d5": (None, Decayed(1.0, TEN_AM))}, half_life)
+    worker = make_worker(stores, FakeClock(TEN_AM), min_accesses=2)
+    report = worker.cycle()
+    assert report.trickle["documents"] == 2 and migrated(stores) == {"d1", "d3"}
+    assert worker.cycle().trickle["documents"] == 0  # d5 has one access, the rest none
+
+
+def test_read_latency_backs_off_then_resumes(stores):
+    scan_store(stores)
+    stores.ledger.enqueue(["d0"])
+    worker = make_worker(stores, FakeClock(TEN_AM), max_read_latency_s=0.2)
+    publish_read_latency(stores.ledger, 0.9, 500, "svc-a")
+    publish_read_latency(stores.ledger, 0.05, 500, "svc-b")
+    first, second = worker.cycle(), worker.cycle()
+    assert first.backed_off and first.read_latency_p95 == 0.9 and first.wait_seconds == 1.0
+    assert second.wait_seconds == 2.0  # doubling while it stays slow
+    assert migrated(stores) == set()
+    publish_read_latency(stores.ledger, 0.05, 500, "svc-a")  # svc-a's latest report is fine again
+    report = worker.cycle()
+    assert not report.backed_off and report.lazy["migrated"] == 1
+
+
+def test_pause_and_resume(stores):
+    scan_store(stores)
+    worker = make_worker(stores, FakeClock(TEN_AM))
+    set_paused(stores.ledger, True)
+    assert worker.cycle().paused and migrated(stores) == set()
+    set_paused(stores.ledger, False)
+    assert worker.cycle().trickle["documents"] == 3
+
+
+@pytest.mark.parametrize("text", ["9-17", "09:00", "25:00-01:00", "10:00-10:00", "10:60-11:00"])
+def test_bad_quiet_hours(text):
+    with pytest.raises(ConfigError):
+        QuietHours.parse(text)
+
+
+def test_quiet_hours_wrap_midnight():
+    quiet = QuietHours.parse("22:00-06:00")
+    at = lambda h, m=0: datetime(2024, 5, 1, h, m, tzinfo=timezone.utc)  # noqa: E731
+    assert quiet.contains(at(23)) and quiet.contains(at(5, 59)) and not quiet.contains(at(6))
+    assert quiet.seconds_until_start(at(21, 30)) == 1800
+    assert quiet.seconds_until_start(at(7)) == 15 * 3600
+
+
+# --------------------------------------------------------------------------- SIGTERM
+
+
+def _build_slow_store(uri: str, rows: list[dict]) -> None:
+    create_store(uri, "fltr_documents", rows)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_batch_finishes_the_batch_and_loses_nothing(tmp_path):
+    docs = [f"s{i:02d}" for i in range(30)]
+    rows = fltr_rows(docs)
+    uri = str(tmp_path / "milvus.db")
+    in_own_process(_build_slow_store, uri, rows)  # the worker process opens Lite; we must not
+    (tmp_path / "bucket").mkdir()
+    write_images(tmp_path / "bucket", rows)
+    ledger_url = f"sqlite:///{tmp_path}/ledger.db"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("REPAGE_")},
+           **env_for(uri, "fltr_documents", f"file://{tmp_path / 'bucket'}", ledger_url)}
+    # 20 documents x 2 images x 4 bucket requests at 40/s: a batch of about 4 s
+    worker = subprocess.Popen([sys.executable, "-m", "repage.cli", "worker", "--batch-size", "20",
+                               "--object-ops-per-second", "40", "--poll", "0.2", "--json"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        running = _wait_for_running(ledger_url, worker)
+        worker.send_signal(signal.SIGTERM)
+        out, err = worker.communicate(timeout=120)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert worker.returncode == 0, err
+    assert json.loads(out)["totals"]["migrated"] == 20
+    with Ledger(ledger_url) as ledger:
+        final = {r.document_id: r.state for r in ledger.documents()}
+    assert all(final[d] == State.MIGRATED for d in running)
+    assert sorted(final.values()).count(State.MIGRATED) == 20
+    assert sorted(final.values()).count(State.PENDING) == 10  # the rest waits for the next start
+    verify = subprocess.run([sys.executable, "-m", "repage.cli", "verify", "--json"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    report = json.loads(verify.stdout)
+    assert verify.returncode == 0 and report["passed"] == 20 and not report["failed"], verify.stderr
+
+
+def _wait_for_running(ledger_url: str, proc: subprocess.Popen, timeout: float = 60.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            with Ledger(ledger_url) as ledger:
+                running = [r.document_id for r in ledger.documents(states={State.RUNNING})]
+        except Exception:  # noqa: BLE001 - the worker may not have created the ledger yet
+            running = []
+        if running:
+            return running
+        time.sleep(0.05)
+    raise AssertionError("the worker never claimed a batch")
