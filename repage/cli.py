@@ -176,7 +176,7 @@ def run(
     dry_run: Annotated[bool, typer.Option(help="Print the exact changes; write nothing anywhere.")] = False,
     document_id: Annotated[list[str] | None, typer.Option(help="Only this document (repeatable).")] = None,
     dataset_id: Annotated[str | None, typer.Option(help="Only this dataset.")] = None,
-    path: Annotated[str, typer.Option(help="auto or keys (pdf and reprocess are not built yet).")] = "auto",
+    path: Annotated[str, typer.Option(help="auto (keys and pdf), keys or pdf (reprocess is not built yet).")] = "auto",
     order: Annotated[str, typer.Option(help="oldest, random or priority.")] = "oldest",
     move_images: Annotated[bool, typer.Option(help="Copy images to canonical keys (--no-move-images: pages only).")] = True,
     max_failures: Annotated[int | None, typer.Option(min=0, help="Stop cleanly after more failures than this.")] = None,
@@ -195,8 +195,9 @@ def run(
     from repage.states import Path as RepairPath
 
     def body():
-        if path not in {"auto", "keys"}:
-            raise ConfigError(f"--path {path!r}: use auto or keys (the pdf and reprocess paths are not built yet)")
+        paths = {"auto": {RepairPath.KEYS, RepairPath.PDF}, "keys": {RepairPath.KEYS}, "pdf": {RepairPath.PDF}}
+        if path not in paths:
+            raise ConfigError(f"--path {path!r}: use auto, keys or pdf (the reprocess path is not built yet)")
         if order not in {"oldest", "random", "priority"}:
             raise ConfigError(f"--order {order!r}: use oldest, random or priority")
         settings = settings_from(ctx)
@@ -207,7 +208,7 @@ def run(
                            max_failures=max_failures, max_error_rate=max_error_rate,
                            max_duration_seconds=parse_duration(max_duration), budget_dollars=budget)
         options = RunOptions(move_images=move_images, dry_run=dry_run, failpoint=os.environ.get("REPAGE_FAILPOINT"))
-        selection = Selection(paths=frozenset({RepairPath.KEYS}), document_ids=tuple(document_id) if document_id else None,
+        selection = Selection(paths=frozenset(paths[path]), document_ids=tuple(document_id) if document_id else None,
                               dataset_id=dataset_id, order=order, min_accesses=min_accesses or None)
         with _RunProgress(enabled=not as_json) as progress:
             report = operations.run(settings, options, limits, selection, on_batch=progress.update)
@@ -324,6 +325,7 @@ def gc(
 
 
 from repage import cli_service  # noqa: E402,F401 — registers serve, worker, access
+from repage import cli_review  # noqa: E402,F401 — registers review
 
 
 def main() -> None:

@@ -99,8 +99,10 @@ def keys_estimate(load: PathLoad, lat: Latencies, prices: Prices, concurrency: i
 
 
 def pdf_estimate(load: PathLoad, lat: Latencies, prices: Prices, concurrency: int, batch_size: int) -> PathEstimate:
-    class_a = load.chunks  # at most one upload or copy per image chunk
-    class_b = load.documents + load.chunks  # one GET of the PDF, one GET per bucket image compared
+    # Per document one listing and one GET of the source PDF; per image chunk one copy or upload
+    # checked by a HEAD and a GET (DESIGN §5); one GET per bucket image compared by its hash.
+    class_a = load.documents + load.chunks
+    class_b = load.documents + load.images_to_move + (MOVE_CLASS_B - 1) * load.chunks
     mb = load.source_bytes / 1e6
     transfer_s = load.source_bytes / max(lat.get_bytes_per_s, 1.0)
     work_s = transfer_s + mb * lat.pdf_seconds_per_mb + load.chunks * lat.object_copy_s

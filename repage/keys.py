@@ -26,6 +26,10 @@ __all__ = [
     "legacy_sort_index",
     "parse_image_key",
     "source_key_candidates",
+    "PDF_IMAGE_PREFIX",
+    "pdf_image_ref",
+    "is_pdf_image_ref",
+    "parse_pdf_image_ref",
 ]
 
 EXTENSIONS = ("png", "jpg", "jpeg", "gif", "bmp", "webp")
@@ -297,3 +301,31 @@ def source_key_candidates(template: str, fields: Mapping[str, str]) -> list[str]
     raw = _FIELD.sub(field, template)
     candidates = [raw, quote(raw, safe="/"), unquote(raw)]
     return list(dict.fromkeys(candidates))
+
+
+# An image the pdf path extracted from the source PDF has no bucket key of its own: the
+# journal records it as the old_key `pdf:{source_key}#p{page}-{n}`, which no object store
+# key starts with in this layout (keys start with a dataset id). verify/rollback/gc must
+# never treat it as an object: rollback deletes the upload, gc has nothing to delete.
+PDF_IMAGE_PREFIX = "pdf:"
+
+
+def pdf_image_ref(source_key: str, page: int, n: int) -> str:
+    """The journal's old_key for image n of page `page` (0-based) of the source PDF."""
+    return f"{PDF_IMAGE_PREFIX}{source_key}#p{_check_int('page', page)}-{_check_int('n', n)}"
+
+
+def is_pdf_image_ref(key: str | None) -> bool:
+    return isinstance(key, str) and key.startswith(PDF_IMAGE_PREFIX)
+
+
+def parse_pdf_image_ref(key: str) -> tuple[str, int, int] | None:
+    """(source_key, page, n) of a `pdf:` old_key, or None when it is not one."""
+    if not is_pdf_image_ref(key):
+        return None
+    source, sep, where = key[len(PDF_IMAGE_PREFIX):].rpartition("#p")
+    page, dash, n = where.partition("-")
+    if not sep or not dash or not source:
+        return None
+    page_no, n_no = _int(page), _int(n)
+    return None if page_no is None or n_no is None else (source, page_no, n_no)

@@ -20,10 +20,11 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from repage.errors import BadInput, ConfigError, ObjectNotFound, RepageError, StaleLease
-from repage.keys import canonical_image_key, image_prefix, parse_image_key
+from repage.keys import canonical_image_key, image_prefix, is_pdf_image_ref, parse_image_key
 from repage.plan import DocumentPlan, classify, is_affected, needs_listing
 from repage.states import Path, State
 from repage.stores.ledger import ChunkJournalEntry, Claim, ObjectJournalEntry, ObjectState
@@ -60,6 +61,8 @@ class DocumentWork:
     usage: Usage = field(default_factory=Usage)
     error: str | None = None
     outcome: State | None = None  # set when the document ends before the write
+    reason: str | None = None  # why it ended there (review, unrecoverable), for the ledger
+    blobs: dict[str, bytes] = field(default_factory=dict)  # pdf path: object bytes read or extracted by the plan
 
     @property
     def document_id(self) -> str:
@@ -109,8 +112,10 @@ class BatchMigrator:
     """Applies the protocol to one claimed batch. Stateless between batches."""
 
     def __init__(self, stores, options: RunOptions, *, object_limiter=None, write_limiter=None,
-                 concurrency: int = 4, patterns: Sequence = ()):
+                 concurrency: int = 4, patterns: Sequence = (), lease_seconds: float = 300.0):
         self.vectors, self.objects, self.ledger = stores.vectors, stores.objects, stores.ledger
+        self.settings = getattr(stores, "settings", None)  # the pdf path's thresholds and source key template
+        self.lease_seconds = lease_seconds
         self.info = self.vectors.info()
         self.options = options
         self.object_limiter = object_limiter
@@ -122,13 +127,20 @@ class BatchMigrator:
     # ---- planning
 
     def plan(self, claims: Sequence[Claim]) -> list[DocumentWork]:
+        works = self.prepare(claims)
+        self.plan_works(works)
+        return works
+
+    def prepare(self, claims: Sequence[Claim]) -> list[DocumentWork]:
+        """One query for all chunks of the batch's documents."""
         rows = self.vectors.fetch_documents([c.document_id for c in claims])
         by_doc: dict[str, list[dict]] = defaultdict(list)
         for row in rows:
             by_doc[row["document_id"]].append(row)
-        works = [DocumentWork(c, by_doc.get(c.document_id, [])) for c in claims]
+        return [DocumentWork(c, by_doc.get(c.document_id, [])) for c in claims]
+
+    def plan_works(self, works: list[DocumentWork]) -> None:
         self._parallel(self._plan_document, works)
-        return works
 
     def _plan_document(self, work: DocumentWork) -> None:
         try:
@@ -155,11 +167,21 @@ class BatchMigrator:
         if not affected:
             work.outcome = State.MIGRATED  # nothing left to fix (fixed by another tool meanwhile)
             return
-        if plan.path != Path.KEYS:
+        pdf = None
+        if plan.path != Path.KEYS and work.claim.path == Path.PDF:  # pages from the source PDF
+            from repage.pdfpath import PdfPlanner
+
+            pdf = PdfPlanner(self, work)
+            plan = pdf.resolve(plan, listed)
+            if plan is None:  # review or unrecoverable: work.outcome says which
+                return
+        elif plan.path != Path.KEYS:
             work.error = (f"document {work.document_id}: keys no longer tell every page "
                           f"({plan.resolved}/{plan.affected}); run `repage scan` again")
             return
         self._intend(work, plan, {identity_of(r, fields): r for r in affected})
+        if pdf is not None:
+            pdf.add_uploads()
         if journal:
             work.chunks = [self._keep_originals(work, c, journal.get(c.identity)) for c in work.chunks]
 
@@ -218,13 +240,17 @@ class BatchMigrator:
 
     def _describe_move(self, work: DocumentWork, old: str, new: str) -> ObjectJournalEntry | None:
         """Size and content hash of the legacy object, read before anything is written."""
-        try:
-            data = self._object_call(self.objects.get, old)
-        except ObjectNotFound:
-            return None
-        finally:
-            work.usage.class_b += 1
-        work.usage.bytes_read += len(data)
+        if not self.options.dry_run and not self._renew_lease(work):
+            raise StaleLease(work.error or f"lease on document {work.document_id} lost")
+        data = work.blobs.pop(old, None)  # the pdf path read it already to compare it
+        if data is None:
+            try:
+                data = self._object_call(self.objects.get, old)
+            except ObjectNotFound:
+                return None
+            finally:
+                work.usage.class_b += 1
+            work.usage.bytes_read += len(data)
         return ObjectJournalEntry(old, new, len(data), hashlib.sha256(data).hexdigest(), ObjectState.INTENDED)
 
     # ---- applying
@@ -240,6 +266,7 @@ class BatchMigrator:
         self._parallel(self._copy_objects, live)
         live = [w for w in live if self._keep(w, result)]
         self.failpoints.hit("after-copy")
+        live = [w for w in live if self._renew_lease(w, result)]  # the write starts with a full lease
         self._write(live, result)
         self.failpoints.hit("after-write")
         live = [w for w in live if self._read_back(w, result)]
@@ -260,7 +287,7 @@ class BatchMigrator:
         if work.error:
             self._fail(work, result, work.error)
         else:
-            self._transition(work, work.outcome, result, reason="nothing left to fix")
+            self._transition(work, work.outcome, result, reason=work.reason or "nothing left to fix")
         return False
 
     def _journal(self, work: DocumentWork, result: BatchResult) -> bool:
@@ -275,6 +302,39 @@ class BatchMigrator:
             work.error = str(exc)
             return False
 
+    @contextmanager
+    def keeping_leases(self, works: Sequence[DocumentWork]):
+        """A heartbeat that renews the batch's leases every third of a lease while it works.
+
+        Wall-clock waits on purpose: the lease runs out in real time on the database clock.
+        """
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.lease_seconds / 3):
+                for work in works:
+                    if work.error is None and work.outcome is None:
+                        self._renew_lease(work)
+
+        keeper = threading.Thread(target=beat, name="repage-lease-keeper", daemon=True)
+        keeper.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            keeper.join()
+
+    def _renew_lease(self, work: DocumentWork, result: BatchResult | None = None) -> bool:
+        """Extend the document's lease from now; False (and nothing more written) if it was lost."""
+        try:
+            self.ledger.renew_lease(work.document_id, work.claim.fencing_token, self.lease_seconds)
+            return True
+        except StaleLease as exc:  # another worker owns it now: this one writes nothing more
+            work.error = str(exc)
+            if result is not None:
+                result.other[work.document_id] = State.PENDING
+            return False
+
     def _copy_objects(self, work: DocumentWork) -> None:
         try:
             for move in work.moves:
@@ -284,7 +344,12 @@ class BatchMigrator:
             work.error = f"document {work.document_id}: {exc}"
 
     def _copy_one(self, work: DocumentWork, move: ObjectJournalEntry) -> None:
-        self._object_call(self.objects.copy, move.old_key, move.new_key)
+        if is_pdf_image_ref(move.old_key):  # not in the bucket: upload the image extracted from the PDF
+            from repage.pdfpath import upload_extracted
+
+            upload_extracted(self, work, move)
+        else:
+            self._object_call(self.objects.copy, move.old_key, move.new_key)
         work.usage.class_a += 1
         self.failpoints.hit("after-object-copy")
         head = self._object_call(self.objects.head, move.new_key)

@@ -267,6 +267,9 @@ def render_status(console: Console) -> Callable[[dict], None]:
                       f"ETA {human_seconds(eta) if eta is not None else 'unknown'}; "
                       f"${report['dollars_spent']:.4f} spent, ${report['dollars_projected']:.4f} projected",
                       markup=False)
+        for path, u in report.get("usage_by_path", {}).items():
+            console.print(f"  {path}: {u['class_a']} class A + {u['class_b']} class B requests (GETs), "
+                          f"{u['bytes_read'] / 1e6:.1f} MB read, ${u['dollars']:.4f}", markup=False)
         for err in report["last_errors"]:
             console.print(f"  {err['document_id']} ({err['state']}): {err['error']}", markup=False)
     return render

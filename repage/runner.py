@@ -100,6 +100,7 @@ class Runner:
         self.write_limiter = AdaptiveLimiter(limits.milvus_writes_per_second, self.clock)
         self.migrator = BatchMigrator(stores, options, object_limiter=self.object_limiter,
                                       write_limiter=self.write_limiter, concurrency=limits.concurrency,
+                                      lease_seconds=stores.settings.lease_seconds,
                                       patterns=compile_patterns(stores.settings.key_patterns))
         self.summary = RunSummary()
 
@@ -166,7 +167,12 @@ class Runner:
 
     def _migrate(self, claims: Sequence) -> BatchResult:
         try:
-            return self.migrator.apply(self.migrator.plan(claims))
+            if self.options.dry_run:
+                return self.migrator.apply(self.migrator.plan(claims))
+            works = self.migrator.prepare(claims)
+            with self.migrator.keeping_leases(works):
+                self.migrator.plan_works(works)
+                return self.migrator.apply(works)
         except RepageError as exc:  # a batch-wide failure (the write, a store down): each document failed
             return self._fail_batch(claims, f"batch failed: {exc}")
 

@@ -16,6 +16,7 @@ line, never headers; a test checks the captured logs).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -249,10 +250,10 @@ def create_app(settings: Settings, *, stores=None, clock=None, with_worker: bool
             parts.worker = _start_worker(settings, stores, worker_config, worker_limits)
         try:
             yield
-        finally:
+        finally:  # blocking waits off the event loop
             if parts.worker is not None:
-                parts.worker.stop()  # finishes the current batch
-            parts.lazy.close()
+                await asyncio.to_thread(parts.worker.stop)  # finishes the current batch
+            await asyncio.to_thread(parts.lazy.close)  # the last flush
             if owned:
                 stores.close()
 

@@ -32,6 +32,17 @@ def _chunks(event) -> int:
         return 0
 
 
+def usage_by_path(ledger, prices) -> dict:
+    """What each path has cost so far: bucket requests (A: list/put/copy, B: get/head), bytes read
+    (the pdf path's source PDFs and images) and dollars."""
+    out = {}
+    for path, u in sorted(ledger.usage_by_path().items()):
+        dollars = request_dollars(u["object_requests_a"], u["object_requests_b"], prices) + u["dollars"]
+        out[path] = {"documents": u["documents"], "class_a": u["object_requests_a"], "class_b": u["object_requests_b"],
+                     "bytes_read": u["bytes_read"], "dollars": dollars}
+    return out
+
+
 def migration_status(ledger, prices) -> dict:
     counts = ledger.counts()
     by_state, by_path = Counter(), Counter()
@@ -55,6 +66,7 @@ def migration_status(ledger, prices) -> dict:
         "eta_seconds": todo / rate if rate and todo else (0.0 if not todo else None),
         "dollars_spent": spent,
         "dollars_projected": spent + (spent / migrated * todo if migrated else 0.0),
+        "usage_by_path": usage_by_path(ledger, prices),
         "last_errors": [{"document_id": r.document_id, "state": str(r.state), "error": r.last_error}
                         for r in ledger.last_errors(10)],
     }

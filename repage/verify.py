@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from repage.errors import ObjectNotFound, RepageError
+from repage.keys import is_pdf_image_ref
 from repage.states import State
 from repage.stores.ledger import ObjectState
 from repage.stores.vectors import ChunkChange, eq_filter, in_filter
@@ -120,6 +121,8 @@ def rollback_document(stores, record) -> None:
     journal = ledger.chunk_journal(record.document_id)
     moves = ledger.object_journal(record.document_id)
     for move in moves:  # originals first: a chunk must never point at a missing image
+        if is_pdf_image_ref(move.old_key):  # an upload from the source PDF: no original to restore
+            continue
         if not objects.exists(move.old_key) and objects.exists(move.new_key):
             objects.copy(move.new_key, move.old_key)
     found = vectors.find_by_identity([_identity(c.identity) for c in journal])
@@ -181,6 +184,8 @@ def gc_objects(stores, grace_seconds: float) -> dict:
     deleted, kept = [], {}
     for record in ledger.documents(states={State.MIGRATED, State.VERIFIED}):
         for move in ledger.object_journal(record.document_id):
+            if is_pdf_image_ref(move.old_key):  # the source PDF, not a superseded object: never deleted
+                continue
             if move.state != ObjectState.VERIFIED or move.created_at is None or move.created_at > cutoff:
                 continue
             if _referenced(vectors, move.old_key):

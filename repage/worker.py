@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, time as dtime, timedelta, tzinfo
 
-from repage.errors import ConfigError, RepageError
+from repage.errors import ConfigError, InvalidFilterValue, RepageError
 from repage.keys import compile_patterns
 from repage.migrate import RunOptions
 from repage.plan import is_affected
@@ -127,8 +127,9 @@ class CycleReport:
 
 
 def is_paused(ledger) -> bool:
-    latest = ledger.events(kinds=[PAUSE, RESUME], limit=1)
-    return bool(latest) and latest[-1].kind == PAUSE
+    # One kind per query: each is an index search; both kinds in one IN list scan every event.
+    pause, resume = (ledger.events(kinds=[kind], limit=1) for kind in (PAUSE, RESUME))
+    return bool(pause) and (not resume or pause[-1].id > resume[-1].id)
 
 
 def set_paused(ledger, paused: bool, who: str = "admin") -> None:
@@ -142,7 +143,7 @@ def publish_read_latency(ledger, p95: float, samples: int, source: str) -> None:
 def read_latency_p95(ledger, max_age_s: float) -> float | None:
     """The worst p95 among the latest report of each service in the last `max_age_s`."""
     latest: dict[str, float] = {}
-    for event in ledger.events(since=ledger.db_now() - max_age_s, kinds=[READ_LATENCY]):
+    for event in ledger.events(since=ledger.db_now() - max_age_s, kinds=[READ_LATENCY]):  # (kind, at) index
         try:
             data = json.loads(event.detail or "{}")
             latest[str(data.get("source"))] = float(data["p95"])  # events come in time order
@@ -219,7 +220,7 @@ class Worker:
     def _lazy(self) -> dict:
         ledger = self.stores.ledger
         unscanned = ledger.enqueued(unscanned_only=True, limit=1000)
-        found = scan_documents(self.stores, unscanned) if unscanned else []
+        found = self._scan(unscanned) if unscanned else []
         if missing := sorted(set(unscanned) - set(found)):  # no chunk in Milvus: nothing to do
             ledger.clear_enqueued(missing)
         summary = None
@@ -228,6 +229,19 @@ class Worker:
             summary = self._run(selection, self.limits)
         ledger.clear_enqueued(keep_paths=set(PATHS))  # done, failed or another path: request settled
         return {"scanned": len(found), **self._count(summary, "lazy")}
+
+    def _scan(self, document_ids: list[str]) -> list[str]:
+        """Scan enqueued documents; an id a Milvus filter cannot carry is dropped, not retried forever."""
+        try:
+            return scan_documents(self.stores, document_ids)
+        except InvalidFilterValue:
+            found = []
+            for doc in document_ids:
+                try:
+                    found += scan_documents(self.stores, [doc])
+                except InvalidFilterValue as exc:
+                    log.warning("repage worker: dropping enqueued document %r: %s", doc[:80], exc)
+            return found
 
     def _trickle(self) -> tuple[dict, str | None, int | None]:
         moment = datetime.fromtimestamp(self.clock.now(), tz=self.config.tz)

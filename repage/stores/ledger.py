@@ -151,6 +151,18 @@ accesses_t = sa.Table(
     sa.Index("ix_accesses_enqueued", "enqueued_at"),
 )
 
+# Page matches below the confidence threshold (DESIGN §2), with the evidence a person decides
+# on; one row per document, the latest review (created within schema version 1, like accesses).
+reviews_t = sa.Table(
+    "reviews", _md,
+    sa.Column("document_id", sa.String, _doc_fk(), primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False),  # pending | accepted | rejected
+    sa.Column("evidence", sa.Text, nullable=False),  # JSON written by repage/pdfpath.py
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+    sa.Index("ix_reviews_status", "status"),
+)
+
 
 # --------------------------------------------------------------------------- records
 
@@ -245,6 +257,15 @@ class Event:
     document_id: str | None
     count: int
     detail: str | None
+
+
+@dataclass(frozen=True)
+class ReviewRecord:
+    document_id: str
+    status: str  # pending | accepted | rejected
+    evidence: str  # JSON
+    created_at: float
+    updated_at: float
 
 
 @dataclass(frozen=True)
@@ -794,6 +815,64 @@ class Ledger:
         out["dollars"] = float(row.dollars)
         return out
 
+    def usage_by_path(self) -> dict[str, dict[str, float | int]]:
+        """Documents, requests, bytes read and dollars summed per path (what each path cost so far)."""
+        c = docs_t.c
+        cols = [sa.func.coalesce(sa.func.sum(c[name]), 0).label(name) for name in _ADDITIVE]
+        with self._tx(write=False) as conn:
+            rows = conn.execute(sa.select(c.path, sa.func.count().label("documents"), *cols).group_by(c.path)).all()
+        return {r.path: {"documents": int(r.documents), **{n: int(r._mapping[n]) for n in _ADDITIVE if n != "dollars"},
+                         "dollars": float(r.dollars)} for r in rows}
+
+    # ----------------------------------------------------------------- reviews
+
+    def save_review(self, document_id: str, token: int | None, evidence: str) -> None:
+        """Record a document's review (status pending), replacing an older one, under its lease."""
+        t = reviews_t
+        with self._tx() as conn:
+            self._require_lease(conn, document_id, token)
+            conn.execute(sa.delete(t).where(t.c.document_id == document_id))
+            now = self._now()
+            conn.execute(sa.insert(t).values(document_id=document_id, status="pending", evidence=evidence,
+                                             created_at=now, updated_at=now))
+
+    def reviews(self, status: str | None = "pending") -> list[ReviewRecord]:
+        """Reviews (of one status, or all), oldest first."""
+        t = reviews_t
+        q = sa.select(t).order_by(t.c.created_at, t.c.document_id)
+        if status is not None:
+            q = q.where(t.c.status == status)
+        with self._tx(write=False) as conn:
+            return [_from_row(ReviewRecord, r) for r in conn.execute(q).all()]
+
+    def get_review(self, document_id: str) -> ReviewRecord | None:
+        with self._tx(write=False) as conn:
+            row = conn.execute(sa.select(reviews_t).where(reviews_t.c.document_id == document_id)).first()
+        return None if row is None else _from_row(ReviewRecord, row)
+
+    def resolve_review(self, document_id: str, decision: str, *, reason: str, path: Path | None = None) -> None:
+        """accepted | rejected: the review's status and the document's review -> pending edge, atomically.
+
+        `path` re-routes the document (a rejected match leaves it to reprocess).
+        """
+        if decision not in ("accepted", "rejected"):
+            raise ValueError(f"review decision {decision!r}: use accepted or rejected")
+        c, r = docs_t.c, reviews_t.c
+        with self._tx() as conn:
+            state = conn.scalar(sa.select(c.state).where(c.document_id == document_id).with_for_update())
+            status = conn.scalar(sa.select(r.status).where(r.document_id == document_id))
+            if state != State.REVIEW.value or status != "pending":
+                raise IllegalTransition(f"document {document_id} has no pending review "
+                                        f"(state {state or 'unknown'}, review {status or 'none'})")
+            check_transition(State.REVIEW, State.PENDING)
+            conn.execute(sa.update(reviews_t).where(r.document_id == document_id)
+                         .values(status=decision, updated_at=self._now()))
+            values = self._edge_values(State.PENDING, reason, None)
+            if path is not None:
+                values["path"] = Path(path).value
+            conn.execute(sa.update(docs_t).where(c.document_id == document_id, c.state == State.REVIEW.value)
+                         .values(**values))
+
     def add_event(self, kind: str, document_id: str | None = None, count: int = 1,
                   detail: str | None = None) -> None:
         with self._tx() as conn:
@@ -965,5 +1044,5 @@ def _sqlite_on_begin(conn: sa.Connection) -> None:
 
 __all__ = [
     "Ledger", "ScanRecord", "Claim", "ChunkJournalEntry", "ObjectJournalEntry", "ObjectState",
-    "DocumentRecord", "Event", "AccessRecord", "SCHEMA_VERSION", "ORDERS",
+    "DocumentRecord", "Event", "AccessRecord", "ReviewRecord", "SCHEMA_VERSION", "ORDERS",
 ]

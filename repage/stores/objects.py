@@ -24,18 +24,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
 import obstore
 from obstore.exceptions import PermissionDeniedError, UnauthenticatedError
 from obstore.store import LocalStore, MemoryStore, S3Store
 
-from repage.errors import ConfigError, ObjectNotFound, StoreError, StoreUnavailable, Throttled
+from repage.errors import BadInput, ConfigError, ObjectNotFound, StoreError, StoreUnavailable, Throttled
 
 T = TypeVar("T")
 
 LIST_PAGE_SIZE = 1000  # S3/R2 return at most 1000 keys per ListObjectsV2 request
+DOWNLOAD_CHUNK = 1 << 20  # bytes per chunk a streamed download holds at a time
 CHECK_PREFIX = "__repage_check__"
 RETRY_CONFIG = {"max_retries": 0, "retry_timeout": timedelta(seconds=10)}
 CLIENT_OPTIONS = {"connect_timeout": timedelta(seconds=5), "timeout": timedelta(seconds=120)}
@@ -240,6 +241,25 @@ class ObjectStore:
             raise ValueError(f"byte range [{start}, {end}) of {key!r} is empty: need 0 <= start < end")
         store = self._open()
         return self._call("get", key, lambda: bytes(obstore.get_range(store, key, start=start, end=end)))
+
+    def download(self, key: str, dest: BinaryIO, *, max_bytes: int | None = None) -> int:
+        """Stream the object into `dest` with one GET, chunk by chunk (memory stays bounded).
+
+        Returns the bytes written. An object larger than `max_bytes` is refused before its
+        body is read (BadInput names the key and both sizes).
+        """
+        store = self._open()
+        result = self._call("get", key, lambda: obstore.get(store, key))
+        size = int(result.meta["size"])
+        if max_bytes is not None and size > max_bytes:
+            raise BadInput(f"object {key!r} is {size:,} bytes, over the limit of {max_bytes:,}: "
+                           "raise the limit or handle the document by hand")
+        chunks = self._call("get", key, lambda: iter(result.stream(min_chunk_size=DOWNLOAD_CHUNK)), count=False)
+        written = 0
+        while (chunk := self._call("get", key, lambda: next(chunks, None), count=False)) is not None:
+            dest.write(chunk)
+            written += len(chunk)
+        return written
 
     def put(self, key: str, data: bytes) -> None:
         store = self._open()

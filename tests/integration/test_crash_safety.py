@@ -267,3 +267,28 @@ def test_kill_during_the_first_scan(plain, tmp_path):
         assert not problems, "after a kill during the scan:\n" + "\n".join(problems)
     finally:
         drop_collection(settings)
+
+
+def test_a_batch_longer_than_its_lease_keeps_the_lease(plain, tmp_path):
+    """A slow batch (throttled copies) renews its lease: claimed once, never redone by another claim."""
+    from dataclasses import replace as dc_replace
+
+    from repage.migrate import RunOptions
+    from repage.runner import Runner, Selection
+    from repage.scan import scan_store
+    from tests.support.crash import limits_for
+
+    settings = plain.template.clone(tmp_path, lease_seconds=0.6)
+    try:
+        with open_for(settings, False) as stores:
+            scan_store(stores)
+            limits = dc_replace(limits_for(settings), object_ops_per_second=40.0)
+            summary = Runner(stores, RunOptions(), limits, Selection()).run()
+            assert summary.failed == 0 and summary.other == {}, summary.errors
+            assert summary.seconds > 3 * settings.lease_seconds  # the run really outlived the lease
+            migrated = [r for r in stores.ledger.documents(states={State.MIGRATED})]
+            assert len(migrated) == plain.clean.summary.migrated
+            assert {r.fencing_token for r in migrated} == {1}  # each claimed once
+            assert not verify_documents(stores).failed
+    finally:
+        drop_collection(settings)

@@ -20,6 +20,7 @@ from tests.support import Demo, built_demo
 from tests.support.snapshot import changed, diff
 
 pytestmark = pytest.mark.slow
+KEYS = ("--path", "keys")  # these tests are about the keys path; `auto` also runs pdf (test_pdf_path.py)
 
 
 @pytest.fixture(scope="module", params=["auto", "chunk_id"])
@@ -158,13 +159,13 @@ def test_run_fixes_every_keys_chunk_and_nothing_else(demo):
 
 def test_cli_run_rerun_verify_and_rollback_all(demo):
     migrated = {d["document_id"] for d in keys_docs(demo)}
-    report = demo.cli_json("run")
+    report = demo.cli_json("run", *KEYS)
     assert (report["migrated"], report["failed"], report["errors"]) == (len(migrated), 0, {})
     first = demo.snapshot()
     check_migrated(demo, first, keys_docs(demo))
     check_nothing_else_changed(demo, first, migrated)
 
-    report = demo.cli_json("run")  # idempotent: the full snapshot, ledger included, is unchanged
+    report = demo.cli_json("run", *KEYS)  # idempotent: the full snapshot, ledger included, is unchanged
     assert (report["documents"], report["migrated"], report["failed"]) == (0, 0, 0)
     second = demo.snapshot()
     assert second == first, "a second `repage run` changed the stores:\n" + diff(first, second)
@@ -198,7 +199,7 @@ def check_dry_run(demo: Demo, report: dict) -> None:
 def test_dry_run_on_an_empty_ledger_writes_nothing_anywhere(demo):
     before = demo.snapshot()
     assert before["ledger"] is None  # just built: no ledger yet
-    report = demo.cli_json("run", "--dry-run")
+    report = demo.cli_json("run", *KEYS, "--dry-run")
     check_dry_run(demo, report)
     after = demo.snapshot()
     assert after == before, "`run --dry-run` changed the stores:\n" + diff(before, after)
@@ -207,12 +208,12 @@ def test_dry_run_on_an_empty_ledger_writes_nothing_anywhere(demo):
 def test_dry_run_after_a_scan_lists_exactly_what_run_then_does(demo):
     demo.cli_json("scan")
     before = demo.snapshot()
-    report = demo.cli_json("run", "--dry-run")
+    report = demo.cli_json("run", *KEYS, "--dry-run")
     check_dry_run(demo, report)
     after = demo.snapshot()
     assert after == before, "`run --dry-run` changed the stores:\n" + diff(before, after)
 
-    real = demo.cli_json("run")
+    real = demo.cli_json("run", *KEYS)
     assert real["migrated"] == len(report["dry_run_changes"])
     journal = demo.snapshot(milvus=False, objects=False)["ledger"]
     done = {}
@@ -229,7 +230,7 @@ def test_dry_run_after_a_scan_lists_exactly_what_run_then_does(demo):
 def run_pages_only(demo: Demo) -> set[str]:
     keys = keys_docs(demo)
     migrated = {d["document_id"] for d in keys}
-    report = demo.cli_json("run", "--no-move-images")
+    report = demo.cli_json("run", *KEYS, "--no-move-images")
     assert (report["migrated"], report["failed"], report["objects_copied"]) == (len(keys), 0, 0), report
     snap = demo.snapshot()
     check_migrated(demo, snap, keys, moved=False)  # true pages, every key exactly as it was
@@ -246,7 +247,7 @@ def test_no_move_images_fixes_pages_and_leaves_keys_and_objects(demo):
 def test_a_run_after_no_move_images_moves_the_images(demo):
     migrated = run_pages_only(demo)
     keys = keys_docs(demo)
-    report = demo.cli_json("run")
+    report = demo.cli_json("run", *KEYS)
     assert report["failed"] == 0, report
     snap = demo.snapshot()
     check_migrated(demo, snap, keys)
@@ -258,7 +259,7 @@ def test_a_run_after_no_move_images_moves_the_images(demo):
 
 
 def test_limit_and_batch_size_migrate_exactly_that_many(demo):
-    report = demo.cli_json("run", "--limit", "2", "--batch-size", "1")
+    report = demo.cli_json("run", *KEYS, "--limit", "2", "--batch-size", "1")
     assert (report["migrated"], report["documents"], report["batches"], report["failed"]) == (2, 2, 2, 0), report
     snap = demo.snapshot()
     states = ledger_states(snap)

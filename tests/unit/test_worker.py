@@ -199,3 +199,9 @@ def _wait_for_running(ledger_url: str, proc: subprocess.Popen, timeout: float = 
             return running
         time.sleep(0.05)
     raise AssertionError("the worker never claimed a batch")
+
+
+def test_an_enqueued_id_milvus_cannot_filter_on_is_dropped(stores):
+    stores.ledger.enqueue(["d1", "bad\x00id"])
+    report = make_worker(stores, FakeClock(TEN_AM), daily_quota=0).cycle()
+    assert report.lazy["migrated"] == 1 and stores.ledger.enqueued() == []

@@ -1,0 +1,316 @@
+"""The pdf path (DESIGN §2): pages from the source PDF where no image key tells them.
+
+BatchMigrator._fresh_plan hands a document claimed on the pdf path to `PdfPlanner` when its
+keys leave chunks without a page. Per document:
+1. GET the source PDF by REPAGE_SOURCE_KEY_TEMPLATE (raw, quoted, unquoted key forms),
+   streamed to a temporary file so a 200 MB PDF never sits in memory; none -> unrecoverable;
+2. GET the document's images that are in the bucket (Docling keys) and hash them;
+3. extract the PDF's images (repage.pdfpages), map image_index -> page, confirm by content;
+4. a match below the threshold -> review with its evidence, nothing written (unless a person
+   accepted the proposed pages: `repage review accept`);
+5. else a plan the migrator journals and applies like the keys path: bucket images are copied
+   to canonical keys, and images missing from the bucket are extracted from the PDF and
+   uploaded to canonical keys, journalled as moves from `pdf:{source_key}#p{page}-{n}` with
+   the uploaded bytes' size and SHA-256 (so verify, rollback and gc treat them exactly).
+Every GET is counted in the document's usage (requests and bytes), which the ledger keeps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path as FsPath
+
+from repage import pdfpages
+from repage.errors import BadInput, ObjectNotFound, StaleLease
+from repage.keys import (
+    canonical_image_key,
+    is_pdf_image_ref,
+    parse_image_key,
+    parse_pdf_image_ref,
+    pdf_image_ref,
+    source_key_candidates,
+)
+from repage.plan import ChunkPage, DocumentPlan, index_listing
+from repage.states import Path, State
+from repage.stores.ledger import ObjectJournalEntry, ObjectState
+
+# Far above any real document; it only keeps a broken or hostile object off the temp disk.
+MAX_SOURCE_BYTES = 2 * 1024**3
+
+
+def parse_size(text: object) -> tuple[int, int] | None:
+    """`image_size` "1161x171" -> (1161, 171); anything else -> None (an unknown size objects to nothing)."""
+    try:
+        w, h = str(text).lower().split("x")
+        return (int(w), int(h)) if int(w) > 0 and int(h) > 0 else None
+    except ValueError:
+        return None
+
+
+def identity_json(identity: Sequence) -> str:
+    return json.dumps(list(identity), separators=(",", ":"))
+
+
+@dataclass
+class _Image:
+    """One chunk's image as the bucket has it: the key it is at, or None when it is missing."""
+
+    key: str | None
+    index: int | None
+
+
+class PdfPlanner:
+    """Plans one pdf-path document for a BatchMigrator (its stores, limiter, options, usage)."""
+
+    def __init__(self, migrator, work):
+        self.m, self.work = migrator, work
+        self.source_key: str | None = None
+        # chunk identity (JSON) -> (page, n) of its image in the PDF, and its image_index: to upload
+        self.uploads: dict[str, tuple[int, int, int]] = {}
+
+    # ---- the plan
+
+    def resolve(self, plan: DocumentPlan, listed: Collection[str] | None) -> DocumentPlan | None:
+        """The plan with every page filled in, or None: the document ends here (its outcome is set)."""
+        with tempfile.TemporaryDirectory(prefix="repage-pdf-") as tmp:
+            pdf = FsPath(tmp) / "source.pdf"
+            self.source_key = self._fetch_source(pdf)
+            if self.source_key is None:
+                return None
+            self._keep_lease()
+            images = self._images(plan, set(listed or ()))
+            refs = self._references(plan, images)
+            prints = pdfpages.fingerprints(pdf, self._name(), hashes=any(r.phash is not None for r in refs.values()))
+            indexes = {r["image_index"] for r in self.work.rows if r.get("image_index") is not None}
+            matching = self.m.settings.matching
+            matches = pdfpages.match_images(prints, refs, indexes, max_distance=matching.max_hash_distance,
+                                            min_margin=matching.min_hash_margin)
+            matches = self._accepted(matches)
+            self._keep_lease()
+            if not self._all_confident(plan, matches, prints, indexes):
+                return None
+            resolved = self._resolved(plan, matches, images, prints, indexes)
+            if self.uploads:
+                self._extract(pdf)
+        return resolved
+
+    def _keep_lease(self) -> None:
+        """A big PDF takes a while: renew the lease between the long steps, as the copy step does."""
+        if not self.m.options.dry_run and not self.m._renew_lease(self.work):
+            raise StaleLease(self.work.error or f"lease on document {self.work.document_id} lost")
+
+    def _name(self) -> str:
+        return str(self.source_key)  # errors read "document ID: SOURCE_KEY: what is wrong with the PDF"
+
+    def _fetch_source(self, dest: FsPath) -> str | None:
+        """Stream the first source key form that exists to `dest`; None (and unrecoverable) if none does."""
+        work = self.work
+        row = work.rows[0] if work.rows else {}
+        fields = {k: str(v) for k, v in row.items() if isinstance(v, (str, int)) and not isinstance(v, bool)}
+        fields.update(dataset_id=work.claim.dataset_id, filename=work.claim.filename, document_id=work.document_id)
+        candidates = source_key_candidates(self.m.settings.source_key_template, fields)
+        for key in candidates:
+            try:
+                size = download(self.m, key, dest)
+            except ObjectNotFound:
+                continue
+            finally:
+                work.usage.class_b += 1
+            work.usage.bytes_read += size
+            return key
+        work.outcome = State.UNRECOVERABLE
+        work.reason = f"no key tells the pages and the source PDF is missing (tried {', '.join(candidates)})"
+        return None
+
+    def _images(self, plan: DocumentPlan, listed: set[str]) -> dict[tuple, _Image]:
+        """Per chunk: where its image is in the bucket (None: missing) and its image_index."""
+        by_index = index_listing(listed, self.m.patterns)
+        out = {}
+        for c in plan.chunks:
+            own = parse_image_key(c.current_key or "", patterns=self.m.patterns)
+            index = c.image_index if c.image_index is not None else own.index
+            key = next((k for k in (c.found_key, c.current_key) if k and k in listed), None)
+            if key is None and c.page is None and index is not None and index in by_index:
+                key = by_index[index][0]  # the chunk lost its key; the listing has its image
+            out[c.identity] = _Image(key, index)
+        return out
+
+    def _references(self, plan: DocumentPlan, images: Mapping[tuple, _Image]) -> dict[int, pdfpages.Reference]:
+        """What each page-less image_index offers to compare: its bucket image's hash, else its size."""
+        rows = self._rows()
+        refs: dict[int, pdfpages.Reference] = {}
+        for c in plan.chunks:
+            image = images[c.identity]
+            if c.page is not None or image.index is None:
+                continue
+            size = parse_size(rows.get(c.identity, {}).get("image_size"))
+            known = refs.get(image.index)
+            if known is not None and known.phash is not None:
+                continue
+            ref = self._bucket_reference(image) if image.key else None
+            refs[image.index] = ref or pdfpages.Reference(image.index, None, size)
+        return refs
+
+    def _bucket_reference(self, image: _Image) -> pdfpages.Reference | None:
+        try:
+            data = self.m._object_call(self.m.objects.get, image.key)
+        except ObjectNotFound:  # listed a moment ago, gone now: treated as missing
+            image.key = None
+            return None
+        finally:
+            self.work.usage.class_b += 1
+        self.work.usage.bytes_read += len(data)
+        self.work.blobs[image.key] = data  # the copy step hashes these bytes instead of a second GET
+        return pdfpages.reference_of(data, image.index, image.key)
+
+    def _rows(self) -> dict[tuple, dict]:
+        fields = self.m.info.identity_fields
+        return {tuple(r.get(f) for f in fields): r for r in self.work.rows}
+
+    # ---- reviews
+
+    def _accepted(self, matches: dict[int, pdfpages.Match]) -> dict[int, pdfpages.Match]:
+        """A reviewer's accepted proposals replace the matches that were below the threshold."""
+        review = self.m.ledger.get_review(self.work.document_id) if self.m.ledger is not None else None
+        if review is None or review.status != "accepted":
+            return matches
+        proposed = {c["image_index"]: c["proposed"] for c in json.loads(review.evidence)["chunks"] if c["proposed"]}
+        return {i: m if m.confident or i not in proposed else
+                replace(m, page=proposed[i][0], n=proposed[i][1], method="accepted", reason="accepted in review")
+                for i, m in matches.items()}
+
+    def _all_confident(self, plan: DocumentPlan, matches: Mapping[int, pdfpages.Match],
+                       prints: Sequence[pdfpages.Fingerprint], indexes: Collection[int]) -> bool:
+        """True when every page-less chunk has a confident match; else record the review and say so."""
+        weak = []
+        for c in plan.chunks:
+            if c.page is not None:
+                continue
+            index = c.image_index
+            match = matches.get(index) if index is not None else None
+            if match is None or not match.confident:
+                evidence = match.evidence() if match else {"image_index": index, "page": None, "proposed": None,
+                                                           "reason": "the chunk has no image_index and no image"}
+                weak.append({"chunk": list(c.identity), **evidence})
+        if not weak:
+            return True
+        self._to_review(plan, weak, prints, indexes)
+        return False
+
+    def _to_review(self, plan: DocumentPlan, weak: list[dict], prints, indexes) -> None:
+        settings = self.m.settings.matching
+        evidence = {"source_key": self.source_key, "images_in_pdf": len(prints),
+                    "distinct_image_indexes": len(set(indexes)), "index_allowed": pdfpages.index_allowed(prints, indexes),
+                    "thresholds": {"max_hash_distance": settings.max_hash_distance,
+                                   "min_hash_margin": settings.min_hash_margin},
+                    "confident": plan.affected - len(weak), "chunks": weak}
+        if not self.m.options.dry_run:
+            self.m.ledger.save_review(self.work.document_id, self.work.claim.fencing_token, json.dumps(evidence))
+        self.work.outcome = State.REVIEW
+        self.work.reason = (f"{len(weak)} of {plan.affected} chunks matched below the threshold "
+                            f"(distance <= {settings.max_hash_distance}, margin >= {settings.min_hash_margin}): "
+                            "see `repage review`")
+
+    # ---- the resolved plan and its uploads
+
+    def _resolved(self, plan: DocumentPlan, matches: Mapping[int, pdfpages.Match], images: Mapping[tuple, _Image],
+                  prints: Sequence[pdfpages.Fingerprint], indexes: Collection[int]) -> DocumentPlan:
+        at = {(fp.page, fp.n): fp for fp in prints}
+        by_index = pdfpages.index_map(prints) if pdfpages.index_allowed(prints, indexes) else {}
+        sizes = {identity: parse_size(row.get("image_size")) for identity, row in self._rows().items()}
+        chunks = []
+        for c in plan.chunks:
+            image = images[c.identity]
+            page = c.page if c.page is not None else matches[c.image_index].page
+            if image.key is None and self.m.options.move_images:  # not in the bucket: from the PDF
+                source = self._source_image(c, matches, by_index, at, sizes.get(c.identity))
+                if source is not None and source[0] == page and image.index is not None:
+                    self.uploads[identity_json(c.identity)] = (*source, image.index)
+            chunks.append(replace(c, page=page, found_key=image.key, evidence=c.evidence if c.page is not None
+                                  else f"pdf:{matches[c.image_index].method}"))
+        return replace(plan, path=Path.PDF, chunks=tuple(chunks))
+
+    def _source_image(self, c: ChunkPage, matches, by_index, at, size) -> tuple[int, int] | None:
+        """(page, n) in the PDF of a chunk's missing image, when it is certain."""
+        if c.page is None:
+            match = matches[c.image_index]
+            return (match.page, match.n) if match.n is not None else None
+        parsed = parse_image_key(c.current_key or "", patterns=self.m.patterns)  # the key named the page
+        n = 0 if parsed.sub == "full" else parsed.sub if isinstance(parsed.sub, int) else None
+        if n is None and c.image_index in by_index and by_index[c.image_index].page == c.page:
+            n = by_index[c.image_index].n
+        fp = at.get((c.page, n))
+        return (c.page, n) if fp is not None and pdfpages.aspect_ok(size, (fp.width, fp.height)) else None
+
+    def _extract(self, pdf: FsPath) -> None:
+        wanted = {(page, n) for page, n, _ in self.uploads.values()}
+        pngs = pdfpages.extract_png(pdf, self._name(), wanted)
+        for page, n in wanted:
+            self.work.blobs[pdf_image_ref(self.source_key, page, n)] = pngs[(page, n)]
+
+    def add_uploads(self) -> None:
+        """After the migrator journalled its plan: link the chunks with missing images to uploads."""
+        work, moves, chunks = self.work, {}, []
+        for entry in work.chunks:
+            if entry.identity not in self.uploads:
+                chunks.append(entry)
+                continue
+            page, n, index = self.uploads[entry.identity]
+            old = pdf_image_ref(self.source_key, page, n)
+            new = canonical_image_key(work.claim.dataset_id, work.document_id, entry.new_page, index, "png")
+            data = work.blobs[old]
+            moves.setdefault(new, ObjectJournalEntry(old, new, len(data), hashlib.sha256(data).hexdigest(),
+                                                     ObjectState.INTENDED))
+            chunks.append(replace(entry, new_key=new if new != entry.old_key else None))
+        work.chunks = chunks
+        work.moves = [*work.moves, *sorted(moves.values(), key=lambda m: (m.old_key, m.new_key))]
+
+
+def download(migrator, key: str, dest: FsPath) -> int:
+    """GET `key` into the file `dest`, through the run's limiter and backoff; bytes written."""
+    def once() -> int:
+        with open(dest, "wb") as out:  # "wb" again on a retry: never half of two attempts
+            return migrator.objects.download(key, out, max_bytes=MAX_SOURCE_BYTES)
+    return migrator._object_call(once)
+
+
+# ---- applying an upload (BatchMigrator._copy_one)
+
+
+def upload_extracted(migrator, work, move: ObjectJournalEntry) -> None:
+    """PUT an image extracted from the source PDF at its canonical key.
+
+    The bytes come from the plan; a run resumed from the journal (the plan died with its
+    process) extracts them again and checks them against the journalled hash first.
+    """
+    data = work.blobs.get(move.old_key)
+    if data is None:
+        data = _extract_again(migrator, work, move)
+    if hashlib.sha256(data).hexdigest() != move.content_hash:
+        raise BadInput(f"image {move.old_key} extracted again differs from the journal's (content hash): "
+                       "the source PDF changed; roll the document back and run it again")
+    migrator._object_call(migrator.objects.put, move.new_key, data)
+
+
+def _extract_again(migrator, work, move: ObjectJournalEntry) -> bytes:
+    parsed = parse_pdf_image_ref(move.old_key)
+    if parsed is None:
+        raise BadInput(f"journal entry {move.old_key!r} is no pdf image reference")
+    source_key, page, n = parsed
+    with tempfile.TemporaryDirectory(prefix="repage-pdf-") as tmp:
+        pdf = FsPath(tmp) / "source.pdf"
+        try:
+            size = download(migrator, source_key, pdf)
+        finally:
+            work.usage.class_b += 1
+        work.usage.bytes_read += size
+        data = pdfpages.extract_png(pdf, source_key, {(page, n)})[(page, n)]
+    work.blobs[move.old_key] = data  # other chunks of the document may share the image
+    return data
+
+
+__all__ = ["PdfPlanner", "upload_extracted", "is_pdf_image_ref", "MAX_SOURCE_BYTES"]
