@@ -335,4 +335,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m repage.cli` runs this file as __main__, a second copy of the module: run the
+    # imported repage.cli instead, whose app the other command modules registered on.
+    from repage import cli as _cli
+
+    _cli.main()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -158,14 +157,6 @@ def access_top(
     run_command(body)
 
 
-def _register(target: typer.Typer) -> None:
-    target.command()(serve)
-    target.command()(worker)
-    target.add_typer(access_app, name="access")
-
-
-_register(app)
-# `python -m repage.cli` runs cli.py as __main__, a second copy whose `app` is the one invoked.
-_main = sys.modules.get("__main__")
-if getattr(getattr(_main, "__spec__", None), "name", None) == "repage.cli" and getattr(_main, "app", app) is not app:
-    _register(_main.app)
+app.command()(serve)
+app.command()(worker)
+app.add_typer(access_app, name="access")

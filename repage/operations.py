@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from repage import probe
-from repage.app import open_ledger, open_objects, open_stores, open_vectors
+from repage.app import open_objects, open_stores, open_vectors
 from repage.config import Settings
 from repage.errors import RepageError
 from repage.estimate import human_seconds
@@ -101,9 +101,12 @@ def demo(settings: Settings, *, data_dir: Path, pk: str, console: Console | None
     report["scan"] = scan(settings, console=console)
     report["scan"].pop("documents")
     report["estimate"] = estimate(settings)
-    log("migrating the keys path ...")
+    from repage.states import Path as RepairPath
+
+    log("migrating the keys and pdf paths ...")
     report["run"] = run(settings, RunOptions(), RunLimits(batch_size=settings.batch_size,
-                                                          concurrency=settings.concurrency), Selection())
+                                                          concurrency=settings.concurrency),
+                        Selection(paths=frozenset({RepairPath.KEYS, RepairPath.PDF})))
     report["verify"] = verify(settings)
     report["after"] = page_accuracy(settings, truth)
     return report

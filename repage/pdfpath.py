@@ -28,7 +28,6 @@ from repage import pdfpages
 from repage.errors import BadInput, ObjectNotFound, StaleLease
 from repage.keys import (
     canonical_image_key,
-    is_pdf_image_ref,
     parse_image_key,
     parse_pdf_image_ref,
     pdf_image_ref,
@@ -69,6 +68,7 @@ class PdfPlanner:
     def __init__(self, migrator, work):
         self.m, self.work = migrator, work
         self.source_key: str | None = None
+        self.images: dict[tuple, _Image] = {}  # per chunk identity: its image in the bucket, its image_index
         # chunk identity (JSON) -> (page, n) of its image in the PDF, and its image_index: to upload
         self.uploads: dict[str, tuple[int, int, int]] = {}
 
@@ -82,8 +82,8 @@ class PdfPlanner:
             if self.source_key is None:
                 return None
             self._keep_lease()
-            images = self._images(plan, set(listed or ()))
-            refs = self._references(plan, images)
+            self.images = self._images(plan, set(listed or ()))
+            refs = self._references(plan)
             prints = pdfpages.fingerprints(pdf, self._name(), hashes=any(r.phash is not None for r in refs.values()))
             indexes = {r["image_index"] for r in self.work.rows if r.get("image_index") is not None}
             matching = self.m.settings.matching
@@ -93,7 +93,7 @@ class PdfPlanner:
             self._keep_lease()
             if not self._all_confident(plan, matches, prints, indexes):
                 return None
-            resolved = self._resolved(plan, matches, images, prints, indexes)
+            resolved = self._resolved(plan, matches, prints, indexes)
             if self.uploads:
                 self._extract(pdf)
         return resolved
@@ -139,12 +139,12 @@ class PdfPlanner:
             out[c.identity] = _Image(key, index)
         return out
 
-    def _references(self, plan: DocumentPlan, images: Mapping[tuple, _Image]) -> dict[int, pdfpages.Reference]:
+    def _references(self, plan: DocumentPlan) -> dict[int, pdfpages.Reference]:
         """What each page-less image_index offers to compare: its bucket image's hash, else its size."""
         rows = self._rows()
         refs: dict[int, pdfpages.Reference] = {}
         for c in plan.chunks:
-            image = images[c.identity]
+            image = self.images[c.identity]
             if c.page is not None or image.index is None:
                 continue
             size = parse_size(rows.get(c.identity, {}).get("image_size"))
@@ -190,7 +190,7 @@ class PdfPlanner:
         for c in plan.chunks:
             if c.page is not None:
                 continue
-            index = c.image_index
+            index = self.images[c.identity].index
             match = matches.get(index) if index is not None else None
             if match is None or not match.confident:
                 evidence = match.evidence() if match else {"image_index": index, "page": None, "proposed": None,
@@ -217,32 +217,34 @@ class PdfPlanner:
 
     # ---- the resolved plan and its uploads
 
-    def _resolved(self, plan: DocumentPlan, matches: Mapping[int, pdfpages.Match], images: Mapping[tuple, _Image],
+    def _resolved(self, plan: DocumentPlan, matches: Mapping[int, pdfpages.Match],
                   prints: Sequence[pdfpages.Fingerprint], indexes: Collection[int]) -> DocumentPlan:
         at = {(fp.page, fp.n): fp for fp in prints}
         by_index = pdfpages.index_map(prints) if pdfpages.index_allowed(prints, indexes) else {}
         sizes = {identity: parse_size(row.get("image_size")) for identity, row in self._rows().items()}
         chunks = []
         for c in plan.chunks:
-            image = images[c.identity]
-            page = c.page if c.page is not None else matches[c.image_index].page
+            image = self.images[c.identity]
+            match = matches.get(image.index) if c.page is None else None
+            page = c.page if match is None else match.page
             if image.key is None and self.m.options.move_images:  # not in the bucket: from the PDF
-                source = self._source_image(c, matches, by_index, at, sizes.get(c.identity))
+                source = self._source_image(c, match, by_index, at, sizes.get(c.identity))
                 if source is not None and source[0] == page and image.index is not None:
                     self.uploads[identity_json(c.identity)] = (*source, image.index)
-            chunks.append(replace(c, page=page, found_key=image.key, evidence=c.evidence if c.page is not None
-                                  else f"pdf:{matches[c.image_index].method}"))
+            chunks.append(replace(c, page=page, found_key=image.key, image_index=image.index,
+                                  evidence=c.evidence if match is None else f"pdf:{match.method}"))
         return replace(plan, path=Path.PDF, chunks=tuple(chunks))
 
-    def _source_image(self, c: ChunkPage, matches, by_index, at, size) -> tuple[int, int] | None:
+    def _source_image(self, c: ChunkPage, match: pdfpages.Match | None, by_index, at,
+                      size) -> tuple[int, int] | None:
         """(page, n) in the PDF of a chunk's missing image, when it is certain."""
-        if c.page is None:
-            match = matches[c.image_index]
+        if match is not None:
             return (match.page, match.n) if match.n is not None else None
         parsed = parse_image_key(c.current_key or "", patterns=self.m.patterns)  # the key named the page
         n = 0 if parsed.sub == "full" else parsed.sub if isinstance(parsed.sub, int) else None
-        if n is None and c.image_index in by_index and by_index[c.image_index].page == c.page:
-            n = by_index[c.image_index].n
+        index = self.images[c.identity].index
+        if n is None and index in by_index and by_index[index].page == c.page:
+            n = by_index[index].n
         fp = at.get((c.page, n))
         return (c.page, n) if fp is not None and pdfpages.aspect_ok(size, (fp.width, fp.height)) else None
 
@@ -313,4 +315,4 @@ def _extract_again(migrator, work, move: ObjectJournalEntry) -> bytes:
     return data
 
 
-__all__ = ["PdfPlanner", "upload_extracted", "is_pdf_image_ref", "MAX_SOURCE_BYTES"]
+__all__ = ["MAX_SOURCE_BYTES", "PdfPlanner", "download", "upload_extracted"]

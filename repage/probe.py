@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 
 from repage.errors import BadInput, ObjectNotFound
 from repage.estimate import Estimate, Latencies, PathLoad, estimate
-from repage.keys import image_prefix, parse_image_key, source_key_candidates
+from repage.keys import image_prefix, source_key_candidates
 from repage.pdfpages import iter_page_images
 from repage.states import Path, State
 

@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 import uuid
+from itertools import islice
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
@@ -103,6 +104,7 @@ class Runner:
                                       lease_seconds=stores.settings.lease_seconds,
                                       patterns=compile_patterns(stores.settings.key_patterns))
         self.summary = RunSummary()
+        self._dry_records = None  # dry run: one pass over the pending documents
 
     def run(self) -> RunSummary:
         started = self.clock.now()
@@ -158,12 +160,12 @@ class Runner:
 
     def _peek(self, size: int):
         """Dry run: pending documents as if claimed, without touching the ledger."""
-        seen = self.summary.documents
-        records = [r for r in self.stores.ledger.documents(states={State.PENDING}, dataset_id=self.selection.dataset_id)
-                   if r.path in self.selection.paths
-                   and (self.selection.document_ids is None or r.document_id in self.selection.document_ids)]
+        if self._dry_records is None:
+            sel = self.selection
+            self._dry_records = (r for r in self.stores.ledger.documents(states={State.PENDING}, dataset_id=sel.dataset_id)
+                                 if r.path in sel.paths and (sel.document_ids is None or r.document_id in sel.document_ids))
         return [Claim(r.document_id, r.dataset_id, r.filename, r.path, r.fencing_token, r.affected_chunks)
-                for r in records[seen:seen + size]]
+                for r in islice(self._dry_records, size)]
 
     def _migrate(self, claims: Sequence) -> BatchResult:
         try:

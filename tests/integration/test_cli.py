@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from repage.stores.vectors import MilvusVectors
-from tests.fixtures.s3 import create_bucket, unique_bucket_name
+from tests.fixtures.s3 import unique_bucket_name
 
-COMMANDS = ["doctor", "scan", "estimate", "demo", "run", "status", "verify", "rollback", "gc"]
+COMMANDS = ["doctor", "scan", "estimate", "demo", "run", "status", "verify", "rollback", "gc", "review",
+            "review accept", "review reject"]
 APP_ENV = ("MILVUS_URI", "MILVUS_TOKEN", "R2_ACCOUNT_ID", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY", "R2_BUCKET_NAME")
 
 
@@ -67,7 +68,7 @@ def env_of(store: dict, **overrides: str) -> dict:
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help_with_an_example(command):
-    proc = repage(command, "--help")
+    proc = repage(*command.split(), "--help")
     assert proc.returncode == 0
     assert "Example: repage" in proc.stdout
 

@@ -181,25 +181,32 @@ def test_dry_run_lists_uploads_and_copies_and_writes_nothing(demo):
     assert demo.snapshot() == before
 
 
-def test_corrupt_and_encrypted_sources_fail_and_touch_nothing_else(demo):
+def test_corrupt_encrypted_and_vanished_sources_touch_nothing_else(demo):
     docs = pdf_docs(demo)
     corrupt = next(d for d in docs if d["scenario"] == "docling")
     locked = next(d for d in docs if d["scenario"] == "missing-images")
+    gone = next(d for d in docs if d["scenario"] == "docling" and d is not corrupt)
     (demo.data_dir / "bucket" / corrupt["source_key"]).write_bytes(b"%PDF-1.7\n" + b"\x00garbage" * 500)
     (demo.data_dir / "bucket" / locked["source_key"]).write_bytes(encrypted_pdf())
+    demo.cli_json("scan")  # the scan still sees every source ...
+    (demo.data_dir / "bucket" / gone["source_key"]).unlink()  # ... then one disappears before the run
     before = demo.snapshot()
     report = demo.cli_json("run", *PDF, check=1)
-    assert report["failed"] == 2 and report["migrated"] == len(docs) - 2, report
+    assert report["failed"] == 2 and report["migrated"] == len(docs) - 3, report
+    assert report["other"] == {"unrecoverable": 1}, report
     assert "corrupt" in report["errors"][corrupt["document_id"]]
     assert "encrypted" in report["errors"][locked["document_id"]]
     snap = demo.snapshot()
+    lost = snap["ledger"]["documents"][gone["document_id"]]
+    assert lost["state"] == "unrecoverable" and "source PDF is missing" in lost["reason"]
     for d in (corrupt, locked):
         row = snap["ledger"]["documents"][d["document_id"]]
         assert row["state"] == "failed" and d["source_key"] in row["last_error"]
+    for d in (corrupt, locked, gone):  # nothing written for them: rows, objects, journal
         assert rows_of(snap, d) == rows_of(before, d), diff(rows_of(before, d), rows_of(snap, d))
         assert objects_under(snap, d) == objects_under(before, d)
         assert not [j for j in snap["ledger"]["chunk_journal"].values() if j["document_id"] == d["document_id"]]
-    check_pdf_docs_recovered(demo, snap, [d for d in docs if d not in (corrupt, locked)])
+    check_pdf_docs_recovered(demo, snap, [d for d in docs if d not in (corrupt, locked, gone)])
     status = demo.cli_json("status")
     assert {e["document_id"] for e in status["last_errors"]} >= {corrupt["document_id"], locked["document_id"]}
 
