@@ -43,19 +43,23 @@ def import_access_file(settings: Settings, path: Path, fmt: str | None = None) -
 
 def access_top(settings: Settings, limit: int = 20) -> dict:
     """The most used documents by decayed access count, now."""
-    half_life = half_life_seconds(settings.access_half_life_hours)
-    now = time.time()
     with open_stores(settings, vectors=False, objects=False) as stores:
-        records = stores.ledger.top_accesses(limit)
+        return top_documents(stores.ledger, settings.access_half_life_hours, limit)
+
+
+def top_documents(ledger, half_life_hours: float, limit: int = 20, now: float | None = None) -> dict:
+    """`repage access top` of an open ledger (the dashboard's hot documents too)."""
     from repage.access import Decayed
 
-    return {"half_life_hours": settings.access_half_life_hours, "documents": [{
+    half_life = half_life_seconds(half_life_hours)
+    now = time.time() if now is None else now
+    return {"half_life_hours": half_life_hours, "documents": [{
         "document_id": r.document_id, "dataset_id": r.dataset_id,
         "accesses": round(Decayed(r.score, r.scored_at).value(now, half_life), 3),
         "last_access": datetime.fromtimestamp(r.scored_at, tz=timezone.utc).isoformat(timespec="seconds"),
         "enqueued": r.enqueued_at is not None,
         "state": r.state.value if r.state else None, "path": r.path.value if r.path else None,
-    } for r in records]}
+    } for r in ledger.top_accesses(limit)]}
 
 
 def render_import(console: Console) -> Callable[[dict], None]:

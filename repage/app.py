@@ -57,8 +57,10 @@ def open_objects(settings: Settings, *, check: bool = True) -> ObjectStore:
         secret_access_key=secret(settings.aws_secret_access_key),
     )
     if check:
-        try:
-            store.check()
+        from repage.throttle import AdaptiveLimiter, call_with_backoff
+
+        try:  # a throttled or flaky first request is retried; a missing bucket fails at once
+            call_with_backoff(store.check, AdaptiveLimiter(None))
         except BaseException:
             store.close()
             raise

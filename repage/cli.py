@@ -184,6 +184,7 @@ def run(
     max_duration: Annotated[str | None, typer.Option(help="Stop cleanly after this long (30m, 2h).")] = None,
     budget: Annotated[float | None, typer.Option(min=0, help="Stop cleanly once this many dollars are spent.")] = None,
     min_accesses: Annotated[float | None, typer.Option(min=0, help="Only documents with this many decayed accesses.")] = None,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Retry failed documents (failed -> pending first).")] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Migrate pending documents in batches (scans first when the ledger is empty).
@@ -209,7 +210,8 @@ def run(
                            max_duration_seconds=parse_duration(max_duration), budget_dollars=budget)
         options = RunOptions(move_images=move_images, dry_run=dry_run, failpoint=os.environ.get("REPAGE_FAILPOINT"))
         selection = Selection(paths=frozenset(paths[path]), document_ids=tuple(document_id) if document_id else None,
-                              dataset_id=dataset_id, order=order, min_accesses=min_accesses or None)
+                              dataset_id=dataset_id, order=order, min_accesses=min_accesses or None,
+                              retry_failed=retry_failed)
         with _RunProgress(enabled=not as_json) as progress:
             report = operations.run(settings, options, limits, selection, on_batch=progress.update)
         emit(report, as_json, operations.render_run(out))

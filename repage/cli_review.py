@@ -5,7 +5,6 @@ Thin like the rest of the CLI: settings, one call into repage.review, print.
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
@@ -75,13 +74,5 @@ def _render_list(report: dict) -> None:
                       f"{chunk.get('reason')}", markup=False)
 
 
-def _register(target: typer.Typer) -> None:
-    target.add_typer(review_app, name="review", help=(
-        "Page matches below the confidence threshold: list them, accept or reject.\n\nExample: repage review --json"))
-
-
-_register(app)
-# `python -m repage.cli` runs cli.py as __main__, a second copy whose `app` is the one invoked.
-_main = sys.modules.get("__main__")
-if getattr(getattr(_main, "__spec__", None), "name", None) == "repage.cli" and getattr(_main, "app", app) is not app:
-    _register(_main.app)
+app.add_typer(review_app, name="review", help=(
+    "Page matches below the confidence threshold: list them, accept or reject.\n\nExample: repage review --json"))

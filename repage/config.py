@@ -65,6 +65,7 @@ class Settings(BaseModel):
     batch_size: int = Field(50, ge=1, le=10_000)
     access_half_life_hours: float = Field(72.0, gt=0)
     lease_seconds: float = Field(300.0, gt=0)  # a dead worker's documents return to pending after this
+    budget_dollars: float | None = Field(None, gt=0)  # the whole migration's budget: the dashboard compares against it
     prices: Prices = Prices()
     matching: Matching = Matching()
 

@@ -29,6 +29,11 @@ class Throttled(StoreError):
         self.retry_after = retry_after
 
 
+class Transient(StoreError):
+    """A request failed in a way a retry may fix (HTTP 500/502/504, a reset connection, a reply
+    cut short); repage's backoff retries it, as it does `Throttled`, without cutting the rate."""
+
+
 class ObjectNotFound(StoreError):
     """The object key does not exist in the bucket."""
 

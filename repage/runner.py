@@ -27,6 +27,7 @@ from repage.stores.ledger import Claim, Ledger
 from repage.throttle import AdaptiveLimiter, Clock, SystemClock
 
 MIN_DOCS_FOR_ERROR_RATE = 20  # an error rate over a handful of documents says nothing
+OBJECT_REQUESTS = "object-requests"  # ledger event per batch: count = bucket requests, detail = "class_a class_b"
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Selection:
     min_accesses: float | None = None  # only documents with at least this many decayed accesses
     access_now: float | None = None  # epoch seconds the decay is judged at (None: now)
     enqueued_only: bool = False  # only documents lazy repair or an admin enqueued
+    retry_failed: bool = False  # failed documents of the selection go back to pending first (the retry edge)
 
 
 @dataclass
@@ -111,6 +113,8 @@ class Runner:
         if self.options.move_images and not self.options.dry_run:
             sel = self.selection
             self.stores.ledger.requeue_image_moves(sel.dataset_id, sel.document_ids)
+        if self.selection.retry_failed and not self.options.dry_run:
+            self.stores.ledger.retry_failed(self.selection.dataset_id, self.selection.document_ids)
         self.summary.pending_at_start = self._pending()
         while (reason := self._stop_reason(started)) is None:
             claims = self._claim()
@@ -209,8 +213,12 @@ class Runner:
         s.dry_run_changes.extend(result.changes)
         if self.options.dry_run:
             s.documents += len(result.changes)
-        elif result.migrated:  # throughput history for status and the dashboard
-            self.stores.ledger.add_event("migrated", count=len(result.migrated), detail=str(result.chunks_written))
+        else:  # throughput history for status and the dashboard
+            if result.migrated:
+                self.stores.ledger.add_event("migrated", count=len(result.migrated), detail=str(result.chunks_written))
+            if requests := result.usage.class_a + result.usage.class_b:
+                self.stores.ledger.add_event(OBJECT_REQUESTS, count=requests,
+                                             detail=f"{result.usage.class_a} {result.usage.class_b}")
 
     def _stop_reason(self, started: float) -> str | None:
         s, lim = self.summary, self.limits

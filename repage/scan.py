@@ -12,12 +12,16 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from repage.errors import ObjectNotFound
 from repage.keys import compile_patterns, image_prefix, source_key_candidates
 from repage.plan import DocumentPlan, classify, needs_listing
 from repage.states import DONE, State
 from repage.stores.ledger import ScanRecord
+from repage.throttle import AdaptiveLimiter, call_with_backoff
+
+T = TypeVar("T")
 
 # Light fields the scan needs per affected chunk (those the collection has).
 SCAN_FIELDS = ("document_id", "dataset_id", "filename", "chunk_type", "page", "image_index",
@@ -101,6 +105,12 @@ class Classifier:
         self.source_template = source_template
         self.patterns = patterns
         self.requests = 0
+        # A throttle or a transient error (a 500, a reset) is retried with backoff, as in a run:
+        # one flaky request among a big store's thousands must not abort the whole scan.
+        self.limiter = AdaptiveLimiter(None)
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        return call_with_backoff(fn, self.limiter)
 
     def __call__(self, document_id: str, summary: DocumentSummary) -> DocumentPlan:
         rows = summary.affected
@@ -116,13 +126,10 @@ class Classifier:
         return plan
 
     def list_images(self, dataset_id: str, document_id: str) -> list[str]:
-        keys: list[str] = []
-        pages = 0
-        for page in self.objects.list(image_prefix(dataset_id, document_id)):
-            pages += 1
-            keys.extend(info.key for info in page)
-        self.requests += max(pages, 1)  # an empty listing is still one (billed) request
-        return keys
+        prefix = image_prefix(dataset_id, document_id)
+        pages = self._call(lambda: list(self.objects.list(prefix)))  # a retry lists from the start
+        self.requests += max(len(pages), 1)  # an empty listing is still one (billed) request
+        return [info.key for page in pages for info in page]
 
     def source_exists(self, row: Mapping, summary: DocumentSummary) -> bool:
         fields = {k: str(v) for k, v in row.items() if v is not None}
@@ -130,7 +137,7 @@ class Classifier:
         for key in source_key_candidates(self.source_template, fields):
             self.requests += 1
             try:
-                self.objects.head(key)
+                self._call(lambda: self.objects.head(key))  # noqa: B023 (called at once)
                 return True
             except ObjectNotFound:
                 continue

@@ -12,6 +12,8 @@ line, never headers; a test checks the captured logs).
   GET  /metrics                          read   Prometheus text
   POST /migration/documents/{id}         admin  enqueue now (a failed document is retried)
   POST /migration/pause | /resume        admin  every worker (any process) stops/starts between batches
+  GET  /  (+ /login, /dashboard/...)     read   the dashboard: repage/dashboard.py (a session cookie
+                                                 also authorizes read endpoints)
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ log = logging.getLogger("repage.service")
 DOCUMENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,255}$"
 DocumentId = PathParam(pattern=DOCUMENT_ID_PATTERN, description="The document's id (as in Milvus).")
 LOOPBACK_NAMES = frozenset({"localhost"})
+SESSION_COOKIE = "repage_session"  # the dashboard's login cookie: HttpOnly, SameSite=Strict, holds the token
 
 
 # --------------------------------------------------------------------------- auth
@@ -83,17 +86,28 @@ class BearerAuth:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-        given = token.strip().encode()
+        role = self.role_of(token.strip())
+        if role is None:
+            raise HTTPException(401, "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+        return role
+
+    def role_of(self, token: str) -> str | None:
+        """The role a token grants (a bearer token or the dashboard's session cookie): admin, read or None."""
+        given = token.encode()
         # Both comparisons always run: the time taken does not tell which token was close.
         is_admin = self._admin is not None and secrets.compare_digest(given, self._admin)
         is_read = self._read is not None and secrets.compare_digest(given, self._read)
-        if is_admin:
-            return "admin"
-        if is_read:
-            return "read"
-        raise HTTPException(401, "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+        return "admin" if is_admin else "read" if is_read else None
 
     def read(self, request: Request) -> str:
+        """Read endpoints also take the dashboard's session cookie (repage/dashboard.py); admin
+        endpoints do not: a cookie is sent by the browser on its own, so it needs a CSRF check."""
+        cookie = request.cookies.get(SESSION_COOKIE)
+        if cookie and not self.open and "authorization" not in request.headers:
+            role = self.role_of(cookie)
+            if role is None:
+                raise HTTPException(401, "invalid session: log in again", headers={"WWW-Authenticate": "Bearer"})
+            return role
         return self.role(request)
 
     def admin(self, request: Request) -> str:
@@ -259,6 +273,9 @@ def create_app(settings: Settings, *, stores=None, clock=None, with_worker: bool
 
     app = FastAPI(title="repage", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(create_router(parts))
+    from repage.dashboard import mount_dashboard
+
+    mount_dashboard(app, parts)  # GET / and its assets (repage/dashboard.py)
     app.state.repage = parts
     app.add_exception_handler(ConfigError, _config_error)
     return app

@@ -25,7 +25,7 @@ from typing import Protocol, TypeVar
 
 import tenacity
 
-from repage.errors import Throttled
+from repage.errors import Throttled, Transient
 
 T = TypeVar("T")
 
@@ -297,11 +297,12 @@ def jittered_backoff(attempt: int, initial: float, maximum: float, rng: random.R
 def call_with_backoff(fn: Callable[[], T], limiter: AdaptiveLimiter | TokenBucket, *, attempts: int = 8,
                       clock: Clock | None = None, cost: float = 1.0, backoff_initial: float = 0.1,
                       backoff_max: float = 10.0, rng: random.Random | None = None) -> T:
-    """Calls `fn` with the limiter's permission. Retries on `Throttled` up to `attempts` calls in all.
+    """Calls `fn` with the limiter's permission. Retries on `Throttled` and `Transient` (a 500, a
+    reset connection: the limiter's rate is not cut for those) up to `attempts` calls in all.
 
     The wait before a retry is max(Retry-After, jittered exponential backoff). The
     limiter's hold runs from the same moment, so the two overlap and do not add up.
-    After the last attempt the last `Throttled` is re-raised. Other errors pass
+    After the last attempt the last error is re-raised. Other errors pass
     through at once. The retry loop is tenacity, the library under stamina: stamina's
     sync API sleeps with `time.sleep` and has no sleep or clock parameter. Its only test
     hook (`set_testing`) zeroes every wait, so a test cannot check that Retry-After
@@ -328,5 +329,5 @@ def call_with_backoff(fn: Callable[[], T], limiter: AdaptiveLimiter | TokenBucke
         return max(retry_after, jittered_backoff(state.attempt_number, backoff_initial, backoff_max, rng))
 
     retrying = tenacity.Retrying(sleep=clock.sleep, wait=wait, stop=tenacity.stop_after_attempt(attempts),
-                                 retry=tenacity.retry_if_exception_type(Throttled), reraise=True)
+                                 retry=tenacity.retry_if_exception_type((Throttled, Transient)), reraise=True)
     return retrying(once)

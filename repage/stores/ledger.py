@@ -591,6 +591,22 @@ class Ledger:
                     updated_at=self._now())).rowcount
         return moved
 
+    def retry_failed(self, dataset_id: str | None = None, document_ids: Sequence[str] | None = None) -> int:
+        """Failed documents (of the dataset / ids) go back to pending: the retry edge. How many.
+        Their last_error and attempts stay, so `status` still tells what went wrong before."""
+        c = docs_t.c
+        check_transition(State.FAILED, State.PENDING)
+        where = [c.state == State.FAILED.value]
+        if dataset_id is not None:
+            where.append(c.dataset_id == dataset_id)
+        moved = 0
+        for batch in _batches(document_ids) if document_ids is not None else [None]:
+            clause = where + ([c.document_id.in_(batch)] if batch is not None else [])
+            with self._tx() as conn:
+                moved += conn.execute(sa.update(docs_t).where(*clause).values(
+                    state=State.PENDING.value, finished_at=None, updated_at=self._now())).rowcount
+        return moved
+
     def release_expired(self) -> int:
         """Return running documents whose lease has expired to pending; how many."""
         c = docs_t.c

@@ -31,7 +31,7 @@ import obstore
 from obstore.exceptions import PermissionDeniedError, UnauthenticatedError
 from obstore.store import LocalStore, MemoryStore, S3Store
 
-from repage.errors import BadInput, ConfigError, ObjectNotFound, StoreError, StoreUnavailable, Throttled
+from repage.errors import BadInput, ConfigError, ObjectNotFound, StoreError, StoreUnavailable, Throttled, Transient
 
 T = TypeVar("T")
 
@@ -47,6 +47,10 @@ BUCKET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]$")
 STATUS = re.compile(r"status code: (\d{3})|status: (\d{3})")
 S3_CODE = re.compile(r"<Code>([A-Za-z]+)</Code>")
 CONNECT_FAILURE = ("error sending request", "kind: Connect", "Connection refused", "dns error")
+# A connection that was open and broke (reset, closed mid-reply): a retry may succeed. A refused
+# connection reads "kind: Connect" instead and stays StoreUnavailable (the server is not there).
+TRANSIENT_STATUS = (500, 502, 504)
+TRANSIENT_FAILURE = ("kind: Interrupted", "ConnectionReset", "response body error", "IncompleteMessage")
 
 
 @dataclass(frozen=True)
@@ -281,10 +285,10 @@ class ObjectStore:
 
     def check(self) -> None:
         """One cheap request (first list page). StoreUnavailable if the store cannot be used;
-        Throttled passes through (the store answers, it is just busy)."""
+        Throttled and Transient pass through (the store answers, it is just busy or flaky)."""
         try:
             next(iter(self.list(CHECK_PREFIX)), None)
-        except (StoreUnavailable, Throttled):
+        except (StoreUnavailable, Throttled, Transient):
             raise
         except StoreError as exc:
             raise StoreUnavailable(f"store check failed: {exc}") from exc
@@ -360,6 +364,8 @@ def translate_error(
         return ObjectNotFound(f"object {key!r} not found in {where}")
     if isinstance(exc, (PermissionDeniedError, UnauthenticatedError)) or status in (401, 403):
         return StoreUnavailable(f"{where} refused {op} {target!r} ({reason}): check the credentials: {CREDENTIALS_HELP}")
+    if status in TRANSIENT_STATUS or (status is None and any(marker in text for marker in TRANSIENT_FAILURE)):
+        return Transient(f"{op} {target!r} in {where} failed ({reason}): a transient error, retry")
     if status is None and any(marker in text for marker in CONNECT_FAILURE):
         return StoreUnavailable(f"{where} does not answer ({reason}): check the endpoint and that the server is up")
     if isinstance(exc, ValueError):

@@ -1,0 +1,624 @@
+"""The dashboard: `GET /` on `repage serve` shows where the migration stands, at a glance.
+
+Routes (create_app mounts them; an existing app calls `mount_dashboard(app, parts)`):
+
+  GET  /                         read   the page: every number rendered on the server (works without
+                                        JavaScript), then refreshed from the JSON endpoints every few
+                                        seconds; without a session, a login form (401)
+  POST /login                    -      form field `token` -> session cookie, 303 back to the page
+  POST /logout                   -      clears the cookie
+  GET  /dashboard/data           read   throughput and latency series, reviews, hot documents, budget
+  POST /dashboard/pause|resume   admin  what the page's buttons post (303 back, or JSON for fetch)
+  GET  /static/{digest}/{name}   read   the page's script and styles, vendored uPlot included
+
+Sessions: the cookie (`repage_session`: HttpOnly, SameSite=Strict, Secure over https) holds the
+token itself, so it grants exactly what the token grants on read endpoints
+(`service.BearerAuth.read`). Admin endpoints never take the cookie: the buttons post to
+/dashboard/pause|resume, which take the admin bearer token, or the cookie plus a CSRF token
+(HMAC of the session under a key derived from the admin token, so every service process
+agrees) in the form field `csrf_token` or the `X-CSRF-Token` header, from a same-origin page
+(`Sec-Fetch-Site` and `Origin` checked when the browser sends them).
+
+Caching: assets are served under their content digest with `immutable`; every other
+response of the app (the page, its data, the JSON endpoints) gets `no-store` unless it set
+its own Cache-Control. The page's JavaScript and styles come from the package (no build step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import secrets
+import time
+from dataclasses import dataclass
+from html import escape
+from importlib import resources
+from string import Template
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+
+from repage.errors import RepageError
+from repage.estimate import human_seconds
+from repage.service import SESSION_COOKIE, ServiceParts
+from repage.states import State
+from repage.status import RECENT_SECONDS
+
+REFRESH_SECONDS = 5
+SESSION_SECONDS = 12 * 3600
+WINDOWS = (300, 900, 3600, 6 * 3600, 24 * 3600)  # chart windows (s); "auto" is the smallest covering the run
+BIN_SIZES = (5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600)
+BINS = 60
+LATENCY_RECENT_S = 60.0  # as the worker: the worst p95 any service published in the last minute
+TABLE_ROWS = 10
+MAX_FORM_BYTES = 4096
+MIGRATED, OBJECT_REQUESTS, READ_LATENCY = "migrated", "object-requests", "read-latency"
+
+# Display order: done first, then work in flight, then what waits, then what needs a person.
+STATE_ORDER = ("verified", "migrated", "skipped", "unrecoverable", "running", "pending", "deferred",
+               "review", "failed", "rolled_back")
+PATH_ORDER = ("keys", "pdf", "reprocess", "none")
+UPLOT = "vendor/uPlot-1.6.32"  # vendored from npm, see static/vendor/README.md
+ASSETS = ("dashboard.js", "dashboard.css", f"{UPLOT}.iife.min.js", f"{UPLOT}.min.css")
+CONTENT_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
+IMMUTABLE = "private, max-age=31536000, immutable"  # private: assets need a session like the rest
+PAGE_HEADERS = {
+    "Content-Security-Policy": ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                                "img-src 'self' data:; connect-src 'self'; form-action 'self'; "
+                                "frame-ancestors 'none'; base-uri 'none'"),
+    "X-Frame-Options": "DENY",  # the pause button must not be clickjacked
+    "Referrer-Policy": "same-origin",  # no-referrer would make the browser send `Origin: null` on our own forms
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
+
+
+# --------------------------------------------------------------------------- assets and templates
+
+
+class Assets:
+    """The page's static files, read from the package once, served under their digest."""
+
+    def __init__(self) -> None:
+        root = resources.files("repage") / "static"
+        self.files = {name: (root / name).read_bytes() for name in ASSETS}
+        self.digests = {name: hashlib.sha256(body).hexdigest()[:16] for name, body in self.files.items()}
+
+    def url(self, name: str) -> str:
+        return f"static/{self.digests[name]}/{name}"  # relative: the page is the router's root
+
+    def response(self, digest: str, name: str) -> Response:
+        if name not in self.files:
+            raise HTTPException(404, "no such asset")
+        current = digest == self.digests[name]  # an old page asking for an old digest gets today's file
+        headers = {"Cache-Control": IMMUTABLE if current else "no-cache", "X-Content-Type-Options": "nosniff",
+                   "ETag": f'"{self.digests[name]}"'}
+        suffix = name[name.rindex("."):]
+        return Response(self.files[name], media_type=CONTENT_TYPES[suffix], headers=headers)
+
+
+def template(name: str) -> Template:
+    return Template((resources.files("repage") / "templates" / name).read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------- sessions and CSRF
+
+
+class Sessions:
+    """Login cookie and CSRF tokens on top of the service's BearerAuth."""
+
+    def __init__(self, parts: ServiceParts):
+        self.auth = parts.auth
+        admin = parts.settings.admin_token
+        # Derived from the admin token so that every service process issues and accepts the same
+        # tokens; a local trial without tokens gets a key of its own.
+        self._key = (hashlib.sha256(b"repage-dashboard-csrf\0" + admin.get_secret_value().encode()).digest()
+                     if admin else secrets.token_bytes(32))
+
+    def role(self, request: Request) -> str | None:
+        """The caller's role (bearer token or cookie), None when it has neither."""
+        try:
+            return self.auth.read(request)
+        except HTTPException as exc:
+            if exc.status_code == 401:
+                return None
+            raise
+
+    def csrf_token(self, request: Request) -> str:
+        session = request.cookies.get(SESSION_COOKIE, "")
+        return hmac.new(self._key, b"csrf\0" + session.encode(), hashlib.sha256).hexdigest()
+
+    def require_admin_action(self, request: Request, form: dict[str, str]) -> None:
+        """Admin bearer token (not sent by a browser on its own: no CSRF), or the cookie + CSRF token."""
+        if "authorization" in request.headers:
+            self.auth.admin(request)
+            return
+        role = self.role(request)
+        if role is None:
+            raise HTTPException(401, "log in first", headers={"WWW-Authenticate": "Bearer"})
+        if role != "admin":
+            raise HTTPException(403, "pause and resume need the admin token")
+        if not same_origin(request):
+            raise HTTPException(403, "cross-site request refused")
+        supplied = request.headers.get("x-csrf-token") or form.get("csrf_token", "")
+        if not hmac.compare_digest(supplied.encode(), self.csrf_token(request).encode()):
+            raise HTTPException(403, "missing or wrong CSRF token: reload the dashboard")
+
+
+def same_origin(request: Request) -> bool:
+    """False when the browser says the request comes from another origin. Sec-Fetch-Site (sent by
+    current browsers, not settable by a page) decides; else Origin, when present, must be ours."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site == "same-origin"
+    origin = request.headers.get("origin")
+    # "null" (sandboxed frames, file: pages) has no netloc and is refused too
+    return origin is None or urlsplit(origin).netloc == request.headers.get("host")
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """A small urlencoded form (login, buttons): first value per field; no multipart."""
+    body = await request.body()
+    if len(body) > MAX_FORM_BYTES:
+        raise HTTPException(413, "form too large")
+    if not request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        return {}
+    try:
+        return {k: v[0] for k, v in parse_qs(body.decode("utf-8"), keep_blank_values=True).items()}
+    except UnicodeDecodeError:
+        raise HTTPException(400, "form is not UTF-8") from None
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def choose_window(first_event_at: float | None, now: float) -> int:
+    """The smallest chart window that covers the migration's activity (at most a day)."""
+    if first_event_at is None:
+        return WINDOWS[1]
+    span = now - first_event_at
+    return next((w for w in WINDOWS if w >= span), WINDOWS[-1])
+
+
+def bin_size(window: float) -> int:
+    return next((b for b in BIN_SIZES if b * BINS >= window), BIN_SIZES[-1])
+
+
+def series(events: dict[str, list], now: float, window: float) -> dict:
+    """Per-bin rates over the window from ledger events; the current (partial) bin is left out.
+
+    documents/s and chunks/s from `migrated` events (count, detail = chunks written), object
+    requests/s from `object-requests` events, read p95 (ms, worst service) from `read-latency`.
+    """
+    size = bin_size(window)
+    end = math.floor(now / size) * size  # start of the partial bin
+    n = max(1, math.ceil(window / size))
+    start = end - n * size
+    docs, chunks, requests = [0.0] * n, [0.0] * n, [0.0] * n
+    latency: list[float | None] = [None] * n
+
+    def slot(at: float) -> int | None:
+        i = math.floor((at - start) / size)
+        return i if 0 <= i < n else None
+
+    for e in events.get(MIGRATED, ()):
+        if (i := slot(e.at)) is not None:
+            docs[i] += e.count
+            chunks[i] += _int(e.detail)
+    for e in events.get(OBJECT_REQUESTS, ()):
+        if (i := slot(e.at)) is not None:
+            requests[i] += e.count
+    for e in events.get(READ_LATENCY, ()):
+        if (i := slot(e.at)) is not None and (p95 := _p95(e.detail)) is not None:
+            latency[i] = max(latency[i] or 0.0, p95 * 1000.0)
+    return {"window_seconds": window, "bin_seconds": size, "t": [start + i * size for i in range(n)],
+            "documents_per_s": [v / size for v in docs], "chunks_per_s": [v / size for v in chunks],
+            "object_requests_per_s": [v / size for v in requests], "read_p95_ms": latency}
+
+
+def _int(text: str | None) -> int:
+    try:
+        return int(text or 0)
+    except ValueError:
+        return 0
+
+
+def _p95(detail: str | None) -> float | None:
+    try:
+        return float(json.loads(detail or "{}")["p95"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def status_report(parts: ServiceParts) -> dict:
+    """Exactly `repage status --json` (and /migration/status without its service part)."""
+    from repage.status import migration_status
+
+    return migration_status(parts.ledger, parts.settings.prices)
+
+
+def dashboard_data(parts: ServiceParts, window: float | None = None) -> dict:
+    """Everything on the page that `repage status` does not have."""
+    from repage.access_io import top_documents
+    from repage.worker import is_paused
+
+    ledger = parts.ledger
+    now = ledger.db_now()
+    since = now - (window or WINDOWS[-1])
+    events = {kind: ledger.events(since=since, kinds=[kind]) for kind in (MIGRATED, OBJECT_REQUESTS, READ_LATENCY)}
+    migrated = events[MIGRATED]
+    if window is None:
+        window = choose_window(migrated[0].at if migrated else None, now)
+    reviews = [{"document_id": r.document_id, "dataset_id": r.dataset_id, "reason": r.reason, "since": r.updated_at}
+               for r in ledger.documents(states={State.REVIEW}, limit=TABLE_ROWS)]
+    return {
+        "now": now,
+        "paused": is_paused(ledger),
+        "worker": parts.worker.state() if parts.worker is not None else None,
+        "budget_dollars": parts.settings.budget_dollars,
+        "series": series(events, now, window),
+        "last_migrated_at": migrated[-1].at if migrated else None,
+        "read_latency": read_latency(parts, events[READ_LATENCY], now),
+        "reviews": reviews,
+        "hot": top_documents(ledger, parts.settings.access_half_life_hours, TABLE_ROWS, now=time.time())["documents"],
+    }
+
+
+def read_latency(parts: ServiceParts, events: list, now: float) -> dict:
+    """The read path's Milvus p95: the worst any service published in the last minute (what the
+    worker backs off on), else this process's own window."""
+    latest: dict[str, float] = {}
+    for e in events:
+        if e.at >= now - LATENCY_RECENT_S and (p95 := _p95(e.detail)) is not None:
+            latest[str(json.loads(e.detail).get("source"))] = p95
+    local, samples = parts.metrics.window.p95()
+    worker = parts.worker
+    limit = worker.config.max_read_latency_s if worker is not None else None
+    return {"p95_seconds": max(latest.values()) if latest else local, "services": len(latest),
+            "local_p95_seconds": local, "local_samples": samples, "max_read_latency_s": limit}
+
+
+# --------------------------------------------------------------------------- formatting (as dashboard.js)
+
+
+def fmt_count(n: int | float) -> str:
+    return f"{int(n):,}"
+
+
+def fmt_rate(x: float) -> str:
+    return f"{x:.2f}/s"
+
+
+def fmt_dollars(x: float | None) -> str:
+    if x is None:
+        return "none"
+    return f"${x:,.2f}" if x >= 100 else f"${x:.4f}"
+
+
+def fmt_eta(seconds: float | None, todo: int) -> str:
+    if not todo:
+        return "done"
+    return "unknown" if seconds is None else human_seconds(seconds)
+
+
+def fmt_ms(seconds: float | None) -> str:
+    return "no reads" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def fmt_pct(part: float, whole: float) -> str:
+    return f"{100.0 * part / whole:.1f}%" if whole else "0.0%"
+
+
+def fmt_time(epoch: float | None) -> str:
+    return "never" if epoch is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+
+
+# --------------------------------------------------------------------------- HTML (no JavaScript needed)
+
+
+def e(value: Any) -> str:
+    return escape(str(value), quote=True)
+
+
+def field(path: str, value: Any, text: str, tag: str = "span", cls: str = "") -> str:
+    """A number the page shows: its raw value in data-value (the test and dashboard.js use it)."""
+    raw = "" if value is None else json.dumps(value)
+    klass = f' class="{e(cls)}"' if cls else ""
+    return f'<{tag} data-field="{e(path)}" data-value="{e(raw)}"{klass}>{e(text)}</{tag}>'
+
+
+def ordered(keys, order) -> list[str]:
+    return sorted(keys, key=lambda k: (order.index(k) if k in order else len(order), k))
+
+
+def render_bars(status: dict) -> str:
+    """One stacked bar for everything, one per path; segments by state (widths in %)."""
+    rows = [("all documents", status["by_state"], status["documents"])]
+    per_path: dict[str, dict[str, int]] = {}
+    for row in status["by_state_and_path"]:
+        per_path.setdefault(row["path"], {})[row["state"]] = row["documents"]
+    rows += [(f"path {p}", per_path[p], sum(per_path[p].values())) for p in ordered(per_path, PATH_ORDER)]
+    out = []
+    for label, counts, total in rows:
+        segments = "".join(
+            f'<span class="seg s-{e(s)}" style="width:{100.0 * counts[s] / total:.3f}%" '
+            f'title="{e(s)}: {counts[s]}"></span>'
+            for s in ordered(counts, STATE_ORDER) if counts[s] and total)
+        done = sum(counts.get(s.value, 0) for s in (State.MIGRATED, State.VERIFIED, State.SKIPPED, State.UNRECOVERABLE))
+        out.append(f'<div class="bar-row"><span class="bar-label">{e(label)}</span>'
+                   f'<span class="bar">{segments}</span>'
+                   f'<span class="bar-note">{e(fmt_count(done))} of {e(fmt_count(total))} done '
+                   f'({e(fmt_pct(done, total))})</span></div>')
+    legend = "".join(f'<span class="key"><span class="swatch s-{e(s)}"></span>{e(s)}</span>'
+                     for s in ordered(status["by_state"], STATE_ORDER))
+    return "".join(out) + f'<div class="legend">{legend}</div>'
+
+
+def render_matrix(status: dict) -> str:
+    """The state x path counts, as `repage status` prints them."""
+    paths = ordered(status["by_path"], PATH_ORDER)
+    cells: dict[tuple[str, str], int] = {(r["state"], r["path"]): r["documents"] for r in status["by_state_and_path"]}
+    head = "".join(f"<th>{e(p)}</th>" for p in paths)
+    body = []
+    for s in ordered(status["by_state"], STATE_ORDER):
+        tds = "".join(f'<td class="num">{field(f"status.by_state_and_path.{s}.{p}", cells.get((s, p), 0), fmt_count(cells.get((s, p), 0)))}</td>'
+                      for p in paths)
+        body.append(f'<tr><th><span class="swatch s-{e(s)}"></span>{e(s)}</th>{tds}'
+                    f'<td class="num total">{field(f"status.by_state.{s}", status["by_state"][s], fmt_count(status["by_state"][s]))}</td></tr>')
+    totals = "".join(f'<td class="num total">{field(f"status.by_path.{p}", status["by_path"][p], fmt_count(status["by_path"][p]))}</td>'
+                     for p in paths)
+    return (f'<table class="matrix"><thead><tr><th>state \\ path</th>{head}<th>all</th></tr></thead>'
+            f'<tbody>{"".join(body)}</tbody><tfoot><tr><th>all</th>{totals}'
+            f'<td class="num total">{field("status.documents", status["documents"], fmt_count(status["documents"]))}</td>'
+            f'</tr></tfoot></table>')
+
+
+def render_table(table_id: str, headers: tuple[str, ...], rows: list[list[str]], empty: str) -> str:
+    head = "".join(f"<th>{e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    if not rows:
+        body = f'<tr class="empty"><td colspan="{len(headers)}">{e(empty)}</td></tr>'
+    return f'<table id="{e(table_id)}" class="list"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def failure_rows(status: dict) -> list[list[str]]:
+    return [[f["document_id"], f["state"], f["error"] or ""] for f in status["last_errors"]]
+
+
+def review_rows(data: dict) -> list[list[str]]:
+    return [[r["document_id"], r["dataset_id"], r["reason"], fmt_time(r["since"])] for r in data["reviews"]]
+
+
+def hot_rows(data: dict) -> list[list[str]]:
+    return [[h["document_id"], h["dataset_id"] or "", f"{h['accesses']:.2f}", h["state"] or "not scanned",
+             "yes" if h["enqueued"] else ""] for h in data["hot"]]
+
+
+def svg_chart(t: list[float], lines: list[tuple[str, list, str]], unit: str) -> str:
+    """A static line chart (the page without JavaScript); each line scaled to the chart's maximum."""
+    width, height, pad = 640, 140, 4
+    peak = max([v for _, values, _ in lines for v in values if v is not None] + [0.0])
+    scale = (height - 2 * pad) / peak if peak else 0.0
+    step = (width - 2 * pad) / max(len(t) - 1, 1)
+    paths = []
+    for name, values, color in lines:
+        points = " ".join(f"{pad + i * step:.1f},{height - pad - (v or 0.0) * scale:.1f}"
+                          for i, v in enumerate(values) if v is not None)
+        if points:
+            paths.append(f'<polyline fill="none" stroke="{e(color)}" stroke-width="2" points="{points}">'
+                         f"<title>{e(name)}</title></polyline>")
+    span = f"{fmt_time(t[0])} to {fmt_time(t[-1])}" if t else ""
+    legend = " · ".join(f'<tspan fill="{e(color)}">{e(name)}</tspan>' for name, _, color in lines)
+    return (f'<svg class="static-chart" viewBox="0 0 {width} {height + 34}" role="img" aria-label="{e(legend)}">'
+            f'<rect x="0" y="0" width="{width}" height="{height}" class="frame"/>{"".join(paths)}'
+            f'<text x="{pad}" y="{height + 14}" class="axis">{legend} (peak {peak:.2f} {e(unit)})</text>'
+            f'<text x="{pad}" y="{height + 30}" class="axis">{e(span)}</text></svg>')
+
+
+def worker_text(data: dict) -> tuple[str, str]:
+    """(css class, words) for the worker badge."""
+    if data["paused"]:
+        return "paused", "paused"
+    worker = data["worker"]
+    if worker is None:
+        return "idle", "not paused"  # the worker runs elsewhere (repage worker), if at all
+    if worker.get("error") or worker.get("alive") is False:
+        return "failed", f"worker stopped: {worker.get('error') or 'not running'}"
+    last = worker.get("last_cycle") or {}
+    if last.get("backed_off"):
+        return "backoff", f"backing off (read p95 {fmt_ms(last.get('read_latency_p95'))})"
+    return "running", "running"
+
+
+def render_page(parts: ServiceParts, assets: Assets, sessions: Sessions, request: Request, role: str,
+                status: dict, data: dict) -> str:
+    s, budget = status, data["budget_dollars"]
+    badge_class, badge = worker_text(data)
+    admin = role == "admin"
+    csrf = sessions.csrf_token(request) if admin else ""
+    series_ = data["series"]
+    latency = data["read_latency"]
+    over = budget is not None and s["dollars_projected"] > budget
+    values = {
+        "collection": e(parts.settings.collection),
+        "css_uplot": e(assets.url(f"{UPLOT}.min.css")), "css": e(assets.url("dashboard.css")),
+        "js_uplot": e(assets.url(f"{UPLOT}.iife.min.js")), "js": e(assets.url("dashboard.js")),
+        "role": e(role), "refresh_ms": str(REFRESH_SECONDS * 1000), "csrf": e(csrf),
+        "badge_class": e(badge_class), "badge": e(badge),
+        "updated": e(fmt_time(data["now"])), "updated_epoch": e(data["now"]),
+        "admin_controls": render_admin_controls(csrf, data["paused"]) if admin else "",
+        "done": field("status.done", s["done"], fmt_count(s["done"])),
+        "documents": field("status.documents", s["documents"], fmt_count(s["documents"])),
+        "done_pct": e(fmt_pct(s["done"], s["documents"])),
+        "todo": field("status.todo", s["todo"], fmt_count(s["todo"])),
+        "eta": field("status.eta_seconds", s["eta_seconds"], fmt_eta(s["eta_seconds"], s["todo"])),
+        "recent_docs": field("status.throughput.recent_documents_per_s", s["throughput"]["recent_documents_per_s"],
+                             fmt_rate(s["throughput"]["recent_documents_per_s"])),
+        "recent_chunks": field("status.throughput.recent_chunks_per_s", s["throughput"]["recent_chunks_per_s"],
+                               fmt_rate(s["throughput"]["recent_chunks_per_s"])),
+        "overall_docs": field("status.throughput.overall_documents_per_s", s["throughput"]["overall_documents_per_s"],
+                              fmt_rate(s["throughput"]["overall_documents_per_s"])),
+        "last_batch": field("data.last_migrated_at", data["last_migrated_at"], fmt_time(data["last_migrated_at"])),
+        "spent": field("status.dollars_spent", s["dollars_spent"], fmt_dollars(s["dollars_spent"])),
+        "projected": field("status.dollars_projected", s["dollars_projected"], fmt_dollars(s["dollars_projected"])),
+        "budget": field("data.budget_dollars", budget, fmt_dollars(budget) if budget is not None else "not set"),
+        "budget_bar": render_budget_bar(s["dollars_spent"], s["dollars_projected"], budget),
+        "budget_class": "warn" if over else "",
+        "p95": field("data.read_latency.p95_seconds", latency["p95_seconds"], fmt_ms(latency["p95_seconds"])),
+        "p95_limit": e(fmt_ms(latency["max_read_latency_s"]) if latency["max_read_latency_s"] else "not set here"),
+        "failed": field("status.by_state.failed", s["by_state"].get("failed", 0), fmt_count(s["by_state"].get("failed", 0))),
+        "review": field("status.by_state.review", s["by_state"].get("review", 0), fmt_count(s["by_state"].get("review", 0))),
+        "bars": render_bars(s), "matrix": render_matrix(s),
+        "window": e(series_["window_seconds"]), "window_label": e(human_seconds(series_["window_seconds"])),
+        "recent_window": e(human_seconds(RECENT_SECONDS)),
+        "chart_throughput": svg_chart(series_["t"], [("documents/s", series_["documents_per_s"], "#2f7d32"),
+                                                     ("chunks/s", series_["chunks_per_s"], "#1f5fbf"),
+                                                     ("object requests/s", series_["object_requests_per_s"], "#b3541e")],
+                                      "/s"),
+        "chart_latency": svg_chart(series_["t"], [("read p95", series_["read_p95_ms"], "#7b3fb0")], "ms"),
+        "failures": render_table("failures", ("document", "state", "error"), failure_rows(s), "no failures"),
+        "reviews": render_table("reviews", ("document", "dataset", "reason", "since"), review_rows(data),
+                                "nothing waits for review"),
+        "hot": render_table("hot", ("document", "dataset", "accesses", "state", "queued"), hot_rows(data),
+                            "no accesses recorded"),
+        "initial": json_for_script({"status": s, "data": data}),
+    }
+    return template("dashboard.html").substitute(values)
+
+
+def render_admin_controls(csrf: str, paused: bool) -> str:
+    """Pause and resume: plain forms (they work without JavaScript); dashboard.js posts them with fetch."""
+    def form(action: str, label: str, hidden: bool) -> str:
+        return (f'<form method="post" action="dashboard/{action}" class="admin-action" id="{action}-form"'
+                f'{" hidden" if hidden else ""}><input type="hidden" name="csrf_token" value="{e(csrf)}">'
+                f'<button type="submit" id="{action}-button" class="{action}">{e(label)}</button></form>')
+    return form("pause", "Pause migration", paused) + form("resume", "Resume migration", not paused)
+
+
+def render_budget_bar(spent: float, projected: float, budget: float | None) -> str:
+    top = max(budget or 0.0, projected, spent) or 1.0
+    marker = (f'<span class="budget-mark" style="left:{100.0 * budget / top:.3f}%" title="budget"></span>'
+              if budget is not None else "")
+    return (f'<span class="bar budget-bar"><span class="seg projected" style="width:{100.0 * projected / top:.3f}%"></span>'
+            f'<span class="seg spent" style="width:{100.0 * spent / top:.3f}%"></span>{marker}</span>')
+
+
+def json_for_script(value: Any) -> str:
+    """JSON safe inside <script type="application/json"> (no `</script>`, no comment openers)."""
+    text = json.dumps(value, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def render_login(error: str = "") -> str:
+    message = f'<p class="error" role="alert">{e(error)}</p>' if error else ""
+    return template("login.html").substitute(error=message)
+
+
+# --------------------------------------------------------------------------- the router
+
+
+def create_dashboard_router(parts: ServiceParts) -> APIRouter:
+    router = APIRouter()
+    assets, sessions = Assets(), Sessions(parts)
+    read = Depends(parts.auth.read)
+
+    @router.get("/", response_class=HTMLResponse, name="dashboard")
+    def page(request: Request, window: int | None = Query(None, ge=60, le=7 * 86400)) -> Response:
+        role = sessions.role(request)
+        if role is None:
+            response = HTMLResponse(render_login(), status_code=401,
+                                    headers={**PAGE_HEADERS, "WWW-Authenticate": "Bearer"})
+            if SESSION_COOKIE in request.cookies:  # a stale cookie (token rotated): drop it
+                response.delete_cookie(SESSION_COOKIE, path=cookie_path(request))
+            return response
+        status, data = _guard(lambda: (status_report(parts), dashboard_data(parts, window)))
+        return HTMLResponse(render_page(parts, assets, sessions, request, role, status, data), headers=PAGE_HEADERS)
+
+    @router.post("/login")
+    async def login(request: Request) -> Response:
+        if not same_origin(request):
+            raise HTTPException(403, "cross-site request refused")
+        token = (await read_form(request)).get("token", "").strip()
+        if not token or parts.auth.role_of(token) is None:
+            return HTMLResponse(render_login("That token is not valid here."), status_code=401,
+                                headers={**PAGE_HEADERS, "WWW-Authenticate": "Bearer"})
+        response = RedirectResponse(request.url_for("dashboard"), status_code=303)
+        response.set_cookie(SESSION_COOKIE, token, max_age=SESSION_SECONDS, path=cookie_path(request),
+                            secure=request.url.scheme == "https", httponly=True, samesite="strict")
+        return response
+
+    @router.post("/logout")
+    def logout(request: Request) -> Response:
+        response = RedirectResponse(request.url_for("dashboard"), status_code=303)
+        response.delete_cookie(SESSION_COOKIE, path=cookie_path(request), secure=request.url.scheme == "https",
+                               httponly=True, samesite="strict")
+        return response
+
+    @router.get("/dashboard/data", dependencies=[read])
+    def data(window: int | None = Query(None, ge=60, le=7 * 86400)) -> Response:
+        return JSONResponse(_guard(lambda: dashboard_data(parts, window)), headers={"Cache-Control": "no-store"})
+
+    async def set_paused(request: Request, paused: bool) -> Response:
+        from repage.worker import set_paused as write_pause
+
+        sessions.require_admin_action(request, await read_form(request))
+        _guard(lambda: write_pause(parts.ledger, paused, who="dashboard"))
+        if "application/json" in request.headers.get("accept", ""):
+            return JSONResponse({"paused": paused}, headers={"Cache-Control": "no-store"})
+        return RedirectResponse(request.url_for("dashboard"), status_code=303)
+
+    @router.post("/dashboard/pause")
+    async def pause(request: Request) -> Response:
+        return await set_paused(request, True)
+
+    @router.post("/dashboard/resume")
+    async def resume(request: Request) -> Response:
+        return await set_paused(request, False)
+
+    @router.get("/static/{digest}/{name:path}", dependencies=[read])
+    def static(digest: str, name: str) -> Response:
+        return assets.response(digest, name)
+
+    return router
+
+
+def cookie_path(request: Request) -> str:
+    return request.scope.get("root_path") or "/"
+
+
+def _guard(action):
+    try:
+        return action()
+    except RepageError as exc:
+        raise HTTPException(503, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+
+@dataclass
+class NoStoreByDefault:
+    """ASGI middleware: `Cache-Control: no-store` on every response that did not set its own."""
+
+    app: Any
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_default(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == b"cache-control" for k, _ in headers):
+                    headers.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return await self.app(scope, receive, send_with_default)
+
+
+def mount_dashboard(app: FastAPI, parts: ServiceParts) -> None:
+    """The dashboard's routes on `app`, and no-store as the app's default for data."""
+    app.include_router(create_dashboard_router(parts))
+    app.add_middleware(NoStoreByDefault)

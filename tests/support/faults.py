@@ -1,0 +1,162 @@
+"""A fault-injecting S3 reverse proxy for the reliability suite (issue 11).
+
+`FaultProxy` is the counting proxy of tests/fixtures/proxy.py (byte-exact forwarding to
+moto_server, every request recorded) with a seeded fault plan on top. Each request draws
+once from the plan's RNG; with probability `rate` it gets one fault, chosen by weight:
+
+- `500`       an S3 InternalError answered by the proxy (never reaches moto);
+- `503`       503 SlowDown (never reaches moto);
+- `429`       429 TooManyRequests (never reaches moto);
+- `latency`   a latency spike: the request waits `latency_s`, then is forwarded normally;
+- `reset`     the connection is reset (TCP RST) before anything is forwarded;
+- `truncate`  the request IS forwarded (so it takes effect in moto: a copy is made, a put
+              lands), then the reply is cut: the full Content-Length is announced, half the
+              body is sent and the connection is reset. The client must treat the call as
+              failed although it happened: the idempotency case.
+
+`set_plan(rate=0)` switches faults off for the clean run. `faults` lists what was injected.
+The RNG is drawn in arrival order under a lock, so a plan's fault sequence is reproducible
+per request order (concurrent requests may arrive in a different order run to run).
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from tests.fixtures.proxy import CountingProxy, ProxyHandler, Seen
+
+KINDS = ("500", "503", "429", "latency", "reset", "truncate")
+
+
+@dataclass
+class FaultPlan:
+    rate: float = 0.0
+    seed: int = 0
+    weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(KINDS, 1.0))
+    latency_s: float = 0.25
+
+    def __post_init__(self) -> None:
+        unknown = set(self.weights) - set(KINDS)
+        if unknown or not 0.0 <= self.rate <= 1.0:
+            raise ValueError(f"bad fault plan: rate {self.rate}, unknown kinds {sorted(unknown)}")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    method: str
+    path: str
+
+
+class FaultProxy(CountingProxy):
+    def __init__(self, upstream: str, plan: FaultPlan | None = None):
+        super().__init__(upstream)
+        self._server.RequestHandlerClass = type("FaultHandler", (FaultHandler,), {"proxy": self})
+        self.faults: list[Fault] = []
+        self.set_plan(plan or FaultPlan())
+
+    def set_plan(self, plan: FaultPlan) -> None:
+        with self._lock:
+            self.plan = plan
+            self._rng = random.Random(plan.seed)
+
+    def off(self) -> None:
+        self.set_plan(FaultPlan(rate=0.0))
+
+    def draw(self) -> str | None:
+        """The fault for the next request, or None."""
+        with self._lock:
+            plan = self.plan
+            if plan.rate <= 0 or self._rng.random() >= plan.rate:
+                return None
+            kinds = [k for k, w in plan.weights.items() if w > 0]
+            return self._rng.choices(kinds, weights=[plan.weights[k] for k in kinds])[0]
+
+    def _note(self, kind: str, method: str, path: str) -> None:
+        with self._lock:
+            self.faults.append(Fault(kind, method, path))
+
+    def fault_counts(self) -> Counter[str]:
+        with self._lock:
+            return Counter(f.kind for f in self.faults)
+
+
+class FaultHandler(ProxyHandler):
+    proxy: FaultProxy
+
+    def handle_one(self) -> None:
+        arrived = time.monotonic()
+        body = self._read_body()
+        kind = self.proxy.draw()
+        if kind is None:
+            return self._pass(arrived, body)
+        self.proxy._note(kind, self.command, self.path)
+        if kind in ("500", "503", "429"):
+            self.proxy._record(Seen(arrived, self.command, self.path, int(kind), True))
+            return self._answer_error(int(kind))
+        if kind == "latency":
+            time.sleep(self.proxy.plan.latency_s)
+            return self._pass(arrived, body)
+        if kind == "reset":
+            self.proxy._record(Seen(arrived, self.command, self.path, 0, True))
+            return self._reset()
+        # truncate: forwarded for real, then the reply is cut short
+        index = self.proxy._record(Seen(arrived, self.command, self.path, 0, True))
+        try:
+            status, reason, headers, payload = self._forward(body)
+        except OSError:
+            return self._reset()
+        self.proxy._set_status(index, status)
+        if self.command == "HEAD" or len(payload) < 2:
+            return self._reset()  # nothing to cut: the reply is lost altogether
+        self.send_response_only(status, reason)
+        for name, value in headers:
+            if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload[: len(payload) // 2])
+        self.wfile.flush()
+        self._reset()
+
+    do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = handle_one
+
+    def _pass(self, arrived: float, body: bytes) -> None:
+        index = self.proxy._record(Seen(arrived, self.command, self.path, 0, False))
+        try:
+            status, reason, headers, payload = self._forward(body)
+        except OSError as exc:
+            status, reason, headers, payload = 502, "Bad Gateway", [], f"proxy: upstream failed: {exc!r}".encode()
+        self.proxy._set_status(index, status)
+        self._relay(status, reason, headers, payload)
+
+    def _answer_error(self, status: int) -> None:
+        code = {500: "InternalError", 503: "SlowDown", 429: "TooManyRequests"}[status]
+        message = "We encountered an internal error. Please try again." if status == 500 else \
+            "Please reduce your request rate."
+        body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                f"<Message>{message}</Message></Error>").encode()
+        self.send_response_only(status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _reset(self) -> None:
+        """Abort the connection with a TCP RST (SO_LINGER 0), as a dropped load balancer does."""
+        self.close_connection = True
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+        except OSError:
+            pass
+
+
+def start_fault_proxy(upstream: str, plan: FaultPlan | None = None) -> FaultProxy:
+    return FaultProxy(upstream, plan).start()

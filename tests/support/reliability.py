@@ -1,0 +1,152 @@
+"""Shared parts of the reliability suite (issue 11): the figures every test records, the test
+secrets and the CLI runner that checks each output for them, and a summariser.
+
+Figures: each test appends one JSON line to the file named by REPAGE_RELIABILITY_RESULTS
+(`make reliability` sets it; without it nothing is written). Lines are appended with one
+`write` on an O_APPEND descriptor, so pytest-xdist workers never interleave them.
+
+    python -m tests.support.reliability FILE
+
+prints the one summary line (trials, faults injected, documents verified, lost) and exits
+non-zero when the file is empty or anything was lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.support import repage_command
+
+RESULTS_ENV = "REPAGE_RELIABILITY_RESULTS"
+
+# Every credential the suite hands repage. None of them may appear in any output of repage:
+# stdout, stderr, JSON documents, log records, exception text.
+S3_KEY_ID = "RELKEYID7Q4M2ZP9X1"
+S3_SECRET = "rel-s3-secret-9Qx7Lw2Vb8Nc"
+MILVUS_TOKEN = "rel-milvus-token-Hk4Tz0Pa3"
+READ_TOKEN = "rel-read-token-Vb61Nq0s"
+ADMIN_TOKEN = "rel-admin-token-Jm28Ry5u"
+REPROCESS_TOKEN = "rel-reprocess-token-Ls93Kd7w"
+LEDGER_PASSWORD = "rel-ledger-pw-Tx52Bn8e"
+SECRETS = (S3_KEY_ID, S3_SECRET, MILVUS_TOKEN, READ_TOKEN, ADMIN_TOKEN, REPROCESS_TOKEN, LEDGER_PASSWORD)
+# Variables a child must never inherit from the machine (a test never touches production).
+FOREIGN_ENV = ("MILVUS_URI", "MILVUS_TOKEN", "R2_ACCOUNT_ID", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY",
+               "R2_BUCKET_NAME", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "REPAGE_FAILPOINT", "REPAGE_DEBUG")
+
+
+def leaked(text: str, secrets: Iterable[str] = SECRETS) -> list[str]:
+    """The secrets found in `text` (also URL-quoted forms), shown by a short prefix only."""
+    from urllib.parse import quote
+
+    return [s[:8] + "..." for s in secrets if s in text or quote(s, safe="") in text]
+
+
+def assert_no_secret(text: str, where: str) -> None:
+    found = leaked(text)
+    assert not found, f"{where} shows secrets {found}"
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+@dataclass
+class CliResult:
+    args: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float = 0.0
+
+    def json(self) -> dict:
+        try:
+            return json.loads(self.stdout)
+        except ValueError as exc:
+            raise AssertionError(f"repage {' '.join(self.args)} printed no JSON document: {self.stdout[:400]!r}\n"
+                                 f"stderr: {self.stderr[-1500:]}") from exc
+
+    def __str__(self) -> str:
+        return (f"repage {' '.join(self.args)} exited {self.returncode} after {self.seconds:.1f}s\nstdout: {self.stdout[-1500:]}\n"
+                f"stderr: {self.stderr[-1500:]}")
+
+
+@dataclass
+class CliLog:
+    """Every CLI call of one test, each output checked for the test secrets as it arrives."""
+
+    calls: list[CliResult] = field(default_factory=list)
+
+    def run(self, *args: str, env: Mapping[str, str], cwd: Path, timeout: float = 180.0) -> CliResult:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("REPAGE_") and k not in FOREIGN_ENV}
+        base.update(env)
+        base.setdefault("PYTHONUNBUFFERED", "1")
+        started = time.monotonic()
+        proc = subprocess.run([*repage_command(), *args], cwd=cwd, env=base, capture_output=True, text=True,
+                              timeout=timeout)
+        result = CliResult(tuple(args), proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
+        self.calls.append(result)
+        assert_no_secret(proc.stdout, f"stdout of repage {' '.join(args)}")
+        assert_no_secret(proc.stderr, f"stderr of repage {' '.join(args)}")
+        if proc.returncode == 2 or (proc.returncode and not proc.stdout.strip()):
+            lines = [line for line in proc.stderr.splitlines() if line.strip()]
+            assert lines and lines[-1].startswith(("repage: ", "Error: ")), f"no one-line error:\n{result}"
+            assert "Traceback" not in proc.stderr, f"a traceback:\n{result}"
+        return result
+
+
+# ---------------------------------------------------------------- figures
+
+
+def record(test: str, *, trials: int = 1, faults: int = 0, documents_verified: int = 0, lost: int = 0,
+           **detail) -> None:
+    """Append this test's figures to the results file (when `make reliability` asked for one)."""
+    path = os.environ.get(RESULTS_ENV)
+    if not path:
+        return
+    line = json.dumps({"test": test, "trials": trials, "faults": faults, "documents_verified": documents_verified,
+                       "lost": lost, **detail}, default=str, sort_keys=True) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def summarise(lines: Iterable[str]) -> dict:
+    totals = {"tests": 0, "trials": 0, "faults": 0, "documents_verified": 0, "lost": 0}
+    for line in lines:
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        totals["tests"] += 1
+        for name in ("trials", "faults", "documents_verified", "lost"):
+            totals[name] += int(row.get(name) or 0)
+    return totals
+
+
+def summary_line(totals: Mapping[str, int]) -> str:
+    return (f"reliability: {totals['trials']} trials run, {totals['faults']} faults injected, "
+            f"{totals['documents_verified']} documents verified, lost = {totals['lost']}")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m tests.support.reliability RESULTS.jsonl", file=sys.stderr)
+        return 2
+    path = Path(argv[0])
+    totals = summarise(path.read_text(encoding="utf-8").splitlines() if path.exists() else [])
+    print(summary_line(totals))
+    if not totals["tests"]:
+        print("reliability: no test recorded any figures", file=sys.stderr)
+        return 1
+    return 1 if totals["lost"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
