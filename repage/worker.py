@@ -40,7 +40,7 @@ log = logging.getLogger("repage.worker")
 PAUSE, RESUME = "pause", "resume"  # ledger events: the latest of the two decides
 READ_LATENCY = "read-latency"  # published by services: {"p95": s, "n": samples, "source": id}
 TRICKLE = "worker-trickle"  # documents the trickle processed; detail = the worker's clock day
-PATHS = frozenset({Path.KEYS})  # what the worker migrates (pdf and reprocess are not built yet)
+PATHS = frozenset({Path.KEYS, Path.PDF})  # what the worker migrates (reprocess is not built yet)
 _HHMM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 
 from tests.reliability.stores import clone_s3, lost_problems, make_template
-from tests.support.faults import FaultPlan, FaultProxy
+from tests.support.faults import FaultPlan, FaultProxy, is_copy
 from tests.support.reliability import CliLog, record
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 KEYS_DOCS = 24  # + a text-only and an unrecoverable document: over the breaker's 20-document floor
 MAX_ERROR_RATE = "0.3"
 MAX_FAILURES = "10"
+MAX_DURATION = "15s"  # a run the proxy throttles at every rate crawls (AIMD): the limit stops it cleanly
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_faulty_bucket_run_completes_or_stops_cleanly_and_a_clean_run_loses_noth
     try:
         proxy.set_plan(FaultPlan(rate=rate, seed=int(rate * 1000)))
         faulted = cli.run("run", "--json", "--max-error-rate", MAX_ERROR_RATE, "--max-failures", MAX_FAILURES,
-                          "--max-duration", "25s", "--object-ops-per-second", "200", env=clone.env, cwd=tmp_path)
+                          "--max-duration", MAX_DURATION, "--object-ops-per-second", "200", env=clone.env, cwd=tmp_path)
         injected = proxy.fault_counts()
         proxy.off()
         outcome = check_clean_stop(faulted)
@@ -74,7 +75,10 @@ def check_clean_stop(result) -> str:
     if result.returncode == 0:
         summary = result.json()
         assert summary["failed"] == 0, summary
-        return "completed"
+        if summary["stopped_because"] == "no more pending documents":
+            return f"completed {summary['migrated']} documents"
+        assert summary["stopped_because"].startswith("--max-duration"), summary
+        return f"stopped after {summary['documents']} documents: {summary['stopped_because']}"
     assert result.returncode in (1, 2), str(result)
     if not result.stdout.strip():  # the store check or the scan failed: a one-line error, nothing written
         return f"refused: {result.stderr.strip().splitlines()[-1][:120]}"
@@ -84,3 +88,40 @@ def check_clean_stop(result) -> str:
         return f"breaker: {reason}"
     assert reason == "no more pending documents", summary
     return f"finished with {summary['failed']} failed"
+
+
+def test_a_bucket_that_fails_every_copy_trips_the_breaker_and_loses_nothing(
+        template, proxy, milvus_server_uri, moto_endpoint, tmp_path):
+    """Every CopyObject answers 500 (after its retries): the first batch fails, --max-failures
+    stops the run between batches, the rest stays pending; the clean run finishes everything."""
+    clone = clone_s3(template, milvus_server_uri, moto_endpoint, proxy.endpoint, tmp_path)
+    cli = CliLog()
+    try:
+        proxy.set_plan(FaultPlan(rate=1.0, seed=7, weights={"500": 1.0}, when=is_copy))
+        faulted = cli.run("run", "--json", "--max-failures", "1", env=clone.env, cwd=tmp_path)
+        injected = proxy.fault_counts()
+        proxy.off()
+        assert faulted.returncode == 1, str(faulted)
+        summary = faulted.json()
+        assert summary["stopped_because"].startswith("--max-failures 1 exceeded"), summary
+        assert summary["failed"] >= 2 and summary["migrated"] == 0, summary
+        assert all("InternalError" in e and "copy" in e for e in summary["errors"].values()), summary["errors"]
+        with clone.open() as stores:
+            counts = stores.ledger.counts()
+            last = {r.document_id: r.last_error for r in stores.ledger.documents()}
+        pending = sum(n for (state, _), n in counts.items() if state == "pending")
+        assert pending >= len(clone.doc_ids) - 2 - summary["documents"], counts  # the rest was never claimed
+        assert all(doc in (last[doc] or "") for doc in summary["errors"]), "last_error names the document"
+        problems = lost_problems(clone, final=False)
+        assert not problems, "after the breaker stopped the run:\n" + "\n".join(problems)
+
+        clean = cli.run("run", "--retry-failed", "--json", env=clone.env, cwd=tmp_path)
+        assert clean.returncode == 0 and clean.json()["failed"] == 0, str(clean)
+        verified = cli.run("verify", "--json", env=clone.env, cwd=tmp_path)
+        assert verified.returncode == 0 and verified.json()["ok"], str(verified)
+        problems = lost_problems(clone, final=True)
+        record("s3-breaker", faults=sum(injected.values()), documents_verified=len(clone.doc_ids),
+               lost=len(problems), first_run=summary["stopped_because"])
+        assert not problems, "after the clean run:\n" + "\n".join(problems)
+    finally:
+        clone.drop()

@@ -26,7 +26,9 @@ import socket
 import struct
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.message import Message
 
 from tests.fixtures.proxy import CountingProxy, ProxyHandler, Seen
 
@@ -39,6 +41,8 @@ class FaultPlan:
     seed: int = 0
     weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(KINDS, 1.0))
     latency_s: float = 0.25
+    # Only requests this accepts can get a fault: (method, path, headers) -> bool. None: all.
+    when: Callable[[str, str, Message], bool] | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.weights) - set(KINDS)
@@ -68,11 +72,13 @@ class FaultProxy(CountingProxy):
     def off(self) -> None:
         self.set_plan(FaultPlan(rate=0.0))
 
-    def draw(self) -> str | None:
-        """The fault for the next request, or None."""
+    def draw(self, method: str, path: str, headers: Message) -> str | None:
+        """The fault for this request, or None."""
         with self._lock:
             plan = self.plan
-            if plan.rate <= 0 or self._rng.random() >= plan.rate:
+            if plan.rate <= 0 or (plan.when is not None and not plan.when(method, path, headers)):
+                return None
+            if self._rng.random() >= plan.rate:
                 return None
             kinds = [k for k, w in plan.weights.items() if w > 0]
             return self._rng.choices(kinds, weights=[plan.weights[k] for k in kinds])[0]
@@ -92,7 +98,7 @@ class FaultHandler(ProxyHandler):
     def handle_one(self) -> None:
         arrived = time.monotonic()
         body = self._read_body()
-        kind = self.proxy.draw()
+        kind = self.proxy.draw(self.command, self.path, self.headers)
         if kind is None:
             return self._pass(arrived, body)
         self.proxy._note(kind, self.command, self.path)
@@ -156,6 +162,11 @@ class FaultHandler(ProxyHandler):
             self.connection.close()
         except OSError:
             pass
+
+
+def is_copy(method: str, path: str, headers: Message) -> bool:
+    """A CopyObject request (PUT with x-amz-copy-source)."""
+    return method == "PUT" and headers.get("x-amz-copy-source") is not None
 
 
 def start_fault_proxy(upstream: str, plan: FaultPlan | None = None) -> FaultProxy:
