@@ -26,6 +26,17 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)  # soft wrap: an err
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+EngineFlag = Annotated[str, typer.Option("--engine", help="Where PDF extraction and matching run: local or ray.")]
+RayAddressFlag = Annotated[str | None, typer.Option("--ray-address", help="Ray cluster (ray://host:10001 or host:6379); default RAY_ADDRESS, else a local Ray.")]
+
+
+def engine_from(name: str, address: str | None):
+    """The CPU engine of `--engine`; RAY_ADDRESS is read here, at the edge, and only for ray."""
+    from repage.engine import make_engine
+
+    if name == "ray" and not address:
+        address = os.environ.get("RAY_ADDRESS") or None
+    return make_engine(name, address=address)
 
 
 class Exit:
@@ -176,7 +187,9 @@ def run(
     dry_run: Annotated[bool, typer.Option(help="Print the exact changes; write nothing anywhere.")] = False,
     document_id: Annotated[list[str] | None, typer.Option(help="Only this document (repeatable).")] = None,
     dataset_id: Annotated[str | None, typer.Option(help="Only this dataset.")] = None,
-    path: Annotated[str, typer.Option(help="auto (keys and pdf), keys or pdf (reprocess is not built yet).")] = "auto",
+    path: Annotated[str, typer.Option(help="auto (keys, pdf, then reprocess with --allow-reprocess), keys, pdf or reprocess.")] = "auto",
+    allow_reprocess: Annotated[bool, typer.Option("--allow-reprocess", help="auto: reprocess what keys and pdf cannot fix (else deferred); costs dollars, see --budget.")] = False,
+    reprocess_concurrency: Annotated[int | None, typer.Option(min=1, help="Reprocess jobs in flight (default reprocess_concurrency).")] = None,
     order: Annotated[str, typer.Option(help="oldest, random or priority.")] = "oldest",
     move_images: Annotated[bool, typer.Option(help="Copy images to canonical keys (--no-move-images: pages only).")] = True,
     max_failures: Annotated[int | None, typer.Option(min=0, help="Stop cleanly after more failures than this.")] = None,
@@ -185,6 +198,8 @@ def run(
     budget: Annotated[float | None, typer.Option(min=0, help="Stop cleanly once this many dollars are spent.")] = None,
     min_accesses: Annotated[float | None, typer.Option(min=0, help="Only documents with this many decayed accesses.")] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Retry failed documents (failed -> pending first).")] = False,
+    engine: EngineFlag = "local",
+    ray_address: RayAddressFlag = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Migrate pending documents in batches (scans first when the ledger is empty).
@@ -196,9 +211,11 @@ def run(
     from repage.states import Path as RepairPath
 
     def body():
-        paths = {"auto": {RepairPath.KEYS, RepairPath.PDF}, "keys": {RepairPath.KEYS}, "pdf": {RepairPath.PDF}}
+        # auto claims reprocess documents too: reprocessed with --allow-reprocess, else deferred with the reason
+        paths = {"auto": {RepairPath.KEYS, RepairPath.PDF, RepairPath.REPROCESS}, "keys": {RepairPath.KEYS},
+                 "pdf": {RepairPath.PDF}, "reprocess": {RepairPath.REPROCESS}}
         if path not in paths:
-            raise ConfigError(f"--path {path!r}: use auto, keys or pdf (the reprocess path is not built yet)")
+            raise ConfigError(f"--path {path!r}: use auto, keys, pdf or reprocess")
         if order not in {"oldest", "random", "priority"}:
             raise ConfigError(f"--order {order!r}: use oldest, random or priority")
         settings = settings_from(ctx)
@@ -207,15 +224,21 @@ def run(
                            object_ops_per_second=object_ops_per_second,
                            milvus_writes_per_second=milvus_writes_per_second, pause_seconds=pause,
                            max_failures=max_failures, max_error_rate=max_error_rate,
-                           max_duration_seconds=parse_duration(max_duration), budget_dollars=budget)
-        options = RunOptions(move_images=move_images, dry_run=dry_run, failpoint=os.environ.get("REPAGE_FAILPOINT"))
+                           max_duration_seconds=parse_duration(max_duration), budget_dollars=budget,
+                           reprocess_concurrency=reprocess_concurrency or settings.reprocess_concurrency)
+        cpu = engine_from(engine, ray_address)
+        options = RunOptions(move_images=move_images, dry_run=dry_run, failpoint=os.environ.get("REPAGE_FAILPOINT"),
+                             engine=cpu)
         selection = Selection(paths=frozenset(paths[path]), document_ids=tuple(document_id) if document_id else None,
                               dataset_id=dataset_id, order=order, min_accesses=min_accesses or None,
-                              retry_failed=retry_failed)
-        with _RunProgress(enabled=not as_json) as progress:
-            report = operations.run(settings, options, limits, selection, on_batch=progress.update)
+                              retry_failed=retry_failed, allow_reprocess=allow_reprocess or path == "reprocess")
+        try:
+            with _RunProgress(enabled=not as_json) as progress:
+                report = operations.run(settings, options, limits, selection, on_batch=progress.update)
+        finally:
+            cpu.close()
         emit(report, as_json, operations.render_run(out))
-        if report["failed"]:
+        if report["failed"] or report.get("unavailable"):  # an outage left work undone
             raise typer.Exit(Exit.FAILURES)
     run_command(body)
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from repage.cli import Exit, JsonFlag, app, emit, err, out, run_command, settings_from
+from repage.cli import (EngineFlag, Exit, JsonFlag, RayAddressFlag, app, emit, engine_from, err, out, run_command,
+                        settings_from)
 from repage.errors import ConfigError
 
 access_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help=(
@@ -82,6 +84,8 @@ def worker(
     concurrency: Concurrency = None, object_ops_per_second: ObjectRate = None,
     milvus_writes_per_second: WriteRate = None, move_images: MoveImages = True,
     once: Annotated[bool, typer.Option("--once", help="Run one cycle and exit.")] = False,
+    engine: EngineFlag = "local",
+    ray_address: RayAddressFlag = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Migrate lazily requested documents first, then trickle the rest in priority order.
@@ -97,11 +101,16 @@ def worker(
             settings, quota=daily_quota, quiet=quiet_hours, min_accesses=min_accesses, max_latency=max_read_latency,
             poll=poll, batch_size=batch_size, concurrency=concurrency, object_rate=object_ops_per_second,
             write_rate=milvus_writes_per_second, move_images=move_images)
+        cpu = engine_from(engine, ray_address)
+        options = replace(options, engine=cpu)
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):  # finish the batch, then exit 0
             signal.signal(signum, lambda *_: stop.set())
-        report = run_worker(settings, config=config, limits=limits, options=options, stop_event=stop, once=once,
-                            on_cycle=None if as_json else _print_cycle)
+        try:
+            report = run_worker(settings, config=config, limits=limits, options=options, stop_event=stop, once=once,
+                                on_cycle=None if as_json else _print_cycle)
+        finally:
+            cpu.close()
         emit(report, as_json, lambda r: out.print(
             f"worker stopped after {r['cycles']} cycles: {r['totals']['migrated']} migrated, "
             f"{r['totals']['failed']} failed", markup=False))

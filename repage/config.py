@@ -12,7 +12,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -60,6 +60,14 @@ class Settings(BaseModel):
     admin_token: SecretStr | None = None
     reprocess_url: str | None = None
     reprocess_token: SecretStr | None = None
+    # the slow path's backend (repage/reprocess): None = "http" when reprocess_url is set, else "local"
+    reprocess_backend: Literal["http", "local"] | None = None
+    reprocess_concurrency: int = Field(2, ge=1, le=64)  # documents reprocessing at once
+    reprocess_timeout_seconds: float = Field(1800.0, gt=0)  # one document's job, submit to ready/failed
+    reprocess_poll_seconds: float = Field(5.0, gt=0)
+    # the model the collection's vectors come from (DESIGN §7): the local pipeline writes vectors
+    # only when it can compute this exact model, and refuses otherwise
+    embedding_model: str | None = None
     key_patterns: tuple[str, ...] = ()
     concurrency: int = Field(4, ge=1, le=256)
     batch_size: int = Field(50, ge=1, le=10_000)
@@ -139,6 +147,8 @@ ENV_NAMES: dict[str, str] = {
     "REPAGE_ADMIN_TOKEN": "admin_token",
     "REPAGE_REPROCESS_URL": "reprocess_url",
     "REPAGE_REPROCESS_TOKEN": "reprocess_token",
+    "REPAGE_REPROCESS_BACKEND": "reprocess_backend",
+    "REPAGE_EMBEDDING_MODEL": "embedding_model",
 }
 
 
@@ -204,6 +214,7 @@ def demo_settings(data_dir: Path) -> Settings:
         "store_url": f"file://{data_dir / 'bucket'}",
         "ledger_url": f"sqlite:///{data_dir / 'ledger.db'}",
         "collection": "fltr_documents",
+        "embedding_model": "repage-demo-hash-1536",  # repage.demo.embed.MODEL_NAME: the demo's vectors
     }
     return load_settings({}, flags=flags, app_fallbacks=False)  # no environ: never production
 

@@ -227,11 +227,18 @@ def _int(text: str | None) -> int:
         return 0
 
 
-def _p95(detail: str | None) -> float | None:
+def _latency_report(detail: str | None) -> tuple[str, float] | None:
+    """(source, p95 seconds) of a `read-latency` event (repage/worker.py publish_read_latency)."""
     try:
-        return float(json.loads(detail or "{}")["p95"])
-    except (ValueError, KeyError, TypeError):
+        data = json.loads(detail or "{}")
+        return str(data.get("source")), float(data["p95"])
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def _p95(detail: str | None) -> float | None:
+    report = _latency_report(detail)
+    return None if report is None else report[1]
 
 
 def status_report(parts: ServiceParts) -> dict:
@@ -272,9 +279,9 @@ def read_latency(parts: ServiceParts, events: list, now: float) -> dict:
     """The read path's Milvus p95: the worst any service published in the last minute (what the
     worker backs off on), else this process's own window."""
     latest: dict[str, float] = {}
-    for e in events:
-        if e.at >= now - LATENCY_RECENT_S and (p95 := _p95(e.detail)) is not None:
-            latest[str(json.loads(e.detail).get("source"))] = p95
+    for event in events:
+        if event.at >= now - LATENCY_RECENT_S and (report := _latency_report(event.detail)) is not None:
+            latest[report[0]] = report[1]  # events come in time order: the last report per service wins
     local, samples = parts.metrics.window.p95()
     worker = parts.worker
     limit = worker.config.max_read_latency_s if worker is not None else None
@@ -360,21 +367,21 @@ def render_bars(status: dict) -> str:
 
 def render_matrix(status: dict) -> str:
     """The state x path counts, as `repage status` prints them."""
+    def cell(path: str, n: int, cls: str = "num") -> str:
+        return f'<td class="{cls}">{field(path, n, fmt_count(n))}</td>'
+
     paths = ordered(status["by_path"], PATH_ORDER)
-    cells: dict[tuple[str, str], int] = {(r["state"], r["path"]): r["documents"] for r in status["by_state_and_path"]}
+    cells = {(r["state"], r["path"]): r["documents"] for r in status["by_state_and_path"]}
     head = "".join(f"<th>{e(p)}</th>" for p in paths)
     body = []
     for s in ordered(status["by_state"], STATE_ORDER):
-        tds = "".join(f'<td class="num">{field(f"status.by_state_and_path.{s}.{p}", cells.get((s, p), 0), fmt_count(cells.get((s, p), 0)))}</td>'
-                      for p in paths)
+        tds = "".join(cell(f"status.by_state_and_path.{s}.{p}", cells.get((s, p), 0)) for p in paths)
         body.append(f'<tr><th><span class="swatch s-{e(s)}"></span>{e(s)}</th>{tds}'
-                    f'<td class="num total">{field(f"status.by_state.{s}", status["by_state"][s], fmt_count(status["by_state"][s]))}</td></tr>')
-    totals = "".join(f'<td class="num total">{field(f"status.by_path.{p}", status["by_path"][p], fmt_count(status["by_path"][p]))}</td>'
-                     for p in paths)
+                    f'{cell(f"status.by_state.{s}", status["by_state"][s], "num total")}</tr>')
+    totals = "".join(cell(f"status.by_path.{p}", status["by_path"][p], "num total") for p in paths)
     return (f'<table class="matrix"><thead><tr><th>state \\ path</th>{head}<th>all</th></tr></thead>'
             f'<tbody>{"".join(body)}</tbody><tfoot><tr><th>all</th>{totals}'
-            f'<td class="num total">{field("status.documents", status["documents"], fmt_count(status["documents"]))}</td>'
-            f'</tr></tfoot></table>')
+            f'{cell("status.documents", status["documents"], "num total")}</tr></tfoot></table>')
 
 
 def render_table(table_id: str, headers: tuple[str, ...], rows: list[list[str]], empty: str) -> str:
@@ -443,6 +450,7 @@ def render_page(parts: ServiceParts, assets: Assets, sessions: Sessions, request
     series_ = data["series"]
     latency = data["read_latency"]
     over = budget is not None and s["dollars_projected"] > budget
+    failed, review = s["by_state"].get("failed", 0), s["by_state"].get("review", 0)
     values = {
         "collection": e(parts.settings.collection),
         "css_uplot": e(assets.url(f"{UPLOT}.min.css")), "css": e(assets.url("dashboard.css")),
@@ -451,6 +459,7 @@ def render_page(parts: ServiceParts, assets: Assets, sessions: Sessions, request
         "badge_class": e(badge_class), "badge": e(badge),
         "updated": e(fmt_time(data["now"])), "updated_epoch": e(data["now"]),
         "admin_controls": render_admin_controls(csrf, data["paused"]) if admin else "",
+        "logout": "" if parts.auth.open else LOGOUT,
         "done": field("status.done", s["done"], fmt_count(s["done"])),
         "documents": field("status.documents", s["documents"], fmt_count(s["documents"])),
         "done_pct": e(fmt_pct(s["done"], s["documents"])),
@@ -470,15 +479,14 @@ def render_page(parts: ServiceParts, assets: Assets, sessions: Sessions, request
         "budget_class": "warn" if over else "",
         "p95": field("data.read_latency.p95_seconds", latency["p95_seconds"], fmt_ms(latency["p95_seconds"])),
         "p95_limit": e(fmt_ms(latency["max_read_latency_s"]) if latency["max_read_latency_s"] else "not set here"),
-        "failed": field("status.by_state.failed", s["by_state"].get("failed", 0), fmt_count(s["by_state"].get("failed", 0))),
-        "review": field("status.by_state.review", s["by_state"].get("review", 0), fmt_count(s["by_state"].get("review", 0))),
+        "failed": field("status.by_state.failed", failed, fmt_count(failed)),
+        "review": field("status.by_state.review", review, fmt_count(review)),
         "bars": render_bars(s), "matrix": render_matrix(s),
         "window": e(series_["window_seconds"]), "window_label": e(human_seconds(series_["window_seconds"])),
         "recent_window": e(human_seconds(RECENT_SECONDS)),
-        "chart_throughput": svg_chart(series_["t"], [("documents/s", series_["documents_per_s"], "#2f7d32"),
-                                                     ("chunks/s", series_["chunks_per_s"], "#1f5fbf"),
-                                                     ("object requests/s", series_["object_requests_per_s"], "#b3541e")],
-                                      "/s"),
+        "chart_throughput": svg_chart(series_["t"], [
+            ("documents/s", series_["documents_per_s"], "#2f7d32"), ("chunks/s", series_["chunks_per_s"], "#1f5fbf"),
+            ("object requests/s", series_["object_requests_per_s"], "#b3541e")], "/s"),
         "chart_latency": svg_chart(series_["t"], [("read p95", series_["read_p95_ms"], "#7b3fb0")], "ms"),
         "failures": render_table("failures", ("document", "state", "error"), failure_rows(s), "no failures"),
         "reviews": render_table("reviews", ("document", "dataset", "reason", "since"), review_rows(data),
@@ -488,6 +496,9 @@ def render_page(parts: ServiceParts, assets: Assets, sessions: Sessions, request
         "initial": json_for_script({"status": s, "data": data}),
     }
     return template("dashboard.html").substitute(values)
+
+
+LOGOUT = '<form method="post" action="logout" class="logout"><button type="submit">Log out</button></form>'
 
 
 def render_admin_controls(csrf: str, paused: bool) -> str:
@@ -503,7 +514,8 @@ def render_budget_bar(spent: float, projected: float, budget: float | None) -> s
     top = max(budget or 0.0, projected, spent) or 1.0
     marker = (f'<span class="budget-mark" style="left:{100.0 * budget / top:.3f}%" title="budget"></span>'
               if budget is not None else "")
-    return (f'<span class="bar budget-bar"><span class="seg projected" style="width:{100.0 * projected / top:.3f}%"></span>'
+    return (f'<span class="bar budget-bar">'
+            f'<span class="seg projected" style="width:{100.0 * projected / top:.3f}%"></span>'
             f'<span class="seg spent" style="width:{100.0 * spent / top:.3f}%"></span>{marker}</span>')
 
 

@@ -41,6 +41,7 @@ class RunOptions:
     move_images: bool = True
     dry_run: bool = False
     failpoint: str | None = None  # name from FAILPOINTS: SIGKILL ourselves there (crash tests)
+    engine: object | None = None  # repage.engine LocalEngine/RayEngine for the CPU-heavy steps; None: local
 
 
 @dataclass
@@ -78,14 +79,22 @@ class BatchResult:
     objects_copied: int = 0
     usage: Usage = field(default_factory=Usage)
     changes: list[dict] = field(default_factory=list)  # dry run: the exact changes
+    dollars: float = 0.0  # reprocess jobs' dollars (repage/reprocess/stage.py); requests are priced from usage
 
 
 class Failpoints:
-    """Die like a crash (SIGKILL: no cleanup, no flush) at a named step, or at the N-th step."""
+    """Die like a crash (SIGKILL: no cleanup, no flush) at a named step, or at the N-th step.
+
+    `stop:NAME` SIGSTOPs the process instead, once (a stalled worker: scale-out tests resume it
+    with SIGCONT after its lease expired, and its next ledger write must be refused).
+    """
 
     def __init__(self, spec: str | None):
         self.name, self.nth, self.count = None, None, 0
+        self.signal = signal.SIGKILL
         self._lock = threading.Lock()
+        if spec and spec.startswith("stop:"):
+            spec, self.signal = spec.removeprefix("stop:"), signal.SIGSTOP
         if spec and spec.startswith("hit:"):
             self.nth = int(spec.removeprefix("hit:"))
         elif spec:
@@ -97,7 +106,9 @@ class Failpoints:
         with self._lock:
             self.count += 1
             if name == self.name or self.count == self.nth:
-                os.kill(os.getpid(), signal.SIGKILL)
+                if self.signal == signal.SIGSTOP:
+                    self.name = self.nth = None  # once: after SIGCONT the worker goes on
+                os.kill(os.getpid(), self.signal)
 
 
 def identity_json(identity: Sequence) -> str:
@@ -123,6 +134,7 @@ class BatchMigrator:
         self.concurrency = concurrency
         self.patterns = patterns
         self.failpoints = Failpoints(options.failpoint)
+        self.engine = options.engine  # the pdf path's fingerprinting/matching/extraction (repage/engine.py)
 
     # ---- planning
 
@@ -269,7 +281,8 @@ class BatchMigrator:
         live = [w for w in live if self._renew_lease(w, result)]  # the write starts with a full lease
         self._write(live, result)
         self.failpoints.hit("after-write")
-        live = [w for w in live if self._read_back(w, result)]
+        written = self._fetch_written(live)  # one read-back query per batch, not one per document
+        live = [w for w in live if self._read_back(w, result, written)]
         self.failpoints.hit("after-readback")
         for work in live:
             self._finish(work, result)
@@ -388,17 +401,26 @@ class BatchMigrator:
             call_with_backoff(call, self.write_limiter)
         result.chunks_written += len(changes)
 
-    def _read_back(self, work: DocumentWork, result: BatchResult) -> bool:
+    def _fetch_written(self, works: Sequence[DocumentWork]) -> dict[tuple, list[dict]]:
+        """The batch's written rows by stable identity, read back in as few queries as limits allow."""
+        identities = [tuple(json.loads(c.identity)) for w in works for c in w.chunks]
+        return self.vectors.find_by_identity(identities, with_vectors=True) if identities else {}
+
+    def _read_back(self, work: DocumentWork, result: BatchResult, found: Mapping[tuple, list[dict]]) -> bool:
         identities = [tuple(json.loads(c.identity)) for c in work.chunks]
-        found = self.vectors.find_by_identity(identities, with_vectors=True)
         for chunk, identity in zip(work.chunks, identities, strict=True):
             problem = self._check_row(chunk, found.get(identity, []))
             if problem:
                 self._fail(work, result, f"document {work.document_id}: chunk {chunk.identity}: {problem}")
                 return False
         new_pks = {c.identity: str(found[i][0][self.info.pk_field]) for c, i in zip(work.chunks, identities)}
-        self.ledger.mark_chunks_applied(work.document_id, work.claim.fencing_token, list(new_pks),
-                                        new_pks=new_pks)
+        try:
+            self.ledger.mark_chunks_applied(work.document_id, work.claim.fencing_token, list(new_pks),
+                                            new_pks=new_pks)
+        except StaleLease as exc:  # lost the lease mid-batch: this document only, the others go on
+            result.other[work.document_id] = State.PENDING
+            work.error = str(exc)
+            return False
         return True
 
     def _check_row(self, chunk: ChunkJournalEntry, rows: list[dict]) -> str | None:

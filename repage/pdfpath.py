@@ -84,11 +84,12 @@ class PdfPlanner:
             self._keep_lease()
             self.images = self._images(plan, set(listed or ()))
             refs = self._references(plan)
-            prints = pdfpages.fingerprints(pdf, self._name(), hashes=any(r.phash is not None for r in refs.values()))
             indexes = {r["image_index"] for r in self.work.rows if r.get("image_index") is not None}
             matching = self.m.settings.matching
-            matches = pdfpages.match_images(prints, refs, indexes, max_distance=matching.max_hash_distance,
-                                            min_margin=matching.min_hash_margin)
+            prints, matches = self._on_engine(pdf, PdfJob(
+                "match", self._name(), hashes=any(r.phash is not None for r in refs.values()), refs=refs,
+                indexes=frozenset(indexes), max_distance=matching.max_hash_distance,
+                min_margin=matching.min_hash_margin))
             matches = self._accepted(matches)
             self._keep_lease()
             if not self._all_confident(plan, matches, prints, indexes):
@@ -97,6 +98,17 @@ class PdfPlanner:
             if self.uploads:
                 self._extract(pdf)
         return resolved
+
+    def _on_engine(self, pdf: FsPath, job: PdfJob):
+        """Run a CPU-heavy step on the run's engine (repage/engine.py): here on the downloaded
+        file, or as a Ray task that fetches the source itself with its own bucket client."""
+        engine = getattr(self.m, "engine", None)
+        if engine is None or not engine.remote:
+            return run_pdf_job(replace(job, path=str(pdf)))[0]
+        result, size = engine.map(run_pdf_job, [replace(job, settings=self.m.settings, source_key=self.source_key)])[0]
+        self.work.usage.class_b += 1  # the task's own GET of the source
+        self.work.usage.bytes_read += size
+        return result
 
     def _keep_lease(self) -> None:
         """A big PDF takes a while: renew the lease between the long steps, as the copy step does."""
@@ -250,7 +262,7 @@ class PdfPlanner:
 
     def _extract(self, pdf: FsPath) -> None:
         wanted = {(page, n) for page, n, _ in self.uploads.values()}
-        pngs = pdfpages.extract_png(pdf, self._name(), wanted)
+        pngs = self._on_engine(pdf, PdfJob("extract", self._name(), wanted=frozenset(wanted)))
         for page, n in wanted:
             self.work.blobs[pdf_image_ref(self.source_key, page, n)] = pngs[(page, n)]
 
@@ -270,6 +282,55 @@ class PdfPlanner:
             chunks.append(replace(entry, new_key=new if new != entry.old_key else None))
         work.chunks = chunks
         work.moves = [*work.moves, *sorted(moves.values(), key=lambda m: (m.old_key, m.new_key))]
+
+
+@dataclass(frozen=True)
+class PdfJob:
+    """One CPU-heavy step on a source PDF, picklable for a Ray task (repage/engine.py).
+
+    `path`: the PDF already downloaded by this process (local engine); else `settings` and
+    `source_key`: the task opens its own bucket client and downloads it (DESIGN §7).
+    """
+
+    op: str  # "match": fingerprints + matching -> (prints, matches); "extract": {(page, n): png}
+    name: str
+    hashes: bool = True
+    refs: Mapping[int, pdfpages.Reference] | None = None
+    indexes: frozenset[int] = frozenset()
+    max_distance: int = 10
+    min_margin: int = 8
+    wanted: frozenset[tuple[int, int]] = frozenset()
+    path: str | None = None
+    settings: object | None = None
+    source_key: str | None = None
+
+
+def run_pdf_job(job: PdfJob) -> tuple[object, int]:
+    """The step's result and the bytes this call downloaded (0 on a local file)."""
+    if job.path is not None:
+        return _pdf_step(job, job.path), 0
+    from repage.app import open_objects
+
+    objects = open_objects(job.settings, check=False)  # created here, in the task's process
+    try:
+        with tempfile.TemporaryDirectory(prefix="repage-pdf-task-") as tmp:
+            pdf = FsPath(tmp) / "source.pdf"
+            with open(pdf, "wb") as out:
+                size = objects.download(job.source_key, out, max_bytes=MAX_SOURCE_BYTES)
+            return _pdf_step(job, pdf), size
+    finally:
+        objects.close()
+
+
+def _pdf_step(job: PdfJob, pdf) -> object:
+    if job.op == "extract":
+        return pdfpages.extract_png(pdf, job.name, job.wanted)
+    if job.op != "match":
+        raise ValueError(f"unknown pdf job {job.op!r}")
+    prints = pdfpages.fingerprints(pdf, job.name, hashes=job.hashes)
+    matches = pdfpages.match_images(prints, job.refs or {}, job.indexes, max_distance=job.max_distance,
+                                    min_margin=job.min_margin)
+    return prints, matches
 
 
 def download(migrator, key: str, dest: FsPath) -> int:
@@ -315,4 +376,4 @@ def _extract_again(migrator, work, move: ObjectJournalEntry) -> bytes:
     return data
 
 
-__all__ = ["MAX_SOURCE_BYTES", "PdfPlanner", "download", "upload_extracted"]
+__all__ = ["MAX_SOURCE_BYTES", "PdfJob", "PdfPlanner", "download", "run_pdf_job", "upload_extracted"]

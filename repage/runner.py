@@ -17,16 +17,20 @@ from itertools import islice
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-from repage.errors import IllegalTransition, RepageError, StaleLease
+from repage.errors import IllegalTransition, RepageError, StaleLease, StoreUnavailable
 from repage.estimate import request_dollars
 from repage.keys import compile_patterns
-from repage.migrate import BatchMigrator, BatchResult, RunOptions
+from repage.migrate import BatchMigrator, BatchResult, DocumentWork, RunOptions
 from repage.scan import scan_completed, scan_store
 from repage.states import Path, State
 from repage.stores.ledger import Claim, Ledger
 from repage.throttle import AdaptiveLimiter, Clock, SystemClock
 
 MIN_DOCS_FOR_ERROR_RATE = 20  # an error rate over a handful of documents says nothing
+# A store that does not answer (Milvus down or restarting) is no document's failure: the batch is
+# tried again after each of these waits (~30 s in all, leases kept), then given back to pending
+# and the run stops cleanly; the next run finishes it.
+UNAVAILABLE_WAITS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
 OBJECT_REQUESTS = "object-requests"  # ledger event per batch: count = bucket requests, detail = "class_a class_b"
 
 
@@ -42,6 +46,7 @@ class RunLimits:
     max_error_rate: float | None = None
     max_duration_seconds: float | None = None
     budget_dollars: float | None = None
+    reprocess_concurrency: int = 2  # reprocess jobs in flight (the slow path's own concurrency)
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,9 @@ class Selection:
     access_now: float | None = None  # epoch seconds the decay is judged at (None: now)
     enqueued_only: bool = False  # only documents lazy repair or an admin enqueued
     retry_failed: bool = False  # failed documents of the selection go back to pending first (the retry edge)
+    # reprocess-path documents claimed while this is off go to deferred (DESIGN §4); on: they are
+    # reprocessed, and deferred ones of the selection go back to pending first
+    allow_reprocess: bool = False
 
 
 @dataclass
@@ -67,6 +75,7 @@ class RunSummary:
     class_a: int = 0
     class_b: int = 0
     dollars: float = 0.0
+    reprocess_dollars: float = 0.0  # part of `dollars`: reprocess jobs (reported, or the price table)
     seconds: float = 0.0
     batches: int = 0
     stopped_because: str = "no more pending documents"
@@ -74,6 +83,7 @@ class RunSummary:
     dry_run_changes: list[dict] = field(default_factory=list)
     throttled: int = 0
     pending_at_start: int = 0  # documents the run could claim when it started (progress total)
+    unavailable: str | None = None  # set when the run stopped because a store stopped answering
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -107,6 +117,13 @@ class Runner:
                                       patterns=compile_patterns(stores.settings.key_patterns))
         self.summary = RunSummary()
         self._dry_records = None  # dry run: one pass over the pending documents
+        from repage.reprocess.stage import ReprocessStage
+
+        prices = stores.settings.prices
+        self.reprocess = ReprocessStage(
+            stores, enabled=selection.allow_reprocess, budget_dollars=limits.budget_dollars,
+            concurrency=limits.reprocess_concurrency, clock=self.clock,
+            spent=lambda: request_dollars(self.summary.class_a, self.summary.class_b, prices))
 
     def run(self) -> RunSummary:
         started = self.clock.now()
@@ -115,6 +132,8 @@ class Runner:
             self.stores.ledger.requeue_image_moves(sel.dataset_id, sel.document_ids)
         if self.selection.retry_failed and not self.options.dry_run:
             self.stores.ledger.retry_failed(self.selection.dataset_id, self.selection.document_ids)
+        if self.selection.allow_reprocess and Path.REPROCESS in self.selection.paths and not self.options.dry_run:
+            self._undefer()
         self.summary.pending_at_start = self._pending()
         while (reason := self._stop_reason(started)) is None:
             claims = self._claim()
@@ -128,9 +147,20 @@ class Runner:
                 self.clock.sleep(self.limits.pause_seconds)
         else:
             self.summary.stopped_because = reason
+        self.reprocess.close()  # the backend's HTTP client, if one was opened
         self.summary.seconds = self.clock.now() - started
         self.summary.throttled = self.object_limiter.throttled_count + self.write_limiter.throttled_count
         return self.summary
+
+    def _undefer(self) -> None:
+        """Reprocessing is enabled: deferred reprocess documents of the selection go back to pending."""
+        sel, ledger = self.selection, self.stores.ledger
+        for record in ledger.documents(states={State.DEFERRED}, dataset_id=sel.dataset_id):
+            if record.path == Path.REPROCESS and (sel.document_ids is None or record.document_id in sel.document_ids):
+                try:
+                    ledger.transition(record.document_id, State.PENDING, reason="reprocessing enabled for this run")
+                except IllegalTransition:
+                    pass  # another run took it meanwhile
 
     def _pending(self) -> int:
         counts = self.stores.ledger.counts()
@@ -172,15 +202,56 @@ class Runner:
                 for r in islice(self._dry_records, size)]
 
     def _migrate(self, claims: Sequence) -> BatchResult:
+        slow = [c for c in claims if c.path == Path.REPROCESS]
+        if slow:  # the slow path: its own stage (repage/reprocess/stage.py), after the batch's other documents
+            return self._migrate_with_reprocess([c for c in claims if c.path != Path.REPROCESS], slow)
+        waits = iter(UNAVAILABLE_WAITS)
+        while True:
+            try:
+                return self._migrate_once(claims)
+            except StoreUnavailable as exc:  # the store is down, not the documents: wait, else give them back
+                wait = None if self.options.dry_run or self.stop.is_set() else next(waits, None)
+                if wait is None:
+                    self.summary.unavailable = str(exc)
+                    return self._release_batch(claims, f"store unavailable: {exc}")
+                with self.migrator.keeping_leases([DocumentWork(c, []) for c in claims]):
+                    self.clock.sleep(wait)  # a retried batch resumes from its journal (every step is idempotent)
+            except RepageError as exc:  # a batch-wide failure (the write): each document failed
+                return self._fail_batch(claims, f"batch failed: {exc}")
+
+    def _migrate_with_reprocess(self, fast: Sequence, slow: Sequence) -> BatchResult:
+        result = self._migrate(fast) if fast else BatchResult()
         try:
-            if self.options.dry_run:
-                return self.migrator.apply(self.migrator.plan(claims))
-            works = self.migrator.prepare(claims)
-            with self.migrator.keeping_leases(works):
-                self.migrator.plan_works(works)
-                return self.migrator.apply(works)
-        except RepageError as exc:  # a batch-wide failure (the write, a store down): each document failed
-            return self._fail_batch(claims, f"batch failed: {exc}")
+            more = self.reprocess.process(slow, self.migrator, dry_run=self.options.dry_run)
+        except RepageError as exc:  # the backend could not even be opened (configuration)
+            more = self._fail_batch(slow, f"reprocess failed: {exc}")
+        result.migrated += more.migrated
+        result.failed.update(more.failed)
+        result.other.update(more.other)
+        result.chunks_written += more.chunks_written
+        result.changes += more.changes
+        result.dollars += more.dollars
+        return result
+
+    def _migrate_once(self, claims: Sequence) -> BatchResult:
+        if self.options.dry_run:
+            return self.migrator.apply(self.migrator.plan(claims))
+        works = self.migrator.prepare(claims)
+        with self.migrator.keeping_leases(works):
+            self.migrator.plan_works(works)
+            return self.migrator.apply(works)
+
+    def _release_batch(self, claims: Sequence, message: str) -> BatchResult:
+        """Back to pending (the edge of a run stopped mid-batch); a dry run has nothing to release."""
+        if self.options.dry_run:
+            return self._fail_batch(claims, message)
+        for claim in claims:
+            try:
+                self.stores.ledger.transition(claim.document_id, State.PENDING, token=claim.fencing_token,
+                                              reason=message)
+            except RepageError:
+                pass  # settled before the outage, taken over, or the ledger is down too: the lease expires
+        return BatchResult()
 
     def _fail_batch(self, claims: Sequence, message: str) -> BatchResult:
         result = BatchResult()
@@ -209,7 +280,8 @@ class Runner:
         s.objects_copied += result.objects_copied
         s.class_a += result.usage.class_a
         s.class_b += result.usage.class_b
-        s.dollars = request_dollars(s.class_a, s.class_b, prices)
+        s.reprocess_dollars += result.dollars
+        s.dollars = request_dollars(s.class_a, s.class_b, prices) + s.reprocess_dollars
         s.dry_run_changes.extend(result.changes)
         if self.options.dry_run:
             s.documents += len(result.changes)
@@ -224,6 +296,8 @@ class Runner:
         s, lim = self.summary, self.limits
         if self.stop.is_set():
             return "stop requested"
+        if s.unavailable:
+            return f"a store is unavailable: {s.unavailable}"
         if lim.limit is not None and s.documents >= lim.limit:
             return f"--limit {lim.limit} reached"
         if lim.max_failures is not None and s.failed > lim.max_failures:
@@ -233,6 +307,8 @@ class Runner:
             return f"--max-error-rate {lim.max_error_rate} exceeded ({s.failed}/{s.documents} failed)"
         if lim.max_duration_seconds is not None and self.clock.now() - started >= lim.max_duration_seconds:
             return f"--max-duration {lim.max_duration_seconds:.0f}s reached"
+        if self.reprocess.stopped_because is not None:
+            return self.reprocess.stopped_because
         if lim.budget_dollars is not None and s.dollars >= lim.budget_dollars:
             return f"--budget ${lim.budget_dollars} spent (${s.dollars:.4f})"
         return None

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from repage.errors import ObjectNotFound, RepageError
 from repage.keys import is_pdf_image_ref
-from repage.states import State
+from repage.states import Path, State
 from repage.stores.ledger import ObjectState
 from repage.stores.vectors import ChunkChange, eq_filter, in_filter
 
@@ -117,6 +117,12 @@ def _records(ledger, states: set[State], document_ids: Iterable[str] | None):
 
 def rollback_document(stores, record) -> None:
     """Restore the journal's old values exactly, then drop the copies repage made."""
+    if record.path == Path.REPROCESS:  # whole rows were replaced: back from the local pipeline's backup
+        from repage.reprocess.local import restore_backup
+
+        restore_backup(stores, record)
+        stores.ledger.transition(record.document_id, State.ROLLED_BACK, reason="rolled back from the reprocess backup")
+        return
     vectors, objects, ledger = stores.vectors, stores.objects, stores.ledger
     journal = ledger.chunk_journal(record.document_id)
     moves = ledger.object_journal(record.document_id)

@@ -273,6 +273,12 @@ def _is_rate_limit(exc: BaseException) -> bool:
         or "rate limit" in str(exc.message).lower())
 
 
+def _is_released(exc: MilvusException) -> bool:
+    """The collection is not loaded (code 101; Lite: "is in state 'released'")."""
+    text = str(exc.message).lower()
+    return exc.code == 101 or "not loaded" in text or "state 'released'" in text
+
+
 def _is_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, grpc.RpcError):
         return exc.code() in _UNAVAILABLE_CODES
@@ -347,6 +353,14 @@ class MilvusVectors:
         kwargs["retry_on_rate_limit"] = False  # repage's throttle, not pymilvus' 75 tries
         self.ops[method] += 1
         with vendor_errors(method, self._token):
+            try:
+                return getattr(self._client, method)(*args, **kwargs)
+            except MilvusException as exc:
+                if not _is_released(exc) or method == "load_collection":
+                    raise
+            # A restarted Milvus (Lite) holds the collection released: load it, then try once more.
+            self.ops["reload"] += 1
+            self._client.load_collection(self.collection, timeout=self._timeout)
             return getattr(self._client, method)(*args, **kwargs)
 
     def _open_collection(self) -> None:
@@ -554,6 +568,12 @@ class MilvusVectors:
         pk = self.info().pk_field
         for batch in _batches(list(pks), _identity_cost, MAX_WRITE_ROWS, MAX_FILTER_BYTES):
             self._rpc("delete", self.collection, filter=in_filter(pk, batch))
+
+    def upsert_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Full rows (primary key included) written over the rows with those keys, in as few requests
+        as the size caps allow: each row is replaced whole, never absent (the reprocess path)."""
+        for batch in self._write_batches(rows):
+            self._upsert(batch, False)
 
     def _write_batches(self, rows: Sequence[Mapping[str, Any]]):
         limit = int(self.max_request_bytes * SIZE_MARGIN)

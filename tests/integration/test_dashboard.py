@@ -19,7 +19,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from html import unescape
 from pathlib import Path
 
@@ -41,7 +40,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 READ, ADMIN = "read-5b0e1c9d77", "admin-e24f8a3c61"
-DOCS = [f"d{i:02d}" for i in range(24)]
+DOCS = [f"d{i:02d}" for i in range(40)]  # at ~2 s a document, the worker is still busy when paused
 BROKEN, REVIEW = "d01", "r0"  # BROKEN cannot be copied (fails); REVIEW waits for a person
 HOT = {"d20": 5, "d21": 2}  # reads per document
 BUDGET = 0.002  # dollars: the projection of this small store is a visible part of it
@@ -238,7 +237,6 @@ def test_the_dashboard_in_chromium(migration, browser, tmp_path):
         wait_for(lambda: worker()["cycles"] >= cycles + 5, "five paused cycles")  # alive, and idle
         assert len(ledger.events(kinds=["migrated"])) == migrated  # no batch since
         assert ledger.counts() == counts
-        assert not [e for e in ledger.events(kinds=["migrated"]) if e.at > pause_event.at + 30]
 
     # ---- the numbers on the page are `repage status --json`, exactly (the ledger is still now)
     seen = int(page.evaluate("() => document.body.dataset.refreshes"))

@@ -83,20 +83,35 @@ class CliLog:
     calls: list[CliResult] = field(default_factory=list)
 
     def run(self, *args: str, env: Mapping[str, str], cwd: Path, timeout: float = 180.0) -> CliResult:
+        return self.finish(self.start(*args, env=env, cwd=cwd), timeout=timeout)
+
+    def start(self, *args: str, env: Mapping[str, str], cwd: Path) -> subprocess.Popen:
+        """The CLI in the background; `finish` collects and checks its output."""
         base = {k: v for k, v in os.environ.items() if not k.startswith("REPAGE_") and k not in FOREIGN_ENV}
         base.update(env)
         base.setdefault("PYTHONUNBUFFERED", "1")
-        started = time.monotonic()
-        proc = subprocess.run([*repage_command(), *args], cwd=cwd, env=base, capture_output=True, text=True,
-                              timeout=timeout)
-        result = CliResult(tuple(args), proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
+        proc = subprocess.Popen([*repage_command(), *args], cwd=cwd, env=base, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        proc.repage_args, proc.repage_started = tuple(args), time.monotonic()
+        return proc
+
+    def finish(self, proc: subprocess.Popen, timeout: float = 180.0) -> CliResult:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+            raise AssertionError(f"repage {' '.join(proc.repage_args)} still running after {timeout}s\n"
+                                 f"stdout: {stdout[-1500:]}\nstderr: {stderr[-1500:]}") from None
+        args = proc.repage_args
+        result = CliResult(args, proc.returncode, stdout, stderr, time.monotonic() - proc.repage_started)
         self.calls.append(result)
-        assert_no_secret(proc.stdout, f"stdout of repage {' '.join(args)}")
-        assert_no_secret(proc.stderr, f"stderr of repage {' '.join(args)}")
-        if proc.returncode == 2 or (proc.returncode and not proc.stdout.strip()):
-            lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert_no_secret(stdout, f"stdout of repage {' '.join(args)}")
+        assert_no_secret(stderr, f"stderr of repage {' '.join(args)}")
+        if result.returncode == 2 or (result.returncode and not stdout.strip()):
+            lines = [line for line in stderr.splitlines() if line.strip()]
             assert lines and lines[-1].startswith(("repage: ", "Error: ")), f"no one-line error:\n{result}"
-            assert "Traceback" not in proc.stderr, f"a traceback:\n{result}"
+            assert "Traceback" not in stderr, f"a traceback:\n{result}"
         return result
 
 

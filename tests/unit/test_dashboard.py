@@ -303,3 +303,18 @@ def test_budget_dollars_setting(tmp_path):
     toml.write_text("[repage]\nbudget_dollars = 0\n")
     with pytest.raises(ConfigError, match="budget_dollars"):
         load_settings({}, toml_path=toml, app_fallbacks=False)
+
+
+def test_insecure_local_has_no_login_but_still_checks_csrf(tmp_path):
+    s = settings(tmp_path)
+    ledger = Ledger(s.ledger_url)
+    app = create_app(s, stores=SimpleNamespace(vectors=None, ledger=ledger), insecure_local=True)
+    try:
+        with TestClient(app) as client:
+            page = client.get("/").text
+            assert 'id="pause-button"' in page and "Log out" not in page
+            assert client.post("/dashboard/pause", follow_redirects=False).status_code == 403  # a forged post
+            reply = client.post("/dashboard/pause", data={"csrf_token": csrf_of(page)}, follow_redirects=False)
+            assert reply.status_code == 303 and is_paused(ledger)
+    finally:
+        ledger.close()

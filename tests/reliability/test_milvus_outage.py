@@ -1,0 +1,131 @@
+"""Milvus outage (issue 11, part 2): the `milvus-lite server` process is SIGKILLed while
+`repage run` migrates, and started again on the same data folder and port.
+
+The run either rides the outage out (backs off, resumes) or stops cleanly (failed documents,
+the breaker); a re-run (`--retry-failed`) finishes. Either way no chunk row is lost or
+doubled, `verify` passes and the store equals a complete migration.
+"""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.milvus import MILVUS_LITE, _free_port, _wait_until_answers
+from tests.reliability.stores import clone_folder, lost_problems, make_template
+from tests.support.reliability import CliLog, record
+
+pytestmark = [pytest.mark.reliability, pytest.mark.slow]
+
+KEYS_DOCS = 21
+OUTAGE_SECONDS = 2.0
+
+
+class LiteServer:
+    """A `milvus-lite server` this test owns: it can be killed and started again on its folder and port."""
+
+    def __init__(self, root: Path):
+        self.data_dir = root / "milvus.db"
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = root / "milvus-server.log"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> LiteServer:
+        with self.log.open("a") as log:
+            self.proc = subprocess.Popen(
+                [str(MILVUS_LITE), "server", "--data-dir", str(self.data_dir), "--host", "127.0.0.1",
+                 "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT)
+        _wait_until_answers(self.uri, self.proc)
+        self.starts += 1
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def lite(tmp_path):
+    server = LiteServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+def ledger_states(path: Path) -> dict[str, int]:
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as conn:
+            return dict(conn.execute("SELECT state, count(*) FROM documents GROUP BY state").fetchall())
+    except sqlite3.Error:
+        return {}
+
+
+def wait_for(predicate, what: str, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize("kill_when", ["first-migrated", "first-claim"])
+def test_milvus_killed_mid_run_and_restarted_loses_nothing(lite, tmp_path, kill_when):
+    template = make_template(lite.uri, tmp_path / "template", keys_docs=KEYS_DOCS)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    clone = clone_folder(template, lite.uri, workdir)
+    cli = CliLog()
+    # --pause: the run takes a few seconds, so the kill lands in its middle
+    proc = cli.start("run", "--json", "--pause", "0.3", env=clone.env, cwd=workdir)
+    state = "migrated" if kill_when == "first-migrated" else "running"
+    wait_for(lambda: proc.poll() is not None or ledger_states(workdir / "ledger.db").get(state),
+             f"a {state} document")
+    assert proc.poll() is None, "the run ended before the outage"
+    lite.kill()
+    time.sleep(OUTAGE_SECONDS)
+    lite.start()
+    first = cli.finish(proc)
+    outcome = describe(first)
+    print('OUTAGE', kill_when, first.seconds, outcome, first.stderr[-800:])
+
+    problems = lost_problems(clone, final=False)
+    assert not problems, f"after the outage ({outcome}):\n" + "\n".join(problems)
+    if outcome != "completed":
+        rerun = cli.run("run", "--retry-failed", "--json", env=clone.env, cwd=workdir)
+        assert rerun.returncode == 0 and rerun.json()["failed"] == 0, str(rerun)
+    verified = cli.run("verify", "--json", env=clone.env, cwd=workdir)
+    assert verified.returncode == 0 and verified.json()["ok"], str(verified)
+    problems = lost_problems(clone, final=True)
+    record(f"milvus-outage-{kill_when}", faults=1, documents_verified=len(clone.doc_ids), lost=len(problems),
+           first_run=outcome)
+    assert not problems, f"after the outage ({outcome}) and the re-run:\n" + "\n".join(problems)
+
+
+def describe(result) -> str:
+    """completed | a clean stop; anything else (a crash, a traceback, no summary) fails."""
+    if result.returncode == 0:
+        summary = result.json()
+        assert summary["failed"] == 0 and summary["stopped_because"] == "no more pending documents", summary
+        return "completed"
+    assert result.returncode in (1, 2), str(result)
+    if not result.stdout.strip():
+        return f"stopped: {result.stderr.strip().splitlines()[-1][:160]}"
+    summary = result.json()
+    return f"stopped ({summary['stopped_because']}) with {summary['failed']} failed: " \
+           f"{next(iter(summary['errors'].values()), '')[:160]}"
