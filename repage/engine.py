@@ -55,7 +55,7 @@ class RayEngine:
         self.address, self.num_cpus, self._init = address, num_cpus, init
         self._lock = threading.Lock()
         self._connected = False
-        self._remotes: dict[Callable, Any] = {}
+        self._task: Any = None  # ray.remote(_apply), made once connected
 
     def _connect(self) -> None:
         with self._lock:
@@ -74,19 +74,15 @@ class RayEngine:
                 raise ConfigError(f"Ray cluster {self.address or '(local)'}: {exc}") from exc
             self._connected = True
 
-    def _remote(self, fn: Callable) -> Any:
-        with self._lock:
-            if fn not in self._remotes:
-                self._remotes[fn] = self._ray.remote(fn)
-            return self._remotes[fn]
-
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
         items = list(items)
         if not items:
             return []
         self._connect()
-        task = self._remote(fn)
-        refs = [task.remote(item) for item in items]
+        with self._lock:
+            if self._task is None:
+                self._task = self._ray.remote(_apply)
+        refs = [self._task.remote(fn, item) for item in items]
         try:
             return self._ray.get(refs)
         except self._ray.exceptions.RayTaskError as exc:
@@ -97,6 +93,11 @@ class RayEngine:
         if self._connected:
             self._ray.shutdown()
             self._connected = False
+
+
+def _apply(fn: Callable[[Any], Any], item: Any) -> Any:
+    """The one Ray task: `fn(item)` in a Ray worker (fn travels by reference to its module)."""
+    return fn(item)
 
 
 def make_engine(name: str = "local", *, address: str | None = None) -> LocalEngine | RayEngine:

@@ -23,12 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
-from repage.errors import BadInput, ConfigError, ObjectNotFound, RepageError, StaleLease
+from repage.errors import (BadInput, ConfigError, InvalidFilterValue, ObjectNotFound, RepageError, StaleLease,
+                           StoreUnavailable)
 from repage.keys import canonical_image_key, image_prefix, is_pdf_image_ref, parse_image_key
 from repage.plan import DocumentPlan, classify, is_affected, needs_listing
 from repage.states import Path, State
 from repage.stores.ledger import ChunkJournalEntry, Claim, ObjectJournalEntry, ObjectState
-from repage.stores.vectors import ChunkChange
+from repage.stores.vectors import ChunkChange, quote_string
 
 # Protocol steps where a crash test can kill the process (REPAGE_FAILPOINT=NAME, or
 # hit:N for the N-th step reached whatever its name: random kills without timing).
@@ -144,17 +145,29 @@ class BatchMigrator:
         return works
 
     def prepare(self, claims: Sequence[Claim]) -> list[DocumentWork]:
-        """One query for all chunks of the batch's documents."""
-        rows = self.vectors.fetch_documents([c.document_id for c in claims])
+        """One query for all chunks of the batch's documents; an id no filter can carry fails alone."""
+        bad: dict[str, str] = {}
+        for claim in claims:
+            try:
+                quote_string(claim.document_id, field="document_id")
+            except InvalidFilterValue as exc:
+                bad[claim.document_id] = f"document {claim.document_id!r}: {exc}"
+        ids = [c.document_id for c in claims if c.document_id not in bad]
+        rows = self.vectors.fetch_documents(ids) if ids else []
         by_doc: dict[str, list[dict]] = defaultdict(list)
         for row in rows:
             by_doc[row["document_id"]].append(row)
-        return [DocumentWork(c, by_doc.get(c.document_id, [])) for c in claims]
+        works = [DocumentWork(c, by_doc.get(c.document_id, [])) for c in claims]
+        for work in works:
+            work.error = bad.get(work.document_id)
+        return works
 
     def plan_works(self, works: list[DocumentWork]) -> None:
         self._parallel(self._plan_document, works)
 
     def _plan_document(self, work: DocumentWork) -> None:
+        if work.error is not None:  # refused by prepare
+            return
         try:
             journal = [] if self.options.dry_run else self.ledger.chunk_journal(work.document_id)
             if journal and not all(c.applied for c in journal):  # resume: the journal is the plan
@@ -178,6 +191,8 @@ class BatchMigrator:
                         listed_keys=listed, source_exists=None, patterns=self.patterns)
         if not affected:
             work.outcome = State.MIGRATED  # nothing left to fix (fixed by another tool meanwhile)
+            if not work.rows:
+                work.reason = "no chunks in the collection any more (the document was deleted): nothing to fix"
             return
         pdf = None
         if plan.path != Path.KEYS and work.claim.path == Path.PDF:  # pages from the source PDF
@@ -279,7 +294,7 @@ class BatchMigrator:
         live = [w for w in live if self._keep(w, result)]
         self.failpoints.hit("after-copy")
         live = [w for w in live if self._renew_lease(w, result)]  # the write starts with a full lease
-        self._write(live, result)
+        live = self._write_or_isolate(live, result)
         self.failpoints.hit("after-write")
         written = self._fetch_written(live)  # one read-back query per batch, not one per document
         live = [w for w in live if self._read_back(w, result, written)]
@@ -400,6 +415,32 @@ class BatchMigrator:
 
             call_with_backoff(call, self.write_limiter)
         result.chunks_written += len(changes)
+
+    def _write_or_isolate(self, works: list[DocumentWork], result: BatchResult) -> list[DocumentWork]:
+        """The batch's one write. If it fails (not an outage), each document is written alone, so a
+        bad one (its chunks deleted meanwhile) fails alone, named, and the others go on."""
+        try:
+            self._write(works, result)
+            return works
+        except StoreUnavailable:
+            raise
+        except RepageError as exc:
+            error = exc
+        if len(works) > 1:
+            return [w for w in works if self._write_or_isolate([w], result)]
+        work = works[0]
+        self._fail(work, result, f"document {work.document_id}: writing its chunks failed: {self._gone(work) or error}")
+        return []
+
+    def _gone(self, work: DocumentWork) -> str | None:
+        identities = [tuple(json.loads(c.identity)) for c in work.chunks]
+        try:
+            found = self.vectors.find_by_identity(identities)
+        except RepageError:
+            return None
+        missing = [i for i in identities if not found.get(i)]
+        return (f"{len(missing)} of its {len(identities)} chunks are no longer in the collection "
+                f"(deleted during the run), e.g. {list(missing[0])}") if missing else None
 
     def _fetch_written(self, works: Sequence[DocumentWork]) -> dict[tuple, list[dict]]:
         """The batch's written rows by stable identity, read back in as few queries as limits allow."""

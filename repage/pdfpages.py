@@ -118,11 +118,27 @@ def open_pdf(source: Source, name: str) -> pdfium.PdfDocument:
         with _PDFIUM:
             return pdfium.PdfDocument(source)
     except pdfium.PdfiumError as exc:
-        if exc.err_code == pdfium_c.FPDF_ERR_PASSWORD:
+        # PDFium's last error is process-wide and some failed loads (a PDF with no pages) leave it
+        # unset: a "password" left by an earlier encrypted PDF must not call this one encrypted.
+        if exc.err_code == pdfium_c.FPDF_ERR_PASSWORD and _mentions_encrypt(source):
             raise BadInput(f"{name}: the source PDF is encrypted (it needs a password): "
                            "decrypt the source object or reprocess the document") from exc
-        raise BadInput(f"{name}: the source PDF is corrupt or not a PDF ({exc}): "
+        detail = f" ({exc})" if exc.err_code not in (pdfium_c.FPDF_ERR_SUCCESS, pdfium_c.FPDF_ERR_PASSWORD) else ""
+        raise BadInput(f"{name}: the source PDF is corrupt, has no pages or is not a PDF{detail}: "
                        "check the source object or reprocess the document") from exc
+
+
+def _mentions_encrypt(source: Source, chunk: int = 1 << 20) -> bool:
+    """Whether the PDF has an /Encrypt entry (read in chunks: a big file never sits in memory)."""
+    if isinstance(source, bytes):
+        return b"/Encrypt" in source
+    tail = b""
+    with open(source, "rb") as f:
+        while block := f.read(chunk):
+            if b"/Encrypt" in tail + block:
+                return True
+            tail = block[-16:]
+    return False
 
 
 def _pages(source: Source, name: str, pages: Collection[int] | None = None) -> Iterator[list[PageImage]]:
@@ -175,6 +191,16 @@ def _pixels(obj) -> Image.Image | None:
     pixels = image.copy()
     del image, bitmap
     return pixels
+
+
+def page_count(source: Source, name: str) -> int:
+    pdf = open_pdf(source, name)
+    try:
+        with _PDFIUM:
+            return len(pdf)
+    finally:
+        with _PDFIUM:
+            pdf.close()
 
 
 def iter_page_images(source: Source, name: str) -> Iterator[PageImage]:

@@ -95,9 +95,20 @@ class PdfPlanner:
             if not self._all_confident(plan, matches, prints, indexes):
                 return None
             resolved = self._resolved(plan, matches, prints, indexes)
+            self._check_pages(resolved, pdf)
             if self.uploads:
                 self._extract(pdf)
         return resolved
+
+    def _check_pages(self, plan: DocumentPlan, pdf: FsPath) -> None:
+        """A page (from a key) past the source PDF's last page is bad input, never written."""
+        pages = pdfpages.page_count(pdf, self._name())
+        beyond = [c for c in plan.chunks if c.page is not None and c.page >= pages]
+        if beyond:
+            c = beyond[0]
+            raise BadInput(f"{self._name()}: chunk {list(c.identity)} gets page {c.page} (0-based, from "
+                           f"{c.found_key or c.current_key!r}), but the source PDF has {pages} pages: "
+                           "fix the key or reprocess the document")
 
     def _on_engine(self, pdf: FsPath, job: PdfJob):
         """Run a CPU-heavy step on the run's engine (repage/engine.py): here on the downloaded

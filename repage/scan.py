@@ -17,7 +17,7 @@ from typing import TypeVar
 from repage.errors import ObjectNotFound
 from repage.keys import compile_patterns, image_prefix, source_key_candidates
 from repage.plan import DocumentPlan, classify, needs_listing
-from repage.states import DONE, State
+from repage.states import DONE, Path, State
 from repage.stores.ledger import ScanRecord
 from repage.throttle import AdaptiveLimiter, call_with_backoff
 
@@ -113,6 +113,14 @@ class Classifier:
         return call_with_backoff(fn, self.limiter)
 
     def __call__(self, document_id: str, summary: DocumentSummary) -> DocumentPlan:
+        try:
+            return self._classify(document_id, summary)
+        except ValueError as exc:  # the document's own data (an empty dataset_id, an id or key no store takes)
+            # recorded, never fatal to the scan: pending, so the run records the error on the document
+            return DocumentPlan(document_id, summary.dataset_id, summary.filename, Path.KEYS, State.PENDING,
+                                f"cannot classify: {exc}", ())
+
+    def _classify(self, document_id: str, summary: DocumentSummary) -> DocumentPlan:
         rows = summary.affected
         identities = [identity_of(r, self.identity_fields) for r in rows]
         args = dict(dataset_id=summary.dataset_id, filename=summary.filename, patterns=self.patterns)

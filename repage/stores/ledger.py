@@ -323,6 +323,7 @@ class Ledger:
         self._url = self._parse_url(url)
         self._sqlite = self._url.get_backend_name() == "sqlite"
         self._write_lock = threading.RLock()
+        self._local = threading.local()  # .conn: this thread's open transaction(), if any
         self._engine = self._make_engine()
         self._init_schema()
 
@@ -398,12 +399,40 @@ class Ledger:
         self.close()
 
     @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group this thread's ledger writes into one transaction: one commit (one fsync) for many.
+
+        Each call inside runs in its own savepoint, so one that fails (a StaleLease, say) is
+        undone alone and raises as usual; the others commit together when the block ends.
+        Wrap only ledger calls, never a Milvus or bucket call (DESIGN §4), nor work handed to
+        other threads that write to the ledger: they wait for the block to end (SQLite: the
+        process's writer lock; PostgreSQL: the row locks). Nested blocks join the outermost one.
+        """
+        if getattr(self._local, "conn", None) is not None:
+            yield
+            return
+        with self._tx() as conn:
+            self._local.conn = conn
+            try:
+                yield
+            finally:
+                self._local.conn = None
+
+    @contextmanager
     def _tx(self, write: bool = True) -> Iterator[sa.Connection]:
-        """One short transaction; driver errors become repage errors with a redacted message."""
+        """One short transaction; driver errors become repage errors with a redacted message.
+
+        Inside transaction() (same thread) it is a savepoint of that transaction instead.
+        """
+        outer = getattr(self._local, "conn", None)
         # SQLite: threads of one process take turns here. Left to SQLite, a waiting writer
         # polls the file lock with sleeps of up to 100 ms: many small writes crawl.
         serialize = self._write_lock if (write and self._sqlite) else contextlib.nullcontext()
         try:
+            if outer is not None:
+                with outer.begin_nested():
+                    yield outer
+                return
             with serialize, self._engine.connect() as conn:
                 if write:
                     conn.execution_options(repage_write=True)  # SQLite: BEGIN IMMEDIATE

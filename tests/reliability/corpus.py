@@ -116,14 +116,16 @@ def build_corpus() -> list[Case]:
     c.row("image", image_index=0, image_r2_key="/empty-dataset-19c2/images/0_x.pdf-3-0.png")
     cases.append(c)
 
-    c = Case("empty-dataset-docling", "empty-dataset-docling-5e", "y.pdf", "unrecoverable", (), dataset_id="")
+    c = Case("empty-dataset-docling", "empty-dataset-docling-5e", "y.pdf", "failed", ("dataset_id",), dataset_id="")
     c.row("image", image_index=0, image_r2_key="/empty-dataset-docling-5e/images/0_docling_image.png")
     cases.append(c)
 
-    c = Case("index-out-of-range", "index-range-0b7d", "big.pdf", "failed", ("index", "1099511627776"))
+    # an absurd image_index and image_size on the chunk: the key's own index and page are used
+    c = Case("index-out-of-range", "index-range-0b7d", "big.pdf", "migrated")
     key = legacy_image_key(DS, c.document_id, 0, legacy_image_name("big.pdf", 3, 0, "png"))
     c.objects[key] = png_bytes(picture(3, 40, 30))
     c.row("image", image_index=2**40, image_r2_key=key, image_size="garbage")
+    c.final = {0: (3, canonical_image_key(DS, c.document_id, 3, 0, "png"))}
     cases.append(c)
 
     c = Case("odd-values", "odd-values-2c4e", "odd.pdf", "skipped")
@@ -171,10 +173,15 @@ def build_corpus() -> list[Case]:
     cases.append(docling_case("corrupt-pdf", "corrupt-pdf-2e", b"%PDF-1.4\n" + random.Random(5).randbytes(900),
                               "failed", ("corrupt",)))
     cases.append(docling_case("zero-byte-pdf", "zero-byte-pdf-3d", b"", "failed", ("corrupt",)))
-    cases.append(docling_case("zero-page-pdf", "zero-page-pdf-4c", zero_page_pdf(), "review", ("threshold",)))
+    cases.append(docling_case("zero-page-pdf", "zero-page-pdf-4c", zero_page_pdf(), "failed", ("no pages",)))
+    # the bucket's image 0 cannot be decoded: nothing to compare, so the index alone decides (DESIGN §2:
+    # the PDF has as many images as the document has indexes); image 1 matches by its hash
     pdf = make_pdf([[], [picture(11, 80, 60)], [], [picture(12, 60, 80)]])
-    cases.append(docling_case("docling-not-an-image", "docling-fake-5b", pdf, "review", ("threshold",),
-                              images={0: b"GIF89a but not really", 1: png_bytes(picture(12, 60, 80))}))
+    c = docling_case("docling-not-an-image", "docling-fake-5b", pdf, "migrated",
+                     images={0: b"GIF89a but not really", 1: png_bytes(picture(12, 60, 80))})
+    c.final = {0: (1, canonical_image_key(DS, c.document_id, 1, 0, "png")),
+               1: (3, canonical_image_key(DS, c.document_id, 3, 1, "png"))}
+    cases.append(c)
 
     # ---- recovered pages beyond the PDF's page count
     c = docling_case("page-beyond-pdf", "page-beyond-6a", make_pdf([[picture(21, 80, 60)], [], []]), "failed",
