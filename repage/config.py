@@ -123,11 +123,16 @@ class Settings(BaseModel):
     def redacted(self) -> dict[str, Any]:
         """The settings as a plain dict with every secret and URL password masked."""
         shown = self.model_dump(mode="json")
+        secrets = [v.get_secret_value() for v in self.__dict__.values() if isinstance(v, SecretStr)]
+        secrets = [s for s in secrets if len(s) >= 4]  # shorter is no credential, and would mangle the rest
         for name, value in shown.items():
             if isinstance(getattr(self, name), SecretStr):
                 shown[name] = "***"
-            elif isinstance(value, str) and "://" in value:
-                shown[name] = redact_url(value)
+            elif isinstance(value, str):
+                value = redact_url(value) if "://" in value else value
+                for secret in secrets:  # a secret pasted into another field (a URL's user) is masked too
+                    value = value.replace(secret, "***")
+                shown[name] = value
         return shown
 
 

@@ -39,8 +39,10 @@ class LocalEngine:
 class RayEngine:
     """Runs `fn` as Ray tasks on the cluster at `address` (None: a local one Ray starts itself).
 
-    Ray is connected on the first `map`, once per process; `close()` disconnects only if this
-    engine connected.
+    Ray is connected here, in the calling (main) thread and before any store is opened: ray.init
+    forks Ray's own processes, and a fork while gRPC threads (pymilvus) run is unsafe. A process
+    that already called ray.init (a test's local cluster) is used as it is. `close()` disconnects
+    only if this engine connected.
     """
 
     name = "ray"
@@ -56,6 +58,7 @@ class RayEngine:
         self._lock = threading.Lock()
         self._connected = False
         self._task: Any = None  # ray.remote(_apply), made once connected
+        self._connect()
 
     def _connect(self) -> None:
         with self._lock:

@@ -65,6 +65,7 @@ class DocumentWork:
     outcome: State | None = None  # set when the document ends before the write
     reason: str | None = None  # why it ended there (review, unrecoverable), for the ledger
     blobs: dict[str, bytes] = field(default_factory=dict)  # pdf path: object bytes read or extracted by the plan
+    verified: list[ObjectJournalEntry] = field(default_factory=list)  # copies checked, not yet journalled
 
     @property
     def document_id(self) -> str:
@@ -267,8 +268,8 @@ class BatchMigrator:
 
     def _describe_move(self, work: DocumentWork, old: str, new: str) -> ObjectJournalEntry | None:
         """Size and content hash of the legacy object, read before anything is written."""
-        if not self.options.dry_run and not self._renew_lease(work):
-            raise StaleLease(work.error or f"lease on document {work.document_id} lost")
+        if work.error is not None:  # the lease keeper lost the lease: read nothing more
+            raise StaleLease(work.error)
         data = work.blobs.pop(old, None)  # the pdf path read it already to compare it
         if data is None:
             try:
@@ -284,23 +285,33 @@ class BatchMigrator:
 
     def apply(self, works: list[DocumentWork]) -> BatchResult:
         result = BatchResult()
-        live = [w for w in works if self._settle_early(w, result)]
+        # Ledger steps of the whole batch share one transaction each (one commit, not one per
+        # document or per image); no Milvus or bucket call runs inside one.
+        with self.ledger.transaction():
+            live = [w for w in works if self._settle_early(w, result)]
         if self.options.dry_run:
             result.changes = [self._change_record(w) for w in live]
             return result
-        live = [w for w in live if self._journal(w, result)]
+        with self.ledger.transaction():
+            live = [w for w in live if self._journal(w, result)]
         self.failpoints.hit("after-journal")
         self._parallel(self._copy_objects, live)
-        live = [w for w in live if self._keep(w, result)]
+        with self.ledger.transaction():
+            for work in live:
+                self._record_verified(work)
+            live = [w for w in live if self._keep(w, result)]
         self.failpoints.hit("after-copy")
-        live = [w for w in live if self._renew_lease(w, result)]  # the write starts with a full lease
+        with self.ledger.transaction():  # the write starts with a full lease
+            live = [w for w in live if self._renew_lease(w, result)]
         live = self._write_or_isolate(live, result)
         self.failpoints.hit("after-write")
         written = self._fetch_written(live)  # one read-back query per batch, not one per document
-        live = [w for w in live if self._read_back(w, result, written)]
+        with self.ledger.transaction():
+            live = [w for w in live if self._read_back(w, result, written)]
         self.failpoints.hit("after-readback")
-        for work in live:
-            self._finish(work, result)
+        with self.ledger.transaction():
+            for work in live:
+                self._finish(work, result)
         self.failpoints.hit("after-transition")
         return result
 
@@ -385,8 +396,17 @@ class BatchMigrator:
         work.usage.class_b += 2
         if head.size != move.size or hashlib.sha256(copied).hexdigest() != move.content_hash:
             raise BadInput(f"copy of {move.old_key} to {move.new_key} does not match (size or content hash)")
-        self.ledger.set_object_state(work.document_id, work.claim.fencing_token, move.old_key, move.new_key,
-                                     ObjectState.VERIFIED)
+        work.verified.append(move)  # journalled by _record_verified, for the batch at once
+
+    def _record_verified(self, work: DocumentWork) -> None:
+        """Journal the document's verified copies (a crash before this only costs copying them again)."""
+        try:
+            for move in work.verified:
+                self.ledger.set_object_state(work.document_id, work.claim.fencing_token, move.old_key,
+                                             move.new_key, ObjectState.VERIFIED)
+        except RepageError as exc:
+            work.error = work.error or f"document {work.document_id}: {exc}"
+        work.verified = []
 
     def _keep(self, work: DocumentWork, result: BatchResult) -> bool:
         if work.error is None:

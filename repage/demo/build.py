@@ -249,7 +249,7 @@ def build_demo(
     if pk not in ("auto", "chunk_id"):
         raise ConfigError(f"pk must be 'auto' or 'chunk_id', not {pk!r}")
     data_dir = Path(data_dir).expanduser().resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # owner-only, as the ledger in it
     settings = settings or demo_settings(data_dir)
     log = log or (lambda message: None)
     ledger = ledger_path or _sqlite_path(settings.ledger_url)

@@ -15,8 +15,9 @@ is refused while a worker holds the document.
 
 from __future__ import annotations
 
-import pathlib
 import contextlib
+import os
+import pathlib
 import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -352,9 +353,13 @@ class Ledger:
             return sa.create_engine(self._url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
         db = pathlib.Path(self._url.database)
         try:
-            db.parent.mkdir(parents=True, exist_ok=True)
+            # owner-only: the ledger holds the store's keys and errors (SQLite gives -wal/-shm the db's mode)
+            db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
         except OSError as exc:
-            raise StoreUnavailable(f"ledger folder {db.parent} cannot be created: {exc.strerror}") from exc
+            raise StoreUnavailable(f"ledger {db} cannot be created: {exc.strerror}") from exc
         # check_same_thread off: the pool hands connections to whichever thread asks.
         engine = sa.create_engine(self._url, connect_args={"timeout": 30, "check_same_thread": False})
         sa.event.listen(engine, "connect", _sqlite_on_connect)

@@ -138,7 +138,7 @@ class ObjectStore:
             raise ConfigError(f"store URL {url!r} names no folder: {URL_HELP}")
         folder = Path(rest).expanduser().resolve()
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new bucket folder is owner-only
             store = LocalStore(folder)
         except (OSError, ValueError) as exc:
             raise ConfigError(
@@ -314,7 +314,7 @@ class ObjectStore:
             self._count(op)
         try:
             return fn()
-        except (obstore.exceptions.BaseError, OSError, ValueError) as exc:
+        except (obstore.exceptions.BaseError, OSError, ValueError, TypeError) as exc:  # TypeError: delete of a bad key
             target = key if dst is None else f"{key} -> {dst}"
             error = translate_error(exc, op=op, key=key, target=target, where=self._description, redact=self._redact)
             raise error from exc
@@ -331,6 +331,9 @@ def check_endpoint(endpoint: str, allow_http: bool | None, redact: Redactor) -> 
         raise ConfigError(
             f"S3 endpoint {shown!r} is not an http(s) URL: use e.g. https://<account_id>.r2.cloudflarestorage.com"
         )
+    if parts.username is not None or parts.password is not None:  # it would ride along in every error text
+        raise ConfigError(f"S3 endpoint {shown!r} carries credentials: give the endpoint without them and set "
+                          "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
     if parts.scheme == "http" and allow_http is False:
         raise ConfigError(f"S3 endpoint {shown!r} is plain http but allow_http is off: use https or allow http")
     return parts.scheme == "http" if allow_http is None else allow_http
@@ -368,6 +371,6 @@ def translate_error(
         return Transient(f"{op} {target!r} in {where} failed ({reason}): a transient error, retry")
     if status is None and any(marker in text for marker in CONNECT_FAILURE):
         return StoreUnavailable(f"{where} does not answer ({reason}): check the endpoint and that the server is up")
-    if isinstance(exc, ValueError):
+    if isinstance(exc, (ValueError, TypeError)):
         return StoreError(f"{op} {target!r} in {where} failed: invalid key or argument ({reason})")
     return StoreError(f"{op} {target!r} in {where} failed ({reason})")

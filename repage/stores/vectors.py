@@ -261,7 +261,7 @@ def normalize_uri(uri: str) -> str:
     if not uri.endswith(".db"):
         raise ConfigError(f"Milvus URI {uri!r}: give a Lite path ending in .db or http(s)://host:port")
     path = Path(uri).expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)  # pymilvus refuses a missing parent
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # pymilvus refuses a missing parent; owner-only
     return str(path)
 
 

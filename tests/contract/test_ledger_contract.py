@@ -421,3 +421,26 @@ def test_no_transaction_stays_open_between_calls(tmp_path):
     other.close()
     assert sum(1 for _ in pages) == 1499
     ledger.close()
+
+
+def test_transaction_groups_writes_and_undoes_a_failed_one_alone(ledger):
+    ledger.upsert_scan([rec("a"), rec("b"), rec("c")])
+    a, b = claim_one(ledger, "a").fencing_token, claim_one(ledger, "b").fencing_token
+    with ledger.transaction():
+        ledger.add_chunk_journal("a", a, [ChunkJournalEntry('{"chunk_id":"a_0"}', new_page=3)])
+        with pytest.raises(StaleLease):  # c is not running: refused, undone alone
+            ledger.add_chunk_journal("c", 1, [ChunkJournalEntry('{"chunk_id":"c_0"}')])
+        with pytest.raises(StaleLease):
+            ledger.transition("b", State.MIGRATED, token=b + 1)
+        ledger.transition("b", State.MIGRATED, token=b)
+        with ledger.transaction():  # nested: joins the outer one
+            ledger.renew_lease("a", a, 60)
+    assert [c.new_page for c in ledger.chunk_journal("a")] == [3]
+    assert ledger.chunk_journal("c") == []
+    assert ledger.get("b").state == State.MIGRATED
+
+    with pytest.raises(RuntimeError):  # an error leaving the block undoes all of it
+        with ledger.transaction():
+            ledger.transition("a", State.MIGRATED, token=a)
+            raise RuntimeError("boom")
+    assert ledger.get("a").state == State.RUNNING

@@ -37,7 +37,7 @@ class CountingRay:
     def __init__(self):
         from repage.engine import RayEngine
 
-        self.engine = RayEngine(num_cpus=2)
+        self.engine = RayEngine(init=False)  # the cluster the test started
         self.remote, self.name, self.tasks = True, "ray", 0
 
     def map(self, fn, items):
@@ -63,12 +63,18 @@ def migrate(demo, engine) -> dict:
 def test_ray_engine_gives_the_same_store_as_the_local_engine(tmp_path_factory, tmp_path):
     from repage.engine import LocalEngine
 
-    pristine = built_demo(tmp_path_factory, "auto")
-    local = migrate(pristine.copy(tmp_path / "local"), LocalEngine())
-    engine = CountingRay()
+    # A Ray local cluster, started first: ray.init forks, which must not happen while gRPC
+    # threads run (the demo's in-process Milvus Lite).
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
+        engine = CountingRay()
+        pristine = built_demo(tmp_path_factory, "auto")
+        local = migrate(pristine.copy(tmp_path / "local"), LocalEngine())
         on_ray = migrate(pristine.copy(tmp_path / "ray"), engine)
     finally:
-        engine.close()
+        if started:
+            ray.shutdown()
     assert engine.tasks > 0, "no step ran as a Ray task"
     assert on_ray == local, diff(local, on_ray)

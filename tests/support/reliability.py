@@ -108,10 +108,10 @@ class CliLog:
         self.calls.append(result)
         assert_no_secret(stdout, f"stdout of repage {' '.join(args)}")
         assert_no_secret(stderr, f"stderr of repage {' '.join(args)}")
-        if result.returncode == 2 or (result.returncode and not stdout.strip()):
+        if result.returncode and not stdout.strip():  # no JSON report: a one-line error says why
             lines = [line for line in stderr.splitlines() if line.strip()]
             assert lines and lines[-1].startswith(("repage: ", "Error: ")), f"no one-line error:\n{result}"
-            assert "Traceback" not in stderr, f"a traceback:\n{result}"
+        assert "Traceback" not in stderr, f"a traceback:\n{result}"
         return result
 
 
