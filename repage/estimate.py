@@ -35,6 +35,7 @@ class Latencies:
     pdf_seconds_per_mb: float  # local PDF image extraction + matching
     mean_source_bytes: float = 0.0  # mean size of the sampled source PDFs
     sample_size: int = 0
+    milvus_readback_s: float | None = None  # the batch's affected chunks by identity (None: = the query)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,8 @@ def request_dollars(class_a: int, class_b: int, prices: Prices) -> float:
 
 def _milvus_seconds(documents: int, batch_size: int, lat: Latencies) -> float:
     batches = -(-documents // batch_size)  # ceil
-    return batches * (lat.milvus_query_s + lat.milvus_write_s + lat.milvus_query_s)  # query, write, read back
+    readback = lat.milvus_query_s if lat.milvus_readback_s is None else lat.milvus_readback_s
+    return batches * (lat.milvus_query_s + lat.milvus_write_s + readback)  # query, write, read back
 
 
 def keys_estimate(load: PathLoad, lat: Latencies, prices: Prices, concurrency: int, batch_size: int) -> PathEstimate:

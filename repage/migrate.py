@@ -66,6 +66,7 @@ class DocumentWork:
     reason: str | None = None  # why it ended there (review, unrecoverable), for the ledger
     blobs: dict[str, bytes] = field(default_factory=dict)  # pdf path: object bytes read or extracted by the plan
     verified: list[ObjectJournalEntry] = field(default_factory=list)  # copies checked, not yet journalled
+    lease_lost: bool = False  # another worker owns it now: no renewal, nothing more written
 
     @property
     def document_id(self) -> str:
@@ -352,7 +353,8 @@ class BatchMigrator:
         def beat() -> None:
             while not stop.wait(self.lease_seconds / 3):
                 for work in works:
-                    if work.error is None and work.outcome is None:
+                    # an errored document keeps its lease too, until the batch records its error
+                    if work.outcome is None and not work.lease_lost:
                         self._renew_lease(work)
 
         keeper = threading.Thread(target=beat, name="repage-lease-keeper", daemon=True)
@@ -369,7 +371,7 @@ class BatchMigrator:
             self.ledger.renew_lease(work.document_id, work.claim.fencing_token, self.lease_seconds)
             return True
         except StaleLease as exc:  # another worker owns it now: this one writes nothing more
-            work.error = str(exc)
+            work.error, work.lease_lost = str(exc), True
             if result is not None:
                 result.other[work.document_id] = State.PENDING
             return False

@@ -17,9 +17,11 @@ from repage.errors import BadInput, ObjectNotFound
 from repage.estimate import Estimate, Latencies, PathLoad, estimate
 from repage.keys import image_prefix, source_key_candidates
 from repage.pdfpages import iter_page_images
+from repage.plan import is_affected
 from repage.states import Path, State
 
-ASSUMPTIONS = ("batch write time = measured batch read time; COPY time = measured GET time of an image; "
+ASSUMPTIONS = ("batch query time = measured query of a full batch of documents; batch write time = "
+               "measured read-back of that batch's affected chunks by identity; COPY time = measured GET time of an image; "
                "reprocess time = the seed's 30 s - 5 min per document")
 
 
@@ -71,14 +73,25 @@ def sample_documents(ledger, sample: int) -> dict[Path, list]:
 def measure(stores, picked: dict[Path, list], batch_size: int) -> Latencies:
     docs = (picked[Path.KEYS] + picked[Path.PDF])[:batch_size]
     query_s, rows = timed(lambda: stores.vectors.fetch_documents([d.document_id for d in docs])) if docs else (0.0, [])
+    readback_s = _time_readback(stores.vectors, rows)
     keys = [r["image_r2_key"] for r in rows if r.get("image_r2_key")][:len(docs) or 1]
     heads, gets = _time_objects(stores.objects, keys)
     lists = [timed(lambda d=d: next(iter(stores.objects.list(image_prefix(d.dataset_id, d.document_id))), None))[0]
              for d in docs[:5]]
     get_rate, pdf_s_per_mb, mean_size = _time_sources(stores, picked[Path.PDF][:3])
-    return Latencies(milvus_query_s=query_s, milvus_write_s=query_s, object_head_s=median(heads),
+    return Latencies(milvus_query_s=query_s, milvus_write_s=readback_s, milvus_readback_s=readback_s,
+                     object_head_s=median(heads),
                      object_list_s=median(lists), object_copy_s=median(gets), get_bytes_per_s=get_rate,
                      pdf_seconds_per_mb=pdf_s_per_mb, mean_source_bytes=mean_size, sample_size=len(docs))
+
+
+def _time_readback(vectors, rows: Sequence[dict]) -> float:
+    """The run's read-back (DESIGN §5.4): the batch's affected chunks by stable identity, with vectors."""
+    fields = vectors.info().identity_fields
+    identities = [tuple(r.get(f) for f in fields) for r in rows if is_affected(r)]
+    if not identities:
+        return 0.0
+    return timed(lambda: vectors.find_by_identity(identities, with_vectors=True))[0]
 
 
 def _time_objects(objects, keys: Sequence[str]) -> tuple[list[float], list[float]]:
@@ -123,7 +136,8 @@ def _get_source(stores, record) -> tuple[float, bytes] | None:
 def estimate_store(stores, *, sample: int = 20) -> EstimateReport:
     settings = stores.settings
     loads = path_loads(stores.ledger)
-    latencies = measure(stores, sample_documents(stores.ledger, sample), settings.batch_size)
+    # at least one full batch: the batch query is timed on as many documents as a run's batch holds
+    latencies = measure(stores, sample_documents(stores.ledger, max(sample, settings.batch_size)), settings.batch_size)
     if Path.PDF in loads:  # the scan does not read sources: size them from the sample
         pdf = loads[Path.PDF]
         loads[Path.PDF] = replace(pdf, source_bytes=int(latencies.mean_source_bytes * pdf.documents))

@@ -430,8 +430,10 @@ class MilvusVectors:
                **params: Any) -> list[dict]:
         if limit:
             params["limit"] = limit
+        # strict_float32: float vectors come back as float32 numpy views of one array per reply,
+        # not as lists of Python floats (8x the memory, and ~30x the decoding time of a batch).
         rows = self._rpc("query", self.collection, filter=expr, output_fields=list(output_fields),
-                         consistency_level="Strong", **params)
+                         consistency_level="Strong", strict_float32=True, **params)
         return [dict(r) for r in rows]
 
     def count(self, filter: str = "") -> int:

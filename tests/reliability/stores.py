@@ -7,19 +7,21 @@ migration gives it, every original object still there with its bytes, every copy
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from repage.app import open_stores
 from repage.config import Settings, load_settings
+from repage.errors import StoreUnavailable
 from repage.stores.objects import ObjectStore
 from repage.stores.vectors import MilvusVectors
 from tests.fixtures.s3 import create_bucket, unique_bucket_name
 from tests.support.crash import DIM, Schema, Template, diff_objects, diff_rows, object_hashes, snapshot
 from tests.support.reliability import MILVUS_TOKEN, S3_KEY_ID, S3_SECRET
 
-LEASE_SECONDS = 2.0
+LEASE_SECONDS = 3.0
 BATCH_SIZE = 3
 CONCURRENCY = 4
 
@@ -38,19 +40,43 @@ class Clone:
         return self.template.synthetic.doc_ids
 
     def open(self):
-        return open_stores(self.settings)
+        return with_retries(lambda: open_stores(self.settings))
 
     def drop(self) -> None:
-        with MilvusVectors(self.settings.milvus_uri, self.settings.collection) as vectors:
-            vectors.drop_collection()
+        def drop() -> None:
+            with MilvusVectors(self.settings.milvus_uri, self.settings.collection) as vectors:
+                vectors.drop_collection()
+        with_retries(drop)
+
+
+def with_retries(fn, attempts: int = 5):
+    """The test process's own Milvus calls, retried when the channel is refused for a moment.
+
+    This long-lived process keeps gRPC subchannels to the session's `milvus-lite server` idle
+    between tests; the server answers their keepalive pings with GOAWAY "too_many_pings", and a
+    new channel sharing such a subchannel can fail its first RPC with UNAVAILABLE. (A repage
+    process is fresh, and a run retries an unavailable Milvus: runner.UNAVAILABLE_WAITS.)"""
+    from pymilvus.exceptions import MilvusException
+
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except (StoreUnavailable, MilvusException):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    return None
 
 
 def new_collection(template: Template, uri: str) -> str:
     name = f"rel_{uuid.uuid4().hex[:12]}"
     s = template.schema
-    with MilvusVectors.create_collection(uri, name, dim=DIM, pk=s.pk, dynamic=s.dynamic,
-                                         chunk_id_field=s.chunk_id_field) as store:
-        store.insert(template.rows)
+
+    def create() -> None:
+        with MilvusVectors.create_collection(uri, name, dim=DIM, pk=s.pk, dynamic=s.dynamic,
+                                             chunk_id_field=s.chunk_id_field) as store:
+            store.insert(template.rows)
+    with_retries(create)
     return name
 
 
@@ -99,8 +125,8 @@ def clone_folder(template: Template, uri: str, workdir: Path) -> Clone:
 def make_template(uri: str, root: Path, *, keys_docs: int, seed: int = 11) -> Template:
     from tests.support.crash import build_synthetic
 
-    return Template(uri, root, build_synthetic(seed=seed, keys_docs=keys_docs),
-                    Schema(pk="auto", chunk_id_field=True, dynamic=False))
+    return with_retries(lambda: Template(uri, root, build_synthetic(seed=seed, keys_docs=keys_docs),
+                                         Schema(pk="auto", chunk_id_field=True, dynamic=False)))
 
 
 # ---------------------------------------------------------------- nothing lost

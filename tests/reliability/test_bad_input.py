@@ -29,7 +29,7 @@ from repage.stores.vectors import MilvusVectors
 from tests.fixtures.milvus import unique_name
 from tests.fixtures.s3 import create_bucket, unique_bucket_name
 from tests.reliability.corpus import DIM, DS, Case, build_corpus
-from tests.reliability.stores import clone_folder, make_template, write_config
+from tests.reliability.stores import clone_folder, make_template, with_retries, write_config
 from tests.support.crash import diff_objects, diff_rows, snapshot
 from tests.support.crash import object_hashes as hashes
 from tests.support.reliability import MILVUS_TOKEN, S3_KEY_ID, S3_SECRET, CliLog, assert_no_secret, record
@@ -45,9 +45,12 @@ INJECTED_DOCUMENT = 'inj" || true || "x'
 def corpus(milvus_server_uri, moto_endpoint, tmp_path):
     cases = build_corpus()
     collection = unique_name("bad")
-    with MilvusVectors.create_collection(milvus_server_uri, collection, dim=DIM, pk="auto",
-                                         chunk_id_field=True) as vectors:
-        vectors.insert([row for case in cases for row in case.rows])
+
+    def create() -> None:
+        with MilvusVectors.create_collection(milvus_server_uri, collection, dim=DIM, pk="auto",
+                                             chunk_id_field=True) as vectors:
+            vectors.insert([row for case in cases for row in case.rows])
+    with_retries(create)
     bucket = unique_bucket_name()
     create_bucket(moto_endpoint, bucket)
     with ObjectStore.from_url(f"s3://{bucket}", endpoint=moto_endpoint, access_key_id=S3_KEY_ID,
@@ -66,13 +69,16 @@ def corpus(milvus_server_uri, moto_endpoint, tmp_path):
                                             aws_access_key_id=S3_KEY_ID, aws_secret_access_key=S3_SECRET,
                                             ledger_url=ledger), app_fallbacks=False)
     yield cases, env, settings
-    with MilvusVectors(milvus_server_uri, collection) as vectors:
-        vectors.drop_collection()
+
+    def drop() -> None:
+        with MilvusVectors(milvus_server_uri, collection) as vectors:
+            vectors.drop_collection()
+    with_retries(drop)
 
 
 def snap(settings) -> tuple[dict, dict]:
     rows = {k: {f: "NaN" if isinstance(v, float) and math.isnan(v) else v for f, v in row.items()}
-            for k, row in milvus_rows(settings)["rows"].items()}  # NaN != NaN: compare it as a word
+            for k, row in with_retries(lambda: milvus_rows(settings))["rows"].items()}  # NaN != NaN: as a word
     return rows, object_hashes(settings)
 
 
@@ -140,9 +146,11 @@ def after_scan(cases: list[Case], settings) -> None:
     """Documents deleted mid-run: chunks gone from Milvus, or images gone from the bucket."""
     for case in cases:
         if case.after_scan == "delete-chunks":
-            with MilvusVectors(settings.milvus_uri, settings.collection) as vectors:
-                rows = vectors.fetch_documents([case.document_id], with_vectors=False)
-                vectors.delete_by_pks([r[vectors.info().pk_field] for r in rows])
+            def delete(document_id=case.document_id) -> None:
+                with MilvusVectors(settings.milvus_uri, settings.collection) as vectors:
+                    rows = vectors.fetch_documents([document_id], with_vectors=False)
+                    vectors.delete_by_pks([r[vectors.info().pk_field] for r in rows])
+            with_retries(delete)
         elif case.after_scan == "delete-images":
             from repage.app import open_objects
 

@@ -102,7 +102,6 @@ def test_milvus_killed_mid_run_and_restarted_loses_nothing(lite, tmp_path, kill_
     lite.start()
     first = cli.finish(proc)
     outcome = describe(first)
-    print('OUTAGE', kill_when, first.seconds, outcome, first.stderr[-800:])
 
     problems = lost_problems(clone, final=False)
     assert not problems, f"after the outage ({outcome}):\n" + "\n".join(problems)
@@ -129,3 +128,51 @@ def describe(result) -> str:
     summary = result.json()
     return f"stopped ({summary['stopped_because']}) with {summary['failed']} failed: " \
            f"{next(iter(summary['errors'].values()), '')[:160]}"
+
+
+def test_an_outage_longer_than_the_waits_stops_the_run_cleanly_and_fails_nothing(milvus_server_uri, tmp_path):
+    """Milvus stays down through every wait: the batch goes back to pending (no document failed,
+    no attempt counted, nothing left running), the run says why, and the next run finishes."""
+    from repage.errors import StoreUnavailable
+    from repage.migrate import RunOptions
+    from repage.runner import UNAVAILABLE_WAITS, RunLimits, Runner, Selection
+    from repage.scan import scan_store
+    from repage.throttle import FakeClock
+
+    template = make_template(milvus_server_uri, tmp_path / "template", keys_docs=4, seed=5)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    clone = clone_folder(template, milvus_server_uri, workdir)
+    try:
+        with clone.open() as stores:
+            scan_store(stores)
+            real = stores.vectors.fetch_documents
+            down = {"calls": 0}
+
+            def unavailable(*args, **kwargs):
+                down["calls"] += 1
+                raise StoreUnavailable("Milvus at http://127.0.0.1:1 does not answer: server unavailable")
+
+            stores.vectors.fetch_documents = unavailable
+            clock = FakeClock()
+            summary = Runner(stores, RunOptions(), RunLimits(batch_size=3), Selection(), clock=clock).run()
+            assert summary.stopped_because.startswith("a store is unavailable"), summary
+            assert summary.failed == 0 and summary.unavailable, summary
+            assert down["calls"] == len(UNAVAILABLE_WAITS) + 1 and clock.sleeps == list(UNAVAILABLE_WAITS)
+            records = list(stores.ledger.documents())
+            assert {r.state for r in records if r.path.value == "keys"} == {"pending"}, records
+            assert all(r.attempts == 0 and r.lease_owner is None for r in records)
+
+            stores.vectors.fetch_documents = real  # the outage is over
+            again = Runner(stores, RunOptions(), RunLimits(batch_size=3), Selection()).run()
+            assert again.failed == 0 and again.migrated == 4, again
+        from repage.verify import verify_documents
+
+        with clone.open() as stores:
+            assert not verify_documents(stores).failed
+        problems = lost_problems(clone, final=True)
+        record("milvus-outage-longer-than-waits", faults=down["calls"], documents_verified=len(clone.doc_ids),
+               lost=len(problems))
+        assert not problems, "\n".join(problems)
+    finally:
+        clone.drop()

@@ -2,18 +2,26 @@
 moto_server, at 5%, 20% and 50% of requests failing (500 InternalError, 503 SlowDown, 429,
 latency spikes, connection resets, replies cut short after the request took effect).
 
-Each trial runs the real CLI with the breaker set (--max-error-rate, --max-failures). The run
-either completes or stops cleanly: one JSON summary or a one-line error, no document left
-running, no chunk row lost or doubled, every chunk either untouched or fully migrated, every
-original object still there. Then the faults go off and a clean run (`--retry-failed`, the
-retry edge of DESIGN §4) finishes: `verify` passes and the store equals a complete migration,
-row by row (every field and the vector) and object by object.
+Each trial runs the real CLI with the breaker set (--max-error-rate, --max-failures) and
+--max-duration (the proxy throttles at any rate, so AIMD slows a run at 20-50% to a crawl).
+The run either completes or stops cleanly: one JSON summary or a one-line error, no document
+left running, no chunk row lost or doubled, every chunk either untouched or fully migrated,
+every original object still there. Then the faults go off and a clean run (`--retry-failed`,
+the retry edge of DESIGN §4) finishes: `verify` passes and the store equals a complete
+migration, row by row (every field and the vector) and object by object.
+
+Retried faults rarely fail a document, so the breaker gets its own trial: a bucket that answers
+every CopyObject with 500. And each fault kind is checked alone: the error class it becomes
+decides whether repage's backoff retries it.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from repage.errors import StoreUnavailable, Throttled, Transient
+from repage.throttle import AdaptiveLimiter, call_with_backoff
+from tests.fixtures.s3 import create_bucket, free_port, s3_store, unique_bucket_name
 from tests.reliability.stores import clone_s3, lost_problems, make_template
 from tests.support.faults import FaultPlan, FaultProxy, is_copy
 from tests.support.reliability import CliLog, record
@@ -38,6 +46,43 @@ def proxy(moto_endpoint):
     proxy.stop()
 
 
+@pytest.mark.parametrize("kind,error", [("500", Transient), ("503", Throttled), ("429", Throttled),
+                                        ("reset", Transient), ("truncate", Transient), ("latency", None)])
+def test_each_fault_is_a_retryable_error_that_backoff_gets_through(proxy, moto_endpoint, kind, error):
+    """Per request kind: one fault is the right error (so repage's backoff retries it; obstore's own
+    retries are off), and with backoff two faults in a row are ridden out. A refused connection
+    (nothing listening) is StoreUnavailable and is not retried."""
+    bucket = unique_bucket_name()
+    create_bucket(moto_endpoint, bucket)
+    store = s3_store(proxy.endpoint, bucket)
+    s3_store(moto_endpoint, bucket).put("k/a.png", b"x" * 3000)
+    ops = {"get": lambda: store.get("k/a.png"), "head": lambda: store.head("k/a.png"),
+           "copy": lambda: store.copy("k/a.png", "k/b.png"), "put": lambda: store.put("k/c.png", b"y" * 100),
+           "list": lambda: [i.key for page in store.list("k") for i in page]}
+    for name, op in ops.items():
+        proxy.set_plan(FaultPlan(rate=1.0, weights={kind: 1.0}, limit=1, latency_s=0.05))
+        if error is None:
+            op()
+        else:
+            with pytest.raises(error):
+                op()
+        proxy.set_plan(FaultPlan(rate=1.0, weights={kind: 1.0}, limit=2, latency_s=0.05))
+        call_with_backoff(op, AdaptiveLimiter(None, min_rate=100.0), backoff_initial=0.01, backoff_max=0.05)
+        assert proxy.fault_counts()[kind] > 0, name
+    assert store.get("k/b.png") == b"x" * 3000
+    dead = s3_store(f"http://127.0.0.1:{free_port()}", bucket)
+    calls = []
+
+    def refused():
+        calls.append(1)
+        return dead.get("k/a.png")
+
+    with pytest.raises(StoreUnavailable):
+        call_with_backoff(refused, AdaptiveLimiter(None), backoff_initial=0.01)
+    assert calls == [1]
+    record(f"s3-fault-kind-{kind}", trials=len(ops), faults=proxy.fault_counts()[kind])
+
+
 @pytest.mark.parametrize("rate", [0.05, 0.2, 0.5])
 def test_faulty_bucket_run_completes_or_stops_cleanly_and_a_clean_run_loses_nothing(
         template, proxy, milvus_server_uri, moto_endpoint, tmp_path, rate):
@@ -50,7 +95,6 @@ def test_faulty_bucket_run_completes_or_stops_cleanly_and_a_clean_run_loses_noth
         injected = proxy.fault_counts()
         proxy.off()
         outcome = check_clean_stop(faulted)
-        print("FAULTED", rate, faulted.seconds, outcome, dict(injected))
         problems = lost_problems(clone, final=False)
         assert not problems, f"after the faulted run ({outcome}):\n" + "\n".join(problems)
 

@@ -43,6 +43,7 @@ class FaultPlan:
     latency_s: float = 0.25
     # Only requests this accepts can get a fault: (method, path, headers) -> bool. None: all.
     when: Callable[[str, str, Message], bool] | None = None
+    limit: int | None = None  # at most this many faults under this plan (None: no limit)
 
     def __post_init__(self) -> None:
         unknown = set(self.weights) - set(KINDS)
@@ -68,6 +69,7 @@ class FaultProxy(CountingProxy):
         with self._lock:
             self.plan = plan
             self._rng = random.Random(plan.seed)
+            self._left = plan.limit
 
     def off(self) -> None:
         self.set_plan(FaultPlan(rate=0.0))
@@ -78,8 +80,10 @@ class FaultProxy(CountingProxy):
             plan = self.plan
             if plan.rate <= 0 or (plan.when is not None and not plan.when(method, path, headers)):
                 return None
-            if self._rng.random() >= plan.rate:
+            if self._left == 0 or self._rng.random() >= plan.rate:
                 return None
+            if self._left is not None:
+                self._left -= 1
             kinds = [k for k, w in plan.weights.items() if w > 0]
             return self._rng.choices(kinds, weights=[plan.weights[k] for k in kinds])[0]
 
@@ -168,6 +172,3 @@ def is_copy(method: str, path: str, headers: Message) -> bool:
     """A CopyObject request (PUT with x-amz-copy-source)."""
     return method == "PUT" and headers.get("x-amz-copy-source") is not None
 
-
-def start_fault_proxy(upstream: str, plan: FaultPlan | None = None) -> FaultProxy:
-    return FaultProxy(upstream, plan).start()

@@ -72,8 +72,8 @@ class CliResult:
                                  f"stderr: {self.stderr[-1500:]}") from exc
 
     def __str__(self) -> str:
-        return (f"repage {' '.join(self.args)} exited {self.returncode} after {self.seconds:.1f}s\nstdout: {self.stdout[-1500:]}\n"
-                f"stderr: {self.stderr[-1500:]}")
+        return (f"repage {' '.join(self.args)} exited {self.returncode} after {self.seconds:.1f}s\n"
+                f"stdout: {self.stdout[-1500:]}\nstderr: {self.stderr[-1500:]}")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from bisect import bisect_left
 
 import pytest
 
-from repage.errors import StoreError, Throttled
+from repage.errors import StoreError, Throttled, Transient
 from repage.throttle import AdaptiveLimiter, FakeClock, SystemClock, TokenBucket, call_with_backoff
 
 
@@ -264,6 +264,25 @@ def test_call_with_backoff_respects_retry_after(adaptive):
     fn = Flaky(clock, failures=2, retry_after=3.0)
     call_with_backoff(fn, limiter(clock) if adaptive else TokenBucket(None, clock=clock), clock=clock)
     assert [b - a for a, b in zip(fn.calls, fn.calls[1:])] == [pytest.approx(3.01), pytest.approx(3.01)]
+
+
+def test_call_with_backoff_retries_transient_errors_without_cutting_the_rate():
+    """A 500 or a reset connection (Transient) is retried with backoff like a throttle, but it is
+    no "slow down": the limiter's rate and throttle count stay as they were."""
+    clock = FakeClock()
+    lim = limiter(clock)
+    calls = []
+
+    def flaky():
+        calls.append(clock.now())
+        if len(calls) <= 2:
+            raise Transient("HTTP 500 InternalError")
+        return "ok"
+
+    rate = lim.current_rate
+    assert call_with_backoff(flaky, lim, clock=clock, rng=random.Random(1)) == "ok"
+    assert len(calls) == 3 and lim.throttled_count == 0 and lim.current_rate >= rate
+    assert all(b - a >= 0.05 for a, b in zip(calls, calls[1:]))  # a real wait between tries
 
 
 def test_call_with_backoff_passes_other_errors_through_at_once():
