@@ -146,7 +146,8 @@ def run_one(contender: str, spec: StoreSpec, master: Path, kind: str, args, moto
                 command += ["--s3-endpoint", moto.endpoint]
             cap = None
             if contender == "naive":  # the seed's loop on a large Lite store takes hours: sample its rate
-                cap = args.naive_max_seconds if spec.documents <= args.naive_full_up_to else args.naive_sample_seconds
+                full = kind == "local" and spec.documents <= args.naive_full_up_to
+                cap = args.naive_max_seconds if full else args.naive_sample_seconds
                 command += ["--max-seconds", str(cap)]
             entry["time_cap_seconds"] = cap
             proc = measure(command, env, dest, server, contender)
@@ -325,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--naive-max-seconds", type=float, default=600.0,
                         help="stop naive after this long and report its rate on the documents done")
     parser.add_argument("--naive-full-up-to", type=int, default=1000,
-                        help="run naive to the end on stores up to this many documents; sample larger ones")
+                        help="run naive to the end on local-bucket stores up to this many documents; "
+                             "sample larger ones and the moto_server store")
     parser.add_argument("--naive-sample-seconds", type=float, default=60.0,
                         help="how long naive runs on larger stores (its rate over the documents done)")
     parser.add_argument("--rebuild", action="store_true", help="build the cached stores again")
