@@ -196,8 +196,9 @@ def run_repage(env: dict, dest: Path, server: LiteServer) -> dict:
             "documents_per_s": round(run["migrated"] / seconds, 2),
             "chunks_per_s": round(run["chunks_written"] / seconds, 1),
             "requests": {"class_a": run["class_a"], "class_b": run["class_b"],
+                         # per moved image: GET to hash it, COPY, GET of the copy (DESIGN §5)
                          "by_kind": {"get": run["objects_copied"] * 2, "copy": run["objects_copied"],
-                                     "head": run["objects_copied"],
+                                     "head": run["class_b"] - 2 * run["objects_copied"],
                                      "list": run["class_a"] - run["objects_copied"]}},
             "batches": run["batches"], "failed": run["failed"],
             "peak_rss_mb": max(steps[s]["peak_rss_mb"] for s in steps),

@@ -70,7 +70,9 @@ class Settings(BaseModel):
     embedding_model: str | None = None
     key_patterns: tuple[str, ...] = ()
     concurrency: int = Field(4, ge=1, le=256)
-    batch_size: int = Field(50, ge=1, le=10_000)
+    # 200 documents (~4,000 rows): few round trips (each Milvus query pays a fixed cost that
+    # grows with unsealed rows), a bounded RSS (bench: 295 MB at 200, 304 MB at 250)
+    batch_size: int = Field(200, ge=1, le=10_000)
     access_half_life_hours: float = Field(72.0, gt=0)
     lease_seconds: float = Field(300.0, gt=0)  # a dead worker's documents return to pending after this
     budget_dollars: float | None = Field(None, gt=0)  # the whole migration's budget: the dashboard compares against it

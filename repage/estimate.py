@@ -14,9 +14,9 @@ from repage.config import Prices
 from repage.states import Path
 
 # Object requests per moved image, by the safety protocol (DESIGN §5): GET the
-# legacy object to hash it, COPY it, HEAD the copy, GET the copy to compare hashes.
+# legacy object to hash it, COPY it, GET the copy to compare size and hash.
 MOVE_CLASS_A = 1
-MOVE_CLASS_B = 3
+MOVE_CLASS_B = 2
 # The seed's published per-document ranges (seconds), quoted beside ours.
 SEED_FAST_PATH_S = (5.0, 30.0)
 SEED_REPROCESS_S = (30.0, 300.0)
@@ -94,7 +94,9 @@ def _milvus_seconds(documents: int, batch_size: int, lat: Latencies) -> float:
 def keys_estimate(load: PathLoad, lat: Latencies, prices: Prices, concurrency: int, batch_size: int) -> PathEstimate:
     class_a = load.images_to_move * MOVE_CLASS_A + load.listings
     class_b = load.images_to_move * MOVE_CLASS_B
-    object_s = load.images_to_move * (lat.object_copy_s + 3 * lat.object_head_s) + load.listings * lat.object_list_s
+    # a GET of a small image costs about what its HEAD does (the probe times HEADs)
+    object_s = (load.images_to_move * (lat.object_copy_s + MOVE_CLASS_B * lat.object_head_s)
+                + load.listings * lat.object_list_s)
     seconds = _milvus_seconds(load.documents, batch_size, lat) + object_s / concurrency
     return PathEstimate("keys", load.documents, load.chunks, class_a, class_b, seconds,
                         request_dollars(class_a, class_b, prices), _seed_range(SEED_FAST_PATH_S, load.documents))
@@ -102,7 +104,7 @@ def keys_estimate(load: PathLoad, lat: Latencies, prices: Prices, concurrency: i
 
 def pdf_estimate(load: PathLoad, lat: Latencies, prices: Prices, concurrency: int, batch_size: int) -> PathEstimate:
     # Per document one listing and one GET of the source PDF; per image chunk one copy or upload
-    # checked by a HEAD and a GET (DESIGN §5); one GET per bucket image compared by its hash.
+    # checked by a GET (DESIGN §5); one GET per bucket image compared by its hash.
     class_a = load.documents + load.chunks
     class_b = load.documents + load.images_to_move + (MOVE_CLASS_B - 1) * load.chunks
     mb = load.source_bytes / 1e6

@@ -2,7 +2,7 @@
 
 1. journal the intended chunk changes and object moves (with the legacy object's
    size and content hash) under the document's fencing token;
-2. copy each legacy image to its canonical key, HEAD it, compare size and hash;
+2. copy each legacy image to its canonical key, GET it back, compare size and hash;
 3. write the batch's chunks in one call (partial update, or full-row upsert);
 4. read them back by stable identity and check page, key and the rest-of-row checksum;
 5. mark the document migrated. Old objects stay until `gc`.
@@ -147,7 +147,7 @@ class BatchMigrator:
         return works
 
     def prepare(self, claims: Sequence[Claim]) -> list[DocumentWork]:
-        """One query for all chunks of the batch's documents; an id no filter can carry fails alone."""
+        """One fetch for all chunks of the batch's documents; an id no filter can carry fails alone."""
         bad: dict[str, str] = {}
         for claim in claims:
             try:
@@ -155,7 +155,7 @@ class BatchMigrator:
             except InvalidFilterValue as exc:
                 bad[claim.document_id] = f"document {claim.document_id!r}: {exc}"
         ids = [c.document_id for c in claims if c.document_id not in bad]
-        rows = self.vectors.fetch_documents(ids) if ids else []
+        rows = self.vectors.fetch_for_repair(ids) if ids else []
         by_doc: dict[str, list[dict]] = defaultdict(list)
         for row in rows:
             by_doc[row["document_id"]].append(row)
@@ -393,19 +393,18 @@ class BatchMigrator:
             self._object_call(self.objects.copy, move.old_key, move.new_key)
         work.usage.class_a += 1
         self.failpoints.hit("after-object-copy")
-        head = self._object_call(self.objects.head, move.new_key)
+        # One GET, not HEAD + GET: its reply carries the size a HEAD would, and the bytes to hash.
         copied = self._object_call(self.objects.get, move.new_key)
-        work.usage.class_b += 2
-        if head.size != move.size or hashlib.sha256(copied).hexdigest() != move.content_hash:
+        work.usage.class_b += 1
+        if len(copied) != move.size or hashlib.sha256(copied).hexdigest() != move.content_hash:
             raise BadInput(f"copy of {move.old_key} to {move.new_key} does not match (size or content hash)")
         work.verified.append(move)  # journalled by _record_verified, for the batch at once
 
     def _record_verified(self, work: DocumentWork) -> None:
         """Journal the document's verified copies (a crash before this only costs copying them again)."""
         try:
-            for move in work.verified:
-                self.ledger.set_object_state(work.document_id, work.claim.fencing_token, move.old_key,
-                                             move.new_key, ObjectState.VERIFIED)
+            self.ledger.set_objects_state(work.document_id, work.claim.fencing_token,
+                                          [(m.old_key, m.new_key) for m in work.verified], ObjectState.VERIFIED)
         except RepageError as exc:
             work.error = work.error or f"document {work.document_id}: {exc}"
         work.verified = []

@@ -37,7 +37,7 @@ OBJECT_REQUESTS = "object-requests"  # ledger event per batch: count = bucket re
 @dataclass(frozen=True)
 class RunLimits:
     limit: int | None = None  # documents
-    batch_size: int = 50
+    batch_size: int = 200  # Settings.batch_size says why
     concurrency: int = 4
     object_ops_per_second: float | None = None
     milvus_writes_per_second: float | None = None

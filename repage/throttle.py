@@ -286,6 +286,9 @@ class AdaptiveLimiter:
         return max(previous, count / max(now - start, self.WINDOW_S), self.min_rate)
 
 
+_RNG = random.Random()  # shared: seeding a new one per call cost more than the call
+
+
 def jittered_backoff(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
     """Exponential backoff with "equal jitter". The delay is 50-100% of the exponential
     step. The lower half keeps the pause real. The random half keeps workers from
@@ -311,7 +314,7 @@ def call_with_backoff(fn: Callable[[], T], limiter: AdaptiveLimiter | TokenBucke
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, not {attempts!r}")
     clock = clock or limiter.clock
-    rng = rng or random.Random()
+    rng = rng or _RNG
 
     def once() -> T:
         limiter.acquire(cost)

@@ -804,6 +804,23 @@ class Ledger:
             if conn.execute(sa.update(t).where(t.c.id == newest).values(**values)).rowcount != 1:
                 raise StoreError(f"document {document_id}: no object journal entry {old_key} -> {new_key}")
 
+    def set_objects_state(self, document_id: str, token: int | None, moves: Sequence[tuple[str, str]],
+                          state: ObjectState | str) -> None:
+        """Advance the latest journal entry of each (old_key, new_key) move: one lease check, one update."""
+        t, wanted = objects_t, set(moves)
+        if not wanted:
+            return
+        stmt = sa.update(t).where(t.c.id == sa.bindparam("b_id")).values(state=ObjectState(state).value)
+        with self._tx() as conn:
+            self._require_lease(conn, document_id, token)
+            newest = {(o, n): i for o, n, i in conn.execute(
+                sa.select(t.c.old_key, t.c.new_key, sa.func.max(t.c.id)).where(t.c.document_id == document_id)
+                .group_by(t.c.old_key, t.c.new_key)) if (o, n) in wanted}
+            if missing := sorted(wanted - newest.keys()):
+                old_key, new_key = missing[0]
+                raise StoreError(f"document {document_id}: no object journal entry {old_key} -> {new_key}")
+            conn.execute(stmt, [{"b_id": i} for i in newest.values()])
+
     def chunk_journal(self, document_id: str) -> list[ChunkJournalEntry]:
         """The latest entry per chunk identity, in identity order."""
         rows = self._latest(chunks_t, document_id, chunks_t.c.identity)

@@ -118,14 +118,20 @@ def in_filter(field: str, values: Sequence[Any]) -> str:
 
 def affected_filter(fields: Sequence[str]) -> str:
     """DESIGN §1's affected-chunk filter, built only from fields the schema has."""
+    if "page" not in fields:
+        raise SchemaError("collection has no field 'page': cannot tell affected chunks apart")
+    return f"page == 0 && {image_chunk_filter(fields)}"
+
+
+def image_chunk_filter(fields: Sequence[str]) -> str:
+    """Image and OCR chunks, whatever their page: the only chunks repage ever writes."""
     have = set(fields)
     terms = [f'chunk_type == "{t}"' for t in ("ocr", "image") if "chunk_type" in have]
     if "ocr_confidence" in have:
         terms.append("ocr_confidence > 0.0")
-    if "page" not in have or not terms:
-        missing = "page" if "page" not in have else "chunk_type"
-        raise SchemaError(f"collection has no field {missing!r}: cannot tell affected chunks apart")
-    return f"page == 0 && ({' || '.join(terms)})"
+    if not terms:
+        raise SchemaError("collection has no field 'chunk_type': cannot tell affected chunks apart")
+    return f"({' || '.join(terms)})"
 
 
 AFFECTED_FILTER = affected_filter(("page", "chunk_type", "ocr_confidence"))
@@ -513,20 +519,37 @@ class MilvusVectors:
         return (self._query_split(keys[:mid], make_filter, out, cap)
                 + self._query_split(keys[mid:], make_filter, out, cap))
 
+    def fetch_for_repair(self, document_ids: Sequence[str]) -> list[dict]:
+        """Every chunk of these documents; vectors only on image/OCR chunks, the ones repage writes.
+
+        A 1536-dim vector is ~6 KB of a ~7 KB row and text chunks are only counted, so two
+        queries (text rows without vectors, image rows with them) move a third of the bytes.
+        """
+        info = self.info()
+        with_vectors = self.fetch_documents(document_ids, where=image_chunk_filter(info.fields))
+        # Not the filter's negation for the rest: a NULL ocr_confidence makes both sides false.
+        seen = {tuple(r[f] for f in info.identity_fields) for r in with_vectors}
+        rest = [r for r in self.fetch_documents(document_ids, with_vectors=False)
+                if tuple(r[f] for f in info.identity_fields) not in seen]
+        return rest + with_vectors
+
     def fetch_documents(self, document_ids: Sequence[str], *, fields: Sequence[str] | None = None,
-                        with_vectors: bool = True) -> list[dict]:
-        """Every chunk of these documents, in as few queries as rows/bytes limits allow."""
+                        with_vectors: bool = True, where: str | None = None) -> list[dict]:
+        """Every chunk of these documents (and `where`, a filter built here from the schema),
+        in as few queries as rows/bytes limits allow."""
         pending = list(dict.fromkeys(document_ids))
         for doc in pending:
             quote_string(doc, field="document_id")  # refuse bad ids before any I/O
         out = self._output_fields(fields, with_vectors)
+        make_filter = (lambda ks: in_filter("document_id", ks)) if where is None else (
+            lambda ks: f"{in_filter('document_id', ks)} && ({where})")
         model = _SizeModel(self._bytes_per_row(with_vectors))
         rows: list[dict] = []
         while pending:
             cap = self._row_cap(model.bytes_per_row)
             batch = next(_batches(pending, _identity_cost, model.ids_per_call(cap), MAX_FILTER_BYTES))
             pending = pending[len(batch):]
-            got = self._query_split(batch, lambda ks: in_filter("document_id", ks), out, cap)
+            got = self._query_split(batch, make_filter, out, cap)
             model.observe(len(batch), got)
             rows.extend(got)
         return rows
@@ -676,6 +699,14 @@ class MilvusVectors:
 
     def drop_collection(self) -> None:
         self._rpc("drop_collection", self.collection)
+
+    def flush(self) -> None:
+        """Seal the collection's growing rows, as a server does on its own after a bulk load.
+
+        For builders of test and benchmark stores: Milvus Lite answers every query by
+        materialising its unflushed rows, so an unflushed store is slower than any real one.
+        """
+        self._rpc("flush", self.collection)
 
 
 def fltr_schema(client: MilvusClient, *, pk: str, dim: int, dynamic: bool, chunk_id_field: bool):

@@ -315,6 +315,7 @@ def test_stale_token_is_refused_everywhere(ledger):
         lambda: ledger.add_object_journal("d", old, [ObjectJournalEntry("k1", "k2")]),
         lambda: ledger.mark_chunks_applied("d", old, ['{"chunk_id":"d_0"}']),
         lambda: ledger.set_object_state("d", old, "a/0_x.pdf-1-0.png", "a/1_0.png", ObjectState.COPIED),
+        lambda: ledger.set_objects_state("d", old, [("a/0_x.pdf-1-0.png", "a/1_0.png")], ObjectState.COPIED),
         lambda: ledger.renew_lease("d", old, 60),
         lambda: ledger.transition("d", State.MIGRATED),  # running: a token is required
         lambda: ledger.add_chunk_journal("d", None, [ChunkJournalEntry("x")]),  # no maintenance on a leased doc
@@ -384,6 +385,15 @@ def test_journal_round_trip(ledger):
     (obj,) = ledger.object_journal("d")
     assert (obj.old_key, obj.new_key, obj.size, obj.content_hash, obj.state) == (
         "k/0_x.pdf-9-0.png", "k/9_0.png", 124, "h", ObjectState.VERIFIED)
+    moves = [("k/0_x.pdf-9-1.png", "k/9_1.png"), ("k/0_x.pdf-9-2.png", "k/9_2.png")]
+    ledger.add_object_journal("d", token, [ObjectJournalEntry(o, n, 1, "h") for o, n in moves])
+    ledger.add_object_journal("d", token, [ObjectJournalEntry(*moves[0], 2, "h2")])  # supersedes
+    ledger.set_objects_state("d", token, moves, ObjectState.VERIFIED)
+    by_key = {m.old_key: m for m in ledger.object_journal("d")}
+    assert [(by_key[o].state, by_key[o].size) for o, _ in moves] == [(ObjectState.VERIFIED, 2), (ObjectState.VERIFIED, 1)]
+    with pytest.raises(StoreError, match="nope -> k/9_1.png"):  # all or nothing
+        ledger.set_objects_state("d", token, [moves[0], ("nope", "k/9_1.png")], ObjectState.COPIED)
+    assert by_key == {m.old_key: m for m in ledger.object_journal("d")}
     ledger.transition("d", State.MIGRATED, token=token)
     ledger.set_object_state("d", None, "k/0_x.pdf-9-0.png", "k/9_0.png", ObjectState.DELETED)  # gc
     assert ledger.object_journal("d")[0].state == ObjectState.DELETED

@@ -128,6 +128,21 @@ def test_fetch_documents_returns_every_chunk(vectors):
         assert got[0]["lang"] == "en"  # $meta fields come back with the row
 
 
+def test_fetch_for_repair_carries_vectors_only_on_image_chunks(vectors):
+    docs = [f"doc{i:02d}" for i in range(5)]
+    rows = insert_sample(vectors, docs)
+    got = vectors.fetch_for_repair(docs + ["absent"])
+    assert sorted(identity_of(vectors.info(), r) for r in got) == sorted(identity_of(vectors.info(), r) for r in rows)
+    is_image = lambda r: r["chunk_type"] in ("ocr", "image") or (r["ocr_confidence"] or 0) > 0  # noqa: E731
+    assert {("vector" in r) for r in got if is_image(r)} == {True}
+    assert {("vector" in r) for r in got if not is_image(r)} == {False}
+    assert any(not is_image(r) for r in got)  # the sample holds both kinds
+    before = {identity_of(vectors.info(), r): r for r in rows}
+    for r in got:
+        if is_image(r):  # the rest-of-row checksum (vector included) is the one a full fetch gives
+            assert vectors.row_checksum(r) == vectors.row_checksum(before[identity_of(vectors.info(), r)])
+
+
 def test_fetch_documents_splits_at_the_row_cap(vectors):
     small = [f"s{i}" for i in range(8)]
     medium = [f"m{i}" for i in range(4)]
