@@ -17,6 +17,10 @@ from repage.states import Path
 # legacy object to hash it, COPY it, GET the copy to compare size and hash.
 MOVE_CLASS_A = 1
 MOVE_CLASS_B = 2
+# Ledger round trips per migrated document, all on the batch's one thread: six calls
+# (journal objects, journal chunks, verified copies, lease renewal, chunks applied,
+# transition), each a savepoint, a lease check, its write and the savepoint's release.
+LEDGER_ROUND_TRIPS_PER_DOCUMENT = 24
 # The seed's published per-document ranges (seconds), quoted beside ours.
 SEED_FAST_PATH_S = (5.0, 30.0)
 SEED_REPROCESS_S = (30.0, 300.0)
@@ -36,6 +40,7 @@ class Latencies:
     mean_source_bytes: float = 0.0  # mean size of the sampled source PDFs
     sample_size: int = 0
     milvus_readback_s: float | None = None  # the batch's affected chunks by identity (None: = the query)
+    ledger_round_trip_s: float = 0.0  # one short ledger transaction
 
 
 @dataclass(frozen=True)
@@ -85,10 +90,12 @@ def request_dollars(class_a: int, class_b: int, prices: Prices) -> float:
     return class_a * prices.class_a_per_million / 1e6 + class_b * prices.class_b_per_million / 1e6
 
 
-def _milvus_seconds(documents: int, batch_size: int, lat: Latencies) -> float:
+def _store_seconds(documents: int, batch_size: int, lat: Latencies) -> float:
+    """Milvus (per batch: query, write, read back) and the ledger (per document)."""
     batches = -(-documents // batch_size)  # ceil
     readback = lat.milvus_query_s if lat.milvus_readback_s is None else lat.milvus_readback_s
-    return batches * (lat.milvus_query_s + lat.milvus_write_s + readback)  # query, write, read back
+    ledger = documents * LEDGER_ROUND_TRIPS_PER_DOCUMENT * lat.ledger_round_trip_s
+    return batches * (lat.milvus_query_s + lat.milvus_write_s + readback) + ledger
 
 
 def keys_estimate(load: PathLoad, lat: Latencies, prices: Prices, concurrency: int, batch_size: int) -> PathEstimate:
@@ -97,7 +104,7 @@ def keys_estimate(load: PathLoad, lat: Latencies, prices: Prices, concurrency: i
     # a GET of a small image costs about what its HEAD does (the probe times HEADs)
     object_s = (load.images_to_move * (lat.object_copy_s + MOVE_CLASS_B * lat.object_head_s)
                 + load.listings * lat.object_list_s)
-    seconds = _milvus_seconds(load.documents, batch_size, lat) + object_s / concurrency
+    seconds = _store_seconds(load.documents, batch_size, lat) + object_s / concurrency
     return PathEstimate("keys", load.documents, load.chunks, class_a, class_b, seconds,
                         request_dollars(class_a, class_b, prices), _seed_range(SEED_FAST_PATH_S, load.documents))
 
@@ -110,7 +117,7 @@ def pdf_estimate(load: PathLoad, lat: Latencies, prices: Prices, concurrency: in
     mb = load.source_bytes / 1e6
     transfer_s = load.source_bytes / max(lat.get_bytes_per_s, 1.0)
     work_s = transfer_s + mb * lat.pdf_seconds_per_mb + load.chunks * lat.object_copy_s
-    seconds = _milvus_seconds(load.documents, batch_size, lat) + work_s / concurrency
+    seconds = _store_seconds(load.documents, batch_size, lat) + work_s / concurrency
     return PathEstimate("pdf", load.documents, load.chunks, class_a, class_b, seconds,
                         request_dollars(class_a, class_b, prices), _seed_range(SEED_FAST_PATH_S, load.documents))
 

@@ -28,7 +28,7 @@ from repage.errors import (BadInput, ConfigError, InvalidFilterValue, ObjectNotF
 from repage.keys import canonical_image_key, image_prefix, is_pdf_image_ref, parse_image_key
 from repage.plan import DocumentPlan, classify, is_affected, needs_listing
 from repage.states import Path, State
-from repage.stores.ledger import ChunkJournalEntry, Claim, ObjectJournalEntry, ObjectState
+from repage.stores.ledger import ChunkJournalEntry, Claim, JournalIntent, ObjectJournalEntry, ObjectState
 from repage.stores.vectors import ChunkChange, quote_string
 
 # Protocol steps where a crash test can kill the process (REPAGE_FAILPOINT=NAME, or
@@ -293,22 +293,19 @@ class BatchMigrator:
         if self.options.dry_run:
             result.changes = [self._change_record(w) for w in live]
             return result
-        with self.ledger.transaction():
-            live = [w for w in live if self._journal(w, result)]
+        live = self._journal(live, result)
         self.failpoints.hit("after-journal")
         self._parallel(self._copy_objects, live)
         with self.ledger.transaction():
-            for work in live:
-                self._record_verified(work)
+            self._record_verified(live)
             live = [w for w in live if self._keep(w, result)]
         self.failpoints.hit("after-copy")
-        with self.ledger.transaction():  # the write starts with a full lease
-            live = [w for w in live if self._renew_lease(w, result)]
+        live = self._renew_leases(live, result)  # the write starts with a full lease
         live = self._write_or_isolate(live, result)
         self.failpoints.hit("after-write")
         written = self._fetch_written(live)  # one read-back query per batch, not one per document
         with self.ledger.transaction():
-            live = [w for w in live if self._read_back(w, result, written)]
+            live = self._read_back(live, result, written)
         self.failpoints.hit("after-readback")
         with self.ledger.transaction():
             for work in live:
@@ -330,17 +327,26 @@ class BatchMigrator:
             self._transition(work, work.outcome, result, reason=work.reason or "nothing left to fix")
         return False
 
-    def _journal(self, work: DocumentWork, result: BatchResult) -> bool:
-        try:
-            if work.chunks and work.chunks[0].id is None:  # fresh plan: record the intent
-                # objects first: a chunk journal is only ever resumed with its moves recorded
-                self.ledger.add_object_journal(work.document_id, work.claim.fencing_token, work.moves)
-                self.ledger.add_chunk_journal(work.document_id, work.claim.fencing_token, work.chunks)
-            return True
-        except StaleLease as exc:
-            result.other[work.document_id] = State.PENDING
-            work.error = str(exc)
-            return False
+    def _journal(self, works: list[DocumentWork], result: BatchResult) -> list[DocumentWork]:
+        """Record the intents of the fresh plans (a resumed plan is its journal already)."""
+        fresh = [w for w in works if w.chunks and w.chunks[0].id is None]
+        refused = self.ledger.add_journals(
+            [JournalIntent(w.document_id, w.claim.fencing_token, w.moves, w.chunks) for w in fresh])
+        return self._drop_lost(works, refused, result)
+
+    @staticmethod
+    def _drop_lost(works: list[DocumentWork], refused: Mapping[str, str], result: BatchResult) -> list[DocumentWork]:
+        """The works whose lease still holds; the others go back to pending, untouched."""
+        for work in works:
+            if work.document_id in refused:
+                result.other[work.document_id] = State.PENDING
+                work.error, work.lease_lost = refused[work.document_id], True
+        return [w for w in works if w.document_id not in refused]
+
+    def _renew_leases(self, works: list[DocumentWork], result: BatchResult) -> list[DocumentWork]:
+        lost = self.ledger.renew_leases({w.document_id: w.claim.fencing_token for w in works}, self.lease_seconds)
+        why = {d: f"lease on document {d} is no longer current" for d in lost}
+        return self._drop_lost(works, why, result)
 
     @contextmanager
     def keeping_leases(self, works: Sequence[DocumentWork]):
@@ -400,14 +406,16 @@ class BatchMigrator:
             raise BadInput(f"copy of {move.old_key} to {move.new_key} does not match (size or content hash)")
         work.verified.append(move)  # journalled by _record_verified, for the batch at once
 
-    def _record_verified(self, work: DocumentWork) -> None:
-        """Journal the document's verified copies (a crash before this only costs copying them again)."""
-        try:
-            self.ledger.set_objects_state(work.document_id, work.claim.fencing_token,
-                                          [(m.old_key, m.new_key) for m in work.verified], ObjectState.VERIFIED)
-        except RepageError as exc:
-            work.error = work.error or f"document {work.document_id}: {exc}"
-        work.verified = []
+    def _record_verified(self, works: list[DocumentWork]) -> None:
+        """Journal the verified copies (a crash before this only costs copying them again)."""
+        done = [w for w in works if w.verified]
+        refused = self.ledger.set_objects_state(
+            {w.document_id: (w.claim.fencing_token, [(m.old_key, m.new_key) for m in w.verified]) for w in done},
+            ObjectState.VERIFIED)
+        for work in done:
+            if work.document_id in refused:
+                work.error = work.error or refused[work.document_id]
+            work.verified = []
 
     def _keep(self, work: DocumentWork, result: BatchResult) -> bool:
         if work.error is None:
@@ -465,25 +473,28 @@ class BatchMigrator:
 
     def _fetch_written(self, works: Sequence[DocumentWork]) -> dict[tuple, list[dict]]:
         """The batch's written rows by stable identity, read back in as few queries as limits allow."""
-        identities = [tuple(json.loads(c.identity)) for w in works for c in w.chunks]
-        return self.vectors.find_by_identity(identities, with_vectors=True) if identities else {}
+        written = {tuple(json.loads(c.identity)): c.old_pk for w in works for c in w.chunks}
+        return self.vectors.find_written(written) if written else {}
 
-    def _read_back(self, work: DocumentWork, result: BatchResult, found: Mapping[tuple, list[dict]]) -> bool:
-        identities = [tuple(json.loads(c.identity)) for c in work.chunks]
-        for chunk, identity in zip(work.chunks, identities, strict=True):
-            problem = self._check_row(chunk, found.get(identity, []))
-            if problem:
-                self._fail(work, result, f"document {work.document_id}: chunk {chunk.identity}: {problem}")
-                return False
-        new_pks = {c.identity: str(found[i][0][self.info.pk_field]) for c, i in zip(work.chunks, identities)}
-        try:
-            self.ledger.mark_chunks_applied(work.document_id, work.claim.fencing_token, list(new_pks),
-                                            new_pks=new_pks)
-        except StaleLease as exc:  # lost the lease mid-batch: this document only, the others go on
-            result.other[work.document_id] = State.PENDING
-            work.error = str(exc)
-            return False
-        return True
+    def _read_back(self, works: list[DocumentWork], result: BatchResult,
+                   found: Mapping[tuple, list[dict]]) -> list[DocumentWork]:
+        """Check every written row; mark the chunks of the documents that pass applied."""
+        passed: dict[str, DocumentWork] = {}
+        for work in works:
+            if (problem := self._first_problem(work, found)) is not None:
+                self._fail(work, result, f"document {work.document_id}: {problem}")
+            else:
+                passed[work.document_id] = work
+        new_pks = {d: (w.claim.fencing_token, {c.identity: str(found[tuple(json.loads(c.identity))][0][
+            self.info.pk_field]) for c in w.chunks}) for d, w in passed.items()}
+        # a lost lease mid-batch: that document only goes back to pending, the others go on
+        return self._drop_lost(list(passed.values()), self.ledger.mark_chunks_applied_many(new_pks), result)
+
+    def _first_problem(self, work: DocumentWork, found: Mapping[tuple, list[dict]]) -> str | None:
+        for chunk in work.chunks:
+            if (problem := self._check_row(chunk, found.get(tuple(json.loads(chunk.identity)), []))) is not None:
+                return f"chunk {chunk.identity}: {problem}"
+        return None
 
     def _check_row(self, chunk: ChunkJournalEntry, rows: list[dict]) -> str | None:
         if len(rows) != 1:

@@ -191,7 +191,8 @@ def render_estimate(console: Console) -> Callable[[dict], None]:
             f"measured on {lat['sample_size']} documents: Milvus batch query {lat['milvus_query_s'] * 1e3:.0f} ms, "
             f"HEAD {lat['object_head_s'] * 1e3:.2f} ms, LIST {lat['object_list_s'] * 1e3:.2f} ms, "
             f"GET {lat['object_copy_s'] * 1e3:.2f} ms, source PDFs {lat['get_bytes_per_s'] / 1e6:.0f} MB/s, "
-            f"PDF extraction {lat['pdf_seconds_per_mb']:.2f} s/MB", markup=False)
+            f"PDF extraction {lat['pdf_seconds_per_mb']:.2f} s/MB, ledger {lat['ledger_round_trip_s'] * 1e3:.2f} ms",
+            markup=False)
         console.print(f"assumed: {report['assumptions']}", markup=False)
     return render
 

@@ -79,10 +79,12 @@ def measure(stores, picked: dict[Path, list], batch_size: int) -> Latencies:
     lists = [timed(lambda d=d: next(iter(stores.objects.list(image_prefix(d.dataset_id, d.document_id))), None))[0]
              for d in docs[:5]]
     get_rate, pdf_s_per_mb, mean_size = _time_sources(stores, picked[Path.PDF][:3])
+    ledger_s = median([timed(stores.ledger.db_now)[0] for _ in range(9)])
     return Latencies(milvus_query_s=query_s, milvus_write_s=readback_s, milvus_readback_s=readback_s,
                      object_head_s=median(heads),
                      object_list_s=median(lists), object_copy_s=median(gets), get_bytes_per_s=get_rate,
-                     pdf_seconds_per_mb=pdf_s_per_mb, mean_source_bytes=mean_size, sample_size=len(docs))
+                     pdf_seconds_per_mb=pdf_s_per_mb, mean_source_bytes=mean_size, sample_size=len(docs),
+                     ledger_round_trip_s=ledger_s)
 
 
 def _time_readback(vectors, rows: Sequence[dict]) -> float:

@@ -224,6 +224,16 @@ class ObjectJournalEntry:
 
 
 @dataclass(frozen=True)
+class JournalIntent:
+    """One document's intents for add_journals: its object moves, then its chunk changes."""
+
+    document_id: str
+    token: int | None
+    moves: Sequence[ObjectJournalEntry] = ()
+    chunks: Sequence[ChunkJournalEntry] = ()
+
+
+@dataclass(frozen=True)
 class DocumentRecord:
     document_id: str
     dataset_id: str
@@ -290,6 +300,18 @@ def _batches(items: Iterable[Any], size: int = BATCH) -> Iterator[list[Any]]:
     it = iter(items)
     while batch := list(islice(it, size)):
         yield batch
+
+
+def _lease_problem(document_id: str, row: Any, token: int | None) -> str | None:
+    """Why a write under `token` is refused on this document (None: it may go ahead)."""
+    if row is None:
+        return f"document {document_id} is not in the ledger"
+    running = row.state == State.RUNNING.value
+    if token is None and running:
+        return f"document {document_id} is leased to a worker: pass its fencing token"
+    if token is not None and not (running and row.fencing_token == token and row.live):
+        return f"document {document_id}: token {token} is stale or its lease expired"
+    return None
 
 
 def _redact(text: str, password: str | None = None) -> str:
@@ -662,6 +684,18 @@ class Ledger:
             raise StaleLease(f"lease on document {document_id} with token {token} is no longer current")
         return float(expires)
 
+    def renew_leases(self, tokens: Mapping[str, int], lease_seconds: float) -> set[str]:
+        """renew_lease for many documents in one statement per 500; returns those whose lease was lost."""
+        c, renewed = docs_t.c, set()
+        with self._tx() as conn:
+            for batch in _batches(sorted(tokens.items())):
+                renewed.update(conn.scalars(
+                    sa.update(docs_t).where(sa.tuple_(c.document_id, c.fencing_token).in_(batch),
+                                            c.state == State.RUNNING.value, c.lease_expires >= self._now())
+                    .values(lease_expires=self._now() + lease_seconds, updated_at=self._now())
+                    .returning(c.document_id)))
+        return set(tokens) - renewed
+
     def _live(self, document_id: str, token: int) -> tuple[Any, ...]:
         """WHERE clauses that hold only while `token` owns a live lease on the document."""
         c = docs_t.c
@@ -736,27 +770,47 @@ class Ledger:
 
     def _require_lease(self, conn: sa.Connection, document_id: str, token: int | None) -> int:
         """Check (and on PostgreSQL lock) the document's lease; returns its fencing token."""
-        c = docs_t.c
-        row = conn.execute(
-            sa.select(c.state, c.fencing_token, (c.lease_expires >= self._now()).label("live"))
-            .where(c.document_id == document_id).with_for_update()).first()
-        if row is None:
-            raise StaleLease(f"document {document_id} is not in the ledger")
-        running = row.state == State.RUNNING.value
-        if token is None and running:
-            raise StaleLease(f"document {document_id} is leased to a worker: pass its fencing token")
-        if token is not None and not (running and row.fencing_token == token and row.live):
-            raise StaleLease(f"document {document_id}: token {token} is stale or its lease expired")
-        return row.fencing_token
+        refused, current = self._leases(conn, {document_id: token})
+        if refused:
+            raise StaleLease(refused[document_id])
+        return current[document_id]
+
+    def _leases(self, conn: sa.Connection, tokens: Mapping[str, int | None]) -> tuple[dict[str, str], dict[str, int]]:
+        """Check (and on PostgreSQL lock, in id order) many documents' leases in one query per 500.
+
+        Returns ({document_id: why it is refused}, {document_id: its current fencing token}).
+        A token of None is maintenance: allowed only on a document no worker holds.
+        """
+        c, rows = docs_t.c, {}
+        for batch in _batches(sorted(tokens)):
+            rows.update((r.document_id, r) for r in conn.execute(
+                sa.select(c.document_id, c.state, c.fencing_token, (c.lease_expires >= self._now()).label("live"))
+                .where(c.document_id.in_(batch)).order_by(c.document_id).with_for_update()))
+        refused = {d: why for d, t in tokens.items() if (why := _lease_problem(d, rows.get(d), t))}
+        return refused, {d: r.fencing_token for d, r in rows.items() if d not in refused}
 
     def _append(self, table: sa.Table, document_id: str, token: int | None, entries: Sequence[Any]) -> None:
         """Insert journal entries under the lease, stamped with the writer's fencing token."""
-        for batch in _batches(entries):
-            with self._tx() as conn:
-                current = self._require_lease(conn, document_id, token)
-                conn.execute(sa.insert(table).values(created_at=self._now()), [
-                    {**{f.name: getattr(e, f.name) for f in dc_fields(e) if f.name not in _STAMPED},
-                     "document_id": document_id, "fencing_token": current} for e in batch])
+        intent = (JournalIntent(document_id, token, moves=entries) if table is objects_t
+                  else JournalIntent(document_id, token, chunks=entries))
+        if refused := self.add_journals([intent]):
+            raise StaleLease(refused[document_id])
+
+    def add_journals(self, intents: Sequence[JournalIntent]) -> dict[str, str]:
+        """Record many documents' intents (DESIGN §5 step 1) in one transaction, each entry stamped
+        with its document's fencing token. Returns {document_id: why} for the documents whose lease
+        is gone: nothing is written for those."""
+        with self._tx() as conn:
+            refused, current = self._leases(conn, {i.document_id: i.token for i in intents})
+            live = [i for i in intents if i.document_id not in refused]
+            # objects first: a chunk journal is only ever resumed with its moves recorded
+            for table, entries in ((objects_t, [(i.document_id, e) for i in live for e in i.moves]),
+                                   (chunks_t, [(i.document_id, e) for i in live for e in i.chunks])):
+                for batch in _batches(entries):
+                    conn.execute(sa.insert(table).values(created_at=self._now()), [
+                        {**{f.name: getattr(e, f.name) for f in dc_fields(e) if f.name not in _STAMPED},
+                         "document_id": doc, "fencing_token": current[doc]} for doc, e in batch])
+        return refused
 
     def _latest(self, table: sa.Table, document_id: str, *group: sa.Column[Any]) -> list[Any]:
         """The newest journal row per `group` (a retried step journals the same change again)."""
@@ -779,16 +833,35 @@ class Ledger:
     def mark_chunks_applied(self, document_id: str, token: int | None, identities: Iterable[str],
                             *, new_pks: Mapping[str, str] | None = None) -> None:
         """Mark the latest entry of each identity applied; record keys a server assigned (§5.4)."""
-        t, new_pks = chunks_t, new_pks or {}
+        pks = {i: (new_pks or {}).get(i) for i in identities}
+        if refused := self.mark_chunks_applied_many({document_id: (token, pks)}):
+            raise StaleLease(refused[document_id])
+
+    def mark_chunks_applied_many(self, items: Mapping[str, tuple[int | None, Mapping[str, str | None]]]
+                                 ) -> dict[str, str]:
+        """mark_chunks_applied for many documents: {document_id: (token, {identity: new pk or None})}.
+        One transaction; returns {document_id: why} for those whose lease is gone (left as they were)."""
+        t = chunks_t
         stmt = sa.update(t).where(t.c.id == sa.bindparam("b_id")).values(
             applied=True, new_pk=sa.func.coalesce(sa.bindparam("b_pk", type_=sa.Text), t.c.new_pk))
-        for batch in _batches(dict.fromkeys(identities)):
-            with self._tx() as conn:
-                self._require_lease(conn, document_id, token)
-                newest = conn.execute(sa.select(t.c.identity, sa.func.max(t.c.id)).where(
-                    t.c.document_id == document_id, t.c.identity.in_(batch)).group_by(t.c.identity)).all()
-                if newest:
-                    conn.execute(stmt, [{"b_id": i, "b_pk": new_pks.get(ident)} for ident, i in newest])
+        with self._tx() as conn:
+            refused, _ = self._leases(conn, {d: token for d, (token, _) in items.items()})
+            live = {d: pks for d, (_, pks) in items.items() if d not in refused}
+            newest = self._newest(conn, t, live, t.c.identity)
+            params = [{"b_id": i, "b_pk": live[d][ident]} for (d, ident), i in newest.items() if ident in live[d]]
+            for batch in _batches(params):
+                conn.execute(stmt, batch)
+        return refused
+
+    def _newest(self, conn: sa.Connection, t: sa.Table, documents: Iterable[str],
+                *group: sa.Column[Any]) -> dict[tuple, int]:
+        """{(document_id, *group values): id of the newest journal row} for these documents."""
+        newest: dict[tuple, int] = {}
+        for batch in _batches(sorted(documents)):
+            newest.update(((d, *g), i) for d, *g, i in conn.execute(
+                sa.select(t.c.document_id, *group, sa.func.max(t.c.id)).where(t.c.document_id.in_(batch))
+                .group_by(t.c.document_id, *group)))
+        return newest
 
     def set_object_state(self, document_id: str, token: int | None, old_key: str, new_key: str,
                          state: ObjectState | str, *, size: int | None = None,
@@ -804,22 +877,27 @@ class Ledger:
             if conn.execute(sa.update(t).where(t.c.id == newest).values(**values)).rowcount != 1:
                 raise StoreError(f"document {document_id}: no object journal entry {old_key} -> {new_key}")
 
-    def set_objects_state(self, document_id: str, token: int | None, moves: Sequence[tuple[str, str]],
-                          state: ObjectState | str) -> None:
-        """Advance the latest journal entry of each (old_key, new_key) move: one lease check, one update."""
-        t, wanted = objects_t, set(moves)
-        if not wanted:
-            return
+    def set_objects_state(self, items: Mapping[str, tuple[int | None, Sequence[tuple[str, str]]]],
+                          state: ObjectState | str) -> dict[str, str]:
+        """Advance the latest journal entry of each (old_key, new_key) move of many documents:
+        {document_id: (token, moves)}, one transaction. Returns {document_id: why} for those
+        refused (lease gone, or a move not in the journal); nothing is changed for those."""
+        t = objects_t
         stmt = sa.update(t).where(t.c.id == sa.bindparam("b_id")).values(state=ObjectState(state).value)
         with self._tx() as conn:
-            self._require_lease(conn, document_id, token)
-            newest = {(o, n): i for o, n, i in conn.execute(
-                sa.select(t.c.old_key, t.c.new_key, sa.func.max(t.c.id)).where(t.c.document_id == document_id)
-                .group_by(t.c.old_key, t.c.new_key)) if (o, n) in wanted}
-            if missing := sorted(wanted - newest.keys()):
-                old_key, new_key = missing[0]
-                raise StoreError(f"document {document_id}: no object journal entry {old_key} -> {new_key}")
-            conn.execute(stmt, [{"b_id": i} for i in newest.values()])
+            refused, _ = self._leases(conn, {d: token for d, (token, _) in items.items()})
+            newest = self._newest(conn, t, [d for d in items if d not in refused], t.c.old_key, t.c.new_key)
+            params = []
+            for doc, (_, moves) in items.items():
+                if doc in refused:
+                    continue
+                if missing := sorted((o, n) for o, n in moves if (doc, o, n) not in newest):
+                    refused[doc] = f"document {doc}: no object journal entry {missing[0][0]} -> {missing[0][1]}"
+                    continue
+                params += [{"b_id": newest[(doc, o, n)]} for o, n in moves]
+            for batch in _batches(params):
+                conn.execute(stmt, batch)
+        return refused
 
     def chunk_journal(self, document_id: str) -> list[ChunkJournalEntry]:
         """The latest entry per chunk identity, in identity order."""

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from repage.errors import ConfigError, IllegalTransition, StaleLease, StoreError, StoreUnavailable
 from repage.states import TRANSITIONS, Path, State
 from repage.stores.ledger import (
-    SCHEMA_VERSION, ChunkJournalEntry, Claim, Ledger, ObjectJournalEntry, ObjectState, ScanRecord,
+    SCHEMA_VERSION, ChunkJournalEntry, Claim, Ledger, JournalIntent, ObjectJournalEntry, ObjectState, ScanRecord,
 )
 
 N_CONCURRENT = 200
@@ -315,7 +315,6 @@ def test_stale_token_is_refused_everywhere(ledger):
         lambda: ledger.add_object_journal("d", old, [ObjectJournalEntry("k1", "k2")]),
         lambda: ledger.mark_chunks_applied("d", old, ['{"chunk_id":"d_0"}']),
         lambda: ledger.set_object_state("d", old, "a/0_x.pdf-1-0.png", "a/1_0.png", ObjectState.COPIED),
-        lambda: ledger.set_objects_state("d", old, [("a/0_x.pdf-1-0.png", "a/1_0.png")], ObjectState.COPIED),
         lambda: ledger.renew_lease("d", old, 60),
         lambda: ledger.transition("d", State.MIGRATED),  # running: a token is required
         lambda: ledger.add_chunk_journal("d", None, [ChunkJournalEntry("x")]),  # no maintenance on a leased doc
@@ -323,6 +322,14 @@ def test_stale_token_is_refused_everywhere(ledger):
     for write in stale_writes:
         with pytest.raises(StaleLease):
             write()
+    bulk_writes = [  # the batch forms report a stale token instead of raising
+        lambda: ledger.set_objects_state({"d": (old, [("a/0_x.pdf-1-0.png", "a/1_0.png")])}, ObjectState.COPIED),
+        lambda: ledger.add_journals([JournalIntent("d", old, chunks=[ChunkJournalEntry('{"chunk_id":"d_0"}')])]),
+        lambda: ledger.mark_chunks_applied_many({"d": (old, {'{"chunk_id":"d_0"}': None})}),
+        lambda: {d: "lost" for d in ledger.renew_leases({"d": old}, 60)},
+    ]
+    for write in bulk_writes:
+        assert set(write()) == {"d"}
     assert ledger.chunk_journal("d") == []
     assert [e.state for e in ledger.object_journal("d")] == [ObjectState.INTENDED]
     ledger.transition("d", State.MIGRATED, token=new)
@@ -388,15 +395,34 @@ def test_journal_round_trip(ledger):
     moves = [("k/0_x.pdf-9-1.png", "k/9_1.png"), ("k/0_x.pdf-9-2.png", "k/9_2.png")]
     ledger.add_object_journal("d", token, [ObjectJournalEntry(o, n, 1, "h") for o, n in moves])
     ledger.add_object_journal("d", token, [ObjectJournalEntry(*moves[0], 2, "h2")])  # supersedes
-    ledger.set_objects_state("d", token, moves, ObjectState.VERIFIED)
+    assert ledger.set_objects_state({"d": (token, moves)}, ObjectState.VERIFIED) == {}
     by_key = {m.old_key: m for m in ledger.object_journal("d")}
     assert [(by_key[o].state, by_key[o].size) for o, _ in moves] == [(ObjectState.VERIFIED, 2), (ObjectState.VERIFIED, 1)]
-    with pytest.raises(StoreError, match="nope -> k/9_1.png"):  # all or nothing
-        ledger.set_objects_state("d", token, [moves[0], ("nope", "k/9_1.png")], ObjectState.COPIED)
+    refused = ledger.set_objects_state({"d": (token, [moves[0], ("nope", "k/9_1.png")])}, ObjectState.COPIED)
+    assert "nope -> k/9_1.png" in refused["d"]  # all or nothing for the document
     assert by_key == {m.old_key: m for m in ledger.object_journal("d")}
     ledger.transition("d", State.MIGRATED, token=token)
     ledger.set_object_state("d", None, "k/0_x.pdf-9-0.png", "k/9_0.png", ObjectState.DELETED)  # gc
     assert ledger.object_journal("d")[0].state == ObjectState.DELETED
+
+
+def test_batch_journal_calls_write_live_documents_and_name_the_lost(ledger):
+    ledger.upsert_scan([rec(f"b{i}") for i in range(3)])
+    tokens = {c.document_id: c.fencing_token for c in ledger.claim_batch("w", 3, lease_seconds=60)}
+    ledger.transition("b1", State.PENDING, token=tokens["b1"])  # b1's lease is gone
+    ident = lambda d: f'{{"chunk_id":"{d}_0"}}'  # noqa: E731
+    intents = [JournalIntent(d, tokens[d], [ObjectJournalEntry(f"{d}/0_x.pdf-2-0.png", f"{d}/2_0.png", 1, "h")],
+                             [ChunkJournalEntry(ident(d), old_pk="1", old_page=0, new_page=2)]) for d in sorted(tokens)]
+    assert set(ledger.add_journals(intents)) == {"b1"}
+    assert [len(ledger.chunk_journal(d)) for d in ("b0", "b1", "b2")] == [1, 0, 1]
+    assert ledger.renew_leases(tokens, 120) == {"b1"}
+    moves = {d: (tokens[d], [(f"{d}/0_x.pdf-2-0.png", f"{d}/2_0.png")]) for d in tokens}
+    assert set(ledger.set_objects_state(moves, ObjectState.VERIFIED)) == {"b1"}
+    assert [ledger.object_journal(d)[0].state for d in ("b0", "b2")] == [ObjectState.VERIFIED] * 2
+    applied = ledger.mark_chunks_applied_many({d: (tokens[d], {ident(d): "9"}) for d in tokens})
+    assert set(applied) == {"b1"}
+    assert [(e.applied, e.new_pk, e.fencing_token) for d in ("b0", "b2") for e in ledger.chunk_journal(d)] == [
+        (True, "9", tokens["b0"]), (True, "9", tokens["b2"])]
 
 
 def test_reports(ledger):

@@ -143,6 +143,21 @@ def test_fetch_for_repair_carries_vectors_only_on_image_chunks(vectors):
             assert vectors.row_checksum(r) == vectors.row_checksum(before[identity_of(vectors.info(), r)])
 
 
+def test_find_written_reads_rows_back_by_identity_whatever_the_path(vectors):
+    rows = insert_sample(vectors, ["w1", "w2"])
+    info = vectors.info()
+    image = [r for r in rows if r["chunk_type"] in ("ocr", "image")]
+    vectors.write_changes([ChunkChange(identity_of(info, r), r[info.pk_field], 7, "ds1/w/images/7_0.png")
+                           for r in image], rows_before={identity_of(info, r): r for r in image})
+    written = {identity_of(info, r): str(r[info.pk_field]) for r in image}
+    found = vectors.find_written({**written, ("w9", 99) if "chunk_index" in info.identity_fields else ("w9_99",): "12345"})
+    assert {i: len(found[i]) for i in written} == {i: 1 for i in written}
+    assert {r["page"] for i in written for r in found[i]} == {7}
+    for i in written:  # vectors and every other field come back unchanged
+        assert vectors.row_checksum(found[i][0]) == vectors.row_checksum(next(r for r in image if identity_of(info, r) == i))
+    assert [len(v) for i, v in found.items() if i not in written] == [0]  # a key with no row: none found
+
+
 def test_fetch_documents_splits_at_the_row_cap(vectors):
     small = [f"s{i}" for i in range(8)]
     medium = [f"m{i}" for i in range(4)]

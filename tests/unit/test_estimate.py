@@ -1,3 +1,5 @@
+import pytest
+
 from repage.config import Prices
 from repage.estimate import Latencies, PathLoad, estimate, human_seconds, request_dollars
 from repage.states import Path
@@ -19,6 +21,13 @@ def test_keys_path_counts_requests_and_scales_with_concurrency():
     assert (keys.class_a, keys.class_b) == (600, 1200)  # COPY; GET to hash, GET of the copy
     assert eight.seconds < one.seconds
     assert keys.seed_seconds == (500.0, 3000.0)  # the seed's 5-30 s per document
+
+
+def test_ledger_round_trips_cost_per_document_whatever_the_concurrency():
+    loads = {Path.KEYS: PathLoad(documents=1000, chunks=6000, images_to_move=0)}
+    slow = Latencies(**{**LAT.__dict__, "ledger_round_trip_s": 0.001})
+    base = estimate(loads, LAT, Prices(), concurrency=8, batch_size=200).seconds
+    assert estimate(loads, slow, Prices(), concurrency=8, batch_size=200).seconds - base == pytest.approx(24.0)
 
 
 def test_no_moves_no_object_cost():
