@@ -67,6 +67,7 @@ class DocumentWork:
     blobs: dict[str, bytes] = field(default_factory=dict)  # pdf path: object bytes read or extracted by the plan
     verified: list[ObjectJournalEntry] = field(default_factory=list)  # copies checked, not yet journalled
     lease_lost: bool = False  # another worker owns it now: no renewal, nothing more written
+    journal: list[ChunkJournalEntry] = field(default_factory=list)  # an earlier attempt's, read by prepare
 
     @property
     def document_id(self) -> str:
@@ -160,8 +161,10 @@ class BatchMigrator:
         for row in rows:
             by_doc[row["document_id"]].append(row)
         works = [DocumentWork(c, by_doc.get(c.document_id, [])) for c in claims]
+        journals = {} if self.options.dry_run else self.ledger.chunk_journals([w.document_id for w in works])
         for work in works:
             work.error = bad.get(work.document_id)
+            work.journal = journals.get(work.document_id, [])
         return works
 
     def plan_works(self, works: list[DocumentWork]) -> None:
@@ -171,7 +174,7 @@ class BatchMigrator:
         if work.error is not None:  # refused by prepare
             return
         try:
-            journal = [] if self.options.dry_run else self.ledger.chunk_journal(work.document_id)
+            journal = work.journal
             if journal and not all(c.applied for c in journal):  # resume: the journal is the plan
                 work.chunks = journal
                 work.moves = self.ledger.object_journal(work.document_id)

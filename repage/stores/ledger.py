@@ -20,6 +20,7 @@ import os
 import pathlib
 import re
 import threading
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -814,11 +815,17 @@ class Ledger:
 
     def _latest(self, table: sa.Table, document_id: str, *group: sa.Column[Any]) -> list[Any]:
         """The newest journal row per `group` (a retried step journals the same change again)."""
-        t = table
-        newest = (sa.select(sa.func.max(t.c.id)).where(t.c.document_id == document_id)
-                  .group_by(*group).scalar_subquery())
+        return self._latest_many(table, [document_id], *group).get(document_id, [])
+
+    def _latest_many(self, table: sa.Table, document_ids: Sequence[str], *group: sa.Column[Any]) -> dict[str, list]:
+        t, found = table, defaultdict(list)
         with self._tx(write=False) as conn:
-            return conn.execute(sa.select(t).where(t.c.id.in_(newest)).order_by(*group, t.c.id)).all()
+            for batch in _batches(dict.fromkeys(document_ids)):
+                newest = (sa.select(sa.func.max(t.c.id)).where(t.c.document_id.in_(batch))
+                          .group_by(t.c.document_id, *group).scalar_subquery())
+                for row in conn.execute(sa.select(t).where(t.c.id.in_(newest)).order_by(t.c.document_id, *group, t.c.id)):
+                    found[row.document_id].append(row)
+        return found
 
     def add_chunk_journal(self, document_id: str, token: int | None,
                           entries: Sequence[ChunkJournalEntry]) -> None:
@@ -901,8 +908,12 @@ class Ledger:
 
     def chunk_journal(self, document_id: str) -> list[ChunkJournalEntry]:
         """The latest entry per chunk identity, in identity order."""
-        rows = self._latest(chunks_t, document_id, chunks_t.c.identity)
-        return [_from_row(ChunkJournalEntry, r) for r in rows]
+        return self.chunk_journals([document_id])[document_id]
+
+    def chunk_journals(self, document_ids: Sequence[str]) -> dict[str, list[ChunkJournalEntry]]:
+        """chunk_journal of many documents, in one query per 500 ({} entries for those without)."""
+        rows = self._latest_many(chunks_t, document_ids, chunks_t.c.identity)
+        return {d: [_from_row(ChunkJournalEntry, r) for r in rows.get(d, [])] for d in document_ids}
 
     def object_journal(self, document_id: str) -> list[ObjectJournalEntry]:
         """The latest entry per (old_key, new_key), in key order."""

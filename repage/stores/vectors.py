@@ -345,6 +345,7 @@ class MilvusVectors:
         self._token, self._timeout = token or "", timeout
         self.max_query_rows, self.max_request_bytes = max_query_rows, max_request_bytes
         self.ops: Counter = Counter()  # RPCs by kind: for tests and the cost model
+        self._size_models: dict[tuple, _SizeModel] = {}  # by query shape, see fetch_documents
         self._info: CollectionInfo | None = None
         self._client: MilvusClient | None = connect(self.uri, token, timeout)
         try:
@@ -527,11 +528,12 @@ class MilvusVectors:
         """
         info = self.info()
         with_vectors = self.fetch_documents(document_ids, where=image_chunk_filter(info.fields))
-        # Not the filter's negation for the rest: a NULL ocr_confidence makes both sides false.
+        # The rest with light fields only (they are counted and classified, never written), and
+        # not by the filter's negation: a NULL ocr_confidence makes both sides false.
         seen = {tuple(r[f] for f in info.identity_fields) for r in with_vectors}
-        rest = [r for r in self.fetch_documents(document_ids, with_vectors=False)
+        rest = [r for r in self.fetch_documents(document_ids, fields=self._light_fields(), with_vectors=False)
                 if tuple(r[f] for f in info.identity_fields) not in seen]
-        return rest + with_vectors
+        return with_vectors + rest
 
     def fetch_documents(self, document_ids: Sequence[str], *, fields: Sequence[str] | None = None,
                         with_vectors: bool = True, where: str | None = None) -> list[dict]:
@@ -543,7 +545,8 @@ class MilvusVectors:
         out = self._output_fields(fields, with_vectors)
         make_filter = (lambda ks: in_filter("document_id", ks)) if where is None else (
             lambda ks: f"{in_filter('document_id', ks)} && ({where})")
-        model = _SizeModel(self._bytes_per_row(with_vectors))
+        # kept across calls: the rows per document learnt by one batch size the next one's queries
+        model = self._size_models.setdefault((where, tuple(out)), _SizeModel(self._bytes_per_row(with_vectors)))
         rows: list[dict] = []
         while pending:
             cap = self._row_cap(model.bytes_per_row)

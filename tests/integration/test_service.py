@@ -166,7 +166,11 @@ def test_pause_stops_the_worker_and_resume_starts_it(server):
 
 
 def test_metrics_over_http_carry_no_document_ids(server):
-    text = httpx.get(f"{server['base']}/metrics", headers=bearer(READ)).text
+    # its own read and migration: under xdist this test may be the first of the module on its worker
+    base = server["base"]
+    assert httpx.get(f"{base}/documents/x2/chunks", headers=bearer(READ), timeout=30).status_code == 200
+    wait_for(lambda: state_of(server, "x2") == State.MIGRATED, "x2 to be migrated by the worker")
+    text = httpx.get(f"{base}/metrics", headers=bearer(READ)).text
     assert "repage_read_milvus_seconds_count" in text and 'repage_migration_documents{state="migrated"}' in text
     assert not any(doc in text for doc in DOCS)
 
