@@ -191,7 +191,9 @@ def render_estimate(console: Console) -> Callable[[dict], None]:
             f"measured on {lat['sample_size']} documents: Milvus batch query {lat['milvus_query_s'] * 1e3:.0f} ms, "
             f"HEAD {lat['object_head_s'] * 1e3:.2f} ms, LIST {lat['object_list_s'] * 1e3:.2f} ms, "
             f"GET {lat['object_copy_s'] * 1e3:.2f} ms, source PDFs {lat['get_bytes_per_s'] / 1e6:.0f} MB/s, "
-            f"PDF extraction {lat['pdf_seconds_per_mb']:.2f} s/MB, ledger {lat['ledger_round_trip_s'] * 1e3:.2f} ms",
+            f"PDF extraction {lat['pdf_seconds_per_mb']:.2f} s/MB, ledger {lat['ledger_round_trip_s'] * 1e3:.2f} ms"
+            + (f", GET at the run's concurrency {lat['object_request_s'] * 1e3:.2f} ms/request"
+               if lat.get("object_request_s") is not None else ""),
             markup=False)
         console.print(f"assumed: {report['assumptions']}", markup=False)
     return render

@@ -7,10 +7,13 @@ server-side COPY what a GET of the same object costs (stated in the report).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
 from repage.errors import BadInput, ObjectNotFound
@@ -20,8 +23,9 @@ from repage.pdfpages import iter_page_images
 from repage.plan import is_affected
 from repage.states import Path, State
 
-ASSUMPTIONS = ("batch query time = measured query of a full batch of documents; batch write time = "
-               "measured read-back of that batch's affected chunks by identity; COPY time = measured GET time of an image; "
+ASSUMPTIONS = ("batch query time = measured fetch of a full batch of documents, on the store as it is now "
+               "(a Milvus Lite store slows as a run writes unsealed rows); batch write time = measured read-back of "
+               "that batch's affected chunks; a COPY costs a GET; ledger: 6 round trips per document; "
                "reprocess time = the seed's 30 s - 5 min per document")
 
 
@@ -70,12 +74,14 @@ def sample_documents(ledger, sample: int) -> dict[Path, list]:
     return picked
 
 
-def measure(stores, picked: dict[Path, list], batch_size: int) -> Latencies:
+def measure(stores, picked: dict[Path, list], batch_size: int, concurrency: int = 1) -> Latencies:
+    """The run's own calls on one batch of the sample: its Milvus fetch and read-back, the bucket
+    requests at the run's concurrency, and ledger round trips."""
     docs = (picked[Path.KEYS] + picked[Path.PDF])[:batch_size]
-    query_s, rows = timed(lambda: stores.vectors.fetch_documents([d.document_id for d in docs])) if docs else (0.0, [])
+    query_s, rows = timed(lambda: stores.vectors.fetch_for_repair([d.document_id for d in docs])) if docs else (0.0, [])
     readback_s = _time_readback(stores.vectors, rows)
-    keys = [r["image_r2_key"] for r in rows if r.get("image_r2_key")][:len(docs) or 1]
-    heads, gets = _time_objects(stores.objects, keys)
+    keys = [r["image_r2_key"] for r in rows if r.get("image_r2_key")][:batch_size]
+    heads, gets = _time_objects(stores.objects, keys[:len(docs) or 1])
     lists = [timed(lambda d=d: next(iter(stores.objects.list(image_prefix(d.dataset_id, d.document_id))), None))[0]
              for d in docs[:5]]
     get_rate, pdf_s_per_mb, mean_size = _time_sources(stores, picked[Path.PDF][:3])
@@ -84,16 +90,17 @@ def measure(stores, picked: dict[Path, list], batch_size: int) -> Latencies:
                      object_head_s=median(heads),
                      object_list_s=median(lists), object_copy_s=median(gets), get_bytes_per_s=get_rate,
                      pdf_seconds_per_mb=pdf_s_per_mb, mean_source_bytes=mean_size, sample_size=len(docs),
-                     ledger_round_trip_s=ledger_s)
+                     ledger_round_trip_s=ledger_s,
+                     object_request_s=_time_concurrent_gets(stores.objects, keys, concurrency))
 
 
 def _time_readback(vectors, rows: Sequence[dict]) -> float:
-    """The run's read-back (DESIGN §5.4): the batch's affected chunks by stable identity, with vectors."""
-    fields = vectors.info().identity_fields
-    identities = [tuple(r.get(f) for f in fields) for r in rows if is_affected(r)]
-    if not identities:
+    """The run's read-back (DESIGN §5.4): the batch's affected chunks, with vectors."""
+    info = vectors.info()
+    written = {tuple(r.get(f) for f in info.identity_fields): str(r[info.pk_field]) for r in rows if is_affected(r)}
+    if not written:
         return 0.0
-    return timed(lambda: vectors.find_by_identity(identities, with_vectors=True))[0]
+    return timed(lambda: vectors.find_written(written))[0]
 
 
 def _time_objects(objects, keys: Sequence[str]) -> tuple[list[float], list[float]]:
@@ -105,6 +112,22 @@ def _time_objects(objects, keys: Sequence[str]) -> tuple[list[float], list[float
         except ObjectNotFound:
             continue
     return heads, gets
+
+
+def _time_concurrent_gets(objects, keys: Sequence[str], concurrency: int) -> float | None:
+    """Wall seconds per GET with `concurrency` in flight, hashed as a run hashes what it reads:
+    what one request costs in a run, where latency overlaps and client-side CPU does not."""
+    if not keys:
+        return None
+
+    def get(key: str) -> None:
+        with contextlib.suppress(ObjectNotFound):
+            hashlib.sha256(objects.get(key)).hexdigest()
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max(1, concurrency)) as pool:
+        list(pool.map(get, keys))
+    return (time.perf_counter() - started) / len(keys)
 
 
 def _time_sources(stores, records: Sequence) -> tuple[float, float, float]:
@@ -139,7 +162,8 @@ def estimate_store(stores, *, sample: int = 20) -> EstimateReport:
     settings = stores.settings
     loads = path_loads(stores.ledger)
     # at least one full batch: the batch query is timed on as many documents as a run's batch holds
-    latencies = measure(stores, sample_documents(stores.ledger, max(sample, settings.batch_size)), settings.batch_size)
+    latencies = measure(stores, sample_documents(stores.ledger, max(sample, settings.batch_size)),
+                        settings.batch_size, settings.concurrency)
     if Path.PDF in loads:  # the scan does not read sources: size them from the sample
         pdf = loads[Path.PDF]
         loads[Path.PDF] = replace(pdf, source_bytes=int(latencies.mean_source_bytes * pdf.documents))

@@ -27,7 +27,14 @@ def test_ledger_round_trips_cost_per_document_whatever_the_concurrency():
     loads = {Path.KEYS: PathLoad(documents=1000, chunks=6000, images_to_move=0)}
     slow = Latencies(**{**LAT.__dict__, "ledger_round_trip_s": 0.001})
     base = estimate(loads, LAT, Prices(), concurrency=8, batch_size=200).seconds
-    assert estimate(loads, slow, Prices(), concurrency=8, batch_size=200).seconds - base == pytest.approx(24.0)
+    assert estimate(loads, slow, Prices(), concurrency=8, batch_size=200).seconds - base == pytest.approx(6.0)
+
+
+def test_object_time_measured_at_the_runs_concurrency_is_not_divided_again():
+    loads = {Path.KEYS: PathLoad(documents=100, chunks=600, images_to_move=600)}
+    measured = Latencies(**{**LAT.__dict__, "object_request_s": 0.001})
+    keys = estimate(loads, measured, Prices(), concurrency=8, batch_size=50).paths[0]
+    assert keys.seconds == pytest.approx(2 * (0.5 + 0.5 + 0.5) + 600 * 3 * 0.001)
 
 
 def test_no_moves_no_object_cost():
