@@ -488,10 +488,11 @@ class BatchMigrator:
                 self._fail(work, result, f"document {work.document_id}: {problem}")
             else:
                 passed[work.document_id] = work
-        new_pks = {d: (w.claim.fencing_token, {c.identity: str(found[tuple(json.loads(c.identity))][0][
-            self.info.pk_field]) for c in w.chunks}) for d, w in passed.items()}
+        pk = self.info.pk_field  # the key each row has now: a server may have renumbered it (§5.4)
+        applied = {d: (w.claim.fencing_token, {c.identity: str(found[tuple(json.loads(c.identity))][0][pk])
+                                               for c in w.chunks}) for d, w in passed.items()}
         # a lost lease mid-batch: that document only goes back to pending, the others go on
-        return self._drop_lost(list(passed.values()), self.ledger.mark_chunks_applied_many(new_pks), result)
+        return self._drop_lost(list(passed.values()), self.ledger.mark_chunks_applied_many(applied), result)
 
     def _first_problem(self, work: DocumentWork, found: Mapping[tuple, list[dict]]) -> str | None:
         for chunk in work.chunks:

@@ -315,6 +315,12 @@ def _lease_problem(document_id: str, row: Any, token: int | None) -> str | None:
     return None
 
 
+def _raise_refused(refused: Mapping[str, str]) -> None:
+    """The one-document forms of the batch calls raise what the batch form reports."""
+    for why in refused.values():
+        raise StaleLease(why)
+
+
 def _redact(text: str, password: str | None = None) -> str:
     """Hide `user:password@` in any URL-looking text (also in driver messages)."""
     text = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
@@ -772,8 +778,7 @@ class Ledger:
     def _require_lease(self, conn: sa.Connection, document_id: str, token: int | None) -> int:
         """Check (and on PostgreSQL lock) the document's lease; returns its fencing token."""
         refused, current = self._leases(conn, {document_id: token})
-        if refused:
-            raise StaleLease(refused[document_id])
+        _raise_refused(refused)
         return current[document_id]
 
     def _leases(self, conn: sa.Connection, tokens: Mapping[str, int | None]) -> tuple[dict[str, str], dict[str, int]]:
@@ -789,13 +794,6 @@ class Ledger:
                 .where(c.document_id.in_(batch)).order_by(c.document_id).with_for_update()))
         refused = {d: why for d, t in tokens.items() if (why := _lease_problem(d, rows.get(d), t))}
         return refused, {d: r.fencing_token for d, r in rows.items() if d not in refused}
-
-    def _append(self, table: sa.Table, document_id: str, token: int | None, entries: Sequence[Any]) -> None:
-        """Insert journal entries under the lease, stamped with the writer's fencing token."""
-        intent = (JournalIntent(document_id, token, moves=entries) if table is objects_t
-                  else JournalIntent(document_id, token, chunks=entries))
-        if refused := self.add_journals([intent]):
-            raise StaleLease(refused[document_id])
 
     def add_journals(self, intents: Sequence[JournalIntent]) -> dict[str, str]:
         """Record many documents' intents (DESIGN §5 step 1) in one transaction, each entry stamped
@@ -830,19 +828,18 @@ class Ledger:
     def add_chunk_journal(self, document_id: str, token: int | None,
                           entries: Sequence[ChunkJournalEntry]) -> None:
         """Record intended chunk changes (DESIGN §5 step 1); later entries supersede earlier ones."""
-        self._append(chunks_t, document_id, token, entries)
+        _raise_refused(self.add_journals([JournalIntent(document_id, token, chunks=entries)]))
 
     def add_object_journal(self, document_id: str, token: int | None,
                            entries: Sequence[ObjectJournalEntry]) -> None:
         """Record intended object moves (DESIGN §5 step 1), normally in state `intended`."""
-        self._append(objects_t, document_id, token, entries)
+        _raise_refused(self.add_journals([JournalIntent(document_id, token, moves=entries)]))
 
     def mark_chunks_applied(self, document_id: str, token: int | None, identities: Iterable[str],
                             *, new_pks: Mapping[str, str] | None = None) -> None:
         """Mark the latest entry of each identity applied; record keys a server assigned (§5.4)."""
         pks = {i: (new_pks or {}).get(i) for i in identities}
-        if refused := self.mark_chunks_applied_many({document_id: (token, pks)}):
-            raise StaleLease(refused[document_id])
+        _raise_refused(self.mark_chunks_applied_many({document_id: (token, pks)}))
 
     def mark_chunks_applied_many(self, items: Mapping[str, tuple[int | None, Mapping[str, str | None]]]
                                  ) -> dict[str, str]:

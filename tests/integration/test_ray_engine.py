@@ -20,7 +20,7 @@ from repage.states import Path
 from tests.support import built_demo
 from tests.support.snapshot import diff
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 try:
     import ray
@@ -28,7 +28,7 @@ except ImportError:  # the optional extra repage[ray]
     ray = None
     if os.environ.get("CI"):
         raise
-    pytestmark = [pytestmark, pytest.mark.skip(reason="ray is not installed (pip install 'repage[ray]')")]
+    pytestmark = [*pytestmark, pytest.mark.skip(reason="ray is not installed (pip install 'repage[ray]')")]
 
 
 class CountingRay:
