@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.milvus",
     "tests.fixtures.ledger",
     "tests.fixtures.proxy",
+    "tests.fixtures.demo",
 ]

@@ -31,8 +31,8 @@ from repage.states import Path as RoutePath, State
 from repage.stores.ledger import Ledger
 from repage.worker import is_paused
 from tests.fixtures.milvus import _free_port, unique_name
-from tests.integration.test_service import wait_for
-from tests.support.service_store import create_store, env_for, fltr_rows, write_images
+from tests.support import wait_for
+from tests.support.service_store import create_store, env_for, fltr_rows, server_answers, write_images
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +89,7 @@ def migration(milvus_server_uri, tmp_path_factory):
                                 env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: _answers(base, proc, log_path), "the server to answer")
+        wait_for(lambda: server_answers(base, proc, log_path), "the server to answer")
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {READ}"}, timeout=30) as client:
             for doc, reads in HOT.items():  # users read: accesses, lazy requests, read latency
                 for _ in range(reads):
@@ -100,14 +100,6 @@ def migration(milvus_server_uri, tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(timeout=120)
-
-
-def _answers(base: str, proc: subprocess.Popen, log: Path) -> bool:
-    assert proc.poll() is None, log.read_text()
-    try:
-        return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _put_in_review(ledger: Ledger, doc: str) -> None:

@@ -16,22 +16,12 @@ import pytest
 from PIL import Image
 
 from repage.demo.ingest import extract_images
-from tests.support import Demo, built_demo
+from tests.support import Demo
 from tests.support.snapshot import diff
 from tests.unit.test_pdfpages import encrypted_pdf
 
 pytestmark = pytest.mark.slow
 PDF = ("--path", "pdf")
-
-
-@pytest.fixture(scope="module", params=["auto", "chunk_id"])
-def pristine(request, tmp_path_factory) -> Demo:
-    return built_demo(tmp_path_factory, request.param)
-
-
-@pytest.fixture
-def demo(pristine, tmp_path) -> Demo:
-    return pristine.copy(tmp_path)
 
 
 # ---------------------------------------------------------------- helpers

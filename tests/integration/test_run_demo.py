@@ -16,21 +16,11 @@ import pytest
 from repage.app import open_stores
 from repage.migrate import RunOptions
 from repage.runner import RunLimits, Selection, run_migration
-from tests.support import Demo, built_demo
+from tests.support import Demo
 from tests.support.snapshot import changed, diff
 
 pytestmark = pytest.mark.slow
 KEYS = ("--path", "keys")  # these tests are about the keys path; `auto` also runs pdf (test_pdf_path.py)
-
-
-@pytest.fixture(scope="module", params=["auto", "chunk_id"])
-def pristine(request, tmp_path_factory) -> Demo:
-    return built_demo(tmp_path_factory, request.param)
-
-
-@pytest.fixture
-def demo(pristine, tmp_path) -> Demo:
-    return pristine.copy(tmp_path)
 
 
 # ---------------------------------------------------------------- expectations

@@ -30,23 +30,20 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from repage.app import open_ledger, open_stores
-from repage.config import ENV_NAMES
 from repage.scan import scan_store
 from repage.states import State
-from tests.fixtures.ledger import _pg_admin
+from tests.fixtures.ledger import pg_schema_url
 from tests.support.crash import (
-    APP_ENV_NAMES,
-    REPO,
     Schema,
     Template,
     build_synthetic,
+    child_env,
     diff_objects,
     diff_rows,
     drop_collection,
@@ -65,32 +62,12 @@ TIMEOUT = 90.0
 
 @pytest.fixture
 def pg_url():
-    base, admin = _pg_admin()
-    schema = f"repage_scale_{uuid.uuid4().hex[:12]}"
-    with admin:
-        admin.execute(f'CREATE SCHEMA "{schema}"')
-    try:
-        yield f"{base}?options=-csearch_path%3D{schema}"
-    finally:
-        _, admin = _pg_admin()
-        with admin:
-            admin.execute("SET lock_timeout = '20s'")
-            admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-
-
-def _env(settings, failpoint: str | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES and k not in APP_ENV_NAMES}
-    env.update(REPAGE_MILVUS_URI=settings.milvus_uri, REPAGE_COLLECTION=settings.collection,
-               REPAGE_STORE_URL=settings.store_url, REPAGE_LEDGER_URL=settings.ledger_url,
-               PYTHONPATH=os.pathsep.join(filter(None, (str(REPO), env.get("PYTHONPATH")))))
-    if failpoint:
-        env["REPAGE_FAILPOINT"] = failpoint
-    return env
+    yield from pg_schema_url("repage_scale")
 
 
 def _worker(settings, workdir: Path, failpoint: str | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "repage.cli", "--config", str(workdir / "repage.toml"), "run",
-                             "--json"], env=_env(settings, failpoint), cwd=workdir, stdout=subprocess.PIPE,
+                             "--json"], env=child_env(settings, failpoint), cwd=workdir, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -177,7 +154,7 @@ def test_three_workers_kill_and_stall(milvus_server_uri, pg_url, tmp_path):
         assert set(states) <= {State.MIGRATED.value, State.SKIPPED.value, State.UNRECOVERABLE.value}, states
 
         verify = subprocess.run([sys.executable, "-m", "repage.cli", "--config", str(workdir / "repage.toml"),
-                                 "verify", "--json"], env=_env(settings), cwd=workdir, capture_output=True,
+                                 "verify", "--json"], env=child_env(settings), cwd=workdir, capture_output=True,
                                 text=True, timeout=TIMEOUT)
         assert verify.returncode == 0, verify.stdout[-2000:] + verify.stderr[-2000:]
 

@@ -17,17 +17,12 @@ from repage.migrate import RunOptions
 from repage.runner import RunLimits, Selection, run_migration
 from repage.scan import scan_store
 from repage.verify import rollback_documents, verify_documents
-from tests.support import Demo, built_demo
+from tests.support import Demo
 from tests.support.snapshot import diff
 
 pytestmark = pytest.mark.slow
 
 DONE_STATES = {"migrated", "verified", "skipped", "unrecoverable"}
-
-
-@pytest.fixture(scope="module", params=["auto", "chunk_id"])
-def pristine(request, tmp_path_factory) -> Demo:
-    return built_demo(tmp_path_factory, request.param)
 
 
 class Spy:

@@ -8,9 +8,7 @@ import os
 import sqlite3
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -19,22 +17,14 @@ from repage.states import State
 from repage.stores.ledger import Ledger
 from repage.stores.vectors import MilvusVectors
 from tests.fixtures.milvus import _free_port, unique_name
-from tests.support.service_store import create_store, env_for, expected_pages, fltr_rows, write_images
+from tests.support import wait_for
+from tests.support.service_store import (create_store, env_for, expected_pages, fltr_rows, server_answers,
+                                          write_images)
 
 pytestmark = pytest.mark.slow
 
 READ, ADMIN = "read-8c1d5e0f9b", "admin-2a7f4e61c3"
 DOCS = ["a0", "hot", "p0", "x1", "x2"]
-
-
-def wait_for(predicate, what: str, timeout: float = 60.0, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def bearer(token: str) -> dict:
@@ -61,7 +51,7 @@ def server(milvus_server_uri, tmp_path_factory):
                                  "--daily-quota", "0", "--poll", "0.1"], env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: _answers(base, proc, log_path), "the server to answer")
+        wait_for(lambda: server_answers(base, proc, log_path), "the server to answer")
         vectors = MilvusVectors(milvus_server_uri, collection)
         yield {"base": base, "rows": rows, "ledger_url": ledger_url, "vectors": vectors, "log": log_path,
                "proc": proc, "env": env}
@@ -69,14 +59,6 @@ def server(milvus_server_uri, tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-
-
-def _answers(base: str, proc: subprocess.Popen, log: Path) -> bool:
-    assert proc.poll() is None, log.read_text()
-    try:
-        return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def stored_pages(server, doc: str) -> dict[str, int]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from repage.keys import canonical_image_key, docling_image_key, legacy_image_key, legacy_image_name
-from tests.unit.test_pdfpages import encrypted_pdf, make_pdf, picture
+from tests.unit.test_pdfpages import encrypted_pdf, make_pdf, picture, raw_pdf
 
 DIM = 8
 DS = "5a1d3c9e-7f2b-4e61-9a0c-2b8d4f6e1a37"
@@ -67,18 +67,7 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def zero_page_pdf() -> bytes:
     """A well-formed PDF whose page tree is empty."""
-    objs = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [] /Count 0 >>"]
-    out = io.BytesIO()
-    out.write(b"%PDF-1.4\n")
-    offsets = []
-    for i, body in enumerate(objs, 1):
-        offsets.append(out.tell())
-        out.write(b"%d 0 obj\n%s\nendobj\n" % (i, body))
-    xref = out.tell()
-    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1))
-    out.write(b"".join(b"%010d 00000 n \n" % o for o in offsets))
-    out.write(b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, xref))
-    return out.getvalue()
+    return raw_pdf([b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [] /Count 0 >>"])
 
 
 def docling_case(name: str, doc: str, source: bytes | None, expect: str, words: tuple[str, ...] = (),

@@ -18,6 +18,7 @@ import pytest
 
 from tests.fixtures.milvus import MILVUS_LITE, _free_port, _wait_until_answers
 from tests.reliability.stores import clone_folder, lost_problems, make_template
+from tests.support import wait_for
 from tests.support.reliability import CliLog, record
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
@@ -75,15 +76,6 @@ def ledger_states(path: Path) -> dict[str, int]:
         return {}
 
 
-def wait_for(predicate, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.parametrize("kill_when", ["first-migrated", "first-claim"])
 def test_milvus_killed_mid_run_and_restarted_loses_nothing(lite, tmp_path, kill_when):
     template = make_template(lite.uri, tmp_path / "template", keys_docs=KEYS_DOCS)
@@ -95,7 +87,7 @@ def test_milvus_killed_mid_run_and_restarted_loses_nothing(lite, tmp_path, kill_
     proc = cli.start("run", "--json", "--pause", "0.3", env=clone.env, cwd=workdir)
     state = "migrated" if kill_when == "first-migrated" else "running"
     wait_for(lambda: proc.poll() is not None or ledger_states(workdir / "ledger.db").get(state),
-             f"a {state} document")
+             f"a {state} document", every=0.02)  # the run must be caught mid-flight
     assert proc.poll() is None, "the run ended before the outage"
     lite.kill()
     time.sleep(OUTAGE_SECONDS)

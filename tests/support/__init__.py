@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,3 +120,13 @@ def built_demo(tmp_path_factory, pk: str) -> Demo:
         demo.release()
         _BUILT[pk] = demo
     return _BUILT[pk]
+
+
+def wait_for(predicate, what: str, timeout: float = 60.0, every: float = 0.05):
+    """Poll `predicate` until it returns something truthy (returned), or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -335,14 +335,20 @@ def write_config(workdir: Path, settings: Settings) -> Path:
     return path
 
 
-def run_cli_child(settings: Settings, workdir: Path, failpoint: str | None, timeout: float = 120.0) -> ChildResult:
-    """`python -m repage.cli run` with REPAGE_* env and a repage.toml (lease, batch size)."""
+def child_env(settings: Settings, failpoint: str | None = None) -> dict:
+    """This environment without inherited repage/app variables, plus the stores of `settings`."""
     env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES and k not in APP_ENV_NAMES}
     env.update(REPAGE_MILVUS_URI=settings.milvus_uri, REPAGE_COLLECTION=settings.collection,
                REPAGE_STORE_URL=settings.store_url, REPAGE_LEDGER_URL=settings.ledger_url,
                PYTHONPATH=os.pathsep.join(filter(None, (str(REPO), env.get("PYTHONPATH")))))
     if failpoint:
         env["REPAGE_FAILPOINT"] = failpoint
+    return env
+
+
+def run_cli_child(settings: Settings, workdir: Path, failpoint: str | None, timeout: float = 120.0) -> ChildResult:
+    """`python -m repage.cli run` with REPAGE_* env and a repage.toml (lease, batch size)."""
+    env = child_env(settings, failpoint)
     config = write_config(workdir, settings)
     proc = subprocess.run([sys.executable, "-m", "repage.cli", "--config", str(config), "run", "--json"],
                           env=env, cwd=workdir, capture_output=True, text=True, timeout=timeout)

@@ -3,7 +3,10 @@ chunk has page 0 and a legacy key that tells its true page (the keys path)."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
+
+import httpx
 
 from repage.config import Settings, load_settings
 from repage.stores.vectors import MilvusVectors
@@ -67,3 +70,12 @@ def settings_for(uri: str, collection: str, bucket_url: str, ledger_url: str, **
 def env_for(uri: str, collection: str, bucket_url: str, ledger_url: str) -> dict[str, str]:
     return {"REPAGE_MILVUS_URI": uri, "REPAGE_COLLECTION": collection, "REPAGE_STORE_URL": bucket_url,
             "REPAGE_LEDGER_URL": ledger_url}
+
+
+def server_answers(base: str, proc: subprocess.Popen, log: Path) -> bool:
+    """Whether `repage serve` at `base` answers /healthz (it must still be running: else its log)."""
+    assert proc.poll() is None, log.read_text()
+    try:
+        return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False

@@ -47,11 +47,8 @@ def make_pdf(pages: list[list[Image.Image]]) -> bytes:
     return buf.getvalue()
 
 
-def encrypted_pdf() -> bytes:
-    """A one-page PDF behind the standard security handler with an unknown user password."""
-    objs = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 100 100] >>",
-            b"<< /Filter /Standard /V 1 /R 2 /O <" + b"11" * 32 + b"> /U <" + b"22" * 32 + b"> /P -4 >>"]
+def raw_pdf(objs: list[bytes], trailer: bytes = b"") -> bytes:
+    """A PDF written object by object: `objs` numbered from 1 (1 is the catalog), with its xref."""
     out = io.BytesIO()
     out.write(b"%PDF-1.4\n")
     offsets = []
@@ -61,9 +58,16 @@ def encrypted_pdf() -> bytes:
     xref = out.tell()
     out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1))
     out.write(b"".join(b"%010d 00000 n \n" % o for o in offsets))
-    out.write(b"trailer\n<< /Size %d /Root 1 0 R /Encrypt 4 0 R /ID [<%s> <%s>] >>\nstartxref\n%d\n%%%%EOF\n"
-              % (len(objs) + 1, b"ab" * 16, b"ab" * 16, xref))
+    out.write(b"trailer\n<< /Size %d /Root 1 0 R%s >>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, trailer, xref))
     return out.getvalue()
+
+
+def encrypted_pdf() -> bytes:
+    """A one-page PDF behind the standard security handler with an unknown user password."""
+    return raw_pdf([b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+                    b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 100 100] >>",
+                    b"<< /Filter /Standard /V 1 /R 2 /O <" + b"11" * 32 + b"> /U <" + b"22" * 32 + b"> /P -4 >>"],
+                   trailer=b" /Encrypt 4 0 R /ID [<%s> <%s>]" % (b"ab" * 16, b"ab" * 16))
 
 
 def png(image: Image.Image) -> bytes:
