@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.scan_memory import COLLECTION, LiteServer, free_port
+from bench.scan_memory import COLLECTION, LiteServer, free_port, stop_process
 from bench.synthetic import CHUNKS_PER_DOC, IMAGE_CHUNKS, build_store
 from repage.errors import RepageError, StoreError
 from repage.stores.objects import ObjectStore
@@ -135,13 +135,7 @@ class MotoServer:
         raise StoreError(f"moto_server did not answer at {self.endpoint} within 30 s")
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=10)
         self._log.close()
 
     def env(self) -> dict[str, str]:
