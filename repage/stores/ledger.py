@@ -643,31 +643,26 @@ class Ledger:
         back to pending, so a run that moves images picks them up. How many."""
         c = docs_t.c
         where = [c.state.in_([State.MIGRATED.value, State.VERIFIED.value]), c.images_to_move > 0]
-        if dataset_id is not None:
-            where.append(c.dataset_id == dataset_id)
-        moved = 0
-        for batch in _batches(document_ids) if document_ids is not None else [None]:
-            clause = where + ([c.document_id.in_(batch)] if batch is not None else [])
-            with self._tx() as conn:
-                moved += conn.execute(sa.update(docs_t).where(*clause).values(
-                    state=State.PENDING.value, reason="images still to move", finished_at=None,
-                    updated_at=self._now())).rowcount
-        return moved
+        return self._back_to_pending(where, dataset_id, document_ids, reason="images still to move")
 
     def retry_failed(self, dataset_id: str | None = None, document_ids: Sequence[str] | None = None) -> int:
         """Failed documents (of the dataset / ids) go back to pending: the retry edge. How many.
         Their last_error and attempts stay, so `status` still tells what went wrong before."""
-        c = docs_t.c
         check_transition(State.FAILED, State.PENDING)
-        where = [c.state == State.FAILED.value]
+        return self._back_to_pending([docs_t.c.state == State.FAILED.value], dataset_id, document_ids)
+
+    def _back_to_pending(self, where: list[Any], dataset_id: str | None, document_ids: Sequence[str] | None,
+                         **values: Any) -> int:
+        """Documents matching `where` (of the dataset / ids) back to pending, 500 ids per statement."""
+        c = docs_t.c
         if dataset_id is not None:
-            where.append(c.dataset_id == dataset_id)
+            where = [*where, c.dataset_id == dataset_id]
         moved = 0
         for batch in _batches(document_ids) if document_ids is not None else [None]:
             clause = where + ([c.document_id.in_(batch)] if batch is not None else [])
             with self._tx() as conn:
                 moved += conn.execute(sa.update(docs_t).where(*clause).values(
-                    state=State.PENDING.value, finished_at=None, updated_at=self._now())).rowcount
+                    state=State.PENDING.value, finished_at=None, updated_at=self._now(), **values)).rowcount
         return moved
 
     def release_expired(self) -> int:

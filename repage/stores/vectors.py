@@ -212,6 +212,10 @@ class CollectionInfo:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def identity(self, row: Mapping[str, Any]) -> tuple:
+        """The row's stable identity (DESIGN §1): never its primary key, which a server may renumber."""
+        return tuple(row[f] for f in self.identity_fields)
+
 
 @dataclass(frozen=True)
 class ChunkChange:
@@ -530,9 +534,9 @@ class MilvusVectors:
         with_vectors = self.fetch_documents(document_ids, where=image_chunk_filter(info.fields))
         # The rest with light fields only (they are counted and classified, never written), and
         # not by the filter's negation: a NULL ocr_confidence makes both sides false.
-        seen = {tuple(r[f] for f in info.identity_fields) for r in with_vectors}
+        seen = {info.identity(r) for r in with_vectors}
         rest = [r for r in self.fetch_documents(document_ids, fields=self._light_fields(), with_vectors=False)
-                if tuple(r[f] for f in info.identity_fields) not in seen]
+                if info.identity(r) not in seen]
         return with_vectors + rest
 
     def fetch_documents(self, document_ids: Sequence[str], *, fields: Sequence[str] | None = None,
@@ -580,7 +584,7 @@ class MilvusVectors:
         cap = self._row_cap(self._bytes_per_row(with_vectors))
         for group in _batches(wanted, _identity_cost, max(1, cap // 2), MAX_FILTER_BYTES):
             for row in self._query_split(group, self._identity_filter, out, cap):
-                key = tuple(row[f] for f in info.identity_fields)
+                key = info.identity(row)
                 found.setdefault(key, []).append(row)
         return found
 
@@ -604,7 +608,7 @@ class MilvusVectors:
         out, cap = self._output_fields(None, True), self._row_cap(self._bytes_per_row(True))
         for group in _batches(pks, _identity_cost, cap, MAX_FILTER_BYTES):
             for row in self._query(in_filter(info.pk_field, group), out, limit=cap):
-                found.setdefault(tuple(row[f] for f in info.identity_fields), []).append(row)
+                found.setdefault(info.identity(row), []).append(row)
         return found
 
     # -- writes
