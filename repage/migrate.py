@@ -338,15 +338,20 @@ class BatchMigrator:
         return self._drop_lost(works, refused, result)
 
     @staticmethod
-    def _drop_lost(works: list[DocumentWork], refused: Mapping[str, str], result: BatchResult) -> list[DocumentWork]:
+    def _drop_lost(works: list[DocumentWork], refused: Mapping[str, str],
+                   result: BatchResult | None) -> list[DocumentWork]:
         """The works whose lease still holds; the others go back to pending, untouched."""
         for work in works:
             if work.document_id in refused:
-                result.other[work.document_id] = State.PENDING
+                if result is not None:
+                    result.other[work.document_id] = State.PENDING
                 work.error, work.lease_lost = refused[work.document_id], True
         return [w for w in works if w.document_id not in refused]
 
-    def _renew_leases(self, works: list[DocumentWork], result: BatchResult) -> list[DocumentWork]:
+    def _renew_leases(self, works: list[DocumentWork], result: BatchResult | None = None) -> list[DocumentWork]:
+        """Extend the leases from now; a document whose lease was lost writes nothing more."""
+        if not works:
+            return []
         lost = self.ledger.renew_leases({w.document_id: w.claim.fencing_token for w in works}, self.lease_seconds)
         why = {d: f"lease on document {d} is no longer current" for d in lost}
         return self._drop_lost(works, why, result)
@@ -361,10 +366,8 @@ class BatchMigrator:
 
         def beat() -> None:
             while not stop.wait(self.lease_seconds / 3):
-                for work in works:
-                    # an errored document keeps its lease too, until the batch records its error
-                    if work.outcome is None and not work.lease_lost:
-                        self._renew_lease(work)
+                # an errored document keeps its lease too, until the batch records its error
+                self._renew_leases([w for w in works if w.outcome is None and not w.lease_lost])
 
         keeper = threading.Thread(target=beat, name="repage-lease-keeper", daemon=True)
         keeper.start()
@@ -373,17 +376,6 @@ class BatchMigrator:
         finally:
             stop.set()
             keeper.join()
-
-    def _renew_lease(self, work: DocumentWork, result: BatchResult | None = None) -> bool:
-        """Extend the document's lease from now; False (and nothing more written) if it was lost."""
-        try:
-            self.ledger.renew_lease(work.document_id, work.claim.fencing_token, self.lease_seconds)
-            return True
-        except StaleLease as exc:  # another worker owns it now: this one writes nothing more
-            work.error, work.lease_lost = str(exc), True
-            if result is not None:
-                result.other[work.document_id] = State.PENDING
-            return False
 
     def _copy_objects(self, work: DocumentWork) -> None:
         try:

@@ -123,7 +123,7 @@ class PdfPlanner:
 
     def _keep_lease(self) -> None:
         """A big PDF takes a while: renew the lease between the long steps, as the copy step does."""
-        if not self.m.options.dry_run and not self.m._renew_lease(self.work):
+        if not self.m.options.dry_run and not self.m._renew_leases([self.work]):
             raise StaleLease(self.work.error or f"lease on document {self.work.document_id} lost")
 
     def _name(self) -> str:
