@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 
-from repage.lazy import LazyRepair
+from repage.migration.lazy import LazyRepair
 
 CHUNKS = 200
 IMAGE_EVERY = (2, 5, 8, 11, 14, 17)  # 6 of every 20 chunks, as bench/synthetic.py builds them

@@ -39,7 +39,7 @@ import psutil
 from bench.scan_memory import COLLECTION, LiteServer, free_port, tree_rss
 from bench.stores import OUT, MotoServer, StoreSpec, clean_env, ensure_master, fresh_copy, load_and_count, log
 from repage.errors import RepageError
-from repage.stores.vectors import MilvusVectors
+from repage.stores.milvus import MilvusVectors
 
 BIN = Path(sys.executable).parent
 PY = sys.executable

@@ -27,7 +27,7 @@ import psutil
 
 from bench.synthetic import CHUNKS_PER_DOC, IMAGE_CHUNKS, build_store, drop_if_exists
 from repage.errors import ConfigError, RepageError, StoreError
-from repage.stores.vectors import AFFECTED_FILTER, MilvusVectors, connect
+from repage.stores.milvus import AFFECTED_FILTER, MilvusVectors, connect
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent

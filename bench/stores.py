@@ -29,7 +29,7 @@ from bench.scan_memory import COLLECTION, LiteServer, free_port, stop_process
 from bench.synthetic import CHUNKS_PER_DOC, IMAGE_CHUNKS, build_store
 from repage.errors import RepageError, StoreError
 from repage.stores.objects import ObjectStore
-from repage.stores.vectors import AFFECTED_FILTER, MilvusVectors
+from repage.stores.milvus import AFFECTED_FILTER, MilvusVectors
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent

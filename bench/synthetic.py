@@ -35,9 +35,9 @@ import numpy as np
 from PIL import Image
 
 from repage.errors import ConfigError, RepageError
-from repage.keys import legacy_image_key, legacy_image_name, legacy_sort_index
+from repage.domain.keys import legacy_image_key, legacy_image_name, legacy_sort_index
 from repage.stores.objects import ObjectStore
-from repage.stores.vectors import AFFECTED_FILTER, MilvusVectors
+from repage.stores.milvus import AFFECTED_FILTER, MilvusVectors
 
 CHUNKS_PER_DOC = 20
 IMAGE_CHUNKS = 6  # of them: page 0, legacy key on the chunk

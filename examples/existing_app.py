@@ -21,11 +21,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, HTTPException
 from pymilvus import MilvusClient
 
-from repage.app import open_ledger, open_vectors
+from repage.stores.open import open_ledger, open_vectors
 from repage.config import Settings, load_settings
-from repage.keys import compile_patterns
-from repage.lazy import LazyRepair, LedgerSink
-from repage.service import create_router, make_parts
+from repage.domain.keys import compile_patterns
+from repage.migration.lazy import LazyRepair, LedgerSink
+from repage.web.service import create_router, make_parts
 
 
 def create_existing_app(settings: Settings) -> FastAPI:

@@ -10,8 +10,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from repage.access import AccessImportError, aggregate, format_of, half_life_seconds, parse_access_log, spread_datasets
-from repage.app import open_stores
+from repage.domain.access import AccessImportError, aggregate, format_of, half_life_seconds, parse_access_log, spread_datasets
+from repage.stores.open import open_stores
 from repage.config import Settings
 from repage.errors import ConfigError
 
@@ -49,7 +49,7 @@ def access_top(settings: Settings, limit: int = 20) -> dict:
 
 def top_documents(ledger, half_life_hours: float, limit: int = 20, now: float | None = None) -> dict:
     """`repage access top` of an open ledger (the dashboard's hot documents too)."""
-    from repage.access import Decayed
+    from repage.domain.access import Decayed
 
     half_life = half_life_seconds(half_life_hours)
     now = time.time() if now is None else now

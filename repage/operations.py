@@ -14,12 +14,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from repage import probe
-from repage.app import open_objects, open_stores, open_vectors
+from repage.migration import probe
+from repage.stores.open import open_objects, open_stores, open_vectors
 from repage.config import Settings
 from repage.errors import RepageError
-from repage.estimate import human_seconds
-from repage.scan import scan_completed, scan_store
+from repage.domain.estimate import human_seconds
+from repage.migration.scan import scan_completed, scan_store
 
 
 def doctor(settings: Settings) -> dict:
@@ -89,8 +89,8 @@ def demo(settings: Settings, *, data_dir: Path, pk: str, console: Console | None
     reads it, the migration never does.
     """
     from repage.demo import build_demo
-    from repage.migrate import RunOptions
-    from repage.runner import RunLimits, Selection
+    from repage.migration.migrate import RunOptions
+    from repage.migration.runner import RunLimits, Selection
 
     log = _log(console)
     started = time.perf_counter()
@@ -101,7 +101,7 @@ def demo(settings: Settings, *, data_dir: Path, pk: str, console: Console | None
     report["scan"] = scan(settings, console=console)
     report["scan"].pop("documents")
     report["estimate"] = estimate(settings)
-    from repage.states import Path as RepairPath
+    from repage.domain.states import Path as RepairPath
 
     log("migrating the keys and pdf paths ...")
     report["run"] = run(settings, RunOptions(), RunLimits(batch_size=settings.batch_size,
@@ -222,7 +222,7 @@ def render_demo(console: Console) -> Callable[[dict], None]:
 # ---- the migration (issue 4 commands)
 
 def run(settings: Settings, options, limits, selection, *, on_batch=None, stop=None) -> dict:
-    from repage.runner import run_migration
+    from repage.migration.runner import run_migration
     from repage.stores.ledger import Ledger
 
     # A dry run writes nothing anywhere: not even a new ledger (run_migration scans into a scratch one).
@@ -232,28 +232,28 @@ def run(settings: Settings, options, limits, selection, *, on_batch=None, stop=N
 
 
 def status(settings: Settings) -> dict:
-    from repage.status import migration_status
+    from repage.migration.status import migration_status
 
     with open_stores(settings, vectors=False, objects=False) as stores:
         return migration_status(stores.ledger, settings.prices)
 
 
 def verify(settings: Settings, document_ids=None) -> dict:
-    from repage.verify import verify_documents
+    from repage.migration.verify import verify_documents
 
     with open_stores(settings) as stores:
         return verify_documents(stores, document_ids).as_dict()
 
 
 def rollback(settings: Settings, document_ids=None) -> dict:
-    from repage.verify import rollback_documents
+    from repage.migration.verify import rollback_documents
 
     with open_stores(settings) as stores:
         return rollback_documents(stores, document_ids).as_dict()
 
 
 def gc(settings: Settings, grace_seconds: float) -> dict:
-    from repage.verify import gc_objects
+    from repage.migration.verify import gc_objects
 
     with open_stores(settings) as stores:
         return gc_objects(stores, grace_seconds)

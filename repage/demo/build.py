@@ -18,14 +18,14 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from repage.app import open_objects
+from repage.stores.open import open_objects
 from repage.config import Settings, demo_settings
 from repage.demo import corpus as corpus_mod
 from repage.demo.embed import MODEL_NAME, embed_all
 from repage.demo.ingest import IngestedDoc, ingest_corpus
 from repage.errors import ConfigError, StoreError
 from repage.stores.objects import ObjectStore
-from repage.stores.vectors import AFFECTED_FILTER, MilvusVectors
+from repage.stores.milvus import AFFECTED_FILTER, MilvusVectors
 
 GROUND_TRUTH = "ground-truth.json"
 COLLECTION = "fltr_documents"

@@ -30,7 +30,7 @@ import pypdfium2.raw as pdfium_raw
 from PIL import Image
 
 from repage.demo.corpus import CorpusDoc
-from repage.keys import (
+from repage.domain.keys import (
     canonical_image_key,
     docling_image_key,
     legacy_image_key,
@@ -39,7 +39,7 @@ from repage.keys import (
 )
 
 # Junk filter, as the pipeline had one: tracking pixels, hairlines and rules. The pdf
-# path must rebuild the same image list, so these equal repage.pdfpages' values (a
+# path must rebuild the same image list, so these equal repage.migration.pdfpages' values (a
 # test compares the two extractions); they are not imported, the demo stays the
 # independent reference.
 MIN_IMAGE_SIDE = 8  # px: a 1x1 pixel or a hairline is layout junk

@@ -23,7 +23,7 @@ import tenacity
 
 from repage.errors import BadInput, ConfigError, Transient
 from repage.reprocess.base import Job, JobStatus, ReprocessDocument
-from repage.throttle import Clock, SystemClock
+from repage.stores.throttle import Clock, SystemClock
 
 SUBMIT_PATH = "/api/v1/admin/documents/{document_id}/reprocess"
 STATUS_PATH = "/api/v1/admin/documents/{document_id}"

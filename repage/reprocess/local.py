@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from repage.errors import BadInput, ConfigError, ObjectNotFound, RepageError, StoreError
-from repage.keys import canonical_image_key, source_key_candidates
+from repage.domain.keys import canonical_image_key, source_key_candidates
 from repage.reprocess.base import Job, JobStatus, ReprocessDocument, chunk_counts
 from repage.stores.ledger import ChunkJournalEntry
 
@@ -111,7 +111,7 @@ def extract_pages(data: bytes, name: str) -> list[SourcePage]:
 
 
 def _pdf_pages(data: bytes, name: str) -> list[SourcePage]:
-    from repage import pdfpages
+    from repage.migration import pdfpages
 
     pdf = pdfpages.open_pdf(data, name)
     pages: list[SourcePage] = []

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from repage.errors import IllegalTransition, RepageError, StaleLease
 from repage.reprocess.base import JobStatus, ReprocessDocument, backend_name, estimated_dollars, open_reprocessor
-from repage.states import State
+from repage.domain.states import State
 
 DEFER_REASON = ("only the reprocess path can fix it and reprocessing is not enabled for this run: "
                 "run with --allow-reprocess (or --path reprocess)")
@@ -53,7 +53,7 @@ class ReprocessStage:
     # ---- a batch
 
     def process(self, claims: Sequence, migrator, dry_run: bool = False):
-        from repage.migrate import BatchResult, DocumentWork
+        from repage.migration.migrate import BatchResult, DocumentWork
 
         result = BatchResult()
         if dry_run:

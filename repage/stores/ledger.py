@@ -34,9 +34,9 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-from repage.access import Decayed
+from repage.domain.access import Decayed
 from repage.errors import ConfigError, IllegalTransition, StaleLease, StoreError, StoreUnavailable
-from repage.states import Path, State, check_transition
+from repage.domain.states import Path, State, check_transition
 
 SCHEMA_VERSION = 1
 BATCH = 500  # rows per executemany / IN list: well under SQLite's and libpq's parameter limits

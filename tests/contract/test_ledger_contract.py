@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from repage.errors import ConfigError, IllegalTransition, StaleLease, StoreError, StoreUnavailable
-from repage.states import TRANSITIONS, Path, State
+from repage.domain.states import TRANSITIONS, Path, State
 from repage.stores.ledger import (
     SCHEMA_VERSION, ChunkJournalEntry, Claim, Ledger, JournalIntent, ObjectJournalEntry, ObjectState, ScanRecord,
 )

@@ -13,7 +13,7 @@ from http.server import ThreadingHTTPServer
 import pytest
 
 from repage.errors import Throttled
-from repage.throttle import AdaptiveLimiter, SystemClock, TokenBucket, call_with_backoff
+from repage.stores.throttle import AdaptiveLimiter, SystemClock, TokenBucket, call_with_backoff
 # counting_proxy is imported as a fixture until tests/conftest.py lists tests.fixtures.proxy.
 from tests.fixtures.proxy import CountingProxy, ProxyHandler, counting_proxy  # noqa: F401
 from tests.fixtures.s3 import create_bucket, s3_store, unique_bucket_name

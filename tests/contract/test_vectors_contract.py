@@ -15,7 +15,7 @@ from pymilvus.exceptions import ErrorCode, MilvusException
 from pymilvus.grpc_gen import common_pb2, milvus_pb2
 
 from repage.errors import ConfigError, InvalidFilterValue, StoreError, StoreUnavailable, Throttled
-from repage.stores.vectors import (
+from repage.stores.milvus import (
     AFFECTED_FILTER,
     ChunkChange,
     MilvusVectors,
@@ -361,7 +361,7 @@ def test_released_collection_is_loaded_on_open(vectors):
 
 def test_locked_lite_folder_is_unavailable(milvus_lite_uri):
     """Lite locks its folder per process: a second process gets a one-line StoreUnavailable."""
-    code = ("import sys; from repage.stores.vectors import MilvusVectors; from repage.errors import StoreUnavailable\n"
+    code = ("import sys; from repage.stores.milvus import MilvusVectors; from repage.errors import StoreUnavailable\n"
             "try: MilvusVectors(sys.argv[1], 'x', timeout=5)\n"
             "except StoreUnavailable as e: print(e); sys.exit(3)")
     MilvusVectors.create_collection(milvus_lite_uri, unique_name("lock"), dim=8).close()  # folder in use here

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from repage.stores.vectors import MilvusVectors
+from repage.stores.milvus import MilvusVectors
 from tests.fixtures.s3 import unique_bucket_name
 
 COMMANDS = ["doctor", "scan", "estimate", "demo", "run", "status", "verify", "rollback", "gc", "review",
@@ -100,7 +100,7 @@ def _build_pageless_store(uri: str) -> None:
     """A collection without the `page` field, made with pymilvus directly (a test may)."""
     from pymilvus import DataType, MilvusClient
 
-    from repage.stores.vectors import connect
+    from repage.stores.milvus import connect
 
     client = connect(uri, None, 10)
     schema = MilvusClient.create_schema(auto_id=True)

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from repage.app import open_ledger
-from repage.migrate import FAILPOINTS
-from repage.states import State
-from repage.verify import verify_documents
+from repage.stores.open import open_ledger
+from repage.migration.migrate import FAILPOINTS
+from repage.domain.states import State
+from repage.migration.verify import verify_documents
 from tests.support.crash import (
     REFERENCE_LEASE_SECONDS,
     CleanRun,
@@ -273,9 +273,9 @@ def test_a_batch_longer_than_its_lease_keeps_the_lease(plain, tmp_path):
     """A slow batch (throttled copies) renews its lease: claimed once, never redone by another claim."""
     from dataclasses import replace as dc_replace
 
-    from repage.migrate import RunOptions
-    from repage.runner import Runner, Selection
-    from repage.scan import scan_store
+    from repage.migration.migrate import RunOptions
+    from repage.migration.runner import Runner, Selection
+    from repage.migration.scan import scan_store
     from tests.support.crash import limits_for
 
     # 1.5 s: the heartbeat beats every 0.5 s, slack enough for a loaded 2-core CI machine

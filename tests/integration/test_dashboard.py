@@ -25,11 +25,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from repage import dashboard as dash
-from repage.keys import canonical_image_key
-from repage.states import Path as RoutePath, State
+from repage.web import dashboard as dash
+from repage.domain.keys import canonical_image_key
+from repage.domain.states import Path as RoutePath, State
 from repage.stores.ledger import Ledger
-from repage.worker import is_paused
+from repage.migration.worker import is_paused
 from tests.fixtures.milvus import _free_port, unique_name
 from tests.support import wait_for
 from tests.support.service_store import create_store, env_for, fltr_rows, server_answers, write_images

@@ -19,7 +19,7 @@ import pytest
 from repage.demo import build_demo
 from repage.demo.embed import MODEL_NAME, embed
 from repage.stores.objects import ObjectStore
-from repage.stores.vectors import MilvusVectors
+from repage.stores.milvus import MilvusVectors
 
 pytestmark = pytest.mark.slow
 
@@ -176,7 +176,7 @@ def test_rebuild_wipes_and_is_deterministic(auto, rebuilt):
 
 def test_pdf_path_extraction_sees_the_same_images(auto):
     """The pdf path can only map image_index -> page if it extracts what the pipeline did."""
-    from repage import pdfpages
+    from repage.migration import pdfpages
 
     for d in (d for d in auto.docs if d["expected_path"] == "pdf"):
         data = auto.objects.get(d["source_key"])

@@ -13,10 +13,10 @@ import os
 
 import pytest
 
-from repage.app import open_stores
-from repage.migrate import RunOptions
-from repage.runner import RunLimits, Selection, run_migration
-from repage.states import Path
+from repage.stores.open import open_stores
+from repage.migration.migrate import RunOptions
+from repage.migration.runner import RunLimits, Selection, run_migration
+from repage.domain.states import Path
 from tests.support import built_demo
 from tests.support.snapshot import diff
 
@@ -35,7 +35,7 @@ class CountingRay:
     """The RayEngine, counting the tasks it submitted."""
 
     def __init__(self):
-        from repage.engine import RayEngine
+        from repage.migration.compute import RayEngine
 
         self.engine = RayEngine(init=False)  # the cluster the test started
         self.remote, self.name, self.tasks = True, "ray", 0
@@ -61,7 +61,7 @@ def migrate(demo, engine) -> dict:
 
 
 def test_ray_engine_gives_the_same_store_as_the_local_engine(tmp_path_factory, tmp_path):
-    from repage.engine import LocalEngine
+    from repage.migration.compute import LocalEngine
 
     # A Ray local cluster, started first: ray.init forks, which must not happen while gRPC
     # threads run (the demo's in-process Milvus Lite).

@@ -15,15 +15,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from repage.app import Stores
+from repage.stores.open import Stores
 from repage.config import load_settings
-from repage.migrate import RunOptions
-from repage.runner import RunLimits, Runner, Selection
-from repage.states import Path, State
+from repage.migration.migrate import RunOptions
+from repage.migration.runner import RunLimits, Runner, Selection
+from repage.domain.states import Path, State
 from repage.stores.ledger import Ledger, ScanRecord
 from repage.stores.objects import ObjectStore
-from repage.stores.vectors import MilvusVectors
-from repage.throttle import FakeClock
+from repage.stores.milvus import MilvusVectors
+from repage.stores.throttle import FakeClock
 from tests.fixtures.milvus import insert_sample, unique_name
 
 TOKEN = "s3cret-admin-token-xyz"

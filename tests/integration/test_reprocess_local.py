@@ -19,19 +19,19 @@ import threading
 import pypdfium2 as pdfium
 import pytest
 
-from repage.app import Stores
+from repage.stores.open import Stores
 from repage.config import load_settings
 from repage.demo.corpus import DEFAULT_CACHE, fetch_sources
 from repage.errors import ConfigError
-from repage.migrate import RunOptions
+from repage.migration.migrate import RunOptions
 from repage.reprocess.local import LocalReprocessor, backup_key
-from repage.runner import RunLimits, Runner, Selection
-from repage.states import Path, State
+from repage.migration.runner import RunLimits, Runner, Selection
+from repage.domain.states import Path, State
 from repage.stores.ledger import Ledger, ScanRecord
 from repage.stores.objects import ObjectStore
-from repage.stores.vectors import MilvusVectors, eq_filter
-from repage.throttle import FakeClock
-from repage.verify import rollback_documents, verify_documents
+from repage.stores.milvus import MilvusVectors, eq_filter
+from repage.stores.throttle import FakeClock
+from repage.migration.verify import rollback_documents, verify_documents
 from tests.fixtures.milvus import unique_name
 
 pytestmark = [pytest.mark.slow,

@@ -13,9 +13,9 @@ import json
 
 import pytest
 
-from repage.app import open_stores
-from repage.migrate import RunOptions
-from repage.runner import RunLimits, Selection, run_migration
+from repage.stores.open import open_stores
+from repage.migration.migrate import RunOptions
+from repage.migration.runner import RunLimits, Selection, run_migration
 from tests.support import Demo
 from tests.support.snapshot import changed, diff
 

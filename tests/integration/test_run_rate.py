@@ -30,8 +30,8 @@ import numpy as np
 import pytest
 from milvus_lite.server_manager import server_manager_instance
 
-from repage.keys import legacy_image_key, legacy_image_name
-from repage.stores.vectors import MilvusVectors
+from repage.domain.keys import legacy_image_key, legacy_image_name
+from repage.stores.milvus import MilvusVectors
 from tests.fixtures.s3 import FAKE_KEY_ID, FAKE_SECRET, create_bucket, s3_store, unique_bucket_name
 
 pytestmark = pytest.mark.slow

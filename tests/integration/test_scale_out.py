@@ -35,9 +35,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from repage.app import open_ledger, open_stores
-from repage.scan import scan_store
-from repage.states import State
+from repage.stores.open import open_ledger, open_stores
+from repage.migration.scan import scan_store
+from repage.domain.states import State
 from tests.fixtures.ledger import pg_schema_url
 from tests.support.crash import (
     Schema,

@@ -12,11 +12,11 @@ from urllib.parse import unquote
 
 import pytest
 
-from repage.app import open_stores
-from repage.migrate import RunOptions
-from repage.runner import RunLimits, Selection, run_migration
-from repage.scan import scan_store
-from repage.verify import rollback_documents, verify_documents
+from repage.stores.open import open_stores
+from repage.migration.migrate import RunOptions
+from repage.migration.runner import RunLimits, Selection, run_migration
+from repage.migration.scan import scan_store
+from repage.migration.verify import rollback_documents, verify_documents
 from tests.support import Demo
 from tests.support.snapshot import diff
 

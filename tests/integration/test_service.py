@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from repage.states import State
+from repage.domain.states import State
 from repage.stores.ledger import Ledger
-from repage.stores.vectors import MilvusVectors
+from repage.stores.milvus import MilvusVectors
 from tests.fixtures.milvus import _free_port, unique_name
 from tests.support import wait_for
 from tests.support.service_store import (create_store, env_for, expected_pages, fltr_rows, server_answers,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from repage.keys import canonical_image_key, docling_image_key, legacy_image_key, legacy_image_name
+from repage.domain.keys import canonical_image_key, docling_image_key, legacy_image_key, legacy_image_name
 from tests.unit.test_pdfpages import encrypted_pdf, make_pdf, picture, raw_pdf
 
 DIM = 8

@@ -12,11 +12,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from repage.app import open_stores
+from repage.stores.open import open_stores
 from repage.config import Settings, load_settings
 from repage.errors import StoreUnavailable
 from repage.stores.objects import ObjectStore
-from repage.stores.vectors import MilvusVectors
+from repage.stores.milvus import MilvusVectors
 from tests.fixtures.s3 import create_bucket, unique_bucket_name
 from tests.support.crash import DIM, Schema, Template, diff_objects, diff_rows, object_hashes, snapshot
 from tests.support.reliability import MILVUS_TOKEN, S3_KEY_ID, S3_SECRET

@@ -20,12 +20,12 @@ import math
 import pytest
 
 from repage.config import load_settings
-from repage.migrate import RunOptions
-from repage.runner import RunLimits, Runner, Selection
-from repage.scan import scan_store
-from repage.states import State
+from repage.migration.migrate import RunOptions
+from repage.migration.runner import RunLimits, Runner, Selection
+from repage.migration.scan import scan_store
+from repage.domain.states import State
 from repage.stores.objects import ObjectStore
-from repage.stores.vectors import MilvusVectors
+from repage.stores.milvus import MilvusVectors
 from tests.fixtures.milvus import unique_name
 from tests.fixtures.s3 import create_bucket, unique_bucket_name
 from tests.reliability.corpus import DIM, DS, Case, build_corpus
@@ -115,7 +115,7 @@ def test_bad_input_gives_a_clear_record_and_touches_no_other_document(corpus, tm
     assert run.returncode == 1, str(run)  # finished with failures: the bad documents
     summary = run.json()
     assert summary["stopped_because"] == "no more pending documents", summary
-    from repage.app import open_ledger
+    from repage.stores.open import open_ledger
 
     with open_ledger(settings) as ledger:  # before verify, which records its own reason
         records = {r.document_id: r for r in ledger.documents()}
@@ -152,7 +152,7 @@ def after_scan(cases: list[Case], settings) -> None:
                     vectors.delete_by_pks([r[vectors.info().pk_field] for r in rows])
             with_retries(delete)
         elif case.after_scan == "delete-images":
-            from repage.app import open_objects
+            from repage.stores.open import open_objects
 
             with open_objects(settings) as objects:
                 for key in case.objects:
@@ -244,7 +244,7 @@ def test_a_document_deleted_in_the_middle_of_a_batch_fails_alone(milvus_server_u
             assert victim[0] in error and "deleted during the run" in error, error
             record_ = stores.ledger.get(victim[0])
             assert record_.state == State.FAILED and "deleted during the run" in record_.last_error
-            from repage.verify import verify_documents
+            from repage.migration.verify import verify_documents
 
             report = verify_documents(stores)
             assert not report.failed and len(report.passed) == summary.migrated == 5, report

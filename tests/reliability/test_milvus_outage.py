@@ -126,10 +126,10 @@ def test_an_outage_longer_than_the_waits_stops_the_run_cleanly_and_fails_nothing
     """Milvus stays down through every wait: the batch goes back to pending (no document failed,
     no attempt counted, nothing left running), the run says why, and the next run finishes."""
     from repage.errors import StoreUnavailable
-    from repage.migrate import RunOptions
-    from repage.runner import UNAVAILABLE_WAITS, RunLimits, Runner, Selection
-    from repage.scan import scan_store
-    from repage.throttle import FakeClock
+    from repage.migration.migrate import RunOptions
+    from repage.migration.runner import UNAVAILABLE_WAITS, RunLimits, Runner, Selection
+    from repage.migration.scan import scan_store
+    from repage.stores.throttle import FakeClock
 
     template = make_template(milvus_server_uri, tmp_path / "template", keys_docs=4, seed=5)
     workdir = tmp_path / "work"
@@ -158,7 +158,7 @@ def test_an_outage_longer_than_the_waits_stops_the_run_cleanly_and_fails_nothing
             stores.vectors.fetch_documents = real  # the outage is over
             again = Runner(stores, RunOptions(), RunLimits(batch_size=3), Selection()).run()
             assert again.failed == 0 and again.migrated == 4, again
-        from repage.verify import verify_documents
+        from repage.migration.verify import verify_documents
 
         with clone.open() as stores:
             assert not verify_documents(stores).failed

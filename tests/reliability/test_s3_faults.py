@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 
 from repage.errors import StoreUnavailable, Throttled, Transient
-from repage.throttle import AdaptiveLimiter, call_with_backoff
+from repage.stores.throttle import AdaptiveLimiter, call_with_backoff
 from tests.fixtures.s3 import create_bucket, free_port, s3_store, unique_bucket_name
 from tests.reliability.stores import clone_s3, lost_problems, make_template
 from tests.support.faults import FaultPlan, FaultProxy, is_copy

@@ -26,9 +26,9 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 
-from repage import service as service_module
+from repage.web import service as service_module
 from repage.errors import RepageError
-from repage.service import create_app
+from repage.web.service import create_app
 from repage.stores.ledger import Ledger
 from repage.stores.objects import ObjectStore
 from tests.support.reliability import (
@@ -198,9 +198,9 @@ def chain_text(exc: BaseException) -> str:
 def test_no_secret_in_exception_text_or_log_records(tmp_path, moto_endpoint, caplog):
     """Every error repage raises while opening or using stores with secrets: its text, repr and the
     whole chain of causes (what REPAGE_DEBUG=1 would print); and every log record meanwhile."""
-    from repage.app import open_stores
+    from repage.stores.open import open_stores
     from repage.config import load_settings
-    from repage.stores.vectors import MilvusVectors
+    from repage.stores.milvus import MilvusVectors
 
     caplog.set_level(logging.DEBUG)
     texts: list[tuple[str, str]] = []
@@ -250,7 +250,7 @@ def mode(path: Path) -> int:
 
 
 def test_ledger_and_data_files_are_owner_only(tmp_path, monkeypatch):
-    from repage.stores.vectors import normalize_uri
+    from repage.stores.milvus import normalize_uri
 
     problems = []
     ledger = Ledger(f"sqlite:///{tmp_path / 'data' / 'ledger.db'}")

@@ -28,15 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from repage.app import Stores, open_ledger, open_objects, open_stores
+from repage.stores.open import Stores, open_ledger, open_objects, open_stores
 from repage.config import ENV_NAMES, Settings, load_settings
-from repage.keys import canonical_image_key, legacy_image_key, legacy_image_name, legacy_sort_index
-from repage.migrate import RunOptions, identity_json, identity_of
-from repage.runner import RunLimits, Runner, Selection, run_migration
-from repage.scan import scan_store
-from repage.states import State
+from repage.domain.keys import canonical_image_key, legacy_image_key, legacy_image_name, legacy_sort_index
+from repage.migration.migrate import RunOptions, identity_json, identity_of
+from repage.migration.runner import RunLimits, Runner, Selection, run_migration
+from repage.migration.scan import scan_store
+from repage.domain.states import State
 from repage.stores.objects import ObjectStore
-from repage.stores.vectors import MilvusVectors
+from repage.stores.milvus import MilvusVectors
 
 REPO = Path(__file__).resolve().parents[2]
 DIM = 8
@@ -365,7 +365,7 @@ def _renumbering_child(flags: dict, failpoint: str | None, kill_on_upsert: int |
 def _scan_killing_child(flags: dict, flush_every: int) -> None:
     """`repage run` on an empty ledger, killed right after the scan's first ledger flush, as
     a crash part-way through the scan of a store larger than one flush (500 documents)."""
-    from repage import scan
+    from repage.migration import scan
     from repage.stores.ledger import Ledger
 
     scan.FLUSH_EVERY = flush_every

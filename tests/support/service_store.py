@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 
 from repage.config import Settings, load_settings
-from repage.stores.vectors import MilvusVectors
+from repage.stores.milvus import MilvusVectors
 
 DIM = 8
 

@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-from repage.access import (
+from repage.domain.access import (
     AccessImportError, Decayed, aggregate, format_of, parse_access_log, parse_timestamp, rank_threshold,
     spread_datasets,
 )
-from repage.states import Path, State
+from repage.domain.states import Path, State
 from repage.stores.ledger import ScanRecord
 
 H = 3600.0  # one-hour half-life keeps the numbers readable
@@ -143,7 +143,7 @@ def test_aggregate_and_dataset_spread():
 
 
 def test_access_and_lazy_modules_import_no_vendor_sdk():
-    code = "import sys, repage.access, repage.lazy; print([m for m in ('pymilvus', 'obstore', 'sqlalchemy') if m in sys.modules])"
+    code = "import sys, repage.domain.access, repage.migration.lazy; print([m for m in ('pymilvus', 'obstore', 'sqlalchemy') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -12,15 +12,15 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 
-from repage import dashboard as dash
-from repage.access import Decayed
+from repage.web import dashboard as dash
+from repage.domain.access import Decayed
 from repage.config import load_settings
 from repage.errors import ConfigError
-from repage.service import SESSION_COOKIE, create_app
-from repage.states import Path, State
-from repage.status import migration_status
+from repage.web.service import SESSION_COOKIE, create_app
+from repage.domain.states import Path, State
+from repage.migration.status import migration_status
 from repage.stores.ledger import Event, Ledger, ScanRecord
-from repage.worker import is_paused
+from repage.migration.worker import is_paused
 from tests.support.service_store import settings_for
 
 READ, ADMIN = "read-tok/+=9c", "admin-tok-5e11"  # / + = : a cookie value that needs quoting
@@ -220,8 +220,8 @@ def test_package_data_lists_every_asset_and_template():
     from pathlib import Path as FsPath
 
     with open(FsPath(__file__).resolve().parents[2] / "pyproject.toml", "rb") as f:
-        globs = tomllib.load(f)["tool"]["setuptools"]["package-data"]["repage"]
-    root = resources.files("repage")
+        globs = tomllib.load(f)["tool"]["setuptools"]["package-data"]["repage.web"]
+    root = resources.files("repage.web")
     shipped = list(dash.ASSETS) + ["vendor/LICENSE.uPlot"]
     needed = [f"static/{a}" for a in shipped] + ["templates/dashboard.html", "templates/login.html"]
     for name in needed:

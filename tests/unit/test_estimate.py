@@ -1,8 +1,8 @@
 import pytest
 
 from repage.config import Prices
-from repage.estimate import Latencies, PathLoad, estimate, human_seconds, request_dollars
-from repage.states import Path
+from repage.domain.estimate import Latencies, PathLoad, estimate, human_seconds, request_dollars
+from repage.domain.states import Path
 
 LAT = Latencies(milvus_query_s=0.5, milvus_write_s=0.5, object_head_s=0.01, object_list_s=0.05,
                 object_copy_s=0.02, get_bytes_per_s=10e6, pdf_seconds_per_mb=0.2, mean_source_bytes=2e6, sample_size=10)

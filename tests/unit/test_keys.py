@@ -1,4 +1,4 @@
-"""repage.keys: the image-key formats of DESIGN §1, by example and by property."""
+"""repage.domain.keys: the image-key formats of DESIGN §1, by example and by property."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from repage.keys import (
+from repage.domain.keys import (
     EXTENSIONS,
     MAX_INT,
     ParsedKey,

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from repage.access import Decayed
-from repage.keys import compile_patterns
-from repage.lazy import LazyRepair, LedgerSink
-from repage.states import Path, State
+from repage.domain.access import Decayed
+from repage.domain.keys import compile_patterns
+from repage.migration.lazy import LazyRepair, LedgerSink
+from repage.domain.states import Path, State
 from repage.stores.ledger import Ledger, ScanRecord
 
 
@@ -189,8 +189,8 @@ def _timed(lazy: LazyRepair, rows: list[dict]) -> float:
 
 from hypothesis import given, settings as hyp_settings, strategies as st  # noqa: E402
 
-from repage.keys import parse_image_key  # noqa: E402
-from repage.lazy import page_from_key  # noqa: E402
+from repage.domain.keys import parse_image_key  # noqa: E402
+from repage.migration.lazy import page_from_key  # noqa: E402
 
 _NUMBERS = st.sampled_from(["0", "1", "7", "12", "05", "999999", "1000000", "1000001", "9999999", "12345678", "-1"])
 _PARTS = st.sampled_from(["ds", "doc", "images", "a-b", "x_y", "-", "_", ".pdf", "full", " ", "%20", "/", "\n"])

@@ -1,4 +1,4 @@
-"""repage.pdfpages: extraction, the lexicographic index, matching thresholds, bad PDFs.
+"""repage.migration.pdfpages: extraction, the lexicographic index, matching thresholds, bad PDFs.
 
 The PDFs are made here with pypdfium2 (several images per page, junk included) and with a
 hand-written encrypted trailer; the images are blocky random pictures, far apart in hash.
@@ -14,10 +14,10 @@ import pypdfium2 as pdfium
 import pytest
 from PIL import Image
 
-from repage import pdfpages
+from repage.migration import pdfpages
 from repage.errors import BadInput
-from repage.keys import is_pdf_image_ref, parse_pdf_image_ref, pdf_image_ref
-from repage.pdfpages import Fingerprint, Reference, index_allowed, index_map, match_images
+from repage.domain.keys import is_pdf_image_ref, parse_pdf_image_ref, pdf_image_ref
+from repage.migration.pdfpages import Fingerprint, Reference, index_allowed, index_map, match_images
 
 DEFAULTS = {"max_distance": 10, "min_margin": 8}  # settings.matching defaults (DESIGN §2)
 

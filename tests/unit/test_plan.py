@@ -1,7 +1,7 @@
 import re
 
-from repage.plan import classify, index_listing, is_affected, needs_listing
-from repage.states import Path, State
+from repage.domain.plan import classify, index_listing, is_affected, needs_listing
+from repage.domain.states import Path, State
 
 DS, DOC = "ds1", "doc1"
 LEGACY = f"{DS}/{DOC}/images/3_report.pdf-10-0.png"  # index 3, page 10

@@ -8,7 +8,7 @@ import pytest
 VENDORS = ("pymilvus", "obstore", "sqlalchemy")
 
 
-@pytest.mark.parametrize("module", ["repage.keys", "repage.plan", "repage.estimate", "repage.states",
+@pytest.mark.parametrize("module", ["repage.domain.keys", "repage.domain.plan", "repage.domain.estimate", "repage.domain.states",
                                     "repage.config", "repage.errors"])
 def test_pure_module_imports_no_vendor_sdk(module):
     code = f"import sys, {module}; print([m for m in {VENDORS!r} if m in sys.modules])"
@@ -16,7 +16,7 @@ def test_pure_module_imports_no_vendor_sdk(module):
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("vendor,home", [("pymilvus", "repage/stores/vectors.py"),
+@pytest.mark.parametrize("vendor,home", [("pymilvus", "repage/stores/milvus.py"),
                                          ("obstore", "repage/stores/objects.py"),
                                          ("sqlalchemy", "repage/stores/ledger.py")])
 def test_vendor_imported_in_its_adapter_only(vendor, home):

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from repage.errors import ConfigError, IllegalTransition, StaleLease
-from repage.review import accept, list_reviews, reject
-from repage.states import Path, State
+from repage.migration.review import accept, list_reviews, reject
+from repage.domain.states import Path, State
 from repage.stores.ledger import Ledger, ScanRecord
 
 

@@ -13,9 +13,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from repage.errors import ConfigError, StoreUnavailable
-from repage.service import check_exposure, create_app, create_router, make_parts
+from repage.web.service import check_exposure, create_app, create_router, make_parts
 from repage.stores.ledger import Ledger
-from repage.worker import is_paused
+from repage.migration.worker import is_paused
 from tests.support.service_store import expected_pages, fltr_rows, settings_for
 
 READ, ADMIN = "read-tok-3f9a7c", "admin-tok-81be20"

@@ -3,7 +3,7 @@ import itertools
 import pytest
 
 from repage.errors import IllegalTransition
-from repage.states import DONE, NEW, TRANSITIONS, State, check_transition
+from repage.domain.states import DONE, NEW, TRANSITIONS, State, check_transition
 
 DESIGN_EDGES = {
     (NEW, State.PENDING), (NEW, State.SKIPPED), (NEW, State.UNRECOVERABLE),

@@ -10,7 +10,7 @@ from bisect import bisect_left
 import pytest
 
 from repage.errors import StoreError, Throttled, Transient
-from repage.throttle import AdaptiveLimiter, FakeClock, SystemClock, TokenBucket, call_with_backoff
+from repage.stores.throttle import AdaptiveLimiter, FakeClock, SystemClock, TokenBucket, call_with_backoff
 
 
 def acquisition_times(bucket: TokenBucket, clock: FakeClock, count: int) -> list[float]:

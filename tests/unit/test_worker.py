@@ -13,16 +13,16 @@ from datetime import datetime, timezone
 
 import pytest
 
-from repage.access import Decayed, half_life_seconds
-from repage.app import open_stores
+from repage.domain.access import Decayed, half_life_seconds
+from repage.stores.open import open_stores
 from repage.errors import ConfigError
-from repage.migrate import RunOptions
-from repage.runner import RunLimits
-from repage.scan import scan_store
-from repage.states import State
+from repage.migration.migrate import RunOptions
+from repage.migration.runner import RunLimits
+from repage.migration.scan import scan_store
+from repage.domain.states import State
 from repage.stores.ledger import Ledger
-from repage.throttle import FakeClock
-from repage.worker import QuietHours, Worker, WorkerConfig, publish_read_latency, set_paused
+from repage.stores.throttle import FakeClock
+from repage.migration.worker import QuietHours, Worker, WorkerConfig, publish_read_latency, set_paused
 from tests.fixtures.milvus import unique_name
 from tests.integration.test_cli import in_own_process
 from tests.support.service_store import create_store, env_for, expected_pages, fltr_rows, settings_for, write_images

@@ -28,14 +28,14 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, time as dtime, timedelta, tzinfo
 
 from repage.errors import ConfigError, InvalidFilterValue, RepageError
-from repage.keys import compile_patterns
-from repage.migrate import RunOptions
-from repage.plan import is_affected
-from repage.runner import RunLimits, Runner, RunSummary, Selection
-from repage.scan import SCAN_FIELDS, Classifier, DocumentSummary, _scan_record, scan_completed, scan_store
-from repage.states import Path
+from repage.domain.keys import compile_patterns
+from repage.migration.migrate import RunOptions
+from repage.domain.plan import is_affected
+from repage.migration.runner import RunLimits, Runner, RunSummary, Selection
+from repage.migration.scan import SCAN_FIELDS, Classifier, DocumentSummary, _scan_record, scan_completed, scan_store
+from repage.domain.states import Path
 
-log = logging.getLogger("repage.worker")
+log = logging.getLogger("repage.migration.worker")
 
 PAUSE, RESUME = "pause", "resume"  # ledger events: the latest of the two decides
 READ_LATENCY = "read-latency"  # published by services: {"p95": s, "n": samples, "source": id}
@@ -349,7 +349,7 @@ class WorkerThread:
         return self
 
     def _main(self) -> None:
-        from repage.app import Stores, open_objects, open_stores
+        from repage.stores.open import Stores, open_objects, open_stores
 
         try:
             if self.shared is not None:
@@ -379,7 +379,7 @@ class WorkerThread:
 def run_worker(settings, *, config: WorkerConfig, limits: RunLimits, options: RunOptions = RunOptions(),
                stop_event: threading.Event | None = None, once: bool = False, on_cycle=None) -> dict:
     """`repage worker`: cycle until `stop_event` is set (SIGTERM), or once; the totals."""
-    from repage.app import open_stores
+    from repage.stores.open import open_stores
 
     with open_stores(settings) as stores:
         worker = Worker(stores, config=config, limits=limits, options=options, stop_event=stop_event,

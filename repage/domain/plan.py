@@ -12,8 +12,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from repage.keys import ParsedKey, parse_image_key
-from repage.states import Path, State
+from repage.domain.keys import ParsedKey, parse_image_key
+from repage.domain.states import Path, State
 
 AFFECTED_TYPES = frozenset({"ocr", "image"})
 

@@ -1,7 +1,7 @@
 """Time and cost model (DESIGN §2, §8). Pure: measured latencies and counts in, figures out.
 
 The latencies come from a probe of real calls against the configured stores
-(`repage.probe`); nothing here is a constant for time except the seed's own
+(`repage.migration.probe`); nothing here is a constant for time except the seed's own
 published ranges, shown beside our figures for comparison.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from repage.config import Prices
-from repage.states import Path
+from repage.domain.states import Path
 
 # Object requests per moved image, by the safety protocol (DESIGN §5): GET the
 # legacy object to hash it, COPY it, GET the copy to compare size and hash.

@@ -37,9 +37,9 @@ MoveImages = Annotated[bool, typer.Option("--move-images/--no-move-images", help
 
 def _worker_setup(settings, *, quota, quiet, min_accesses, max_latency, poll, batch_size, concurrency,
                   object_rate, write_rate, move_images):
-    from repage.migrate import RunOptions
-    from repage.runner import RunLimits
-    from repage.worker import QuietHours, WorkerConfig
+    from repage.migration.migrate import RunOptions
+    from repage.migration.runner import RunLimits
+    from repage.migration.worker import QuietHours, WorkerConfig
 
     config = WorkerConfig(daily_quota=quota, quiet_hours=QuietHours.parse(quiet) if quiet else None,
                           min_accesses=min_accesses or None, max_read_latency_s=max_latency, poll_seconds=poll)
@@ -64,7 +64,7 @@ def serve(
     Needs REPAGE_READ_TOKEN and REPAGE_ADMIN_TOKEN, unless bound to loopback with --insecure-local.
     Example: repage serve --host 0.0.0.0 --port 8080 --with-worker --daily-quota 500
     """
-    from repage.service import serve as run_server
+    from repage.web.service import serve as run_server
 
     def body():
         settings = settings_from(ctx)
@@ -93,7 +93,7 @@ def worker(
     SIGTERM or Ctrl-C stops it after the current batch; a restart resumes from the ledger.
     Example: repage worker --daily-quota 500 --quiet-hours 08:00-20:00 --min-accesses 3
     """
-    from repage.worker import run_worker
+    from repage.migration.worker import run_worker
 
     def body():
         settings = settings_from(ctx)

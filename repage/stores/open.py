@@ -10,7 +10,7 @@ from repage.config import Settings
 if TYPE_CHECKING:  # the adapters import their SDKs; load them only when a store is opened
     from repage.stores.ledger import Ledger
     from repage.stores.objects import ObjectStore
-    from repage.stores.vectors import MilvusVectors
+    from repage.stores.milvus import MilvusVectors
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Stores:
 
 
 def open_vectors(settings: Settings) -> MilvusVectors:
-    from repage.stores.vectors import MilvusVectors
+    from repage.stores.milvus import MilvusVectors
 
     token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
     return MilvusVectors(settings.milvus_uri, settings.collection, token=token)
@@ -57,7 +57,7 @@ def open_objects(settings: Settings, *, check: bool = True) -> ObjectStore:
         secret_access_key=secret(settings.aws_secret_access_key),
     )
     if check:
-        from repage.throttle import AdaptiveLimiter, call_with_backoff
+        from repage.stores.throttle import AdaptiveLimiter, call_with_backoff
 
         try:  # a throttled or flaky first request is retried; a missing bucket fails at once
             call_with_backoff(store.check, AdaptiveLimiter(None))

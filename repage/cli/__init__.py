@@ -32,7 +32,7 @@ RayAddressFlag = Annotated[str | None, typer.Option("--ray-address", help="Ray c
 
 def engine_from(name: str, address: str | None):
     """The CPU engine of `--engine`; RAY_ADDRESS is read here, at the edge, and only for ray."""
-    from repage.engine import make_engine
+    from repage.migration.compute import make_engine
 
     if name == "ray" and not address:
         address = os.environ.get("RAY_ADDRESS") or None
@@ -206,9 +206,9 @@ def run(
 
     Example: repage run --limit 100 --batch-size 50 --object-ops-per-second 200 --no-move-images
     """
-    from repage.migrate import RunOptions
-    from repage.runner import RunLimits, Selection
-    from repage.states import Path as RepairPath
+    from repage.migration.migrate import RunOptions
+    from repage.migration.runner import RunLimits, Selection
+    from repage.domain.states import Path as RepairPath
 
     def body():
         # auto claims reprocess documents too: reprocessed with --allow-reprocess, else deferred with the reason
@@ -349,8 +349,8 @@ def gc(
     run_command(body)
 
 
-from repage import cli_service  # noqa: E402,F401 — registers serve, worker, access
-from repage import cli_review  # noqa: E402,F401 — registers review
+from repage.cli import service as cli_service  # noqa: E402,F401 — registers serve, worker, access
+from repage.cli import review as cli_review  # noqa: E402,F401 — registers review
 
 
 def fewer_malloc_arenas() -> None:

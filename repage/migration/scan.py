@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from repage.errors import ObjectNotFound
-from repage.keys import compile_patterns, image_prefix, source_key_candidates
-from repage.plan import DocumentPlan, classify, needs_listing
-from repage.states import DONE, Path, State
+from repage.domain.keys import compile_patterns, image_prefix, source_key_candidates
+from repage.domain.plan import DocumentPlan, classify, needs_listing
+from repage.domain.states import DONE, Path, State
 from repage.stores.ledger import ScanRecord
-from repage.throttle import AdaptiveLimiter, call_with_backoff
+from repage.stores.throttle import AdaptiveLimiter, call_with_backoff
 
 T = TypeVar("T")
 

@@ -1,6 +1,6 @@
 """Command `review` (list, accept, reject), registered on `repage.cli.app`.
 
-Thin like the rest of the CLI: settings, one call into repage.review, print.
+Thin like the rest of the CLI: settings, one call into repage.migration.review, print.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def review(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     """
     if ctx.invoked_subcommand is not None:
         return
-    from repage.review import review_list
+    from repage.migration.review import review_list
 
     run_command(lambda: emit(review_list(settings_from(ctx)), as_json, _render_list))
 
@@ -50,7 +50,7 @@ def reject(ctx: typer.Context, document_id: DocumentId, as_json: JsonFlag = Fals
 
 
 def _decide(ctx: typer.Context, document_id: str, decision: str, as_json: bool) -> None:
-    from repage.review import review_decide
+    from repage.migration.review import review_decide
 
     def body():
         report = review_decide(settings_from(ctx), document_id, decision)

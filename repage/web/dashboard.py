@@ -43,10 +43,10 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from repage.errors import RepageError
-from repage.estimate import human_seconds
-from repage.service import SESSION_COOKIE, ServiceParts
-from repage.states import State
-from repage.status import RECENT_SECONDS
+from repage.domain.estimate import human_seconds
+from repage.web.service import SESSION_COOKIE, ServiceParts
+from repage.domain.states import State
+from repage.migration.status import RECENT_SECONDS
 
 REFRESH_SECONDS = 5
 SESSION_SECONDS = 12 * 3600
@@ -84,7 +84,7 @@ class Assets:
     """The page's static files, read from the package once, served under their digest."""
 
     def __init__(self) -> None:
-        root = resources.files("repage") / "static"
+        root = resources.files("repage.web") / "static"
         self.files = {name: (root / name).read_bytes() for name in ASSETS}
         self.digests = {name: hashlib.sha256(body).hexdigest()[:16] for name, body in self.files.items()}
 
@@ -102,7 +102,7 @@ class Assets:
 
 
 def template(name: str) -> Template:
-    return Template((resources.files("repage") / "templates" / name).read_text(encoding="utf-8"))
+    return Template((resources.files("repage.web") / "templates" / name).read_text(encoding="utf-8"))
 
 
 # --------------------------------------------------------------------------- sessions and CSRF
@@ -243,7 +243,7 @@ def _p95(detail: str | None) -> float | None:
 
 def status_report(parts: ServiceParts) -> dict:
     """Exactly `repage status --json` (and /migration/status without its service part)."""
-    from repage.status import migration_status
+    from repage.migration.status import migration_status
 
     return migration_status(parts.ledger, parts.settings.prices)
 
@@ -251,7 +251,7 @@ def status_report(parts: ServiceParts) -> dict:
 def dashboard_data(parts: ServiceParts, window: float | None = None) -> dict:
     """Everything on the page that `repage status` does not have."""
     from repage.access_io import top_documents
-    from repage.worker import is_paused
+    from repage.migration.worker import is_paused
 
     ledger = parts.ledger
     now = ledger.db_now()
@@ -575,7 +575,7 @@ def create_dashboard_router(parts: ServiceParts) -> APIRouter:
         return JSONResponse(_guard(lambda: dashboard_data(parts, window)), headers={"Cache-Control": "no-store"})
 
     async def set_paused(request: Request, paused: bool) -> Response:
-        from repage.worker import set_paused as write_pause
+        from repage.migration.worker import set_paused as write_pause
 
         sessions.require_admin_action(request, await read_form(request))
         _guard(lambda: write_pause(parts.ledger, paused, who="dashboard"))

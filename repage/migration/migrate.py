@@ -25,11 +25,11 @@ from dataclasses import dataclass, field, replace
 
 from repage.errors import (BadInput, ConfigError, InvalidFilterValue, ObjectNotFound, RepageError, StaleLease,
                            StoreUnavailable)
-from repage.keys import canonical_image_key, image_prefix, is_pdf_image_ref, parse_image_key
-from repage.plan import DocumentPlan, classify, is_affected, needs_listing
-from repage.states import Path, State
+from repage.domain.keys import canonical_image_key, image_prefix, is_pdf_image_ref, parse_image_key
+from repage.domain.plan import DocumentPlan, classify, is_affected, needs_listing
+from repage.domain.states import Path, State
 from repage.stores.ledger import ChunkJournalEntry, Claim, JournalIntent, ObjectJournalEntry, ObjectState
-from repage.stores.vectors import ChunkChange, quote_string
+from repage.stores.milvus import ChunkChange, quote_string
 
 # Protocol steps where a crash test can kill the process (REPAGE_FAILPOINT=NAME, or
 # hit:N for the N-th step reached whatever its name: random kills without timing).
@@ -42,7 +42,7 @@ class RunOptions:
     move_images: bool = True
     dry_run: bool = False
     failpoint: str | None = None  # name from FAILPOINTS: SIGKILL ourselves there (crash tests)
-    engine: object | None = None  # repage.engine LocalEngine/RayEngine for the CPU-heavy steps; None: local
+    engine: object | None = None  # repage.migration.compute LocalEngine/RayEngine for the CPU-heavy steps; None: local
 
 
 @dataclass
@@ -201,7 +201,7 @@ class BatchMigrator:
             return
         pdf = None
         if plan.path != Path.KEYS and work.claim.path == Path.PDF:  # pages from the source PDF
-            from repage.pdfpath import PdfPlanner
+            from repage.migration.pdfpath import PdfPlanner
 
             pdf = PdfPlanner(self, work)
             plan = pdf.resolve(plan, listed)
@@ -387,7 +387,7 @@ class BatchMigrator:
 
     def _copy_one(self, work: DocumentWork, move: ObjectJournalEntry) -> None:
         if is_pdf_image_ref(move.old_key):  # not in the bucket: upload the image extracted from the PDF
-            from repage.pdfpath import upload_extracted
+            from repage.migration.pdfpath import upload_extracted
 
             upload_extracted(self, work, move)
         else:
@@ -435,7 +435,7 @@ class BatchMigrator:
         if self.write_limiter is None:
             call()
         else:
-            from repage.throttle import call_with_backoff
+            from repage.stores.throttle import call_with_backoff
 
             call_with_backoff(call, self.write_limiter)
         result.chunks_written += len(changes)
@@ -557,7 +557,7 @@ class BatchMigrator:
     def _object_call(self, fn: Callable, *args):
         if self.object_limiter is None:
             return fn(*args)
-        from repage.throttle import call_with_backoff
+        from repage.stores.throttle import call_with_backoff
 
         return call_with_backoff(lambda: fn(*args), self.object_limiter)
 

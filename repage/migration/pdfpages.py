@@ -26,7 +26,7 @@ import pypdfium2.raw as pdfium_c
 from PIL import Image
 
 from repage.errors import BadInput
-from repage.keys import legacy_image_name, legacy_sort_index
+from repage.domain.keys import legacy_image_name, legacy_sort_index
 
 MIN_SIDE = 8  # a 1x1 pixel or a hairline is layout junk, not an image a chunk was made from
 MAX_ASPECT = 20.0  # strips (rules, borders) have extreme aspect ratios

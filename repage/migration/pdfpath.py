@@ -5,7 +5,7 @@ keys leave chunks without a page. Per document:
 1. GET the source PDF by REPAGE_SOURCE_KEY_TEMPLATE (raw, quoted, unquoted key forms),
    streamed to a temporary file so a 200 MB PDF never sits in memory; none -> unrecoverable;
 2. GET the document's images that are in the bucket (Docling keys) and hash them;
-3. extract the PDF's images (repage.pdfpages), map image_index -> page, confirm by content;
+3. extract the PDF's images (repage.migration.pdfpages), map image_index -> page, confirm by content;
 4. a match below the threshold -> review with its evidence, nothing written (unless a person
    accepted the proposed pages: `repage review accept`);
 5. else a plan the migrator journals and applies like the keys path: bucket images are copied
@@ -24,17 +24,17 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path as FsPath
 
-from repage import pdfpages
+from repage.migration import pdfpages
 from repage.errors import BadInput, ObjectNotFound, StaleLease
-from repage.keys import (
+from repage.domain.keys import (
     canonical_image_key,
     parse_image_key,
     parse_pdf_image_ref,
     pdf_image_ref,
     source_key_candidates,
 )
-from repage.plan import ChunkPage, DocumentPlan, index_listing
-from repage.states import Path, State
+from repage.domain.plan import ChunkPage, DocumentPlan, index_listing
+from repage.domain.states import Path, State
 from repage.stores.ledger import ObjectJournalEntry, ObjectState
 
 # Far above any real document; it only keeps a broken or hostile object off the temp disk.
@@ -320,7 +320,7 @@ def run_pdf_job(job: PdfJob) -> tuple[object, int]:
     """The step's result and the bytes this call downloaded (0 on a local file)."""
     if job.path is not None:
         return _pdf_step(job, job.path), 0
-    from repage.app import open_objects
+    from repage.stores.open import open_objects
 
     objects = open_objects(job.settings, check=False)  # created here, in the task's process
     try:

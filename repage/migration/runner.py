@@ -18,13 +18,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 from repage.errors import IllegalTransition, RepageError, StaleLease, StoreUnavailable
-from repage.estimate import request_dollars
-from repage.keys import compile_patterns
-from repage.migrate import BatchMigrator, BatchResult, DocumentWork, RunOptions
-from repage.scan import scan_completed, scan_store
-from repage.states import Path, State
+from repage.domain.estimate import request_dollars
+from repage.domain.keys import compile_patterns
+from repage.migration.migrate import BatchMigrator, BatchResult, DocumentWork, RunOptions
+from repage.migration.scan import scan_completed, scan_store
+from repage.domain.states import Path, State
 from repage.stores.ledger import Claim, Ledger
-from repage.throttle import AdaptiveLimiter, Clock, SystemClock
+from repage.stores.throttle import AdaptiveLimiter, Clock, SystemClock
 
 MIN_DOCS_FOR_ERROR_RATE = 20  # an error rate over a handful of documents says nothing
 # A store that does not answer (Milvus down or restarting) is no document's failure: the batch is
@@ -184,7 +184,7 @@ class Runner:
                                   min_access_rank=self._min_access_rank())
 
     def _min_access_rank(self) -> float | None:
-        from repage.access import half_life_seconds, rank_threshold
+        from repage.domain.access import half_life_seconds, rank_threshold
 
         sel = self.selection
         if not sel.min_accesses:

@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any, Protocol
 
-from repage.access import Decayed, half_life_seconds
-from repage.keys import MAX_INT, MAX_KEY_CHARS, parse_image_key
+from repage.domain.access import Decayed, half_life_seconds
+from repage.domain.keys import MAX_INT, MAX_KEY_CHARS, parse_image_key
 
-log = logging.getLogger("repage.lazy")
+log = logging.getLogger("repage.migration.lazy")
 
 AFFECTED_TYPES = frozenset({"ocr", "image"})
 PARSE_CACHE = 65_536  # distinct image keys remembered: a hot document is parsed once

@@ -17,10 +17,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from repage.errors import ObjectNotFound, RepageError
-from repage.keys import is_pdf_image_ref
-from repage.states import Path, State
+from repage.domain.keys import is_pdf_image_ref
+from repage.domain.states import Path, State
 from repage.stores.ledger import ObjectState
-from repage.stores.vectors import ChunkChange, eq_filter, in_filter
+from repage.stores.milvus import ChunkChange, eq_filter, in_filter
 
 
 @dataclass

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from repage.estimate import request_dollars
-from repage.states import DONE, State
+from repage.domain.estimate import request_dollars
+from repage.domain.states import DONE, State
 
 RECENT_SECONDS = 300.0  # "recent" throughput: the last five minutes
 TODO = {State.PENDING, State.RUNNING, State.FAILED, State.REVIEW, State.DEFERRED}

@@ -35,11 +35,11 @@ from pydantic import SecretStr
 
 from repage.config import Settings
 from repage.errors import ConfigError, InvalidFilterValue, RepageError
-from repage.keys import compile_patterns
-from repage.lazy import LazyRepair, LedgerSink
-from repage.metrics import LatencyPublisher, ServiceMetrics
+from repage.domain.keys import compile_patterns
+from repage.migration.lazy import LazyRepair, LedgerSink
+from repage.web.metrics import LatencyPublisher, ServiceMetrics
 
-log = logging.getLogger("repage.service")
+log = logging.getLogger("repage.web.service")
 
 # Conservative on purpose: FLTR ids are UUIDs; the id is also inlined into a Milvus filter.
 DOCUMENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,255}$"
@@ -145,7 +145,7 @@ def make_parts(settings: Settings, vectors, ledger, *, insecure_local: bool = Fa
 
 
 def _ledger_figures(ledger) -> dict:
-    from repage.worker import is_paused
+    from repage.migration.worker import is_paused
 
     by_state: dict[str, int] = {}
     for (state, _path), n in ledger.counts().items():
@@ -215,8 +215,8 @@ def _json_default(value: Any) -> Any:
 
 
 def _status(parts: ServiceParts) -> dict:
-    from repage.status import migration_status
-    from repage.worker import is_paused
+    from repage.migration.status import migration_status
+    from repage.migration.worker import is_paused
 
     report = migration_status(parts.ledger, parts.settings.prices)
     report["service"] = {"paused": is_paused(parts.ledger), "lazy": parts.lazy.stats.as_dict(),
@@ -225,7 +225,7 @@ def _status(parts: ServiceParts) -> dict:
 
 
 def _set_paused(parts: ServiceParts, paused: bool) -> dict:
-    from repage.worker import set_paused
+    from repage.migration.worker import set_paused
 
     _guard(lambda: set_paused(parts.ledger, paused))
     return {"paused": paused}
@@ -251,7 +251,7 @@ def create_app(settings: Settings, *, stores=None, clock=None, with_worker: bool
         raise ConfigError("the service needs REPAGE_READ_TOKEN and REPAGE_ADMIN_TOKEN (or insecure_local)")
     owned = stores is None
     if owned:
-        from repage.app import open_stores
+        from repage.stores.open import open_stores
 
         stores = open_stores(settings, objects=False)
     parts = make_parts(settings, stores.vectors, stores.ledger, insecure_local=insecure_local,
@@ -273,7 +273,7 @@ def create_app(settings: Settings, *, stores=None, clock=None, with_worker: bool
 
     app = FastAPI(title="repage", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(create_router(parts))
-    from repage.dashboard import mount_dashboard
+    from repage.web.dashboard import mount_dashboard
 
     mount_dashboard(app, parts)  # GET / and its assets (repage/dashboard.py)
     app.state.repage = parts
@@ -287,8 +287,8 @@ async def _config_error(_request: Request, exc: Exception) -> JSONResponse:
 
 def _start_worker(settings: Settings, stores, config, limits):
     """The worker thread shares the service's Milvus client and ledger, opens its own bucket."""
-    from repage.runner import RunLimits
-    from repage.worker import WorkerConfig, WorkerThread
+    from repage.migration.runner import RunLimits
+    from repage.migration.worker import WorkerConfig, WorkerThread
 
     limits = limits or RunLimits(batch_size=settings.batch_size, concurrency=settings.concurrency)
     return WorkerThread(settings, config=config or WorkerConfig(), limits=limits, shared=stores).start()

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 
-from repage.app import open_stores
+from repage.stores.open import open_stores
 from repage.config import Settings
 from repage.errors import ConfigError
-from repage.states import Path, State
+from repage.domain.states import Path, State
 
 
 def list_reviews(ledger) -> dict:

@@ -17,11 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
 from repage.errors import BadInput, ObjectNotFound
-from repage.estimate import Estimate, Latencies, PathLoad, estimate
-from repage.keys import image_prefix, source_key_candidates
-from repage.pdfpages import iter_page_images
-from repage.plan import is_affected
-from repage.states import Path, State
+from repage.domain.estimate import Estimate, Latencies, PathLoad, estimate
+from repage.domain.keys import image_prefix, source_key_candidates
+from repage.migration.pdfpages import iter_page_images
+from repage.domain.plan import is_affected
+from repage.domain.states import Path, State
 
 ASSUMPTIONS = ("batch query time = measured fetch of a full batch of documents, on the store as it is now "
                "(a Milvus Lite store slows as a run writes unsealed rows); batch write time = measured read-back of "

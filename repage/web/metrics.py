@@ -128,7 +128,7 @@ class LatencyPublisher:
         self._last = self._last_prune = 0.0
 
     def __call__(self) -> None:
-        from repage.worker import READ_LATENCY, publish_read_latency
+        from repage.migration.worker import READ_LATENCY, publish_read_latency
 
         now = time.monotonic()
         if now - self._last < self.every_s:
