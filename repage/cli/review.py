@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from repage.cli import JsonFlag, app, emit, out, run_command, settings_from
+from repage.cli.common import JsonFlag, app, emit, out, run_command, settings_from
+from repage.cli.render import render_review
 
 review_app = typer.Typer(rich_markup_mode=None)
 DocumentId = Annotated[str, typer.Argument(help="The document in review.", show_default=False)]
@@ -26,9 +27,9 @@ def review(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     """
     if ctx.invoked_subcommand is not None:
         return
-    from repage.migration.review import review_list
+    from repage.api import review_list
 
-    run_command(lambda: emit(review_list(settings_from(ctx)), as_json, _render_list))
+    run_command(lambda: emit(review_list(settings_from(ctx)), as_json, render_review(out)))
 
 
 @review_app.command()
@@ -50,28 +51,13 @@ def reject(ctx: typer.Context, document_id: DocumentId, as_json: JsonFlag = Fals
 
 
 def _decide(ctx: typer.Context, document_id: str, decision: str, as_json: bool) -> None:
-    from repage.migration.review import review_decide
+    from repage.api import review_decide
 
     def body():
         report = review_decide(settings_from(ctx), document_id, decision)
         emit(report, as_json, lambda r: out.print(
             f"{r['document_id']}: {r['decision']}, now {r['state']} on the {r['path']} path", markup=False))
     run_command(body)
-
-
-def _render_list(report: dict) -> None:
-    out.print(f"{report['pending']} documents in review", markup=False)
-    for item in report["reviews"]:
-        out.print(f"{item['document_id']}  {item['filename']}: {len(item['chunks'])} chunks below the threshold "
-                  f"(distance <= {item['thresholds']['max_hash_distance']}, margin >= "
-                  f"{item['thresholds']['min_hash_margin']}); PDF has {item['images_in_pdf']} images for "
-                  f"{item['distinct_image_indexes']} image indexes", markup=False)
-        for chunk in item["chunks"]:
-            pages = ", ".join(f"{c['page']}" + (f" (d={c['distance']})" if c["distance"] is not None else "")
-                              for c in chunk.get("candidate_pages") or [])
-            out.print(f"  image_index {chunk['image_index']}: distance {chunk.get('distance')}, margin "
-                      f"{chunk.get('margin')}, candidates [{pages}], proposed {chunk.get('proposed')}: "
-                      f"{chunk.get('reason')}", markup=False)
 
 
 app.add_typer(review_app, name="review", help=(

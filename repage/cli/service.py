@@ -14,8 +14,9 @@ from typing import Annotated
 
 import typer
 
-from repage.cli import (EngineFlag, Exit, JsonFlag, RayAddressFlag, app, emit, engine_from, err, out, run_command,
+from repage.cli.common import (EngineFlag, Exit, JsonFlag, RayAddressFlag, app, emit, engine_from, err, out, run_command,
                         settings_from)
+from repage.cli.render import print_cycle
 from repage.errors import ConfigError
 
 access_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help=(
@@ -108,7 +109,7 @@ def worker(
             signal.signal(signum, lambda *_: stop.set())
         try:
             report = run_worker(settings, config=config, limits=limits, options=options, stop_event=stop, once=once,
-                                on_cycle=None if as_json else _print_cycle)
+                                on_cycle=None if as_json else print_cycle(err))
         finally:
             cpu.close()
         emit(report, as_json, lambda r: out.print(
@@ -117,15 +118,6 @@ def worker(
         if report["totals"]["failed"]:
             raise typer.Exit(Exit.FAILURES)
     run_command(body)
-
-
-def _print_cycle(report) -> None:
-    if report.paused or report.backed_off or report.documents:
-        state = ("paused" if report.paused else
-                 f"backing off (read p95 {report.read_latency_p95:.3f} s)" if report.backed_off else
-                 f"lazy {report.lazy.get('migrated', 0)} migrated, trickle {report.trickle.get('migrated', 0)} migrated"
-                 + (f" ({report.trickle_skipped})" if report.trickle_skipped else ""))
-        err.print(f"cycle {report.cycle}: {state}", markup=False)
 
 
 @access_app.command("import")
@@ -140,7 +132,8 @@ def access_import(
     A dataset hit counts for each of its scanned documents.
     Example: repage access import query-log.jsonl --json
     """
-    from repage.access_io import import_access_file, render_import
+    from repage.api import import_access_file
+    from repage.cli.render import render_import
 
     def body():
         if fmt is not None and fmt not in {"csv", "jsonl"}:
@@ -159,7 +152,8 @@ def access_top(
 
     Example: repage access top --limit 10 --json
     """
-    from repage.access_io import access_top as top, render_top
+    from repage.api import access_top as top
+    from repage.cli.render import render_top
 
     def body():
         emit(top(settings_from(ctx), limit), as_json, render_top(out))

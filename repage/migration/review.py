@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 
-from repage.stores.open import open_stores
-from repage.config import Settings
 from repage.errors import ConfigError
 from repage.domain.states import Path, State
 
@@ -65,13 +63,3 @@ def reject(ledger, document_id: str) -> dict:
 
 
 # ---- one entry point per command (the CLI and the service call these)
-
-
-def review_list(settings: Settings) -> dict:
-    with open_stores(settings, vectors=False, objects=False) as stores:
-        return list_reviews(stores.ledger)
-
-
-def review_decide(settings: Settings, document_id: str, decision: str) -> dict:
-    with open_stores(settings, vectors=False, objects=False) as stores:
-        return (accept if decision == "accept" else reject)(stores.ledger, document_id)

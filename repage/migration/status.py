@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from datetime import datetime, timezone
 
+from repage.domain.access import Decayed, half_life_seconds
 from repage.domain.estimate import request_dollars
 from repage.domain.states import DONE, State
 
@@ -70,3 +73,16 @@ def migration_status(ledger, prices) -> dict:
         "last_errors": [{"document_id": r.document_id, "state": str(r.state), "error": r.last_error}
                         for r in ledger.last_errors(10)],
     }
+
+
+def top_documents(ledger, half_life_hours: float, limit: int = 20, now: float | None = None) -> dict:
+    """`repage access top` of an open ledger (the dashboard's hot documents too)."""
+    half_life = half_life_seconds(half_life_hours)
+    now = time.time() if now is None else now
+    return {"half_life_hours": half_life_hours, "documents": [{
+        "document_id": r.document_id, "dataset_id": r.dataset_id,
+        "accesses": round(Decayed(r.score, r.scored_at).value(now, half_life), 3),
+        "last_access": datetime.fromtimestamp(r.scored_at, tz=timezone.utc).isoformat(timespec="seconds"),
+        "enqueued": r.enqueued_at is not None,
+        "state": r.state.value if r.state else None, "path": r.path.value if r.path else None,
+    } for r in ledger.top_accesses(limit)]}

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
-from repage.errors import ConfigError
 
 
 class JobStatus(StrEnum):
@@ -71,32 +70,6 @@ class Reprocessor(Protocol):
 def estimated_dollars(prices, images: int) -> float:
     """The price table's figure for one document with `images` image/OCR chunks (DESIGN §8)."""
     return prices.reprocess_compute_per_document + images * (prices.vision_per_image + prices.ocr_per_image)
-
-
-def backend_name(settings) -> str:
-    if settings.reprocess_backend is not None:
-        return settings.reprocess_backend
-    return "http" if settings.reprocess_url else "local"
-
-
-def open_reprocessor(settings, stores=None, *, clock=None) -> Reprocessor:
-    """The configured backend. http needs REPAGE_REPROCESS_URL; local needs the stores."""
-    name = backend_name(settings)
-    if name == "http":
-        from repage.reprocess.http import HttpReprocessor
-
-        if not settings.reprocess_url:
-            raise ConfigError("reprocess_backend = \"http\" needs REPAGE_REPROCESS_URL (the app's admin API)")
-        token = settings.reprocess_token.get_secret_value() if settings.reprocess_token else None
-        return HttpReprocessor(settings.reprocess_url, token, concurrency=settings.reprocess_concurrency,
-                               clock=clock)
-    if name == "local":
-        from repage.reprocess.local import LocalReprocessor
-
-        if stores is None:
-            raise ConfigError("the local reprocess pipeline needs the stores (Milvus and the bucket)")
-        return LocalReprocessor(stores, settings)
-    raise ConfigError(f"reprocess_backend {name!r}: use http or local")
 
 
 def chunk_counts(rows: Sequence[Mapping]) -> dict[str, int]:

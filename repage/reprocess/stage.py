@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from repage.errors import IllegalTransition, RepageError, StaleLease
-from repage.reprocess.base import JobStatus, ReprocessDocument, backend_name, estimated_dollars, open_reprocessor
+from repage.reprocess import backend_name, open_reprocessor
+from repage.reprocess.base import JobStatus, ReprocessDocument, estimated_dollars
 from repage.domain.states import State
 
 DEFER_REASON = ("only the reprocess path can fix it and reprocessing is not enabled for this run: "

@@ -27,24 +27,22 @@ its own Cache-Control. The page's JavaScript and styles come from the package (n
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import math
-import secrets
 import time
 from dataclasses import dataclass
 from html import escape
 from importlib import resources
 from string import Template
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from repage.errors import RepageError
 from repage.domain.estimate import human_seconds
-from repage.web.service import SESSION_COOKIE, ServiceParts
+from repage.web.auth import SESSION_COOKIE, Sessions, read_form, same_origin
+from repage.web.parts import ServiceParts
 from repage.domain.states import State
 from repage.migration.status import RECENT_SECONDS
 
@@ -55,7 +53,6 @@ BIN_SIZES = (5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600)
 BINS = 60
 LATENCY_RECENT_S = 60.0  # as the worker: the worst p95 any service published in the last minute
 TABLE_ROWS = 10
-MAX_FORM_BYTES = 4096
 MIGRATED, OBJECT_REQUESTS, READ_LATENCY = "migrated", "object-requests", "read-latency"
 
 # Display order: done first, then work in flight, then what waits, then what needs a person.
@@ -103,74 +100,6 @@ class Assets:
 
 def template(name: str) -> Template:
     return Template((resources.files("repage.web") / "templates" / name).read_text(encoding="utf-8"))
-
-
-# --------------------------------------------------------------------------- sessions and CSRF
-
-
-class Sessions:
-    """Login cookie and CSRF tokens on top of the service's BearerAuth."""
-
-    def __init__(self, parts: ServiceParts):
-        self.auth = parts.auth
-        admin = parts.settings.admin_token
-        # Derived from the admin token so that every service process issues and accepts the same
-        # tokens; a local trial without tokens gets a key of its own.
-        self._key = (hashlib.sha256(b"repage-dashboard-csrf\0" + admin.get_secret_value().encode()).digest()
-                     if admin else secrets.token_bytes(32))
-
-    def role(self, request: Request) -> str | None:
-        """The caller's role (bearer token or cookie), None when it has neither."""
-        try:
-            return self.auth.read(request)
-        except HTTPException as exc:
-            if exc.status_code == 401:
-                return None
-            raise
-
-    def csrf_token(self, request: Request) -> str:
-        session = request.cookies.get(SESSION_COOKIE, "")
-        return hmac.new(self._key, b"csrf\0" + session.encode(), hashlib.sha256).hexdigest()
-
-    def require_admin_action(self, request: Request, form: dict[str, str]) -> None:
-        """Admin bearer token (not sent by a browser on its own: no CSRF), or the cookie + CSRF token."""
-        if "authorization" in request.headers:
-            self.auth.admin(request)
-            return
-        role = self.role(request)
-        if role is None:
-            raise HTTPException(401, "log in first", headers={"WWW-Authenticate": "Bearer"})
-        if role != "admin":
-            raise HTTPException(403, "pause and resume need the admin token")
-        if not same_origin(request):
-            raise HTTPException(403, "cross-site request refused")
-        supplied = request.headers.get("x-csrf-token") or form.get("csrf_token", "")
-        if not hmac.compare_digest(supplied.encode(), self.csrf_token(request).encode()):
-            raise HTTPException(403, "missing or wrong CSRF token: reload the dashboard")
-
-
-def same_origin(request: Request) -> bool:
-    """False when the browser says the request comes from another origin. Sec-Fetch-Site (sent by
-    current browsers, not settable by a page) decides; else Origin, when present, must be ours."""
-    site = request.headers.get("sec-fetch-site")
-    if site is not None:
-        return site == "same-origin"
-    origin = request.headers.get("origin")
-    # "null" (sandboxed frames, file: pages) has no netloc and is refused too
-    return origin is None or urlsplit(origin).netloc == request.headers.get("host")
-
-
-async def read_form(request: Request) -> dict[str, str]:
-    """A small urlencoded form (login, buttons): first value per field; no multipart."""
-    body = await request.body()
-    if len(body) > MAX_FORM_BYTES:
-        raise HTTPException(413, "form too large")
-    if not request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
-        return {}
-    try:
-        return {k: v[0] for k, v in parse_qs(body.decode("utf-8"), keep_blank_values=True).items()}
-    except UnicodeDecodeError:
-        raise HTTPException(400, "form is not UTF-8") from None
 
 
 # --------------------------------------------------------------------------- figures
@@ -250,7 +179,7 @@ def status_report(parts: ServiceParts) -> dict:
 
 def dashboard_data(parts: ServiceParts, window: float | None = None) -> dict:
     """Everything on the page that `repage status` does not have."""
-    from repage.access_io import top_documents
+    from repage.migration.status import top_documents
     from repage.migration.worker import is_paused
 
     ledger = parts.ledger
@@ -535,7 +464,7 @@ def render_login(error: str = "") -> str:
 
 def create_dashboard_router(parts: ServiceParts) -> APIRouter:
     router = APIRouter()
-    assets, sessions = Assets(), Sessions(parts)
+    assets, sessions = Assets(), Sessions(parts.auth, parts.settings.admin_token)
     read = Depends(parts.auth.read)
 
     @router.get("/", response_class=HTMLResponse, name="dashboard")

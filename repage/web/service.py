@@ -19,138 +19,27 @@ line, never headers; a test checks the captured logs).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path as PathParam, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import SecretStr
 
 from repage.config import Settings
 from repage.errors import ConfigError, InvalidFilterValue, RepageError
-from repage.domain.keys import compile_patterns
-from repage.migration.lazy import LazyRepair, LedgerSink
-from repage.web.metrics import LatencyPublisher, ServiceMetrics
+from repage.web.auth import check_exposure
+from repage.web.parts import ServiceParts, make_parts
 
 log = logging.getLogger("repage.web.service")
 
 # Conservative on purpose: FLTR ids are UUIDs; the id is also inlined into a Milvus filter.
 DOCUMENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,255}$"
 DocumentId = PathParam(pattern=DOCUMENT_ID_PATTERN, description="The document's id (as in Milvus).")
-LOOPBACK_NAMES = frozenset({"localhost"})
-SESSION_COOKIE = "repage_session"  # the dashboard's login cookie: HttpOnly, SameSite=Strict, holds the token
-
-
-# --------------------------------------------------------------------------- auth
-
-
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def check_exposure(settings: Settings, host: str, insecure_local: bool) -> None:
-    """Refuse to serve without both tokens unless bound to loopback with --insecure-local."""
-    if settings.read_token and settings.admin_token:
-        return
-    if not insecure_local:
-        raise ConfigError("repage serve needs REPAGE_READ_TOKEN and REPAGE_ADMIN_TOKEN "
-                          "(or --insecure-local on 127.0.0.1 for a local trial)")
-    if not is_loopback(host):
-        raise ConfigError(f"--insecure-local serves without tokens, so only on loopback: --host {host} is not")
-
-
-class BearerAuth:
-    """Read vs admin bearer tokens, compared in constant time."""
-
-    def __init__(self, read_token: SecretStr | None, admin_token: SecretStr | None, *, open_access: bool = False):
-        self._read = read_token.get_secret_value().encode() if read_token else None
-        self._admin = admin_token.get_secret_value().encode() if admin_token else None
-        self.open = open_access and not (self._read or self._admin)
-
-    def role(self, request: Request) -> str:
-        if self.open:
-            return "admin"
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-        role = self.role_of(token.strip())
-        if role is None:
-            raise HTTPException(401, "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
-        return role
-
-    def role_of(self, token: str) -> str | None:
-        """The role a token grants (a bearer token or the dashboard's session cookie): admin, read or None."""
-        given = token.encode()
-        # Both comparisons always run: the time taken does not tell which token was close.
-        is_admin = self._admin is not None and secrets.compare_digest(given, self._admin)
-        is_read = self._read is not None and secrets.compare_digest(given, self._read)
-        return "admin" if is_admin else "read" if is_read else None
-
-    def read(self, request: Request) -> str:
-        """Read endpoints also take the dashboard's session cookie (repage/dashboard.py); admin
-        endpoints do not: a cookie is sent by the browser on its own, so it needs a CSRF check."""
-        cookie = request.cookies.get(SESSION_COOKIE)
-        if cookie and not self.open and "authorization" not in request.headers:
-            role = self.role_of(cookie)
-            if role is None:
-                raise HTTPException(401, "invalid session: log in again", headers={"WWW-Authenticate": "Bearer"})
-            return role
-        return self.role(request)
-
-    def admin(self, request: Request) -> str:
-        if self.role(request) != "admin":
-            raise HTTPException(403, "this endpoint needs the admin token")
-        return "admin"
-
-
 # --------------------------------------------------------------------------- the router
-
-
-@dataclass
-class ServiceParts:
-    """What the endpoints use; an existing app can build these around its own stores."""
-
-    settings: Settings
-    vectors: Any
-    ledger: Any
-    lazy: LazyRepair
-    metrics: ServiceMetrics
-    auth: BearerAuth
-    worker: Any = None  # WorkerThread when --with-worker
-
-
-def make_parts(settings: Settings, vectors, ledger, *, insecure_local: bool = False, lazy: LazyRepair | None = None,
-               now: Callable[[], float] = time.time, flush_seconds: float = 1.0) -> ServiceParts:
-    """LazyRepair (yours, or a new one), metrics and auth over open stores. Start the lazy
-    flusher (`parts.lazy.start()`) when the app starts, close it when it stops."""
-    lazy = lazy or LazyRepair(LedgerSink(ledger, settings.access_half_life_hours),
-                              patterns=compile_patterns(settings.key_patterns), now=now, flush_seconds=flush_seconds)
-    metrics = ServiceMetrics(lazy, lambda: _ledger_figures(ledger))
-    lazy.add_periodic(LatencyPublisher(ledger, metrics.window))
-    auth = BearerAuth(settings.read_token, settings.admin_token, open_access=insecure_local)
-    return ServiceParts(settings, vectors, ledger, lazy, metrics, auth)
-
-
-def _ledger_figures(ledger) -> dict:
-    from repage.migration.worker import is_paused
-
-    by_state: dict[str, int] = {}
-    for (state, _path), n in ledger.counts().items():
-        by_state[state] = by_state.get(state, 0) + n
-    return {"by_state": by_state, "paused": is_paused(ledger)}
 
 
 def create_router(parts: ServiceParts) -> APIRouter:

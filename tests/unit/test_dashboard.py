@@ -16,7 +16,8 @@ from repage.web import dashboard as dash
 from repage.domain.access import Decayed
 from repage.config import load_settings
 from repage.errors import ConfigError
-from repage.web.service import SESSION_COOKIE, create_app
+from repage.web.auth import SESSION_COOKIE, Sessions
+from repage.web.service import create_app
 from repage.domain.states import Path, State
 from repage.migration.status import migration_status
 from repage.stores.ledger import Event, Ledger, ScanRecord
@@ -175,12 +176,11 @@ def test_bearer_admin_needs_no_csrf_and_bearer_read_is_refused(service):
 
 def test_csrf_tokens_agree_across_processes_and_differ_per_session(tmp_path):
     s = settings(tmp_path, read_token=READ, admin_token=ADMIN)
-    parts = [SimpleNamespace(auth=None, settings=s) for _ in range(2)]
-    one, two = (dash.Sessions(p) for p in parts)
+    one, two = (Sessions(None, s.admin_token) for _ in range(2))
     request = SimpleNamespace(cookies={SESSION_COOKIE: ADMIN})
     assert one.csrf_token(request) == two.csrf_token(request)  # two service processes, one token
     assert one.csrf_token(request) != one.csrf_token(SimpleNamespace(cookies={SESSION_COOKIE: READ}))
-    other = dash.Sessions(SimpleNamespace(auth=None, settings=settings(tmp_path, read_token=READ, admin_token="x" * 9)))
+    other = Sessions(None, settings(tmp_path, read_token=READ, admin_token="x" * 9).admin_token)
     assert other.csrf_token(request) != one.csrf_token(request)
 
 

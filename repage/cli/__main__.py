@@ -1,0 +1,5 @@
+"""`python -m repage.cli`."""
+
+from repage.cli import main
+
+main()

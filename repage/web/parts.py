@@ -1,0 +1,49 @@
+"""The service's parts: settings, stores, lazy repair, metrics and auth, built once and shared by
+the JSON endpoints and the dashboard (an existing app can build them around its own stores)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from repage.config import Settings
+from repage.domain.keys import compile_patterns
+from repage.migration.lazy import LazyRepair, LedgerSink
+from repage.web.auth import BearerAuth
+from repage.web.metrics import LatencyPublisher, ServiceMetrics
+
+
+@dataclass
+class ServiceParts:
+    """What the endpoints use; an existing app can build these around its own stores."""
+
+    settings: Settings
+    vectors: Any
+    ledger: Any
+    lazy: LazyRepair
+    metrics: ServiceMetrics
+    auth: BearerAuth
+    worker: Any = None  # WorkerThread when --with-worker
+
+
+def make_parts(settings: Settings, vectors, ledger, *, insecure_local: bool = False, lazy: LazyRepair | None = None,
+               now: Callable[[], float] = time.time, flush_seconds: float = 1.0) -> ServiceParts:
+    """LazyRepair (yours, or a new one), metrics and auth over open stores. Start the lazy
+    flusher (`parts.lazy.start()`) when the app starts, close it when it stops."""
+    lazy = lazy or LazyRepair(LedgerSink(ledger, settings.access_half_life_hours),
+                              patterns=compile_patterns(settings.key_patterns), now=now, flush_seconds=flush_seconds)
+    metrics = ServiceMetrics(lazy, lambda: _ledger_figures(ledger))
+    lazy.add_periodic(LatencyPublisher(ledger, metrics.window))
+    auth = BearerAuth(settings.read_token, settings.admin_token, open_access=insecure_local)
+    return ServiceParts(settings, vectors, ledger, lazy, metrics, auth)
+
+
+def _ledger_figures(ledger) -> dict:
+    from repage.migration.worker import is_paused
+
+    by_state: dict[str, int] = {}
+    for (state, _path), n in ledger.counts().items():
+        by_state[state] = by_state.get(state, 0) + n
+    return {"by_state": by_state, "paused": is_paused(ledger)}
