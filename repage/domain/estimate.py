@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-
-from repage.config import Prices
+from typing import Protocol
 from repage.domain.states import Path
 
 # Object requests per moved image, by the safety protocol (DESIGN §5): GET the
@@ -24,6 +23,16 @@ LEDGER_ROUND_TRIPS_PER_DOCUMENT = 6
 # The seed's published per-document ranges (seconds), quoted beside ours.
 SEED_FAST_PATH_S = (5.0, 30.0)
 SEED_REPROCESS_S = (30.0, 300.0)
+
+
+class Prices(Protocol):
+    """The price table the model reads (`repage.config.Prices` is one)."""
+
+    class_a_per_million: float
+    class_b_per_million: float
+    reprocess_compute_per_document: float
+    vision_per_image: float
+    ocr_per_image: float
 
 
 @dataclass(frozen=True)
