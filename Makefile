@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST := $(BIN)/pytest -q -p no:cacheprovider
 
-.PHONY: demo test test-fast bench reliability install clean
+.PHONY: demo test test-fast lint bench reliability install clean
 
 install: $(STAMP)
 
@@ -25,6 +25,12 @@ demo: $(STAMP)
 # at the end (its local cluster must start within Ray's fixed 30 s, see pyproject's markers).
 test: $(STAMP)
 	$(PYTEST) -n 2 -m "not ray" tests && $(PYTEST) -m ray tests
+
+# ruff (lint and format check) and mypy: strict on repage/domain, untyped bodies checked elsewhere.
+lint: $(STAMP)
+	$(BIN)/ruff check repage tests bench examples
+	$(BIN)/ruff format --check repage tests bench examples
+	$(BIN)/mypy repage
 
 # Unit and contract tests only, for quick loops.
 test-fast: $(STAMP)
