@@ -22,6 +22,9 @@ agrees) in the form field `csrf_token` or the `X-CSRF-Token` header, from a same
 Caching: assets are served under their content digest with `immutable`; every other
 response of the app (the page, its data, the JSON endpoints) gets `no-store` unless it set
 its own Cache-Control. The page's JavaScript and styles come from the package (no build step).
+
+HTML: Jinja2 templates in templates/, autoescaped; this module hands them plain data (numbers,
+strings, rows) and the templates own the markup.
 """
 
 from __future__ import annotations
@@ -30,21 +33,21 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from html import escape
 from importlib import resources
-from string import Template
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from repage.errors import RepageError
 from repage.domain.estimate import human_seconds
+from repage.domain.states import State
+from repage.errors import RepageError
+from repage.migration.status import RECENT_SECONDS
 from repage.web.auth import SESSION_COOKIE, Sessions, read_form, same_origin
 from repage.web.parts import ServiceParts
-from repage.domain.states import State
-from repage.migration.status import RECENT_SECONDS
 
 REFRESH_SECONDS = 5
 SESSION_SECONDS = 12 * 3600
@@ -59,6 +62,7 @@ MIGRATED, OBJECT_REQUESTS, READ_LATENCY = "migrated", "object-requests", "read-l
 STATE_ORDER = ("verified", "migrated", "skipped", "unrecoverable", "running", "pending", "deferred",
                "review", "failed", "rolled_back")
 PATH_ORDER = ("keys", "pdf", "reprocess", "none")
+DONE_STATES = (State.MIGRATED, State.VERIFIED, State.SKIPPED, State.UNRECOVERABLE)  # as `done` in repage status
 UPLOT = "vendor/uPlot-1.6.32"  # vendored from npm, see static/vendor/README.md
 ASSETS = ("dashboard.js", "dashboard.css", f"{UPLOT}.iife.min.js", f"{UPLOT}.min.css")
 CONTENT_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
@@ -74,7 +78,7 @@ PAGE_HEADERS = {
 }
 
 
-# --------------------------------------------------------------------------- assets and templates
+# --------------------------------------------------------------------------- assets
 
 
 class Assets:
@@ -96,10 +100,6 @@ class Assets:
                    "ETag": f'"{self.digests[name]}"'}
         suffix = name[name.rindex("."):]
         return Response(self.files[name], media_type=CONTENT_TYPES[suffix], headers=headers)
-
-
-def template(name: str) -> Template:
-    return Template((resources.files("repage.web") / "templates" / name).read_text(encoding="utf-8"))
 
 
 # --------------------------------------------------------------------------- figures
@@ -253,109 +253,92 @@ def fmt_time(epoch: float | None) -> str:
     return "never" if epoch is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
 
 
-# --------------------------------------------------------------------------- HTML (no JavaScript needed)
+# --------------------------------------------------------------------------- the page (templates/)
 
 
-def e(value: Any) -> str:
-    return escape(str(value), quote=True)
+def data_value(value: Any) -> str:
+    """A number's raw value for data-value (the tests and dashboard.js read it back as JSON)."""
+    return "" if value is None else json.dumps(value)
 
 
-def field(path: str, value: Any, text: str, tag: str = "span", cls: str = "") -> str:
-    """A number the page shows: its raw value in data-value (the test and dashboard.js use it)."""
-    raw = "" if value is None else json.dumps(value)
-    klass = f' class="{e(cls)}"' if cls else ""
-    return f'<{tag} data-field="{e(path)}" data-value="{e(raw)}"{klass}>{e(text)}</{tag}>'
+def environment() -> Environment:
+    """Jinja2 over the package's templates/. Autoescaped: document ids, errors and reasons come from
+    the ledger and reach the page as text. StrictUndefined: a misspelt name fails the render rather
+    than leaving a hole in the page."""
+    env = Environment(loader=PackageLoader("repage.web", "templates"), autoescape=True, undefined=StrictUndefined,
+                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters.update(count=fmt_count, rate=fmt_rate, dollars=fmt_dollars, eta=fmt_eta, ms=fmt_ms, pct=fmt_pct,
+                       time=fmt_time, human=human_seconds, data_value=data_value)
+    env.policies["json.dumps_kwargs"] = {"separators": (",", ":")}  # |tojson: the initial data, compact
+    return env
 
 
-def ordered(keys, order) -> list[str]:
+TEMPLATES = environment()
+
+
+def ordered(keys: Iterable[str], order: Sequence[str]) -> list[str]:
     return sorted(keys, key=lambda k: (order.index(k) if k in order else len(order), k))
 
 
-def render_bars(status: dict) -> str:
+def progress_bars(status: dict[str, Any]) -> list[dict[str, Any]]:
     """One stacked bar for everything, one per path; segments by state (widths in %)."""
     rows = [("all documents", status["by_state"], status["documents"])]
     per_path: dict[str, dict[str, int]] = {}
     for row in status["by_state_and_path"]:
         per_path.setdefault(row["path"], {})[row["state"]] = row["documents"]
     rows += [(f"path {p}", per_path[p], sum(per_path[p].values())) for p in ordered(per_path, PATH_ORDER)]
-    out = []
-    for label, counts, total in rows:
-        segments = "".join(
-            f'<span class="seg s-{e(s)}" style="width:{100.0 * counts[s] / total:.3f}%" '
-            f'title="{e(s)}: {counts[s]}"></span>'
-            for s in ordered(counts, STATE_ORDER) if counts[s] and total)
-        done = sum(counts.get(s.value, 0) for s in (State.MIGRATED, State.VERIFIED, State.SKIPPED, State.UNRECOVERABLE))
-        out.append(f'<div class="bar-row"><span class="bar-label">{e(label)}</span>'
-                   f'<span class="bar">{segments}</span>'
-                   f'<span class="bar-note">{e(fmt_count(done))} of {e(fmt_count(total))} done '
-                   f'({e(fmt_pct(done, total))})</span></div>')
-    legend = "".join(f'<span class="key"><span class="swatch s-{e(s)}"></span>{e(s)}</span>'
-                     for s in ordered(status["by_state"], STATE_ORDER))
-    return "".join(out) + f'<div class="legend">{legend}</div>'
+    return [{"label": label, "total": total, "done": sum(counts.get(s.value, 0) for s in DONE_STATES),
+             "segments": [{"state": s, "count": counts[s], "width": 100.0 * counts[s] / total}
+                          for s in ordered(counts, STATE_ORDER) if counts[s] and total]}
+            for label, counts, total in rows]
 
 
-def render_matrix(status: dict) -> str:
-    """The state x path counts, as `repage status` prints them."""
-    def cell(path: str, n: int, cls: str = "num") -> str:
-        return f'<td class="{cls}">{field(path, n, fmt_count(n))}</td>'
-
+def state_matrix(status: dict[str, Any], states: list[str]) -> dict[str, Any]:
+    """The state x path counts, as `repage status` prints them: (path, count) per cell."""
     paths = ordered(status["by_path"], PATH_ORDER)
     cells = {(r["state"], r["path"]): r["documents"] for r in status["by_state_and_path"]}
-    head = "".join(f"<th>{e(p)}</th>" for p in paths)
-    body = []
-    for s in ordered(status["by_state"], STATE_ORDER):
-        tds = "".join(cell(f"status.by_state_and_path.{s}.{p}", cells.get((s, p), 0)) for p in paths)
-        body.append(f'<tr><th><span class="swatch s-{e(s)}"></span>{e(s)}</th>{tds}'
-                    f'{cell(f"status.by_state.{s}", status["by_state"][s], "num total")}</tr>')
-    totals = "".join(cell(f"status.by_path.{p}", status["by_path"][p], "num total") for p in paths)
-    return (f'<table class="matrix"><thead><tr><th>state \\ path</th>{head}<th>all</th></tr></thead>'
-            f'<tbody>{"".join(body)}</tbody><tfoot><tr><th>all</th>{totals}'
-            f'{cell("status.documents", status["documents"], "num total")}</tr></tfoot></table>')
+    return {"paths": paths, "rows": [{"state": s, "cells": [(p, cells.get((s, p), 0)) for p in paths]}
+                                     for s in states]}
 
 
-def render_table(table_id: str, headers: tuple[str, ...], rows: list[list[str]], empty: str) -> str:
-    head = "".join(f"<th>{e(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
-    if not rows:
-        body = f'<tr class="empty"><td colspan="{len(headers)}">{e(empty)}</td></tr>'
-    return f'<table id="{e(table_id)}" class="list"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def failure_rows(status: dict) -> list[list[str]]:
+def failure_rows(status: dict[str, Any]) -> list[list[str]]:
     return [[f["document_id"], f["state"], f["error"] or ""] for f in status["last_errors"]]
 
 
-def review_rows(data: dict) -> list[list[str]]:
+def review_rows(data: dict[str, Any]) -> list[list[str]]:
     return [[r["document_id"], r["dataset_id"], r["reason"], fmt_time(r["since"])] for r in data["reviews"]]
 
 
-def hot_rows(data: dict) -> list[list[str]]:
+def hot_rows(data: dict[str, Any]) -> list[list[str]]:
     return [[h["document_id"], h["dataset_id"] or "", f"{h['accesses']:.2f}", h["state"] or "not scanned",
              "yes" if h["enqueued"] else ""] for h in data["hot"]]
 
 
-def svg_chart(t: list[float], lines: list[tuple[str, list, str]], unit: str) -> str:
+def static_chart(t: list[float], lines: list[tuple[str, list[float | None], str]], unit: str) -> dict[str, Any]:
     """A static line chart (the page without JavaScript); each line scaled to the chart's maximum."""
     width, height, pad = 640, 140, 4
     peak = max([v for _, values, _ in lines for v in values if v is not None] + [0.0])
     scale = (height - 2 * pad) / peak if peak else 0.0
     step = (width - 2 * pad) / max(len(t) - 1, 1)
-    paths = []
-    for name, values, color in lines:
-        points = " ".join(f"{pad + i * step:.1f},{height - pad - (v or 0.0) * scale:.1f}"
-                          for i, v in enumerate(values) if v is not None)
-        if points:
-            paths.append(f'<polyline fill="none" stroke="{e(color)}" stroke-width="2" points="{points}">'
-                         f"<title>{e(name)}</title></polyline>")
-    span = f"{fmt_time(t[0])} to {fmt_time(t[-1])}" if t else ""
-    legend = " · ".join(f'<tspan fill="{e(color)}">{e(name)}</tspan>' for name, _, color in lines)
-    return (f'<svg class="static-chart" viewBox="0 0 {width} {height + 34}" role="img" aria-label="{e(legend)}">'
-            f'<rect x="0" y="0" width="{width}" height="{height}" class="frame"/>{"".join(paths)}'
-            f'<text x="{pad}" y="{height + 14}" class="axis">{legend} (peak {peak:.2f} {e(unit)})</text>'
-            f'<text x="{pad}" y="{height + 30}" class="axis">{e(span)}</text></svg>')
+
+    def points(values: list[float | None]) -> str:
+        return " ".join(f"{pad + i * step:.1f},{height - pad - (v or 0.0) * scale:.1f}"
+                        for i, v in enumerate(values) if v is not None)
+
+    return {"width": width, "height": height, "pad": pad, "peak": peak, "unit": unit, "t": t,
+            "lines": [{"name": name, "color": color, "points": points(values)} for name, values, color in lines]}
 
 
-def worker_text(data: dict) -> tuple[str, str]:
+def static_charts(series_: dict[str, Any]) -> dict[str, Any]:
+    """The colours are dashboard.js's, so the page keeps its look when uPlot takes over."""
+    t = series_["t"]
+    return {"throughput": static_chart(t, [("documents/s", series_["documents_per_s"], "#2f7d32"),
+                                           ("chunks/s", series_["chunks_per_s"], "#1f5fbf"),
+                                           ("object requests/s", series_["object_requests_per_s"], "#b3541e")], "/s"),
+            "latency": static_chart(t, [("read p95", series_["read_p95_ms"], "#7b3fb0")], "ms")}
+
+
+def worker_text(data: dict[str, Any]) -> tuple[str, str]:
     """(css class, words) for the worker badge."""
     if data["paused"]:
         return "paused", "paused"
@@ -370,93 +353,32 @@ def worker_text(data: dict) -> tuple[str, str]:
     return "running", "running"
 
 
-def render_page(parts: ServiceParts, assets: Assets, sessions: Sessions, request: Request, role: str,
-                status: dict, data: dict) -> str:
-    s, budget = status, data["budget_dollars"]
-    badge_class, badge = worker_text(data)
-    admin = role == "admin"
-    csrf = sessions.csrf_token(request) if admin else ""
-    series_ = data["series"]
-    latency = data["read_latency"]
-    over = budget is not None and s["dollars_projected"] > budget
-    failed, review = s["by_state"].get("failed", 0), s["by_state"].get("review", 0)
-    values = {
-        "collection": e(parts.settings.collection),
-        "css_uplot": e(assets.url(f"{UPLOT}.min.css")), "css": e(assets.url("dashboard.css")),
-        "js_uplot": e(assets.url(f"{UPLOT}.iife.min.js")), "js": e(assets.url("dashboard.js")),
-        "role": e(role), "refresh_ms": str(REFRESH_SECONDS * 1000), "csrf": e(csrf),
-        "badge_class": e(badge_class), "badge": e(badge),
-        "updated": e(fmt_time(data["now"])), "updated_epoch": e(data["now"]),
-        "admin_controls": render_admin_controls(csrf, data["paused"]) if admin else "",
-        "logout": "" if parts.auth.open else LOGOUT,
-        "done": field("status.done", s["done"], fmt_count(s["done"])),
-        "documents": field("status.documents", s["documents"], fmt_count(s["documents"])),
-        "done_pct": e(fmt_pct(s["done"], s["documents"])),
-        "todo": field("status.todo", s["todo"], fmt_count(s["todo"])),
-        "eta": field("status.eta_seconds", s["eta_seconds"], fmt_eta(s["eta_seconds"], s["todo"])),
-        "recent_docs": field("status.throughput.recent_documents_per_s", s["throughput"]["recent_documents_per_s"],
-                             fmt_rate(s["throughput"]["recent_documents_per_s"])),
-        "recent_chunks": field("status.throughput.recent_chunks_per_s", s["throughput"]["recent_chunks_per_s"],
-                               fmt_rate(s["throughput"]["recent_chunks_per_s"])),
-        "overall_docs": field("status.throughput.overall_documents_per_s", s["throughput"]["overall_documents_per_s"],
-                              fmt_rate(s["throughput"]["overall_documents_per_s"])),
-        "last_batch": field("data.last_migrated_at", data["last_migrated_at"], fmt_time(data["last_migrated_at"])),
-        "spent": field("status.dollars_spent", s["dollars_spent"], fmt_dollars(s["dollars_spent"])),
-        "projected": field("status.dollars_projected", s["dollars_projected"], fmt_dollars(s["dollars_projected"])),
-        "budget": field("data.budget_dollars", budget, fmt_dollars(budget) if budget is not None else "not set"),
-        "budget_bar": render_budget_bar(s["dollars_spent"], s["dollars_projected"], budget),
-        "budget_class": "warn" if over else "",
-        "p95": field("data.read_latency.p95_seconds", latency["p95_seconds"], fmt_ms(latency["p95_seconds"])),
-        "p95_limit": e(fmt_ms(latency["max_read_latency_s"]) if latency["max_read_latency_s"] else "not set here"),
-        "failed": field("status.by_state.failed", failed, fmt_count(failed)),
-        "review": field("status.by_state.review", review, fmt_count(review)),
-        "bars": render_bars(s), "matrix": render_matrix(s),
-        "window": e(series_["window_seconds"]), "window_label": e(human_seconds(series_["window_seconds"])),
-        "recent_window": e(human_seconds(RECENT_SECONDS)),
-        "chart_throughput": svg_chart(series_["t"], [
-            ("documents/s", series_["documents_per_s"], "#2f7d32"), ("chunks/s", series_["chunks_per_s"], "#1f5fbf"),
-            ("object requests/s", series_["object_requests_per_s"], "#b3541e")], "/s"),
-        "chart_latency": svg_chart(series_["t"], [("read p95", series_["read_p95_ms"], "#7b3fb0")], "ms"),
-        "failures": render_table("failures", ("document", "state", "error"), failure_rows(s), "no failures"),
-        "reviews": render_table("reviews", ("document", "dataset", "reason", "since"), review_rows(data),
-                                "nothing waits for review"),
-        "hot": render_table("hot", ("document", "dataset", "accesses", "state", "queued"), hot_rows(data),
-                            "no accesses recorded"),
-        "initial": json_for_script({"status": s, "data": data}),
-    }
-    return template("dashboard.html").substitute(values)
-
-
-LOGOUT = '<form method="post" action="logout" class="logout"><button type="submit">Log out</button></form>'
-
-
-def render_admin_controls(csrf: str, paused: bool) -> str:
-    """Pause and resume: plain forms (they work without JavaScript); dashboard.js posts them with fetch."""
-    def form(action: str, label: str, hidden: bool) -> str:
-        return (f'<form method="post" action="dashboard/{action}" class="admin-action" id="{action}-form"'
-                f'{" hidden" if hidden else ""}><input type="hidden" name="csrf_token" value="{e(csrf)}">'
-                f'<button type="submit" id="{action}-button" class="{action}">{e(label)}</button></form>')
-    return form("pause", "Pause migration", paused) + form("resume", "Resume migration", not paused)
-
-
-def render_budget_bar(spent: float, projected: float, budget: float | None) -> str:
+def spend(spent: float, projected: float, budget: float | None) -> dict[str, Any]:
+    """The budget bar: widths in % of the largest of budget, projection and spend."""
     top = max(budget or 0.0, projected, spent) or 1.0
-    marker = (f'<span class="budget-mark" style="left:{100.0 * budget / top:.3f}%" title="budget"></span>'
-              if budget is not None else "")
-    return (f'<span class="bar budget-bar">'
-            f'<span class="seg projected" style="width:{100.0 * projected / top:.3f}%"></span>'
-            f'<span class="seg spent" style="width:{100.0 * spent / top:.3f}%"></span>{marker}</span>')
+    return {"projected": 100.0 * projected / top, "spent": 100.0 * spent / top,
+            "mark": None if budget is None else 100.0 * budget / top,
+            "over": budget is not None and projected > budget}
 
 
-def json_for_script(value: Any) -> str:
-    """JSON safe inside <script type="application/json"> (no `</script>`, no comment openers)."""
-    text = json.dumps(value, separators=(",", ":"))
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+def render_page(parts: ServiceParts, assets: Assets, sessions: Sessions, request: Request, role: str,
+                status: dict[str, Any], data: dict[str, Any]) -> str:
+    admin = role == "admin"
+    badge_class, badge = worker_text(data)
+    states = ordered(status["by_state"], STATE_ORDER)
+    return TEMPLATES.get_template("dashboard.html").render(
+        s=status, d=data, collection=parts.settings.collection, role=role, admin=admin,
+        csrf=sessions.csrf_token(request) if admin else "", logout=not parts.auth.open,
+        asset=assets.url, uplot=UPLOT, refresh_ms=REFRESH_SECONDS * 1000, recent_seconds=RECENT_SECONDS,
+        badge_class=badge_class, badge=badge, spend=spend(status["dollars_spent"], status["dollars_projected"],
+                                                          data["budget_dollars"]),
+        progress=progress_bars(status), states=states, matrix=state_matrix(status, states),
+        charts=static_charts(data["series"]), failures=failure_rows(status), reviews=review_rows(data),
+        hot=hot_rows(data))
 
 
 def render_login(error: str = "") -> str:
-    message = f'<p class="error" role="alert">{e(error)}</p>' if error else ""
-    return template("login.html").substitute(error=message)
+    return TEMPLATES.get_template("login.html").render(error=error)
 
 
 # --------------------------------------------------------------------------- the router

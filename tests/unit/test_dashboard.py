@@ -251,6 +251,42 @@ def test_the_page_without_javascript_shows_the_status_figures(service):
     assert '<svg class="static-chart"' in html
 
 
+MARKUP = "<script>alert(1)</script>\"'&"  # a tag, both quotes and an ampersand: all must arrive as text
+
+
+def cells(html: str, table_id: str) -> list[str]:
+    """The text of every <td> of one table (markup in a cell would break the match)."""
+    table = re.search(rf'<table id="{table_id}" class="list">(.*?)</table>', html, re.S)[1]
+    return [unescape(c) for c in re.findall(r"<td>([^<]*)</td>", table)]
+
+
+def test_ledger_text_reaches_the_page_as_text(tmp_path):
+    s = settings(tmp_path, read_token=READ, admin_token=ADMIN)
+    ledger = Ledger(s.ledger_url)
+    failed, review = f"f{MARKUP}", f"r{MARKUP}"
+    ledger.upsert_scan([ScanRecord(d, "ds", "d.pdf", Path.KEYS, State.PENDING, "page 0", 2) for d in (failed, review)])
+    claims = {c.document_id: c for c in ledger.claim_batch("t", 10, 60, document_ids=[failed, review])}
+    ledger.transition(failed, State.FAILED, token=claims[failed].fencing_token, error=f"copy failed: {MARKUP}")
+    ledger.save_review(review, claims[review].fencing_token, json.dumps({"chunks": []}))
+    ledger.transition(review, State.REVIEW, token=claims[review].fencing_token, reason=f"weak: {MARKUP}")
+    ledger.record_accesses({failed: ("ds", Decayed(3.0, 1.7e9))}, 72 * 3600.0)
+    app = create_app(s, stores=SimpleNamespace(vectors=None, ledger=ledger))
+    try:
+        with TestClient(app) as client:
+            html = client.get("/", headers={"Authorization": f"Bearer {READ}"}).text
+    finally:
+        ledger.close()
+    assert "<script>alert" not in html and html.count("<script") == 3  # the two assets and the initial data
+    assert cells(html, "failures") == [failed, "failed", f"copy failed: {MARKUP}"]
+    assert cells(html, "reviews")[:3] == [review, "ds", f"weak: {MARKUP}"]
+    assert cells(html, "hot")[0] == failed
+    initial = re.search(r'<script id="initial-data" type="application/json">(.*?)</script>', html, re.S)[1]
+    assert not set("<>&'") & set(initial)  # no way out of the script block, yet the same JSON
+    assert json.loads(initial)["status"]["last_errors"][0]["document_id"] == failed
+    login_page = dash.render_login(MARKUP)
+    assert "<script>alert" not in login_page and unescape(login_page).count(MARKUP) == 1
+
+
 def test_data_endpoint(service):
     data = service.client.get("/dashboard/data?window=900", headers={"Authorization": f"Bearer {READ}"}).json()
     assert data["budget_dollars"] == 2.5 and data["paused"] is False and data["worker"] is None
