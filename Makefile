@@ -23,7 +23,10 @@ demo: $(STAMP)
 
 # Everything: unit, contract (every store backend) and integration tests; the Ray test alone
 # at the end (its local cluster must start within Ray's fixed 30 s, see pyproject's markers).
+# First the Debian packages the tests need (chromium, tesseract): apt installs them as root,
+# else .ci/prerequisites names them and stops. With CI set, a skipped test fails the run.
 test: $(STAMP)
+	@bash .ci/prerequisites
 	$(PYTEST) -n 2 -m "not ray" tests && $(PYTEST) -m ray tests
 
 # ruff (lint and format check) and mypy: strict on repage/domain, untyped bodies checked elsewhere.

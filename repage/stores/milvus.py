@@ -328,13 +328,29 @@ def connect(uri: str, token: str | None, timeout: float) -> MilvusClient:
     try:
         # dedicated: never share a gRPC channel through pymilvus' process-wide registry,
         # which a forked worker would inherit with a dead channel.
-        return MilvusClient(uri, token=token or "", timeout=timeout, dedicated=True)
+        client = MilvusClient(uri, token=token or "", timeout=timeout, dedicated=True)
     except ConnectionConfigException as exc:
         hint = ("" if "://" in uri else
                 " (another process may hold this Lite folder: share it via `milvus-lite server`)")
         raise StoreUnavailable(f"Milvus at {where} could not be opened{hint}") from exc
     except (MilvusException, grpc.RpcError) as exc:
         raise StoreUnavailable(f"Milvus at {where} does not answer: {_one_line(exc, token or '')}") from exc
+    forget_schemas(client)
+    return client
+
+
+def forget_schemas(client: MilvusClient) -> None:
+    """Drop the schemas pymilvus cached for this client's server and database.
+
+    pymilvus 3.0.2 caches them for the whole process by (host:port, database, collection
+    name) and forgets one only when this process drops or alters that collection. The
+    same name can since denote another collection: recreated by another process, or in
+    another Milvus Lite folder whose in-process server got a port a released one had
+    (Lite binds port 0). insert, upsert and query_iterator would then use the old schema,
+    e.g. its primary key. So a new client starts from what the server says now.
+    """
+    handler = client._get_connection()  # noqa: SLF001 (pymilvus has no public way to do this)
+    handler._invalidate_db_schemas(client._config.db_name)  # noqa: SLF001
 
 
 # ---------------------------------------------------------------- the adapter

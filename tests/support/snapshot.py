@@ -63,14 +63,22 @@ def lite_running(milvus_uri: str) -> bool:
 
 @contextmanager
 def milvus_client(settings) -> Iterator[Any]:
-    """A pymilvus client on the settings' Milvus; a Lite folder opened here is released after."""
+    """A pymilvus client on the settings' Milvus; a Lite folder opened here is released after.
+
+    pymilvus' schema cache is reset for it: keyed by host:port and collection name, it may
+    still hold the schema of a same-named collection of an earlier Lite server that had the
+    port (see repage.stores.milvus.forget_schemas), and query_iterator trusts it.
+    """
     from pymilvus import MilvusClient
+
+    from repage.stores.milvus import forget_schemas
 
     started_here = lite_path(settings.milvus_uri) is not None and not lite_running(settings.milvus_uri)
     uri = lite_path(settings.milvus_uri) or settings.milvus_uri
     token = settings.milvus_token.get_secret_value() if settings.milvus_token else ""
     client = MilvusClient(uri, token=token)
     try:
+        forget_schemas(client)
         yield client
     finally:
         client.close()
