@@ -27,9 +27,9 @@ from repage.errors import (BadInput, ConfigError, InvalidFilterValue, ObjectNotF
                            StoreUnavailable)
 from repage.domain.keys import canonical_image_key, image_prefix, is_pdf_image_ref, parse_image_key
 from repage.domain.plan import DocumentPlan, classify, is_affected, needs_listing
+from repage.domain.records import ChunkChange, ChunkJournalEntry, Claim, JournalIntent, ObjectJournalEntry, ObjectState
 from repage.domain.states import Path, State
-from repage.stores.ledger import ChunkJournalEntry, Claim, JournalIntent, ObjectJournalEntry, ObjectState
-from repage.stores.milvus import ChunkChange, quote_string
+from repage.stores.milvus import quote_string
 
 # Protocol steps where a crash test can kill the process (REPAGE_FAILPOINT=NAME, or
 # hit:N for the N-th step reached whatever its name: random kills without timing).

@@ -34,8 +34,8 @@ from repage.domain.keys import (
     source_key_candidates,
 )
 from repage.domain.plan import ChunkPage, DocumentPlan, index_listing
+from repage.domain.records import ObjectJournalEntry, ObjectState
 from repage.domain.states import Path, State
-from repage.stores.ledger import ObjectJournalEntry, ObjectState
 
 # Far above any real document; it only keeps a broken or hostile object off the temp disk.
 MAX_SOURCE_BYTES = 2 * 1024**3

@@ -20,10 +20,11 @@ from dataclasses import asdict, dataclass, field, replace
 from repage.errors import IllegalTransition, RepageError, StaleLease, StoreUnavailable
 from repage.domain.estimate import request_dollars
 from repage.domain.keys import compile_patterns
+from repage.domain.records import Claim
 from repage.migration.migrate import BatchMigrator, BatchResult, DocumentWork, RunOptions
 from repage.migration.scan import scan_completed, scan_store
 from repage.domain.states import Path, State
-from repage.stores.ledger import Claim, Ledger
+from repage.stores.ledger import Ledger
 from repage.stores.throttle import AdaptiveLimiter, Clock, SystemClock
 
 MIN_DOCS_FOR_ERROR_RATE = 20  # an error rate over a handful of documents says nothing

@@ -17,8 +17,8 @@ from typing import TypeVar
 from repage.errors import ObjectNotFound
 from repage.domain.keys import compile_patterns, image_prefix, source_key_candidates
 from repage.domain.plan import DocumentPlan, classify, needs_listing
+from repage.domain.records import ScanRecord
 from repage.domain.states import DONE, Path, State
-from repage.stores.ledger import ScanRecord
 from repage.stores.throttle import AdaptiveLimiter, call_with_backoff
 
 T = TypeVar("T")

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 from repage.errors import ObjectNotFound, RepageError
 from repage.domain.keys import is_pdf_image_ref
+from repage.domain.records import ChunkChange, ObjectState
 from repage.domain.states import Path, State
-from repage.stores.ledger import ObjectState
-from repage.stores.milvus import ChunkChange, eq_filter, in_filter
+from repage.stores.milvus import eq_filter, in_filter
 
 
 @dataclass

@@ -36,8 +36,8 @@ from PIL import Image
 
 from repage.errors import BadInput, ConfigError, ObjectNotFound, RepageError, StoreError
 from repage.domain.keys import canonical_image_key, source_key_candidates
+from repage.domain.records import ChunkJournalEntry
 from repage.reprocess.base import Job, JobStatus, ReprocessDocument, chunk_counts
-from repage.stores.ledger import ChunkJournalEntry
 
 SUPPORTED_MODELS = ("repage-demo-hash-1536",)  # repage.demo.embed.MODEL_NAME
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")

@@ -34,6 +34,7 @@ from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import ConnectionConfigException, ErrorCode, MilvusException
 from pymilvus.grpc_gen import common_pb2
 
+from repage.domain.records import ChunkChange
 from repage.errors import ConfigError, InvalidFilterValue, SchemaError, StoreError, StoreUnavailable, Throttled
 
 
@@ -215,14 +216,6 @@ class CollectionInfo:
     def identity(self, row: Mapping[str, Any]) -> tuple:
         """The row's stable identity (DESIGN §1): never its primary key, which a server may renumber."""
         return tuple(row[f] for f in self.identity_fields)
-
-
-@dataclass(frozen=True)
-class ChunkChange:
-    identity: tuple
-    pk: Any
-    page: int
-    image_r2_key: str | None = None
 
 
 def parse_schema(name: str, desc: Mapping[str, Any], version: str) -> CollectionInfo:

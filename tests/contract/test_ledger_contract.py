@@ -12,10 +12,9 @@ import pytest
 import sqlalchemy as sa
 
 from repage.errors import ConfigError, IllegalTransition, StaleLease, StoreError, StoreUnavailable
+from repage.domain.records import ChunkJournalEntry, Claim, JournalIntent, ObjectJournalEntry, ObjectState, ScanRecord
 from repage.domain.states import TRANSITIONS, Path, State
-from repage.stores.ledger import (
-    SCHEMA_VERSION, ChunkJournalEntry, Claim, Ledger, JournalIntent, ObjectJournalEntry, ObjectState, ScanRecord,
-)
+from repage.stores.ledger import SCHEMA_VERSION, Ledger
 
 N_CONCURRENT = 200
 

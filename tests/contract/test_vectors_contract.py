@@ -14,10 +14,10 @@ import pytest
 from pymilvus.exceptions import ErrorCode, MilvusException
 from pymilvus.grpc_gen import common_pb2, milvus_pb2
 
+from repage.domain.records import ChunkChange
 from repage.errors import ConfigError, InvalidFilterValue, StoreError, StoreUnavailable, Throttled
 from repage.stores.milvus import (
     AFFECTED_FILTER,
-    ChunkChange,
     MilvusVectors,
     affected_filter,
     eq_filter,

@@ -19,8 +19,9 @@ from repage.stores.open import Stores
 from repage.config import load_settings
 from repage.migration.migrate import RunOptions
 from repage.migration.runner import RunLimits, Runner, Selection
+from repage.domain.records import ScanRecord
 from repage.domain.states import Path, State
-from repage.stores.ledger import Ledger, ScanRecord
+from repage.stores.ledger import Ledger
 from repage.stores.objects import ObjectStore
 from repage.stores.milvus import MilvusVectors
 from repage.stores.throttle import FakeClock

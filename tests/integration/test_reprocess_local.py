@@ -26,8 +26,9 @@ from repage.errors import ConfigError
 from repage.migration.migrate import RunOptions
 from repage.reprocess.local import LocalReprocessor, backup_key
 from repage.migration.runner import RunLimits, Runner, Selection
+from repage.domain.records import ScanRecord
 from repage.domain.states import Path, State
-from repage.stores.ledger import Ledger, ScanRecord
+from repage.stores.ledger import Ledger
 from repage.stores.objects import ObjectStore
 from repage.stores.milvus import MilvusVectors, eq_filter
 from repage.stores.throttle import FakeClock

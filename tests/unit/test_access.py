@@ -14,8 +14,8 @@ from repage.domain.access import (
     AccessImportError, Decayed, aggregate, format_of, parse_access_log, parse_timestamp, rank_threshold,
     spread_datasets,
 )
+from repage.domain.records import ScanRecord
 from repage.domain.states import Path, State
-from repage.stores.ledger import ScanRecord
 
 H = 3600.0  # one-hour half-life keeps the numbers readable
 T0 = 1_700_000_000.0

@@ -18,9 +18,10 @@ from repage.config import load_settings
 from repage.errors import ConfigError
 from repage.web.auth import SESSION_COOKIE, Sessions
 from repage.web.service import create_app
+from repage.domain.records import Event, ScanRecord
 from repage.domain.states import Path, State
 from repage.migration.status import migration_status
-from repage.stores.ledger import Event, Ledger, ScanRecord
+from repage.stores.ledger import Ledger
 from repage.migration.worker import is_paused
 from tests.support.service_store import settings_for
 

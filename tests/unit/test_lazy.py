@@ -11,8 +11,9 @@ import pytest
 from repage.domain.access import Decayed
 from repage.domain.keys import compile_patterns
 from repage.migration.lazy import LazyRepair, LedgerSink
+from repage.domain.records import ScanRecord
 from repage.domain.states import Path, State
-from repage.stores.ledger import Ledger, ScanRecord
+from repage.stores.ledger import Ledger
 
 
 def chunk(doc: str, index: int, *, kind: str = "image", page: int = 0, key: str | None = "legacy",

@@ -84,8 +84,8 @@ def test_at_most_eight_modules_sit_at_the_top():
 
 
 @pytest.mark.parametrize("module", ["repage.domain.keys", "repage.domain.plan", "repage.domain.estimate",
-                                    "repage.domain.states", "repage.domain.access", "repage.config",
-                                    "repage.errors"])
+                                    "repage.domain.states", "repage.domain.access", "repage.domain.records",
+                                    "repage.config", "repage.errors"])
 def test_pure_module_imports_no_vendor_sdk(module):
     code = f"import sys, {module}; print([m for m in {VENDORS!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

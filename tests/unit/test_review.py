@@ -8,8 +8,9 @@ import pytest
 
 from repage.errors import ConfigError, IllegalTransition, StaleLease
 from repage.migration.review import accept, list_reviews, reject
+from repage.domain.records import ScanRecord
 from repage.domain.states import Path, State
-from repage.stores.ledger import Ledger, ScanRecord
+from repage.stores.ledger import Ledger
 
 
 def evidence(proposed=(3, 0)) -> dict:

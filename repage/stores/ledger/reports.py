@@ -1,0 +1,85 @@
+"""Reading the documents back: one, many, counts per state and path, spend and I/O totals."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import sqlalchemy as sa
+
+from repage.domain.records import DocumentRecord
+from repage.domain.states import Path, State
+from repage.stores.ledger.connection import LedgerBase
+from repage.stores.ledger.schema import ADDITIVE, docs_t
+
+_PAGE = 1000  # documents() rows per query
+
+
+def document_record(row: Any) -> DocumentRecord:
+    data = dict(row._mapping)
+    data["state"], data["path"] = State(data["state"]), Path(data["path"])
+    return DocumentRecord(**data)
+
+
+class Reports(LedgerBase):
+    """counts, documents, get, last_errors, totals and usage_by_path."""
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        c = docs_t.c
+        with self._tx(write=False) as conn:
+            rows = conn.execute(sa.select(c.state, c.path, sa.func.count()).group_by(c.state, c.path)).all()
+        return {(s, p): n for s, p, n in rows}
+
+    def documents(self, states: set[State] | None = None, limit: int | None = None,
+                  dataset_id: str | None = None) -> Iterator[DocumentRecord]:
+        """Documents in id order, fetched in pages so no transaction stays open while iterating."""
+        c, after, left = docs_t.c, None, limit
+        while left is None or left > 0:
+            size = _PAGE if left is None else min(_PAGE, left)
+            q = sa.select(docs_t).order_by(c.document_id).limit(size)
+            if states is not None:
+                q = q.where(c.state.in_([State(s).value for s in states]))
+            if dataset_id is not None:
+                q = q.where(c.dataset_id == dataset_id)
+            if after is not None:
+                q = q.where(c.document_id > after)
+            with self._tx(write=False) as conn:
+                rows = conn.execute(q).all()
+            yield from (document_record(r) for r in rows)
+            if len(rows) < size:
+                return
+            after, left = rows[-1].document_id, None if left is None else left - len(rows)
+
+    def get(self, document_id: str) -> DocumentRecord | None:
+        with self._tx(write=False) as conn:
+            row = conn.execute(sa.select(docs_t).where(docs_t.c.document_id == document_id)).first()
+        return None if row is None else document_record(row)
+
+    def last_errors(self, n: int) -> list[DocumentRecord]:
+        """The n most recently updated documents that carry an error message."""
+        c = docs_t.c
+        with self._tx(write=False) as conn:
+            rows = conn.execute(sa.select(docs_t).where(c.last_error.is_not(None))
+                                .order_by(c.updated_at.desc(), c.document_id).limit(n)).all()
+        return [document_record(r) for r in rows]
+
+    def totals(self) -> dict[str, float | int]:
+        """Spend and I/O summed over all documents, plus the document count."""
+        with self._tx(write=False) as conn:
+            row = conn.execute(sa.select(sa.func.count().label("documents"), *_sums())).one()
+        out: dict[str, float | int] = {k: int(v) for k, v in row._mapping.items()}
+        out["dollars"] = float(row.dollars)
+        return out
+
+    def usage_by_path(self) -> dict[str, dict[str, float | int]]:
+        """Documents, requests, bytes read and dollars summed per path (what each path cost so far)."""
+        c = docs_t.c
+        with self._tx(write=False) as conn:
+            rows = conn.execute(sa.select(c.path, sa.func.count().label("documents"), *_sums()).group_by(c.path)).all()
+        return {r.path: {"documents": int(r.documents), **{n: int(r._mapping[n]) for n in ADDITIVE if n != "dollars"},
+                         "dollars": float(r.dollars)} for r in rows}
+
+
+def _sums() -> list[Any]:
+    """The spend and I/O counters summed (0 over no rows), labelled by their names."""
+    return [sa.func.coalesce(sa.func.sum(docs_t.c[name]), 0).label(name) for name in ADDITIVE]
