@@ -13,7 +13,6 @@ journal, never re-planned from rows that may be half-written.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import threading
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field, replace
 
 from repage.errors import (BadInput, ConfigError, InvalidFilterValue, ObjectNotFound, RepageError, StaleLease,
                            StoreUnavailable)
+from repage.domain.identity import ChunkIdentity
 from repage.domain.keys import canonical_image_key, image_prefix, is_pdf_image_ref, parse_image_key
 from repage.domain.plan import DocumentPlan, classify, is_affected, needs_listing
 from repage.domain.records import ChunkChange, ChunkJournalEntry, Claim, JournalIntent, ObjectJournalEntry, ObjectState
@@ -115,14 +115,6 @@ class Failpoints:
                 os.kill(os.getpid(), self.signal)
 
 
-def identity_json(identity: Sequence) -> str:
-    return json.dumps(list(identity), separators=(",", ":"))
-
-
-def identity_of(row: Mapping, fields: Sequence[str]) -> tuple:
-    return tuple(row.get(f) for f in fields)
-
-
 class BatchMigrator:
     """Applies the protocol to one claimed batch. Stateless between batches."""
 
@@ -132,6 +124,7 @@ class BatchMigrator:
         self.settings = getattr(stores, "settings", None)  # the pdf path's thresholds and source key template
         self.lease_seconds = lease_seconds
         self.info = self.vectors.info()
+        self.identity = self.info.identity
         self.options = options
         self.object_limiter = object_limiter
         self.write_limiter = write_limiter
@@ -184,14 +177,14 @@ class BatchMigrator:
             work.error = f"document {work.document_id}: {exc}"
 
     def _fresh_plan(self, work: DocumentWork, journal: Mapping[str, ChunkJournalEntry]) -> None:
-        fields = self.info.identity_fields
+        identity = self.identity
         # Chunks journalled before read page 0 again for planning: their pages are re-derived
         # from the keys and must agree with the journal; their old values stay the originals.
-        affected = [dict(r, page=0) if identity_json(identity_of(r, fields)) in journal else r
+        affected = [dict(r, page=0) if identity.text(r) in journal else r
                     for r in work.rows]
         affected = [r for r in affected if is_affected(r)]
         listed = self._list_images(work) if affected and needs_listing(affected, self.patterns) else None
-        plan = classify(work.document_id, affected, [identity_of(r, fields) for r in affected],
+        plan = classify(work.document_id, affected, [identity.key(r) for r in affected],
                         dataset_id=work.claim.dataset_id, filename=work.claim.filename,
                         listed_keys=listed, source_exists=None, patterns=self.patterns)
         if not affected:
@@ -211,7 +204,7 @@ class BatchMigrator:
             work.error = (f"document {work.document_id}: keys no longer tell every page "
                           f"({plan.resolved}/{plan.affected}); run `repage scan` again")
             return
-        self._intend(work, plan, {identity_of(r, fields): r for r in affected})
+        self._intend(work, plan, {identity.key(r): r for r in affected})
         if pdf is not None:
             pdf.add_uploads()
         if journal:
@@ -251,7 +244,7 @@ class BatchMigrator:
                 target = None  # its image is missing: fix the page, leave the key as it is
             row = rows[chunk.identity]
             work.chunks.append(ChunkJournalEntry(
-                identity=identity_json(chunk.identity), old_pk=str(row[self.info.pk_field]),
+                identity=ChunkIdentity.as_text(chunk.identity), old_pk=str(row[self.info.pk_field]),
                 old_page=int(row.get("page") or 0), new_page=chunk.page, old_key=chunk.current_key,
                 new_key=target if target != chunk.current_key else None,
                 row_checksum=self.vectors.row_checksum(row)))
@@ -423,10 +416,10 @@ class BatchMigrator:
         changes, before = [], {}
         has_key = "image_r2_key" in self.info.fields
         for work in works:
-            rows = {identity_json(identity_of(r, self.info.identity_fields)): r for r in work.rows}
+            rows = {self.identity.text(r): r for r in work.rows}
             for chunk in work.chunks:
                 row = rows.get(chunk.identity)
-                identity = tuple(json.loads(chunk.identity))
+                identity = ChunkIdentity.from_text(chunk.identity)
                 key = chunk.new_key if chunk.new_key is not None else (chunk.old_key or "") if has_key else None
                 changes.append(ChunkChange(identity, row[self.info.pk_field] if row else None, chunk.new_page, key))
                 if row is not None:
@@ -457,7 +450,7 @@ class BatchMigrator:
         return []
 
     def _gone(self, work: DocumentWork) -> str | None:
-        identities = [tuple(json.loads(c.identity)) for c in work.chunks]
+        identities = [ChunkIdentity.from_text(c.identity) for c in work.chunks]
         try:
             found = self.vectors.find_by_identity(identities)
         except RepageError:
@@ -468,7 +461,7 @@ class BatchMigrator:
 
     def _fetch_written(self, works: Sequence[DocumentWork]) -> dict[tuple, list[dict]]:
         """The batch's written rows by stable identity, read back in as few queries as limits allow."""
-        written = {tuple(json.loads(c.identity)): c.old_pk for w in works for c in w.chunks}
+        written = {ChunkIdentity.from_text(c.identity): c.old_pk for w in works for c in w.chunks}
         return self.vectors.find_written(written) if written else {}
 
     def _read_back(self, works: list[DocumentWork], result: BatchResult,
@@ -481,14 +474,14 @@ class BatchMigrator:
             else:
                 passed[work.document_id] = work
         pk = self.info.pk_field  # the key each row has now: a server may have renumbered it (§5.4)
-        applied = {d: (w.claim.fencing_token, {c.identity: str(found[tuple(json.loads(c.identity))][0][pk])
+        applied = {d: (w.claim.fencing_token, {c.identity: str(found[ChunkIdentity.from_text(c.identity)][0][pk])
                                                for c in w.chunks}) for d, w in passed.items()}
         # a lost lease mid-batch: that document only goes back to pending, the others go on
         return self._drop_lost(list(passed.values()), self.ledger.mark_chunks_applied_many(applied), result)
 
     def _first_problem(self, work: DocumentWork, found: Mapping[tuple, list[dict]]) -> str | None:
         for chunk in work.chunks:
-            if (problem := self._check_row(chunk, found.get(tuple(json.loads(chunk.identity)), []))) is not None:
+            if (problem := self._check_row(chunk, found.get(ChunkIdentity.from_text(chunk.identity), []))) is not None:
                 return f"chunk {chunk.identity}: {problem}"
         return None
 
@@ -510,7 +503,7 @@ class BatchMigrator:
         result.objects_copied += copied
         # Distinct identities, not rows: rows fetched on a resume may include the duplicate a
         # crash mid-upsert left behind (the write just deleted it); verify compares with this.
-        chunks = len({identity_of(r, self.info.identity_fields) for r in work.rows})
+        chunks = len({self.identity.key(r) for r in work.rows})
         self._transition(work, State.MIGRATED, result, reason=f"{len(work.chunks)} chunks, {copied} images moved",
                          total_chunks=chunks, images_to_move=self._images_left(work))
 
@@ -573,7 +566,7 @@ class BatchMigrator:
     @staticmethod
     def _change_record(work: DocumentWork) -> dict:
         """One document's exact changes, as `run --dry-run` prints them."""
-        chunks = [{"chunk": json.loads(c.identity), "page": [c.old_page, c.new_page],
+        chunks = [{"chunk": list(ChunkIdentity.from_text(c.identity)), "page": [c.old_page, c.new_page],
                    "image_r2_key": [c.old_key, c.new_key if c.new_key is not None else c.old_key]}
                   for c in work.chunks]
         return {"document_id": work.document_id, "chunks": chunks,

@@ -26,6 +26,7 @@ from pathlib import Path as FsPath
 
 from repage.migration import pdfpages
 from repage.errors import BadInput, ObjectNotFound, StaleLease
+from repage.domain.identity import ChunkIdentity
 from repage.domain.keys import (
     canonical_image_key,
     parse_image_key,
@@ -48,10 +49,6 @@ def parse_size(text: object) -> tuple[int, int] | None:
         return (int(w), int(h)) if int(w) > 0 and int(h) > 0 else None
     except ValueError:
         return None
-
-
-def identity_json(identity: Sequence) -> str:
-    return json.dumps(list(identity), separators=(",", ":"))
 
 
 @dataclass
@@ -191,8 +188,7 @@ class PdfPlanner:
         return pdfpages.reference_of(data, image.index, image.key)
 
     def _rows(self) -> dict[tuple, dict]:
-        fields = self.m.info.identity_fields
-        return {tuple(r.get(f) for f in fields): r for r in self.work.rows}
+        return {self.m.identity.key(r): r for r in self.work.rows}
 
     # ---- reviews
 
@@ -253,7 +249,7 @@ class PdfPlanner:
             if image.key is None and self.m.options.move_images:  # not in the bucket: from the PDF
                 source = self._source_image(c, match, by_index, at, sizes.get(c.identity))
                 if source is not None and source[0] == page and image.index is not None:
-                    self.uploads[identity_json(c.identity)] = (*source, image.index)
+                    self.uploads[ChunkIdentity.as_text(c.identity)] = (*source, image.index)
             chunks.append(replace(c, page=page, found_key=image.key, image_index=image.index,
                                   evidence=c.evidence if match is None else f"pdf:{match.method}"))
         return replace(plan, path=Path.PDF, chunks=tuple(chunks))

@@ -97,7 +97,7 @@ def measure(stores, picked: dict[Path, list], batch_size: int, concurrency: int 
 def _time_readback(vectors, rows: Sequence[dict]) -> float:
     """The run's read-back (DESIGN §5.4): the batch's affected chunks, with vectors."""
     info = vectors.info()
-    written = {tuple(r.get(f) for f in info.identity_fields): str(r[info.pk_field]) for r in rows if is_affected(r)}
+    written = {info.identity.key(r): str(r[info.pk_field]) for r in rows if is_affected(r)}
     if not written:
         return 0.0
     return timed(lambda: vectors.find_written(written))[0]

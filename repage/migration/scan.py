@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from repage.errors import ObjectNotFound
+from repage.domain.identity import ChunkIdentity
 from repage.domain.keys import compile_patterns, image_prefix, source_key_candidates
 from repage.domain.plan import DocumentPlan, classify, needs_listing
 from repage.domain.records import ScanRecord
@@ -66,10 +67,6 @@ class ScanReport:
                 "object_requests": self.object_requests, "documents": self.documents}
 
 
-def identity_of(row: Mapping, identity_fields: Sequence[str]) -> tuple:
-    return tuple(row.get(f) for f in identity_fields)
-
-
 def collect_documents(vectors, dataset_id: str | None) -> dict[str, DocumentSummary]:
     """Every document of the collection (or dataset) with its affected chunks.
 
@@ -98,10 +95,10 @@ def _summary(documents: dict[str, DocumentSummary], row: Mapping) -> DocumentSum
 class Classifier:
     """Classifies one document, calling the bucket only when the keys leave pages open."""
 
-    def __init__(self, objects, identity_fields: Sequence[str], source_template: str,
+    def __init__(self, objects, identity: ChunkIdentity, source_template: str,
                  patterns: Sequence[re.Pattern]):
         self.objects = objects
-        self.identity_fields = identity_fields
+        self.identity = identity
         self.source_template = source_template
         self.patterns = patterns
         self.requests = 0
@@ -122,7 +119,7 @@ class Classifier:
 
     def _classify(self, document_id: str, summary: DocumentSummary) -> DocumentPlan:
         rows = summary.affected
-        identities = [identity_of(r, self.identity_fields) for r in rows]
+        identities = [self.identity.key(r) for r in rows]
         args = dict(dataset_id=summary.dataset_id, filename=summary.filename, patterns=self.patterns)
         listed = None
         if rows and needs_listing(rows, self.patterns):
@@ -157,7 +154,7 @@ def scan_store(stores, *, dataset_id: str | None = None,
     """Scan the collection, record every document in the ledger, return the report."""
     settings, ledger = stores.settings, stores.ledger
     info = stores.vectors.info()
-    classifier = Classifier(stores.objects, info.identity_fields, settings.source_key_template,
+    classifier = Classifier(stores.objects, info.identity, settings.source_key_template,
                             compile_patterns(settings.key_patterns))
     documents = collect_documents(stores.vectors, dataset_id)
     # Done (and running) documents are never re-counted as affected, even when a true page is 0.

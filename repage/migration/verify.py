@@ -12,11 +12,11 @@ points at it.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from repage.errors import ObjectNotFound, RepageError
+from repage.domain.identity import ChunkIdentity
 from repage.domain.keys import is_pdf_image_ref
 from repage.domain.records import ChunkChange, ObjectState
 from repage.domain.states import Path, State
@@ -34,10 +34,6 @@ class CheckReport:
                 "ok": not self.failed}
 
 
-def _identity(text: str) -> tuple:
-    return tuple(json.loads(text))
-
-
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -51,9 +47,9 @@ def verify_document(stores, record) -> str | None:
     rows = vectors.fetch_documents([record.document_id])
     if record.total_chunks is not None and len(rows) != record.total_chunks:
         return f"{len(rows)} chunks now, {record.total_chunks} before the migration"
-    found = vectors.find_by_identity([_identity(c.identity) for c in journal], with_vectors=True)
+    found = vectors.find_by_identity([ChunkIdentity.from_text(c.identity) for c in journal], with_vectors=True)
     for entry in journal:
-        problem = _check_chunk(vectors, entry, found.get(_identity(entry.identity), []))
+        problem = _check_chunk(vectors, entry, found.get(ChunkIdentity.from_text(entry.identity), []))
         if problem:
             return f"chunk {entry.identity}: {problem}"
     for move in ledger.object_journal(record.document_id):
@@ -131,8 +127,8 @@ def rollback_document(stores, record) -> None:
             continue
         if not objects.exists(move.old_key) and objects.exists(move.new_key):
             objects.copy(move.new_key, move.old_key)
-    found = vectors.find_by_identity([_identity(c.identity) for c in journal])
-    changes = [ChunkChange(_identity(c.identity), _current_pk(vectors, found, c), c.old_page,
+    found = vectors.find_by_identity([ChunkIdentity.from_text(c.identity) for c in journal])
+    changes = [ChunkChange(ChunkIdentity.from_text(c.identity), _current_pk(vectors, found, c), c.old_page,
                            (c.old_key or "") if c.new_key is not None else None) for c in journal]
     vectors.write_changes(changes)
     referenced = _referenced_keys(vectors, [move.new_key for move in moves])
@@ -145,7 +141,7 @@ def rollback_document(stores, record) -> None:
 
 
 def _current_pk(vectors, found: dict, entry):
-    rows = found.get(_identity(entry.identity)) or []
+    rows = found.get(ChunkIdentity.from_text(entry.identity)) or []
     if not rows:
         raise RepageError(f"chunk {entry.identity} of a migrated document no longer exists; restore by hand")
     return rows[0][vectors.info().pk_field]

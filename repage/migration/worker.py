@@ -163,7 +163,7 @@ def scan_documents(stores, document_ids) -> list[str]:
             str(row.get("dataset_id") or ""), str(row.get("filename") or "")))
         if is_affected(row):
             summary.affected.append(row)
-    classify = Classifier(stores.objects, info.identity_fields, settings.source_key_template,
+    classify = Classifier(stores.objects, info.identity, settings.source_key_template,
                           compile_patterns(settings.key_patterns))
     stores.ledger.upsert_scan([_scan_record(classify(doc, s), s) for doc, s in sorted(documents.items())])
     return list(documents)

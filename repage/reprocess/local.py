@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from repage.errors import BadInput, ConfigError, ObjectNotFound, RepageError, StoreError
+from repage.domain.identity import ChunkIdentity
 from repage.domain.keys import canonical_image_key, source_key_candidates
 from repage.domain.records import ChunkJournalEntry
 from repage.reprocess.base import Job, JobStatus, ReprocessDocument, chunk_counts
@@ -234,7 +235,7 @@ class LocalReprocessor:
         if not self.objects.exists(key):  # the original only: a retry must not back up half-new rows
             blob = {"document_id": doc.document_id, "pk_field": self.info.pk_field,
                     "identity_fields": list(self.info.identity_fields), "rows": [_plain(r) for r in old],
-                    "checksums": {json.dumps(_identity(self.info, r)): self.vectors.row_checksum(r) for r in old},
+                    "checksums": {self.info.identity.backup_text(r): self.vectors.row_checksum(r) for r in old},
                     "checkpoints_deleted": stale}
             self.objects.put(key, gzip.compress(json.dumps(blob).encode("utf-8")))
         for stale_key in stale:
@@ -281,12 +282,13 @@ class LocalReprocessor:
         return rows, uploads
 
     def _journal(self, doc: ReprocessDocument, old: Sequence[Mapping], targets: Sequence[dict]) -> None:
-        by_identity = {_identity(self.info, r): r for r in old}
+        identity = self.info.identity
+        by_identity = {identity.key(r): r for r in old}
         entries = []
         for row in targets:
-            before = by_identity.get(_identity(self.info, row), {})
+            before = by_identity.get(identity.key(row), {})
             entries.append(ChunkJournalEntry(
-                identity=json.dumps(list(_identity(self.info, row)), separators=(",", ":")),
+                identity=identity.text(row),
                 old_pk=str(before[self.info.pk_field]) if before else None,
                 old_page=int(before.get("page") or 0) if before else None, new_page=int(row["page"]),
                 old_key=(before.get("image_r2_key") or None) if before else None,
@@ -298,9 +300,9 @@ class LocalReprocessor:
         """The journal's final word per chunk: its read-back checksum and key (verify compares them)."""
         entries, new_pks = [], {}
         for row in targets:
-            identity = _identity(self.info, row)
+            identity = self.info.identity.key(row)
             back = found[identity]
-            text = json.dumps(list(identity), separators=(",", ":"))
+            text = ChunkIdentity.as_text(identity)
             entries.append(ChunkJournalEntry(identity=text, new_pk=str(back[self.info.pk_field]),
                                              new_page=int(back["page"]), new_key=back.get("image_r2_key") or "",
                                              row_checksum=self.vectors.row_checksum(back)))
@@ -315,10 +317,6 @@ class LocalReprocessor:
 
 
 # ---------------------------------------------------------------- replacing a document's rows
-
-def _identity(info, row: Mapping) -> tuple:
-    return tuple(row.get(f) for f in info.identity_fields)
-
 
 def _plain(row: Mapping) -> dict:
     return json.loads(json.dumps(dict(row), default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
@@ -357,10 +355,10 @@ def replace_rows(vectors, current: Sequence[Mapping], targets: Sequence[dict]) -
     info = vectors.info()
     existing: dict[tuple, list[Mapping]] = {}
     for row in current:
-        existing.setdefault(_identity(info, row), []).append(row)
+        existing.setdefault(info.identity.key(row), []).append(row)
     overwrite, insert = [], []
     for row in targets:
-        here = existing.get(_identity(info, row))
+        here = existing.get(info.identity.key(row))
         out = {k: v for k, v in row.items() if k in info.fields or info.dynamic}
         if here:
             out[info.pk_field] = here[0][info.pk_field]
@@ -369,13 +367,13 @@ def replace_rows(vectors, current: Sequence[Mapping], targets: Sequence[dict]) -
             if info.auto_id:
                 out.pop(info.pk_field, None)
             elif info.pk_field not in out or out[info.pk_field] is None:
-                raise RepageError(f"chunk {_identity(info, row)}: no primary key to insert it under")
+                raise RepageError(f"chunk {info.identity.key(row)}: no primary key to insert it under")
             insert.append(out)
     if overwrite:
         vectors.upsert_rows(overwrite)
     if insert:
         vectors.insert(insert)
-    wanted = [_identity(info, r) for r in targets]
+    wanted = [info.identity.key(r) for r in targets]
     found = vectors.find_by_identity(wanted, with_vectors=True)
     checked: dict[tuple, dict] = {}
     for row, identity in zip(targets, wanted, strict=True):
@@ -411,10 +409,10 @@ def restore_backup(stores, record) -> int:
     info = vectors.info()
     current = vectors.fetch_documents([record.document_id], with_vectors=True)
     replace_rows(vectors, current, rows)
-    after = vectors.find_by_identity([_identity(info, r) for r in rows], with_vectors=True)
+    after = vectors.find_by_identity([info.identity.key(r) for r in rows], with_vectors=True)
     for row in rows:
-        got = after.get(_identity(info, row)) or [{}]
-        if vectors.row_checksum(got[0]) != blob["checksums"][json.dumps(_identity(info, row))]:
-            raise RepageError(f"document {record.document_id}: chunk {_identity(info, row)} differs from the "
+        got = after.get(info.identity.key(row)) or [{}]
+        if vectors.row_checksum(got[0]) != blob["checksums"][info.identity.backup_text(row)]:
+            raise RepageError(f"document {record.document_id}: chunk {info.identity.key(row)} differs from the "
                               "backup after the restore")
     return len(rows)

@@ -35,6 +35,7 @@ from pymilvus.exceptions import ConnectionConfigException, ErrorCode, MilvusExce
 from pymilvus.grpc_gen import common_pb2
 
 from repage.domain.records import ChunkChange
+from repage.domain.identity import ChunkIdentity
 from repage.errors import ConfigError, InvalidFilterValue, SchemaError, StoreError, StoreUnavailable, Throttled
 
 
@@ -213,9 +214,10 @@ class CollectionInfo:
     def as_dict(self) -> dict:
         return asdict(self)
 
-    def identity(self, row: Mapping[str, Any]) -> tuple:
-        """The row's stable identity (DESIGN §1): never its primary key, which a server may renumber."""
-        return tuple(row[f] for f in self.identity_fields)
+    @property
+    def identity(self) -> ChunkIdentity:
+        """The rows' stable identity (docs/design.md §1): never their primary key, which a server may renumber."""
+        return ChunkIdentity(self.identity_fields)
 
 
 def parse_schema(name: str, desc: Mapping[str, Any], version: str) -> CollectionInfo:
@@ -228,23 +230,15 @@ def parse_schema(name: str, desc: Mapping[str, Any], version: str) -> Collection
     vec = next((f for f in fields if f["type"] == DataType.FLOAT_VECTOR), None)
     if vec is None:
         raise SchemaError(f"collection {name!r} has no FLOAT_VECTOR field 'vector'")
+    varchar = {f["name"] for f in fields if f["type"] == DataType.VARCHAR}
     return CollectionInfo(
         name=name, pk_field=pk["name"],
         pk_type="varchar" if pk["type"] == DataType.VARCHAR else "int64",
         auto_id=bool(pk.get("auto_id") or desc.get("auto_id")),
         vector_field=vec["name"], dim=int(vec["params"]["dim"]),
         fields=tuple(by_name), dynamic=bool(desc.get("enable_dynamic_field")),
-        identity_fields=_identity_fields(name, by_name), server_version=version,
+        identity_fields=ChunkIdentity.of_collection(name, by_name, varchar).fields, server_version=version,
     )
-
-
-def _identity_fields(name: str, by_name: Mapping[str, Any]) -> tuple[str, ...]:
-    chunk_id = by_name.get("chunk_id")
-    if chunk_id is not None and chunk_id["type"] == DataType.VARCHAR:
-        return ("chunk_id",)
-    if "chunk_index" not in by_name:
-        raise SchemaError(f"collection {name!r} has neither 'chunk_id' nor 'chunk_index': no stable chunk identity")
-    return ("document_id", "chunk_index")
 
 
 # ---------------------------------------------------------------- connection and errors
@@ -543,9 +537,9 @@ class MilvusVectors:
         with_vectors = self.fetch_documents(document_ids, where=image_chunk_filter(info.fields))
         # The rest with light fields only (they are counted and classified, never written), and
         # not by the filter's negation: a NULL ocr_confidence makes both sides false.
-        seen = {info.identity(r) for r in with_vectors}
+        seen = {info.identity.key(r) for r in with_vectors}
         rest = [r for r in self.fetch_documents(document_ids, fields=self._light_fields(), with_vectors=False)
-                if info.identity(r) not in seen]
+                if info.identity.key(r) not in seen]
         return with_vectors + rest
 
     def fetch_documents(self, document_ids: Sequence[str], *, fields: Sequence[str] | None = None,
@@ -571,8 +565,7 @@ class MilvusVectors:
         return rows
 
     def _identity_filter(self, identities: list[tuple]) -> str:
-        fields = self.info().identity_fields
-        if fields == ("chunk_id",):
+        if self.info().identity.by_chunk_id:
             return in_filter("chunk_id", [i[0] for i in identities])
         by_doc: dict[str, list] = defaultdict(list)
         for doc, index in identities:
@@ -593,7 +586,7 @@ class MilvusVectors:
         cap = self._row_cap(self._bytes_per_row(with_vectors))
         for group in _batches(wanted, _identity_cost, max(1, cap // 2), MAX_FILTER_BYTES):
             for row in self._query_split(group, self._identity_filter, out, cap):
-                key = info.identity(row)
+                key = info.identity.key(row)
                 found.setdefault(key, []).append(row)
         return found
 
@@ -617,7 +610,7 @@ class MilvusVectors:
         out, cap = self._output_fields(None, True), self._row_cap(self._bytes_per_row(True))
         for group in _batches(pks, _identity_cost, cap, MAX_FILTER_BYTES):
             for row in self._query(in_filter(info.pk_field, group), out, limit=cap):
-                found.setdefault(info.identity(row), []).append(row)
+                found.setdefault(info.identity.key(row), []).append(row)
         return found
 
     # -- writes

@@ -31,7 +31,7 @@ import numpy as np
 from repage.stores.open import Stores, open_ledger, open_objects, open_stores
 from repage.config import ENV_NAMES, Settings, load_settings
 from repage.domain.keys import canonical_image_key, legacy_image_key, legacy_image_name, legacy_sort_index
-from repage.migration.migrate import RunOptions, identity_json, identity_of
+from repage.migration.migrate import RunOptions
 from repage.migration.runner import RunLimits, Runner, Selection, run_migration
 from repage.migration.scan import scan_store
 from repage.domain.states import State
@@ -450,7 +450,7 @@ def snapshot(stores: Stores, doc_ids: list[str]) -> Snapshot:
     rows = vectors.fetch_documents(doc_ids)
     pks: dict[str, list[str]] = {}
     for r in rows:
-        pks.setdefault(identity_json(identity_of(r, info.identity_fields)), []).append(str(r[info.pk_field]))
+        pks.setdefault(info.identity.text(r), []).append(str(r[info.pk_field]))
     objects = {}
     for page in stores.objects.list(""):
         for obj in page:
