@@ -42,8 +42,11 @@ AFFECTED = 'page == 0 && (chunk_type == "ocr" || chunk_type == "image" || ocr_co
 QUERY_CAP = 16_384  # Milvus' cap on rows per query
 FLOOR_BATCH = 1_000
 CONCURRENCY = 4  # repage's default concurrency for object requests
-LEGACY = re.compile(r"(?P<index>[0-9]+)_(?P<base>.+)-(?P<page>[0-9]+)-(?P<sub>full|[0-9]+)"
-                    r"\.(?P<ext>png|jpe?g|gif|bmp|webp)", re.IGNORECASE | re.DOTALL)
+LEGACY = re.compile(
+    r"(?P<index>[0-9]+)_(?P<base>.+)-(?P<page>[0-9]+)-(?P<sub>full|[0-9]+)"
+    r"\.(?P<ext>png|jpe?g|gif|bmp|webp)",
+    re.IGNORECASE | re.DOTALL,
+)
 CLASS = {"list": "A", "copy": "A", "put": "A", "get": "B", "head": "B"}
 
 
@@ -55,11 +58,15 @@ class Objects:
         if parts.scheme == "file":
             self.store = LocalStore(parts.path)
         elif parts.scheme == "s3":
-            self.store = S3Store(parts.netloc, endpoint=endpoint, region="us-east-1",
-                                 access_key_id=os.environ["AWS_ACCESS_KEY_ID"],
-                                 secret_access_key=os.environ["AWS_SECRET_ACCESS_KEY"],
-                                 virtual_hosted_style_request=False,
-                                 client_options={"allow_http": True})
+            self.store = S3Store(
+                parts.netloc,
+                endpoint=endpoint,
+                region="us-east-1",
+                access_key_id=os.environ["AWS_ACCESS_KEY_ID"],
+                secret_access_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+                virtual_hosted_style_request=False,
+                client_options={"allow_http": True},
+            )
         else:
             raise SystemExit(f"unsupported store URL {store_url!r}")
         self.counts: Counter = Counter()
@@ -114,8 +121,9 @@ class Milvus:
         rows, cursor = [], None
         while True:
             bound = f"{self.pk} > {cursor} && ({expr})" if cursor is not None else expr
-            page = self.client.query(COLLECTION, filter=bound, output_fields=fields, limit=QUERY_CAP,
-                                     consistency_level="Strong")
+            page = self.client.query(
+                COLLECTION, filter=bound, output_fields=fields, limit=QUERY_CAP, consistency_level="Strong"
+            )
             self.calls["query"] += 1
             rows.extend(dict(r) for r in page)
             if len(page) < QUERY_CAP:
@@ -138,8 +146,9 @@ def naive(milvus: Milvus, objects: Objects, max_seconds: float | None) -> dict:
                 continue
             objects.copy(key, target[1])
             moved[key] = target
-        rows = milvus.client.query(COLLECTION, filter=f"document_id == {quote(document_id)}",
-                                   output_fields=["*"], consistency_level="Strong")
+        rows = milvus.client.query(
+            COLLECTION, filter=f"document_id == {quote(document_id)}", output_fields=["*"], consistency_level="Strong"
+        )
         milvus.calls["query"] += 1
         changed = []
         for row in rows:
@@ -154,8 +163,13 @@ def naive(milvus: Milvus, objects: Objects, max_seconds: float | None) -> dict:
             milvus.calls["upsert"] += 1
         done += 1
         chunks += len(changed)
-    return {"documents": done, "documents_total": len(documents), "chunks": chunks,
-            "seconds": time.perf_counter() - started, "complete": done == len(documents)}
+    return {
+        "documents": done,
+        "documents_total": len(documents),
+        "chunks": chunks,
+        "seconds": time.perf_counter() - started,
+        "complete": done == len(documents),
+    }
 
 
 def floor(milvus: Milvus, objects: Objects, max_seconds: float | None) -> dict:
@@ -171,11 +185,16 @@ def floor(milvus: Milvus, objects: Objects, max_seconds: float | None) -> dict:
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         list(pool.map(lambda kv: objects.copy(*kv), copies.items()))
     for start in range(0, len(updates), FLOOR_BATCH):
-        milvus.client.upsert(COLLECTION, updates[start:start + FLOOR_BATCH], partial_update=True)
+        milvus.client.upsert(COLLECTION, updates[start : start + FLOOR_BATCH], partial_update=True)
         milvus.calls["upsert"] += 1
     documents = len({key.split("/")[1] for key in copies})
-    return {"documents": documents, "documents_total": documents, "chunks": len(updates),
-            "seconds": time.perf_counter() - started, "complete": True}
+    return {
+        "documents": documents,
+        "documents_total": documents,
+        "chunks": len(updates),
+        "seconds": time.perf_counter() - started,
+        "complete": True,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,13 +39,23 @@ def response(doc: str) -> list[dict]:
     rows = []
     for i in range(CHUNKS):
         image = i % 20 in IMAGE_EVERY
-        rows.append({
-            "chunk_id": f"{doc}_{i}", "document_id": doc, "dataset_id": "ds-7f3a", "filename": "Field manual - rev_3.pdf",
-            "chunk_index": i, "chunk_type": ("image" if i % 2 else "ocr") if image else "text",
-            "page": 0 if image else i // 8, "image_index": i if image else None,
-            "ocr_confidence": 0.93 if image else None, "text": "x" * 64,
-            "image_r2_key": f"ds-7f3a/{doc}/images/{i}_Field manual - rev_3.pdf-{i // 8}-{i % 3}.png" if image else None,
-        })
+        rows.append(
+            {
+                "chunk_id": f"{doc}_{i}",
+                "document_id": doc,
+                "dataset_id": "ds-7f3a",
+                "filename": "Field manual - rev_3.pdf",
+                "chunk_index": i,
+                "chunk_type": ("image" if i % 2 else "ocr") if image else "text",
+                "page": 0 if image else i // 8,
+                "image_index": i if image else None,
+                "ocr_confidence": 0.93 if image else None,
+                "text": "x" * 64,
+                "image_r2_key": f"ds-7f3a/{doc}/images/{i}_Field manual - rev_3.pdf-{i // 8}-{i % 3}.png"
+                if image
+                else None,
+            }
+        )
     return rows
 
 
@@ -70,8 +80,12 @@ def measure(samples: int, cold: bool) -> tuple[list[float], list[float]]:
 def summary(times: list[float]) -> dict:
     ordered = sorted(times)
     pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)  # noqa: E731
-    return {"p50_us": pick(0.50), "p99_us": pick(0.99), "max_us": round(ordered[-1], 1),
-            "mean_us": round(statistics.fmean(ordered), 1)}
+    return {
+        "p50_us": pick(0.50),
+        "p99_us": pick(0.99),
+        "max_us": round(ordered[-1], 1),
+        "mean_us": round(statistics.fmean(ordered), 1),
+    }
 
 
 def main() -> int:
@@ -82,18 +96,27 @@ def main() -> int:
     args = parser.parse_args()
     warm, warm_cpu = measure(args.samples, cold=False)
     cold, cold_cpu = measure(min(args.samples, 5000), cold=True)
-    report = {"chunks": CHUNKS, "affected_per_response": sum(1 for r in response("x") if r["page"] == 0 and r["image_r2_key"]),
-              "samples": args.samples, "warm": summary(warm), "cold": summary(cold),
-              "warm_cpu": summary(warm_cpu), "cold_cpu": summary(cold_cpu), "limit_us": args.limit_us}
+    report = {
+        "chunks": CHUNKS,
+        "affected_per_response": sum(1 for r in response("x") if r["page"] == 0 and r["image_r2_key"]),
+        "samples": args.samples,
+        "warm": summary(warm),
+        "cold": summary(cold),
+        "warm_cpu": summary(warm_cpu),
+        "cold_cpu": summary(cold_cpu),
+        "limit_us": args.limit_us,
+    }
     report["ok"] = report["cold"]["p99_us"] < args.limit_us
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         for case in ("warm", "cold"):
             r, c = report[case], report[f"{case}_cpu"]
-            print(f"{case}: p50 {r['p50_us']} µs, p99 {r['p99_us']} µs, max {r['max_us']} µs "
-                  f"(CPU time p50 {c['p50_us']} µs, p99 {c['p99_us']} µs; "
-                  f"{CHUNKS} chunks, {report['affected_per_response']} affected)")
+            print(
+                f"{case}: p50 {r['p50_us']} µs, p99 {r['p99_us']} µs, max {r['max_us']} µs "
+                f"(CPU time p50 {c['p50_us']} µs, p99 {c['p99_us']} µs; "
+                f"{CHUNKS} chunks, {report['affected_per_response']} affected)"
+            )
     return 0 if report["ok"] else 1
 
 

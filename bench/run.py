@@ -50,8 +50,8 @@ CHECK_FIELDS = ["chunk_id", "document_id", "dataset_id", "chunk_type", "page", "
 
 # ---------------------------------------------------------------- processes
 
-def measure(command: list[str], env: dict, cwd: Path, server: LiteServer, name: str,
-            timeout: float = 3600.0) -> dict:
+
+def measure(command: list[str], env: dict, cwd: Path, server: LiteServer, name: str, timeout: float = 3600.0) -> dict:
     """Run `command`, sampling its RSS (with children) and the Lite server's; parse its JSON stdout."""
     out_path, err_path = cwd / f"{name}.json", cwd / f"{name}.stderr"
     peak = peak_server = 0.0
@@ -67,9 +67,13 @@ def measure(command: list[str], env: dict, cwd: Path, server: LiteServer, name: 
                 proc.kill()
             time.sleep(INTERVAL)
         wall = time.perf_counter() - started
-    result = {"command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(command)),
-              "exit": proc.returncode, "wall_seconds": round(wall, 2), "peak_rss_mb": round(peak, 1),
-              "lite_peak_rss_mb": round(peak_server, 1)}
+    result = {
+        "command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(command)),
+        "exit": proc.returncode,
+        "wall_seconds": round(wall, 2),
+        "peak_rss_mb": round(peak, 1),
+        "lite_peak_rss_mb": round(peak_server, 1),
+    }
     try:
         result["output"] = json.loads(out_path.read_text())
     except ValueError:
@@ -81,19 +85,29 @@ def measure(command: list[str], env: dict, cwd: Path, server: LiteServer, name: 
 
 # ---------------------------------------------------------------- the store after a run
 
+
 def check_store(uri: str, bucket_dir: Path | None, objects=None) -> dict:
     """Every image/OCR chunk: page equals the page in its canonical key, and the object exists."""
     with MilvusVectors(uri, COLLECTION, timeout=900.0) as vectors:
-        rows = [r for page in vectors.iter_documents(fields=CHECK_FIELDS) for r in page
-                if r["chunk_type"] in ("image", "ocr")]
+        rows = [
+            r
+            for page in vectors.iter_documents(fields=CHECK_FIELDS)
+            for r in page
+            if r["chunk_type"] in ("image", "ocr")
+        ]
     wrong, missing, digest = 0, 0, hashlib.sha256()
     for row in sorted(rows, key=lambda r: r["chunk_id"]):
         key = row["image_r2_key"] or ""
         folder, _, name = key.rpartition("/")
         stem = name.rsplit(".", 1)[0]
         page, _, index = stem.partition("_")
-        ok = (folder == f"{row['dataset_id']}/{row['document_id']}/images" and page.isdigit()
-              and index.isdigit() and int(page) == row["page"] and int(index) == row["image_index"])
+        ok = (
+            folder == f"{row['dataset_id']}/{row['document_id']}/images"
+            and page.isdigit()
+            and index.isdigit()
+            and int(page) == row["page"]
+            and int(index) == row["image_index"]
+        )
         wrong += not ok
         digest.update(f"{row['chunk_id']}\t{row['page']}\t{key}\n".encode())
     keys = sorted({r["image_r2_key"] for r in rows if r["image_r2_key"]})
@@ -104,25 +118,39 @@ def check_store(uri: str, bucket_dir: Path | None, objects=None) -> dict:
         for dataset in {k.split("/", 1)[0] for k in keys}:
             present.update(info.key for page in objects.list(dataset) for info in page)
         missing = sum(1 for k in keys if k not in present)
-    return {"image_chunks": len(rows), "wrong": wrong, "objects_missing": missing,
-            "digest": digest.hexdigest()[:16], "correct": wrong == 0 and missing == 0}
+    return {
+        "image_chunks": len(rows),
+        "wrong": wrong,
+        "objects_missing": missing,
+        "digest": digest.hexdigest()[:16],
+        "correct": wrong == 0 and missing == 0,
+    }
 
 
 # ---------------------------------------------------------------- contenders
+
 
 def run_one(contender: str, spec: StoreSpec, master: Path, kind: str, args, moto: MotoServer | None) -> dict:
     dest = OUT / "run" / f"{spec.name}-{kind}-{contender}"
     started = time.perf_counter()
     fresh_copy(master, dest, bucket=kind == "local")
     copy_s = time.perf_counter() - started
-    entry = {"contender": contender, "documents": spec.documents, "chunks": spec.documents * 20,
-             "bucket": kind, "dir": str(dest)}
+    entry = {
+        "contender": contender,
+        "documents": spec.documents,
+        "chunks": spec.documents * 20,
+        "bucket": kind,
+        "dir": str(dest),
+    }
     with LiteServer(dest / "lite", free_port(), dest / "server.log") as server:
         load_s, rows, affected = load_and_count(server.uri)
         if (rows, affected) != (spec.documents * 20, spec.documents * 6):
             raise RepageError(f"{dest}: the copy holds {rows} rows ({affected} affected)")
-        env = {"REPAGE_MILVUS_URI": server.uri, "REPAGE_COLLECTION": COLLECTION,
-               "REPAGE_LEDGER_URL": f"sqlite:///{dest / 'ledger.db'}"}
+        env = {
+            "REPAGE_MILVUS_URI": server.uri,
+            "REPAGE_COLLECTION": COLLECTION,
+            "REPAGE_LEDGER_URL": f"sqlite:///{dest / 'ledger.db'}",
+        }
         objects = None
         if kind == "local":
             store_url = (dest / "bucket").as_uri()
@@ -166,13 +194,23 @@ def contender_figures(proc: dict) -> dict:
     if proc["exit"] != 0 or not out:
         return {"error": proc.get("stderr") or f"exit {proc['exit']}", "complete": False}
     seconds = out["seconds"]
-    return {"complete": out["complete"], "documents_done": out["documents"], "chunks_done": out["chunks"],
-            "seconds": round(seconds, 2), "documents_per_s": round(out["documents"] / seconds, 2),
-            "chunks_per_s": round(out["chunks"] / seconds, 1),
-            "requests": {"class_a": out["objects"]["class_a"], "class_b": out["objects"]["class_b"],
-                         "by_kind": out["objects"]["by_kind"]},
-            "milvus_calls": out["milvus_calls"], "peak_rss_mb": proc["peak_rss_mb"],
-            "lite_peak_rss_mb": proc["lite_peak_rss_mb"], "wall_seconds": proc["wall_seconds"]}
+    return {
+        "complete": out["complete"],
+        "documents_done": out["documents"],
+        "chunks_done": out["chunks"],
+        "seconds": round(seconds, 2),
+        "documents_per_s": round(out["documents"] / seconds, 2),
+        "chunks_per_s": round(out["chunks"] / seconds, 1),
+        "requests": {
+            "class_a": out["objects"]["class_a"],
+            "class_b": out["objects"]["class_b"],
+            "by_kind": out["objects"]["by_kind"],
+        },
+        "milvus_calls": out["milvus_calls"],
+        "peak_rss_mb": proc["peak_rss_mb"],
+        "lite_peak_rss_mb": proc["lite_peak_rss_mb"],
+        "wall_seconds": proc["wall_seconds"],
+    }
 
 
 def run_repage(env: dict, dest: Path, server: LiteServer) -> dict:
@@ -180,39 +218,61 @@ def run_repage(env: dict, dest: Path, server: LiteServer) -> dict:
     for suffix in ("", "-wal", "-shm"):
         (dest / f"ledger.db{suffix}").unlink(missing_ok=True)
     steps = {}
-    for step, command in (("scan", [repage, "scan", "--json"]), ("estimate", [repage, "estimate", "--json"]),
-                          ("run", [repage, "run", "--json"])):
+    for step, command in (
+        ("scan", [repage, "scan", "--json"]),
+        ("estimate", [repage, "estimate", "--json"]),
+        ("run", [repage, "run", "--json"]),
+    ):
         steps[step] = measure(command, env, dest, server, step)
         if steps[step]["exit"] != 0 or steps[step]["output"] is None:
-            return {"error": f"repage {step}: " + (steps[step].get("stderr") or f"exit {steps[step]['exit']}"),
-                    "complete": False, "processes": steps}
+            return {
+                "error": f"repage {step}: " + (steps[step].get("stderr") or f"exit {steps[step]['exit']}"),
+                "complete": False,
+                "processes": steps,
+            }
     scan, est, run = (steps[s]["output"] for s in ("scan", "estimate", "run"))
     seconds = scan["seconds"] + run["seconds"]
     predicted = est["total_seconds"]
-    return {"complete": run["failed"] == 0 and run["migrated"] == run["documents"],
-            "documents_done": run["migrated"], "chunks_done": run["chunks_written"],
-            "seconds": round(seconds, 2), "scan_seconds": round(scan["seconds"], 2),
-            "run_seconds": round(run["seconds"], 2),
-            "documents_per_s": round(run["migrated"] / seconds, 2),
-            "chunks_per_s": round(run["chunks_written"] / seconds, 1),
-            "requests": {"class_a": run["class_a"], "class_b": run["class_b"],
-                         # per moved image: GET to hash it, COPY, GET of the copy (DESIGN §5)
-                         "by_kind": {"get": run["objects_copied"] * 2, "copy": run["objects_copied"],
-                                     "head": run["class_b"] - 2 * run["objects_copied"],
-                                     "list": run["class_a"] - run["objects_copied"]}},
-            "batches": run["batches"], "failed": run["failed"],
-            "peak_rss_mb": max(steps[s]["peak_rss_mb"] for s in steps),
-            "peak_rss_mb_by_process": {s: steps[s]["peak_rss_mb"] for s in steps},
-            "lite_peak_rss_mb": max(steps[s]["lite_peak_rss_mb"] for s in steps),
-            "wall_seconds": round(sum(steps[s]["wall_seconds"] for s in steps), 2),
-            "estimate": {"predicted_seconds": round(predicted, 2), "measured_run_seconds": round(run["seconds"], 2),
-                         "error": round(predicted / run["seconds"] - 1, 3) if run["seconds"] else None,
-                         "dollars": est["total_dollars"], "measured_dollars": run["dollars"],
-                         "latencies": est.get("latencies")},
-            "scan_seconds_per_100k_chunks": None}
+    return {
+        "complete": run["failed"] == 0 and run["migrated"] == run["documents"],
+        "documents_done": run["migrated"],
+        "chunks_done": run["chunks_written"],
+        "seconds": round(seconds, 2),
+        "scan_seconds": round(scan["seconds"], 2),
+        "run_seconds": round(run["seconds"], 2),
+        "documents_per_s": round(run["migrated"] / seconds, 2),
+        "chunks_per_s": round(run["chunks_written"] / seconds, 1),
+        "requests": {
+            "class_a": run["class_a"],
+            "class_b": run["class_b"],
+            # per moved image: GET to hash it, COPY, GET of the copy (DESIGN §5)
+            "by_kind": {
+                "get": run["objects_copied"] * 2,
+                "copy": run["objects_copied"],
+                "head": run["class_b"] - 2 * run["objects_copied"],
+                "list": run["class_a"] - run["objects_copied"],
+            },
+        },
+        "batches": run["batches"],
+        "failed": run["failed"],
+        "peak_rss_mb": max(steps[s]["peak_rss_mb"] for s in steps),
+        "peak_rss_mb_by_process": {s: steps[s]["peak_rss_mb"] for s in steps},
+        "lite_peak_rss_mb": max(steps[s]["lite_peak_rss_mb"] for s in steps),
+        "wall_seconds": round(sum(steps[s]["wall_seconds"] for s in steps), 2),
+        "estimate": {
+            "predicted_seconds": round(predicted, 2),
+            "measured_run_seconds": round(run["seconds"], 2),
+            "error": round(predicted / run["seconds"] - 1, 3) if run["seconds"] else None,
+            "dollars": est["total_dollars"],
+            "measured_dollars": run["dollars"],
+            "latencies": est.get("latencies"),
+        },
+        "scan_seconds_per_100k_chunks": None,
+    }
 
 
 # ---------------------------------------------------------------- report
+
 
 def lazy_overhead(rounds: int = 3) -> dict:
     """bench/lazy_overhead.py, `rounds` times; the round with the median cold p99 is reported.
@@ -222,8 +282,9 @@ def lazy_overhead(rounds: int = 3) -> dict:
     """
     runs = []
     for _ in range(rounds):
-        proc = subprocess.run([PY, "-m", "bench.lazy_overhead", "--json"], capture_output=True, text=True,
-                              cwd=OUT.parent.parent)
+        proc = subprocess.run(
+            [PY, "-m", "bench.lazy_overhead", "--json"], capture_output=True, text=True, cwd=OUT.parent.parent
+        )
         if not proc.stdout.strip():
             return {"error": proc.stderr[-2000:]}
         runs.append(json.loads(proc.stdout))
@@ -251,8 +312,9 @@ def ratios(results: list[dict]) -> None:
 
 def verdicts(results: list[dict], lazy: dict) -> dict:
     out = {}
-    rep1k = next((r for r in results if r["contender"] == "repage" and r["documents"] == 1000
-                  and r["bucket"] == "local"), None)
+    rep1k = next(
+        (r for r in results if r["contender"] == "repage" and r["documents"] == 1000 and r["bucket"] == "local"), None
+    )
     if rep1k:
         if "ratio_to_floor" in rep1k:
             out["repage >= 0.8x floor (1,000 docs, local)"] = (rep1k["ratio_to_floor"], rep1k["ratio_to_floor"] >= 0.8)
@@ -276,10 +338,16 @@ def verdicts(results: list[dict], lazy: dict) -> dict:
 
 
 def render(report: dict) -> str:
-    lines = ["", f"repage bench: {report['machine']['cpus']} CPUs, Milvus Lite {report['machine']['milvus_lite']}, "
-             f"{report['minutes']} min", ""]
-    head = (f"{'store':<18}{'contender':<10}{'docs/s':>9}{'chunks/s':>10}{'seconds':>9}{'class A':>9}"
-            f"{'class B':>9}{'RSS MB':>8}{'Lite MB':>9}{'x naive':>9}{'x floor':>9}  check")
+    lines = [
+        "",
+        f"repage bench: {report['machine']['cpus']} CPUs, Milvus Lite {report['machine']['milvus_lite']}, "
+        f"{report['minutes']} min",
+        "",
+    ]
+    head = (
+        f"{'store':<18}{'contender':<10}{'docs/s':>9}{'chunks/s':>10}{'seconds':>9}{'class A':>9}"
+        f"{'class B':>9}{'RSS MB':>8}{'Lite MB':>9}{'x naive':>9}{'x floor':>9}  check"
+    )
     lines += [head, "-" * len(head)]
     for r in report["results"]:
         store = f"{r['documents']:,} {r['bucket']}"
@@ -289,29 +357,36 @@ def render(report: dict) -> str:
         req = r.get("requests", {})
         note = "" if r.get("complete") else f" (sample: {r.get('documents_done')} docs)"
         check = r.get("check")
-        check_s = ("ok " + check["digest"]) if check and check["correct"] else (
-            f"WRONG {check}" if check else "-")
-        lines.append(f"{store:<18}{r['contender']:<10}{r['documents_per_s']:>9.1f}{r['chunks_per_s']:>10.0f}"
-                     f"{r['seconds']:>9.1f}{req.get('class_a', 0):>9}{req.get('class_b', 0):>9}"
-                     f"{r['peak_rss_mb']:>8.0f}{r['lite_peak_rss_mb']:>9.0f}"
-                     f"{r.get('ratio_to_naive', float('nan')):>9.2f}{r.get('ratio_to_floor', float('nan')):>9.2f}"
-                     f"  {check_s}{note}")
+        check_s = ("ok " + check["digest"]) if check and check["correct"] else (f"WRONG {check}" if check else "-")
+        lines.append(
+            f"{store:<18}{r['contender']:<10}{r['documents_per_s']:>9.1f}{r['chunks_per_s']:>10.0f}"
+            f"{r['seconds']:>9.1f}{req.get('class_a', 0):>9}{req.get('class_b', 0):>9}"
+            f"{r['peak_rss_mb']:>8.0f}{r['lite_peak_rss_mb']:>9.0f}"
+            f"{r.get('ratio_to_naive', float('nan')):>9.2f}{r.get('ratio_to_floor', float('nan')):>9.2f}"
+            f"  {check_s}{note}"
+        )
     lines.append("")
     for r in report["results"]:
         if r["contender"] == "repage" and r.get("estimate"):
             e = r["estimate"]
-            lines.append(f"estimate {r['documents']:,} {r['bucket']}: predicted {e['predicted_seconds']:.1f} s, "
-                         f"measured run {e['measured_run_seconds']:.1f} s ({e['error']:+.0%}); "
-                         f"scan {r['scan_seconds']:.1f} s = {r['scan_seconds_per_100k_chunks']:.1f} s per 100k chunks; "
-                         f"RSS scan/estimate/run {r['peak_rss_mb_by_process']}")
+            lines.append(
+                f"estimate {r['documents']:,} {r['bucket']}: predicted {e['predicted_seconds']:.1f} s, "
+                f"measured run {e['measured_run_seconds']:.1f} s ({e['error']:+.0%}); "
+                f"scan {r['scan_seconds']:.1f} s = {r['scan_seconds_per_100k_chunks']:.1f} s per 100k chunks; "
+                f"RSS scan/estimate/run {r['peak_rss_mb_by_process']}"
+            )
     lazy = report.get("lazy", {})
     if "cold" in lazy:
-        lines.append(f"lazy repair, 200-chunk response: warm p50 {lazy['warm']['p50_us']} µs, p99 {lazy['warm']['p99_us']} µs;"
-                     f" cold p50 {lazy['cold']['p50_us']} µs, p99 {lazy['cold']['p99_us']} µs (wall clock)")
+        lines.append(
+            f"lazy repair, 200-chunk response: warm p50 {lazy['warm']['p50_us']} µs, p99 {lazy['warm']['p99_us']} µs;"
+            f" cold p50 {lazy['cold']['p50_us']} µs, p99 {lazy['cold']['p99_us']} µs (wall clock)"
+        )
         if "cold_cpu" in lazy:
-            lines.append(f"  CPU time: warm p50 {lazy['warm_cpu']['p50_us']} µs, p99 {lazy['warm_cpu']['p99_us']} µs;"
-                         f" cold p50 {lazy['cold_cpu']['p50_us']} µs, p99 {lazy['cold_cpu']['p99_us']} µs;"
-                         f" load average {lazy['load_average'][0]:.1f}")
+            lines.append(
+                f"  CPU time: warm p50 {lazy['warm_cpu']['p50_us']} µs, p99 {lazy['warm_cpu']['p99_us']} µs;"
+                f" cold p50 {lazy['cold_cpu']['p50_us']} µs, p99 {lazy['cold_cpu']['p99_us']} µs;"
+                f" load average {lazy['load_average'][0]:.1f}"
+            )
     lines += ["", "targets:"]
     for name, v in report["targets"].items():
         lines.append(f"  {'met   ' if v['met'] else 'MISSED'}  {name}: {v['value']}")
@@ -324,28 +399,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--moto-size", type=int, default=1000, help="documents of the moto_server store (0: none)")
     parser.add_argument("--no-moto", action="store_true")
     parser.add_argument("--contenders", default="naive,floor,repage")
-    parser.add_argument("--naive-max-seconds", type=float, default=600.0,
-                        help="stop naive after this long and report its rate on the documents done")
-    parser.add_argument("--naive-full-up-to", type=int, default=1000,
-                        help="run naive to the end on local-bucket stores up to this many documents; "
-                             "sample larger ones and the moto_server store")
-    parser.add_argument("--naive-sample-seconds", type=float, default=60.0,
-                        help="how long naive runs on larger stores (its rate over the documents done)")
+    parser.add_argument(
+        "--naive-max-seconds",
+        type=float,
+        default=600.0,
+        help="stop naive after this long and report its rate on the documents done",
+    )
+    parser.add_argument(
+        "--naive-full-up-to",
+        type=int,
+        default=1000,
+        help="run naive to the end on local-bucket stores up to this many documents; "
+        "sample larger ones and the moto_server store",
+    )
+    parser.add_argument(
+        "--naive-sample-seconds",
+        type=float,
+        default=60.0,
+        help="how long naive runs on larger stores (its rate over the documents done)",
+    )
     parser.add_argument("--rebuild", action="store_true", help="build the cached stores again")
     parser.add_argument("--report", type=Path, default=OUT / "report.json")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     contenders = [c for c in args.contenders.split(",") if c]
     started = time.perf_counter()
-    report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                          "milvus_lite": _version("milvus-lite"), "pymilvus": _version("pymilvus"),
-                          "obstore": _version("obstore"), "load_average_at_start": os.getloadavg()},
-              "targets_config": TARGETS, "naive_max_seconds": args.naive_max_seconds, "results": []}
+    report = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "milvus_lite": _version("milvus-lite"),
+            "pymilvus": _version("pymilvus"),
+            "obstore": _version("obstore"),
+            "load_average_at_start": os.getloadavg(),
+        },
+        "targets_config": TARGETS,
+        "naive_max_seconds": args.naive_max_seconds,
+        "results": [],
+    }
     failed = False
     log("lazy-repair overhead (3 rounds)")
     report["lazy"] = lazy_overhead()  # first, while no Lite server of ours competes for the CPUs
     try:
-        masters = {n: ensure_master(StoreSpec(n), rebuild=args.rebuild) for n in sorted(set(sizes + [args.moto_size]) - {0})}
+        masters = {
+            n: ensure_master(StoreSpec(n), rebuild=args.rebuild) for n in sorted(set(sizes + [args.moto_size]) - {0})
+        }
         plan = [(n, "local") for n in sizes]
         if args.moto_size and not args.no_moto:
             plan.append((args.moto_size, "s3"))
@@ -358,11 +456,30 @@ def main(argv: list[str] | None = None) -> int:
                 for contender in contenders:
                     entry = run_one(contender, StoreSpec(n), masters[n], kind, args, moto)
                     if entry.get("scan_seconds") is not None:
-                        entry["scan_seconds_per_100k_chunks"] = round(entry["scan_seconds"] * 100_000 / entry["chunks"], 1)
-                    failed |= bool(entry.get("error")) or (entry.get("check") is not None and not entry["check"]["correct"])
+                        entry["scan_seconds_per_100k_chunks"] = round(
+                            entry["scan_seconds"] * 100_000 / entry["chunks"], 1
+                        )
+                    failed |= bool(entry.get("error")) or (
+                        entry.get("check") is not None and not entry["check"]["correct"]
+                    )
                     report["results"].append(entry)
-                    log(json.dumps({k: entry.get(k) for k in ("contender", "documents", "bucket", "documents_per_s",
-                                                               "seconds", "peak_rss_mb", "complete", "error")}))
+                    log(
+                        json.dumps(
+                            {
+                                k: entry.get(k)
+                                for k in (
+                                    "contender",
+                                    "documents",
+                                    "bucket",
+                                    "documents_per_s",
+                                    "seconds",
+                                    "peak_rss_mb",
+                                    "complete",
+                                    "error",
+                                )
+                            }
+                        )
+                    )
         finally:
             if moto:
                 moto.__exit__()

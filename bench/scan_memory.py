@@ -33,8 +33,14 @@ BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent
 COLLECTION = "fltr_documents"
 # Inherited settings that would point the scan elsewhere (DESIGN §6 names and the app's fallbacks).
-FOREIGN_ENV = ("MILVUS_URI", "MILVUS_TOKEN", "R2_ACCOUNT_ID", "R2_ACCESS_KEY_ID",
-               "R2_SECRET_ACCESS_KEY", "R2_BUCKET_NAME")
+FOREIGN_ENV = (
+    "MILVUS_URI",
+    "MILVUS_TOKEN",
+    "R2_ACCOUNT_ID",
+    "R2_ACCESS_KEY_ID",
+    "R2_SECRET_ACCESS_KEY",
+    "R2_BUCKET_NAME",
+)
 
 
 def log(message: str) -> None:
@@ -69,9 +75,19 @@ class LiteServer:
     def __enter__(self) -> LiteServer:
         self._log = self.log_path.open("a")
         self.proc = subprocess.Popen(
-            [str(BIN / "milvus-lite"), "server", "--data-dir", str(self.data_dir),
-             "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=self._log, stderr=subprocess.STDOUT)
+            [
+                str(BIN / "milvus-lite"),
+                "server",
+                "--data-dir",
+                str(self.data_dir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             self._wait(120.0)
         except BaseException:
@@ -104,12 +120,18 @@ class LiteServer:
 
 # ---------------------------------------------------------------- the store
 
-def ensure_store(uri: str, run_dir: Path, *, documents: int, pk: str, seed: int, images: bool,
-                 rebuild: bool) -> dict:
+
+def ensure_store(uri: str, run_dir: Path, *, documents: int, pk: str, seed: int, images: bool, rebuild: bool) -> dict:
     """Reuse the store when its manifest and counts match, else build it again."""
     manifest_path = run_dir / "store.json"
-    want = {"documents": documents, "pk": pk, "seed": seed, "images": images,
-            "chunks": documents * CHUNKS_PER_DOC, "affected_chunks": documents * IMAGE_CHUNKS}
+    want = {
+        "documents": documents,
+        "pk": pk,
+        "seed": seed,
+        "images": images,
+        "chunks": documents * CHUNKS_PER_DOC,
+        "affected_chunks": documents * IMAGE_CHUNKS,
+    }
     bucket = run_dir / "bucket"
     if not rebuild and manifest_path.exists():
         have = json.loads(manifest_path.read_text())
@@ -122,8 +144,9 @@ def ensure_store(uri: str, run_dir: Path, *, documents: int, pk: str, seed: int,
     bucket.mkdir(parents=True)
     drop_if_exists(uri, COLLECTION)
     log(f"building {documents} documents ({documents * CHUNKS_PER_DOC} chunks) at ~1.1k rows/s")
-    summary = build_store(documents, uri, bucket.as_uri(), collection=COLLECTION, pk=pk, seed=seed,
-                          images=images, log=log).as_dict()
+    summary = build_store(
+        documents, uri, bucket.as_uri(), collection=COLLECTION, pk=pk, seed=seed, images=images, log=log
+    ).as_dict()
     manifest = {**want, "build": summary}
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return manifest
@@ -146,6 +169,7 @@ def preload(uri: str) -> float:
 
 # ---------------------------------------------------------------- measuring
 
+
 def tree_rss(proc: psutil.Process) -> tuple[int, int]:
     """(RSS of the process, RSS of it and all its descendants), bytes; 0 for what is gone."""
     try:
@@ -164,9 +188,12 @@ def tree_rss(proc: psutil.Process) -> tuple[int, int]:
 
 def scan_env(uri: str, run_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REPAGE_") and k not in FOREIGN_ENV}
-    env.update(REPAGE_MILVUS_URI=uri, REPAGE_COLLECTION=COLLECTION,
-               REPAGE_STORE_URL=(run_dir / "bucket").as_uri(),
-               REPAGE_LEDGER_URL=f"sqlite:///{run_dir / 'ledger.db'}")
+    env.update(
+        REPAGE_MILVUS_URI=uri,
+        REPAGE_COLLECTION=COLLECTION,
+        REPAGE_STORE_URL=(run_dir / "bucket").as_uri(),
+        REPAGE_LEDGER_URL=f"sqlite:///{run_dir / 'ledger.db'}",
+    )
     return env
 
 
@@ -193,15 +220,22 @@ def run_scan(uri: str, run_dir: Path, interval: float, server: LiteServer) -> di
         timeline.write("seconds,rss_mb,tree_rss_mb\n")
         timeline.writelines(f"{t:.2f},{o / 2**20:.1f},{r / 2**20:.1f}\n" for t, o, r in samples)
     if proc.returncode != 0:
-        raise RepageError(f"`{' '.join(command)}` exited {proc.returncode}: "
-                          f"{err_path.read_text().strip()[-2000:]}")
+        raise RepageError(f"`{' '.join(command)}` exited {proc.returncode}: {err_path.read_text().strip()[-2000:]}")
     report = json.loads(out_path.read_text())
-    return {"command": " ".join(["repage", "scan", "--json"]), "wall_seconds": round(wall, 2),
-            "scan_seconds": report.get("seconds"), "peak_rss_mb": round(peak_tree / 2**20, 1),
-            "peak_rss_main_mb": round(peak_own / 2**20, 1), "samples": len(samples),
-            "interval_s": interval, "server_peak_rss_mb": round(server_peak, 1),
-            "documents": len(report["documents"]), "totals": report["totals"],
-            "affected_chunks": report["affected_chunks"], "object_requests": report["object_requests"]}
+    return {
+        "command": " ".join(["repage", "scan", "--json"]),
+        "wall_seconds": round(wall, 2),
+        "scan_seconds": report.get("seconds"),
+        "peak_rss_mb": round(peak_tree / 2**20, 1),
+        "peak_rss_main_mb": round(peak_own / 2**20, 1),
+        "samples": len(samples),
+        "interval_s": interval,
+        "server_peak_rss_mb": round(server_peak, 1),
+        "documents": len(report["documents"]),
+        "totals": report["totals"],
+        "affected_chunks": report["affected_chunks"],
+        "object_requests": report["object_requests"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,8 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, help="bench folder (default bench/out/scan-N)")
     parser.add_argument("--pk", choices=("auto", "chunk_id"), default="auto")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--images", action="store_true",
-                        help="also write the images (the scan does not read them: chunks carry page-bearing keys)")
+    parser.add_argument(
+        "--images",
+        action="store_true",
+        help="also write the images (the scan does not read them: chunks carry page-bearing keys)",
+    )
     parser.add_argument("--rebuild", action="store_true", help="build the store again even if it matches")
     parser.add_argument("--port", type=int, help="milvus-lite server port (default: a free one)")
     parser.add_argument("--interval", type=float, default=0.05, help="RSS sampling interval, seconds")
@@ -223,29 +260,44 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with LiteServer(run_dir / "milvus.db", args.port or free_port(), run_dir / "server.log") as server:
             log(f"milvus-lite server at {server.uri} (data {server.data_dir})")
-            store = ensure_store(server.uri, run_dir, documents=args.documents, pk=args.pk, seed=args.seed,
-                                 images=args.images, rebuild=args.rebuild)
+            store = ensure_store(
+                server.uri,
+                run_dir,
+                documents=args.documents,
+                pk=args.pk,
+                seed=args.seed,
+                images=args.images,
+                rebuild=args.rebuild,
+            )
             load_s = preload(server.uri)
             log(f"collection loaded in {load_s:.1f}s; scanning")
             result = run_scan(server.uri, run_dir, args.interval, server)
     except RepageError as exc:
         print(f"bench.scan_memory: {exc}", file=sys.stderr)
         return 2
-    result.update(store_documents=store["documents"], store_chunks=store["chunks"],
-                  store_affected_chunks=store["affected_chunks"], pk=store["pk"], limit_mb=args.limit_mb,
-                  under_limit=result["peak_rss_mb"] < args.limit_mb, dir=str(run_dir))
+    result.update(
+        store_documents=store["documents"],
+        store_chunks=store["chunks"],
+        store_affected_chunks=store["affected_chunks"],
+        pk=store["pk"],
+        limit_mb=args.limit_mb,
+        under_limit=result["peak_rss_mb"] < args.limit_mb,
+        dir=str(run_dir),
+    )
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         verdict = "yes" if result["under_limit"] else "NO"
-        print(f"documents        {result['documents']:>10,} (store: {store['documents']:,})\n"
-              f"chunks           {store['chunks']:>10,}\n"
-              f"affected chunks  {result['affected_chunks']:>10,}\n"
-              f"scan seconds     {result['scan_seconds']:>10} (process wall {result['wall_seconds']} s)\n"
-              f"peak RSS MB      {result['peak_rss_mb']:>10} (process and children; main {result['peak_rss_main_mb']})\n"
-              f"under {args.limit_mb:.0f} MB     {verdict:>10}\n"
-              f"lite server RSS  {result['server_peak_rss_mb']:>10} MB (not repage's)")
+        print(
+            f"documents        {result['documents']:>10,} (store: {store['documents']:,})\n"
+            f"chunks           {store['chunks']:>10,}\n"
+            f"affected chunks  {result['affected_chunks']:>10,}\n"
+            f"scan seconds     {result['scan_seconds']:>10} (process wall {result['wall_seconds']} s)\n"
+            f"peak RSS MB      {result['peak_rss_mb']:>10} (process and children; main {result['peak_rss_main_mb']})\n"
+            f"under {args.limit_mb:.0f} MB     {verdict:>10}\n"
+            f"lite server RSS  {result['server_peak_rss_mb']:>10} MB (not repage's)"
+        )
     return 0 if result["under_limit"] else 1
 
 

@@ -28,8 +28,8 @@ import httpx
 from bench.scan_memory import COLLECTION, LiteServer, free_port, stop_process
 from bench.synthetic import CHUNKS_PER_DOC, IMAGE_CHUNKS, build_store
 from repage.errors import RepageError, StoreError
-from repage.stores.objects import ObjectStore
 from repage.stores.milvus import AFFECTED_FILTER, MilvusVectors
+from repage.stores.objects import ObjectStore
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent
@@ -58,10 +58,15 @@ class StoreSpec:
         return f"d{self.documents}-s{self.seed}-{self.pk}"
 
     def manifest(self) -> dict:
-        return {"documents": self.documents, "seed": self.seed, "pk": self.pk,
-                "chunks": self.documents * CHUNKS_PER_DOC,
-                "affected_chunks": self.documents * IMAGE_CHUNKS, "images": self.documents * IMAGE_CHUNKS,
-                "generator": generator_hash()}
+        return {
+            "documents": self.documents,
+            "seed": self.seed,
+            "pk": self.pk,
+            "chunks": self.documents * CHUNKS_PER_DOC,
+            "affected_chunks": self.documents * IMAGE_CHUNKS,
+            "images": self.documents * IMAGE_CHUNKS,
+            "generator": generator_hash(),
+        }
 
 
 def ensure_master(spec: StoreSpec, *, rebuild: bool = False) -> Path:
@@ -77,14 +82,25 @@ def ensure_master(spec: StoreSpec, *, rebuild: bool = False) -> Path:
         log(f"{folder}: parameters or generator changed: building again")
     shutil.rmtree(folder, ignore_errors=True)
     (folder / "bucket").mkdir(parents=True)
-    log(f"building {spec.documents:,} documents ({spec.documents * CHUNKS_PER_DOC:,} chunks, "
-        f"{spec.documents * IMAGE_CHUNKS:,} images) at ~1.1k rows/s into {folder}")
+    log(
+        f"building {spec.documents:,} documents ({spec.documents * CHUNKS_PER_DOC:,} chunks, "
+        f"{spec.documents * IMAGE_CHUNKS:,} images) at ~1.1k rows/s into {folder}"
+    )
     started = time.perf_counter()
     with LiteServer(folder / "lite", free_port(), folder / "build-server.log") as server:
-        summary = build_store(spec.documents, server.uri, (folder / "bucket").as_uri(), collection=COLLECTION,
-                              pk=spec.pk, seed=spec.seed, images=True, log=log).as_dict()
-    manifest_path.write_text(json.dumps({**want, "build": summary,
-                                         "build_seconds": round(time.perf_counter() - started, 1)}, indent=2))
+        summary = build_store(
+            spec.documents,
+            server.uri,
+            (folder / "bucket").as_uri(),
+            collection=COLLECTION,
+            pk=spec.pk,
+            seed=spec.seed,
+            images=True,
+            log=log,
+        ).as_dict()
+    manifest_path.write_text(
+        json.dumps({**want, "build": summary, "build_seconds": round(time.perf_counter() - started, 1)}, indent=2)
+    )
     return folder
 
 
@@ -109,6 +125,7 @@ def load_and_count(uri: str) -> tuple[float, int, int]:
 
 # ---------------------------------------------------------------- moto
 
+
 class MotoServer:
     """`moto_server` on 127.0.0.1 as a child process; stopped on exit."""
 
@@ -120,8 +137,11 @@ class MotoServer:
 
     def __enter__(self) -> MotoServer:
         self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -139,12 +159,21 @@ class MotoServer:
         self._log.close()
 
     def env(self) -> dict[str, str]:
-        return {"AWS_ACCESS_KEY_ID": MOTO_KEY, "AWS_SECRET_ACCESS_KEY": MOTO_SECRET,
-                "REPAGE_S3_ENDPOINT": self.endpoint, "REPAGE_S3_REGION": "us-east-1"}
+        return {
+            "AWS_ACCESS_KEY_ID": MOTO_KEY,
+            "AWS_SECRET_ACCESS_KEY": MOTO_SECRET,
+            "REPAGE_S3_ENDPOINT": self.endpoint,
+            "REPAGE_S3_REGION": "us-east-1",
+        }
 
     def store(self, bucket: str) -> ObjectStore:
-        return ObjectStore.from_url(f"s3://{bucket}", endpoint=self.endpoint, region="us-east-1",
-                                    access_key_id=MOTO_KEY, secret_access_key=MOTO_SECRET)
+        return ObjectStore.from_url(
+            f"s3://{bucket}",
+            endpoint=self.endpoint,
+            region="us-east-1",
+            access_key_id=MOTO_KEY,
+            secret_access_key=MOTO_SECRET,
+        )
 
     def fill_bucket(self, bucket: str, folder: Path) -> tuple[int, float]:
         """Create `bucket` and upload every file under `folder` at its relative key."""
@@ -164,11 +193,23 @@ def clean_env(extra: dict[str, str]) -> dict[str, str]:
     """This environment without inherited REPAGE_* and app fallback variables, plus extra."""
     from bench.scan_memory import FOREIGN_ENV
 
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("REPAGE_") and k not in FOREIGN_ENV and not k.startswith("AWS_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("REPAGE_") and k not in FOREIGN_ENV and not k.startswith("AWS_")
+    }
     env.update(extra)
     return env
 
 
-__all__ = ["StoreSpec", "ensure_master", "fresh_copy", "load_and_count", "MotoServer", "LiteServer",
-           "clean_env", "RepageError", "log"]
+__all__ = [
+    "StoreSpec",
+    "ensure_master",
+    "fresh_copy",
+    "load_and_count",
+    "MotoServer",
+    "LiteServer",
+    "clean_env",
+    "RepageError",
+    "log",
+]

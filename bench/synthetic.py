@@ -34,10 +34,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image
 
-from repage.errors import ConfigError, RepageError
 from repage.domain.keys import legacy_image_key, legacy_image_name, legacy_sort_index
-from repage.stores.objects import ObjectStore
+from repage.errors import ConfigError, RepageError
 from repage.stores.milvus import AFFECTED_FILTER, MilvusVectors
+from repage.stores.objects import ObjectStore
 
 CHUNKS_PER_DOC = 20
 IMAGE_CHUNKS = 6  # of them: page 0, legacy key on the chunk
@@ -49,9 +49,11 @@ TEXT_CHARS = 600  # per text chunk; the scan never reads text, the writes carry 
 DOCS_PER_INSERT = 250  # 5,000 rows of ~7 KB per insert call (the adapter splits by 64 MB)
 PNG_POOL = 64  # distinct tiny images, reused
 PUT_THREADS = 16
-WORDS = ("pump valve pressure flow sensor cable housing bracket torque seal gasket rotor "
-         "stator bearing shaft coupling manual section figure table revision warning note "
-         "install remove inspect replace tighten measure calibrate voltage current circuit").split()
+WORDS = (
+    "pump valve pressure flow sensor cable housing bracket torque seal gasket rotor "
+    "stator bearing shaft coupling manual section figure table revision warning note "
+    "install remove inspect replace tighten measure calibrate voltage current circuit"
+).split()
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class BuildSummary:
 
 
 # ---------------------------------------------------------------- pure generation
+
 
 def png_pool(seed: int, size: int = PNG_POOL) -> list[Png]:
     """Small distinct PNGs (a coloured block with a stripe), sizes like figures' aspect ratios."""
@@ -116,23 +119,33 @@ def _text(rng: random.Random, chars: int) -> str:
     return " ".join(words)[:chars]
 
 
-def document_rows(rng: random.Random, index: int, dataset_id: str,
-                  pool: Sequence[Png]) -> tuple[list[dict], list[tuple[str, bytes]]]:
+def document_rows(
+    rng: random.Random, index: int, dataset_id: str, pool: Sequence[Png]
+) -> tuple[list[dict], list[tuple[str, bytes]]]:
     """One document's rows (without vectors) and its image uploads (key, bytes)."""
     document_id = _uuid(rng)
     filename = f"{rng.choice(('22-1426', 'Q3', 'spec'))}_Documents_part{index % 97:02d}of97-{index}.pdf"
     pages = rng.randint(*PAGES)
     title = filename.rsplit(".", 1)[0]
-    base = dict(dataset_id=dataset_id, document_id=document_id, filename=filename,
-                document_type="pdf", title=title)
+    base = dict(dataset_id=dataset_id, document_id=document_id, filename=filename, document_type="pdf", title=title)
 
     def row(chunk_index: int, **fields) -> dict:
-        return {"chunk_id": f"{document_id}_{chunk_index}", "chunk_index": chunk_index, **base,
-                "page": 0, "image_index": None, "ocr_confidence": 0.0, "image_r2_key": None,
-                "image_size": None, **fields}
+        return {
+            "chunk_id": f"{document_id}_{chunk_index}",
+            "chunk_index": chunk_index,
+            **base,
+            "page": 0,
+            "image_index": None,
+            "ocr_confidence": 0.0,
+            "image_r2_key": None,
+            "image_size": None,
+            **fields,
+        }
 
-    rows = [row(i, chunk_type="text", page=i * pages // TEXT_CHUNKS, text=_text(rng, TEXT_CHARS))
-            for i in range(TEXT_CHUNKS)]
+    rows = [
+        row(i, chunk_type="text", page=i * pages // TEXT_CHUNKS, text=_text(rng, TEXT_CHARS))
+        for i in range(TEXT_CHUNKS)
+    ]
 
     # The images, page by page with n counting per page, named and indexed as the old pipeline did.
     basename = _basename(rng, filename)
@@ -149,21 +162,24 @@ def document_rows(rng: random.Random, index: int, dataset_id: str,
         key = legacy_image_key(dataset_id, document_id, image_index, name)
         png = pool[rng.randrange(len(pool))]
         is_ocr = slot in ocr
-        rows.append(row(
-            TEXT_CHUNKS + slot,
-            chunk_type="ocr" if is_ocr else "image",
-            text=_text(rng, 300) if is_ocr else f"Figure ({png.width}x{png.height}) in {filename}.",
-            image_index=image_index,
-            ocr_confidence=round(rng.uniform(0.6, 0.98), 3) if is_ocr else 0.0,
-            image_r2_key=key,
-            image_size=f"{png.width}x{png.height}",
-        ))
+        rows.append(
+            row(
+                TEXT_CHUNKS + slot,
+                chunk_type="ocr" if is_ocr else "image",
+                text=_text(rng, 300) if is_ocr else f"Figure ({png.width}x{png.height}) in {filename}.",
+                image_index=image_index,
+                ocr_confidence=round(rng.uniform(0.6, 0.98), 3) if is_ocr else 0.0,
+                image_r2_key=key,
+                image_size=f"{png.width}x{png.height}",
+            )
+        )
         uploads.append((key, png.data))
     return rows, uploads
 
 
-def generate(documents: int, *, seed: int = 0, datasets: int = 4,
-             docs_per_batch: int = DOCS_PER_INSERT) -> Iterator[tuple[list[dict], list[tuple[str, bytes]]]]:
+def generate(
+    documents: int, *, seed: int = 0, datasets: int = 4, docs_per_batch: int = DOCS_PER_INSERT
+) -> Iterator[tuple[list[dict], list[tuple[str, bytes]]]]:
     """Batches of (rows with vectors, uploads), docs_per_batch documents each."""
     rng = random.Random(seed)
     vectors = np.random.default_rng(seed)
@@ -184,10 +200,15 @@ def generate(documents: int, *, seed: int = 0, datasets: int = 4,
 
 # ---------------------------------------------------------------- writing
 
+
 def open_objects(store_url: str, *, endpoint: str | None = None, region: str = "auto") -> ObjectStore:
-    return ObjectStore.from_url(store_url, endpoint=endpoint, region=region,
-                                access_key_id=os.environ.get("AWS_ACCESS_KEY_ID"),
-                                secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY"))
+    return ObjectStore.from_url(
+        store_url,
+        endpoint=endpoint,
+        region=region,
+        access_key_id=os.environ.get("AWS_ACCESS_KEY_ID"),
+        secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+    )
 
 
 def drop_if_exists(uri: str, collection: str, *, timeout: float = 300.0) -> bool:
@@ -200,11 +221,22 @@ def drop_if_exists(uri: str, collection: str, *, timeout: float = 300.0) -> bool
     return True
 
 
-def build_store(documents: int, milvus_uri: str, store_url: str | None, *,
-                collection: str = "fltr_documents", pk: str = "auto", seed: int = 0,
-                datasets: int = 4, images: bool = True, replace: bool = False,
-                endpoint: str | None = None, region: str = "auto", timeout: float = 300.0,
-                log: Callable[[str], None] = lambda _m: None) -> BuildSummary:
+def build_store(
+    documents: int,
+    milvus_uri: str,
+    store_url: str | None,
+    *,
+    collection: str = "fltr_documents",
+    pk: str = "auto",
+    seed: int = 0,
+    datasets: int = 4,
+    images: bool = True,
+    replace: bool = False,
+    endpoint: str | None = None,
+    region: str = "auto",
+    timeout: float = 300.0,
+    log: Callable[[str], None] = lambda _m: None,
+) -> BuildSummary:
     """Create `collection` and fill it with `documents` synthetic documents (and their images)."""
     if documents < 1:
         raise ConfigError(f"--documents must be at least 1, not {documents}")
@@ -244,22 +276,29 @@ def build_store(documents: int, milvus_uri: str, store_url: str | None, *,
         total, affected = vectors.count(""), vectors.count(AFFECTED_FILTER)
         summary.seconds["count"] = round(time.perf_counter() - t0, 1)
         if total != summary.chunks or affected != documents * IMAGE_CHUNKS:
-            raise RepageError(f"collection holds {total} rows ({affected} affected); "
-                              f"built {summary.chunks} ({documents * IMAGE_CHUNKS} affected)")
+            raise RepageError(
+                f"collection holds {total} rows ({affected} affected); "
+                f"built {summary.chunks} ({documents * IMAGE_CHUNKS} affected)"
+            )
         summary.affected_chunks = affected
     finally:
         vectors.close()
         if objects is not None:
             objects.close()
-    summary.seconds.update(insert=round(insert_s, 1), images_wait=round(put_s, 1),
-                           total=round(time.perf_counter() - started, 1))
+    summary.seconds.update(
+        insert=round(insert_s, 1), images_wait=round(put_s, 1), total=round(time.perf_counter() - started, 1)
+    )
     return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.synthetic", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--documents", type=int, required=True, help=f"documents to build ({CHUNKS_PER_DOC} chunks each)")
-    parser.add_argument("--milvus-uri", required=True, help="http://127.0.0.1:PORT (milvus-lite server) or a Lite .db path")
+    parser.add_argument(
+        "--documents", type=int, required=True, help=f"documents to build ({CHUNKS_PER_DOC} chunks each)"
+    )
+    parser.add_argument(
+        "--milvus-uri", required=True, help="http://127.0.0.1:PORT (milvus-lite server) or a Lite .db path"
+    )
     parser.add_argument("--store-url", help="file:///abs/dir, s3://BUCKET or memory:// for the images")
     parser.add_argument("--collection", default="fltr_documents")
     parser.add_argument("--pk", choices=("auto", "chunk_id"), default="auto")
@@ -267,15 +306,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--datasets", type=int, default=4)
     parser.add_argument("--no-images", action="store_true", help="write no images (scan-only stores)")
     parser.add_argument("--replace", action="store_true", help="drop the collection first if it exists")
-    parser.add_argument("--s3-endpoint", help="S3/R2 endpoint (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+    parser.add_argument(
+        "--s3-endpoint", help="S3/R2 endpoint (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+    )
     parser.add_argument("--s3-region", default="auto")
     args = parser.parse_args(argv)
     try:
         summary = build_store(
-            args.documents, args.milvus_uri, args.store_url, collection=args.collection, pk=args.pk,
-            seed=args.seed, datasets=args.datasets, images=not args.no_images, replace=args.replace,
-            endpoint=args.s3_endpoint, region=args.s3_region,
-            log=lambda m: print(m, file=sys.stderr, flush=True))
+            args.documents,
+            args.milvus_uri,
+            args.store_url,
+            collection=args.collection,
+            pk=args.pk,
+            seed=args.seed,
+            datasets=args.datasets,
+            images=not args.no_images,
+            replace=args.replace,
+            endpoint=args.s3_endpoint,
+            region=args.s3_region,
+            log=lambda m: print(m, file=sys.stderr, flush=True),
+        )
     except RepageError as exc:
         print(f"bench.synthetic: {exc}", file=sys.stderr)
         return 2

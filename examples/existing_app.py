@@ -21,18 +21,19 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, HTTPException
 from pymilvus import MilvusClient
 
-from repage.stores.open import open_ledger, open_vectors
 from repage.config import Settings, load_settings
 from repage.domain.keys import compile_patterns
 from repage.migration.lazy import LazyRepair, LedgerSink
+from repage.stores.open import open_ledger, open_vectors
 from repage.web.service import create_router, make_parts
 
 
 def create_existing_app(settings: Settings) -> FastAPI:
     milvus = MilvusClient(settings.milvus_uri)  # the app's own client, as it has always been
     ledger = open_ledger(settings)
-    lazy = LazyRepair(LedgerSink(ledger, settings.access_half_life_hours),
-                      patterns=compile_patterns(settings.key_patterns))
+    lazy = LazyRepair(
+        LedgerSink(ledger, settings.access_half_life_hours), patterns=compile_patterns(settings.key_patterns)
+    )
     vectors = open_vectors(settings)  # only for the optional /repage endpoints below
     parts = make_parts(settings, vectors, ledger, lazy=lazy)
 
@@ -50,9 +51,21 @@ def create_existing_app(settings: Settings) -> FastAPI:
     def document_chunks(document_id: str) -> dict:
         if not document_id.replace("-", "").isalnum():  # the app's own validation: ids go into a filter
             raise HTTPException(422, "bad document id")
-        chunks = milvus.query(settings.collection, filter=f'document_id == "{document_id}"',
-                              output_fields=["chunk_id", "document_id", "dataset_id", "chunk_index", "chunk_type",
-                                             "page", "ocr_confidence", "image_r2_key", "text"])
+        chunks = milvus.query(
+            settings.collection,
+            filter=f'document_id == "{document_id}"',
+            output_fields=[
+                "chunk_id",
+                "document_id",
+                "dataset_id",
+                "chunk_index",
+                "chunk_type",
+                "page",
+                "ocr_confidence",
+                "image_r2_key",
+                "text",
+            ],
+        )
         chunks = [dict(c) for c in chunks]
         lazy.repair(chunks, document_id=document_id)  # <- the one added line
         return {"document_id": document_id, "chunks": sorted(chunks, key=lambda c: c["chunk_index"])}

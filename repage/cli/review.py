@@ -55,10 +55,19 @@ def _decide(ctx: typer.Context, document_id: str, decision: str, as_json: bool) 
 
     def body():
         report = review_decide(settings_from(ctx), document_id, decision)
-        emit(report, as_json, lambda r: out.print(
-            f"{r['document_id']}: {r['decision']}, now {r['state']} on the {r['path']} path", markup=False))
+        emit(
+            report,
+            as_json,
+            lambda r: out.print(
+                f"{r['document_id']}: {r['decision']}, now {r['state']} on the {r['path']} path", markup=False
+            ),
+        )
+
     run_command(body)
 
 
-app.add_typer(review_app, name="review", help=(
-    "Page matches below the confidence threshold: list them, accept or reject.\n\nExample: repage review --json"))
+app.add_typer(
+    review_app,
+    name="review",
+    help=("Page matches below the confidence threshold: list them, accept or reject.\n\nExample: repage review --json"),
+)

@@ -14,38 +14,88 @@ from typing import Annotated
 
 import typer
 
-from repage.cli.common import (EngineFlag, Exit, JsonFlag, RayAddressFlag, app, emit, engine_from, err, out, run_command,
-                        settings_from)
+from repage.cli.common import (
+    EngineFlag,
+    Exit,
+    JsonFlag,
+    RayAddressFlag,
+    app,
+    emit,
+    engine_from,
+    err,
+    out,
+    run_command,
+    settings_from,
+)
 from repage.cli.render import print_cycle
 from repage.errors import ConfigError
 
-access_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help=(
-    "Usage-based priority: import access logs, show the most used documents.\n\n"
-    "Example: repage access import queries.csv && repage access top --limit 10"))
+access_app = typer.Typer(
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help=(
+        "Usage-based priority: import access logs, show the most used documents.\n\n"
+        "Example: repage access import queries.csv && repage access top --limit 10"
+    ),
+)
 
 # Worker options, shared by `worker` and `serve --with-worker`.
-Quota = Annotated[int | None, typer.Option("--daily-quota", min=0, help="Trickle documents per day (lazy ones do not count).")]
-Quiet = Annotated[str | None, typer.Option("--quiet-hours", help="HH:MM-HH:MM (local time) when the trickle does not run.")]
-MinAccesses = Annotated[float | None, typer.Option("--min-accesses", min=0, help="Trickle only documents with this many decayed accesses.")]
-MaxLatency = Annotated[float, typer.Option("--max-read-latency", min=0.001, help="Back off while the read path's Milvus p95 (s) is above this.")]
+Quota = Annotated[
+    int | None, typer.Option("--daily-quota", min=0, help="Trickle documents per day (lazy ones do not count).")
+]
+Quiet = Annotated[
+    str | None, typer.Option("--quiet-hours", help="HH:MM-HH:MM (local time) when the trickle does not run.")
+]
+MinAccesses = Annotated[
+    float | None, typer.Option("--min-accesses", min=0, help="Trickle only documents with this many decayed accesses.")
+]
+MaxLatency = Annotated[
+    float,
+    typer.Option("--max-read-latency", min=0.001, help="Back off while the read path's Milvus p95 (s) is above this."),
+]
 Poll = Annotated[float, typer.Option("--poll", min=0.01, help="Seconds to wait when there is nothing to do.")]
 BatchSize = Annotated[int | None, typer.Option("--batch-size", min=1, help="Documents per batch.")]
 Concurrency = Annotated[int | None, typer.Option("--concurrency", min=1, help="Object operations in flight.")]
-ObjectRate = Annotated[float | None, typer.Option("--object-ops-per-second", min=0.01, help="Bucket request rate limit.")]
-WriteRate = Annotated[float | None, typer.Option("--milvus-writes-per-second", min=0.01, help="Milvus write rate limit.")]
+ObjectRate = Annotated[
+    float | None, typer.Option("--object-ops-per-second", min=0.01, help="Bucket request rate limit.")
+]
+WriteRate = Annotated[
+    float | None, typer.Option("--milvus-writes-per-second", min=0.01, help="Milvus write rate limit.")
+]
 MoveImages = Annotated[bool, typer.Option("--move-images/--no-move-images", help="Copy images to canonical keys.")]
 
 
-def _worker_setup(settings, *, quota, quiet, min_accesses, max_latency, poll, batch_size, concurrency,
-                  object_rate, write_rate, move_images):
+def _worker_setup(
+    settings,
+    *,
+    quota,
+    quiet,
+    min_accesses,
+    max_latency,
+    poll,
+    batch_size,
+    concurrency,
+    object_rate,
+    write_rate,
+    move_images,
+):
     from repage.migration.migrate import RunOptions
     from repage.migration.runner import RunLimits
     from repage.migration.worker import QuietHours, WorkerConfig
 
-    config = WorkerConfig(daily_quota=quota, quiet_hours=QuietHours.parse(quiet) if quiet else None,
-                          min_accesses=min_accesses or None, max_read_latency_s=max_latency, poll_seconds=poll)
-    limits = RunLimits(batch_size=batch_size or settings.batch_size, concurrency=concurrency or settings.concurrency,
-                       object_ops_per_second=object_rate, milvus_writes_per_second=write_rate)
+    config = WorkerConfig(
+        daily_quota=quota,
+        quiet_hours=QuietHours.parse(quiet) if quiet else None,
+        min_accesses=min_accesses or None,
+        max_read_latency_s=max_latency,
+        poll_seconds=poll,
+    )
+    limits = RunLimits(
+        batch_size=batch_size or settings.batch_size,
+        concurrency=concurrency or settings.concurrency,
+        object_ops_per_second=object_rate,
+        milvus_writes_per_second=write_rate,
+    )
     return config, limits, RunOptions(move_images=move_images, failpoint=os.environ.get("REPAGE_FAILPOINT"))
 
 
@@ -54,11 +104,19 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to bind.")] = 8080,
     with_worker: Annotated[bool, typer.Option("--with-worker", help="Run the worker in this process too.")] = False,
-    insecure_local: Annotated[bool, typer.Option("--insecure-local", help="Serve without tokens (loopback only).")] = False,
-    daily_quota: Quota = None, quiet_hours: Quiet = None, min_accesses: MinAccesses = None,
-    max_read_latency: MaxLatency = 0.5, poll: Poll = 5.0, batch_size: BatchSize = None,
-    concurrency: Concurrency = None, object_ops_per_second: ObjectRate = None,
-    milvus_writes_per_second: WriteRate = None, move_images: MoveImages = True,
+    insecure_local: Annotated[
+        bool, typer.Option("--insecure-local", help="Serve without tokens (loopback only).")
+    ] = False,
+    daily_quota: Quota = None,
+    quiet_hours: Quiet = None,
+    min_accesses: MinAccesses = None,
+    max_read_latency: MaxLatency = 0.5,
+    poll: Poll = 5.0,
+    batch_size: BatchSize = None,
+    concurrency: Concurrency = None,
+    object_ops_per_second: ObjectRate = None,
+    milvus_writes_per_second: WriteRate = None,
+    move_images: MoveImages = True,
 ) -> None:
     """Serve chunks with lazy page repair, migration status, metrics and admin endpoints.
 
@@ -70,20 +128,43 @@ def serve(
     def body():
         settings = settings_from(ctx)
         config, limits, options = _worker_setup(
-            settings, quota=daily_quota, quiet=quiet_hours, min_accesses=min_accesses, max_latency=max_read_latency,
-            poll=poll, batch_size=batch_size, concurrency=concurrency, object_rate=object_ops_per_second,
-            write_rate=milvus_writes_per_second, move_images=move_images)
-        run_server(settings, host=host, port=port, insecure_local=insecure_local, with_worker=with_worker,
-                   worker_config=config, worker_limits=limits)
+            settings,
+            quota=daily_quota,
+            quiet=quiet_hours,
+            min_accesses=min_accesses,
+            max_latency=max_read_latency,
+            poll=poll,
+            batch_size=batch_size,
+            concurrency=concurrency,
+            object_rate=object_ops_per_second,
+            write_rate=milvus_writes_per_second,
+            move_images=move_images,
+        )
+        run_server(
+            settings,
+            host=host,
+            port=port,
+            insecure_local=insecure_local,
+            with_worker=with_worker,
+            worker_config=config,
+            worker_limits=limits,
+        )
+
     run_command(body)
 
 
 def worker(
     ctx: typer.Context,
-    daily_quota: Quota = None, quiet_hours: Quiet = None, min_accesses: MinAccesses = None,
-    max_read_latency: MaxLatency = 0.5, poll: Poll = 5.0, batch_size: BatchSize = None,
-    concurrency: Concurrency = None, object_ops_per_second: ObjectRate = None,
-    milvus_writes_per_second: WriteRate = None, move_images: MoveImages = True,
+    daily_quota: Quota = None,
+    quiet_hours: Quiet = None,
+    min_accesses: MinAccesses = None,
+    max_read_latency: MaxLatency = 0.5,
+    poll: Poll = 5.0,
+    batch_size: BatchSize = None,
+    concurrency: Concurrency = None,
+    object_ops_per_second: ObjectRate = None,
+    milvus_writes_per_second: WriteRate = None,
+    move_images: MoveImages = True,
     once: Annotated[bool, typer.Option("--once", help="Run one cycle and exit.")] = False,
     engine: EngineFlag = "local",
     ray_address: RayAddressFlag = None,
@@ -99,31 +180,56 @@ def worker(
     def body():
         settings = settings_from(ctx)
         config, limits, options = _worker_setup(
-            settings, quota=daily_quota, quiet=quiet_hours, min_accesses=min_accesses, max_latency=max_read_latency,
-            poll=poll, batch_size=batch_size, concurrency=concurrency, object_rate=object_ops_per_second,
-            write_rate=milvus_writes_per_second, move_images=move_images)
+            settings,
+            quota=daily_quota,
+            quiet=quiet_hours,
+            min_accesses=min_accesses,
+            max_latency=max_read_latency,
+            poll=poll,
+            batch_size=batch_size,
+            concurrency=concurrency,
+            object_rate=object_ops_per_second,
+            write_rate=milvus_writes_per_second,
+            move_images=move_images,
+        )
         cpu = engine_from(engine, ray_address)
         options = replace(options, engine=cpu)
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):  # finish the batch, then exit 0
             signal.signal(signum, lambda *_: stop.set())
         try:
-            report = run_worker(settings, config=config, limits=limits, options=options, stop_event=stop, once=once,
-                                on_cycle=None if as_json else print_cycle(err))
+            report = run_worker(
+                settings,
+                config=config,
+                limits=limits,
+                options=options,
+                stop_event=stop,
+                once=once,
+                on_cycle=None if as_json else print_cycle(err),
+            )
         finally:
             cpu.close()
-        emit(report, as_json, lambda r: out.print(
-            f"worker stopped after {r['cycles']} cycles: {r['totals']['migrated']} migrated, "
-            f"{r['totals']['failed']} failed", markup=False))
+        emit(
+            report,
+            as_json,
+            lambda r: out.print(
+                f"worker stopped after {r['cycles']} cycles: {r['totals']['migrated']} migrated, "
+                f"{r['totals']['failed']} failed",
+                markup=False,
+            ),
+        )
         if report["totals"]["failed"]:
             raise typer.Exit(Exit.FAILURES)
+
     run_command(body)
 
 
 @access_app.command("import")
 def access_import(
     ctx: typer.Context,
-    file: Annotated[Path, typer.Argument(help="CSV (with header) or JSONL: document_id or dataset_id, timestamp[, count].")],
+    file: Annotated[
+        Path, typer.Argument(help="CSV (with header) or JSONL: document_id or dataset_id, timestamp[, count].")
+    ],
     fmt: Annotated[str | None, typer.Option("--format", help="csv or jsonl (default: from the file name).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -139,6 +245,7 @@ def access_import(
         if fmt is not None and fmt not in {"csv", "jsonl"}:
             raise ConfigError(f"--format {fmt!r}: use csv or jsonl")
         emit(import_access_file(settings_from(ctx), file, fmt), as_json, render_import(out))
+
     run_command(body)
 
 
@@ -157,6 +264,7 @@ def access_top(
 
     def body():
         emit(top(settings_from(ctx), limit), as_json, render_top(out))
+
     run_command(body)
 
 

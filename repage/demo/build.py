@@ -18,14 +18,14 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from repage.stores.open import open_objects
 from repage.config import Settings, demo_settings
 from repage.demo import corpus as corpus_mod
 from repage.demo.embed import MODEL_NAME, embed_all
 from repage.demo.ingest import IngestedDoc, ingest_corpus
 from repage.errors import ConfigError, StoreError
-from repage.stores.objects import ObjectStore
 from repage.stores.milvus import AFFECTED_FILTER, MilvusVectors
+from repage.stores.objects import ObjectStore
+from repage.stores.open import open_objects
 
 GROUND_TRUTH = "ground-truth.json"
 COLLECTION = "fltr_documents"
@@ -99,8 +99,9 @@ def fresh_collection(uri: str, collection: str = COLLECTION, token: str | None =
     return factory
 
 
-def _open_vectors(vectors: VectorsFactory | MilvusVectors | None, settings: Settings,
-                  pk: str, dim: int) -> MilvusVectors:
+def _open_vectors(
+    vectors: VectorsFactory | MilvusVectors | None, settings: Settings, pk: str, dim: int
+) -> MilvusVectors:
     if vectors is None:
         token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
         vectors = fresh_collection(settings.milvus_uri, settings.collection, token)
@@ -179,8 +180,12 @@ def _scenario_counts(docs: Sequence[IngestedDoc]) -> dict[str, dict[str, int]]:
     for doc in docs:
         t = doc.truth
         counts[t["scenario"]].update(
-            documents=1, pages=t["page_count"], chunks=t["chunk_count"], images=t["images_total"],
-            images_in_bucket=t["images_in_bucket"], affected_chunks=len(t["affected_chunks"]),
+            documents=1,
+            pages=t["page_count"],
+            chunks=t["chunk_count"],
+            images=t["images_total"],
+            images_in_bucket=t["images_in_bucket"],
+            affected_chunks=len(t["affected_chunks"]),
         )
     return {name: dict(c) for name, c in sorted(counts.items())}
 
@@ -195,8 +200,10 @@ def ground_truth(docs: Sequence[IngestedDoc], summary: DemoSummary) -> dict:
         "packages": summary.packages,
         "datasets": summary.datasets,
         "affected_filter": AFFECTED_FILTER,
-        "totals": {k: getattr(summary, k) for k in ("documents", "pages", "chunks", "images",
-                                                    "images_in_bucket", "affected_chunks")},
+        "totals": {
+            k: getattr(summary, k)
+            for k in ("documents", "pages", "chunks", "images", "images_in_bucket", "affected_chunks")
+        },
         "documents": [doc.truth for doc in docs],
     }
 
@@ -264,9 +271,16 @@ def build_demo(
             rows = milvus_rows(docs, dim)
         store = _write_vectors(vectors, settings, pk, dim, rows, timer, log)
         summary = DemoSummary(
-            data_dir=str(data_dir), milvus=store.describe(), collection=store.collection, pk=pk,
-            store="", ground_truth=str(data_dir / GROUND_TRUTH), ledger=str(ledger or settings.ledger_url),
-            embedding_model=MODEL_NAME, seed=seed, packages=corpus_mod.packages(),
+            data_dir=str(data_dir),
+            milvus=store.describe(),
+            collection=store.collection,
+            pk=pk,
+            store="",
+            ground_truth=str(data_dir / GROUND_TRUTH),
+            ledger=str(ledger or settings.ledger_url),
+            embedding_model=MODEL_NAME,
+            seed=seed,
+            packages=corpus_mod.packages(),
         )
         _summarize(summary, docs)
         with timer("check"):
@@ -295,8 +309,9 @@ def _make_documents(cache_dir: Path | None, seed: int, timer: _Timer, log: Log) 
     return docs
 
 
-def _write_vectors(vectors, settings: Settings, pk: str, dim: int, rows: list[dict],
-                   timer: _Timer, log: Log) -> MilvusVectors:
+def _write_vectors(
+    vectors, settings: Settings, pk: str, dim: int, rows: list[dict], timer: _Timer, log: Log
+) -> MilvusVectors:
     with timer("milvus"):
         store = _open_vectors(vectors, settings, pk, dim)
         try:
@@ -308,8 +323,9 @@ def _write_vectors(vectors, settings: Settings, pk: str, dim: int, rows: list[di
     return store
 
 
-def _write_objects(objects: ObjectStore | None, settings: Settings, data_dir: Path,
-                   docs: Sequence[IngestedDoc], previous: set[str]) -> str:
+def _write_objects(
+    objects: ObjectStore | None, settings: Settings, data_dir: Path, docs: Sequence[IngestedDoc], previous: set[str]
+) -> str:
     """Upload images and sources; returns where. Closes the store only if it opened it."""
     store = objects or _open_objects(settings, data_dir)
     try:

@@ -106,8 +106,15 @@ SPECS: tuple[DocSpec, ...] = (
     DocSpec("scan camlidl manual.pdf", "camlidl", (0, 12), "scan", "docling", "scans"),
     # pdf path: images never reached the bucket.
     DocSpec("ddd-manual part 2.pdf", "ddd", (60, 100), "native", "missing-images", "engineering"),
-    DocSpec("xfig_ref_en part 3 (objects).pdf", "xfig-ref", (60, 80), "native", "missing-images", "engineering",
-            chunk_keys="mixed"),
+    DocSpec(
+        "xfig_ref_en part 3 (objects).pdf",
+        "xfig-ref",
+        (60, 80),
+        "native",
+        "missing-images",
+        "engineering",
+        chunk_keys="mixed",
+    ),
     DocSpec("Scanned-FreeFem_excerpt.pdf", "freefem", (0, 12), "scan", "missing-images", "scans"),
     # keys path although the source is gone.
     DocSpec("ReportLab User Guide - Graphics.pdf", "reportlab", (85, 101), "native", "legacy-no-source", "archive"),
@@ -267,8 +274,7 @@ def make_document(spec: DocSpec, source: bytes, rng: np.random.Generator) -> Cor
     raise ValueError(f"unknown document kind {spec.kind!r} for {spec.filename!r}")
 
 
-def build_corpus(cache_dir: Path | None = None, *, seed: int = 7,
-                 specs: Sequence[DocSpec] = SPECS) -> list[CorpusDoc]:
+def build_corpus(cache_dir: Path | None = None, *, seed: int = 7, specs: Sequence[DocSpec] = SPECS) -> list[CorpusDoc]:
     """Every demo document, in spec order; deterministic for a seed."""
     sources = fetch_sources(cache_dir or DEFAULT_CACHE, [s.source for s in specs])
     rng = np.random.default_rng(seed)

@@ -236,8 +236,9 @@ def place_images(doc: IngestedDoc, images: Sequence[PageImage], rng: random.Rand
     return sorted(placed, key=lambda p: p.index)
 
 
-def _scenario_keys(doc: IngestedDoc, spec, idx: int, page: int, name: str,
-                   gone: bool) -> tuple[str | None, bool, str, bool]:
+def _scenario_keys(
+    doc: IngestedDoc, spec, idx: int, page: int, name: str, gone: bool
+) -> tuple[str | None, bool, str, bool]:
     """(bucket key or None, it names the page, chunk key, it names the page) for one image."""
     ds, d = doc.dataset_id, doc.document_id
     legacy = legacy_image_key(ds, d, idx, name)
@@ -268,9 +269,15 @@ def _scenario_keys(doc: IngestedDoc, spec, idx: int, page: int, name: str,
 
 # The path each scenario is built to take; a spec whose construction disagrees is a bug.
 SCENARIO_PATH = {
-    "legacy": "keys", "legacy-unlinked": "keys", "canonical": "keys", "legacy-no-source": "keys",
-    "docling": "pdf", "missing-images": "pdf", "non-pdf-source": "reprocess",
-    "unrecoverable": "none", "text-only": "none",
+    "legacy": "keys",
+    "legacy-unlinked": "keys",
+    "canonical": "keys",
+    "legacy-no-source": "keys",
+    "docling": "pdf",
+    "missing-images": "pdf",
+    "non-pdf-source": "reprocess",
+    "unrecoverable": "none",
+    "text-only": "none",
 }
 FINAL_STATE = {"keys": "migrated", "pdf": "migrated", "reprocess": "deferred"}
 

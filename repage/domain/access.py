@@ -23,7 +23,7 @@ import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from repage.errors import ConfigError
 
@@ -108,7 +108,7 @@ def parse_timestamp(text: object) -> float:
         except ValueError:
             raise ValueError(f"timestamp {text[:40]!r} is neither epoch seconds nor ISO 8601") from None
         if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)
+            moment = moment.replace(tzinfo=UTC)
         return moment.timestamp()
     else:
         raise ValueError(f"timestamp {str(text)[:40]!r} is neither epoch seconds nor ISO 8601")
@@ -163,8 +163,7 @@ def row_from_record(record: dict, line: int, now: float | None = None) -> Access
     return AccessRow(line, at, _weight(_first(record, WEIGHT_FIELDS)), document_id, dataset_id)
 
 
-def parse_access_log(lines: Iterable[str], fmt: str, source: str, *,
-                     now: float | None = None) -> Iterator[AccessRow]:
+def parse_access_log(lines: Iterable[str], fmt: str, source: str, *, now: float | None = None) -> Iterator[AccessRow]:
     """Rows of a CSV (with a header) or JSONL access log. The first bad row raises
     AccessImportError naming `source:line`: an import is all or nothing."""
     if fmt == "csv":
@@ -182,8 +181,9 @@ def _parse_csv(lines: Iterable[str], source: str, now: float | None) -> Iterator
     except csv.Error as exc:
         raise AccessImportError(f"{source}:1: unreadable CSV header ({exc})") from None
     if not {"document_id", "dataset_id"} & set(header):
-        raise AccessImportError(f"{source}:1: CSV header needs a document_id or dataset_id column, "
-                                f"found {', '.join(header) or 'nothing'}")
+        raise AccessImportError(
+            f"{source}:1: CSV header needs a document_id or dataset_id column, found {', '.join(header) or 'nothing'}"
+        )
     while True:
         try:
             record = next(reader)

@@ -29,15 +29,15 @@ class ChunkIdentity:
     fields: tuple[str, ...]
 
     @classmethod
-    def of_collection(cls, collection: str, fields: Collection[str],
-                      varchar_fields: Collection[str]) -> ChunkIdentity:
+    def of_collection(cls, collection: str, fields: Collection[str], varchar_fields: Collection[str]) -> ChunkIdentity:
         """The identity a collection's schema offers: `chunk_id` when it is a VARCHAR, else
         `document_id` + `chunk_index`; a schema with neither has no stable identity."""
         if "chunk_id" in varchar_fields:
             return cls(BY_CHUNK_ID)
         if "chunk_index" not in fields:
-            raise SchemaError(f"collection {collection!r} has neither 'chunk_id' nor 'chunk_index': "
-                              "no stable chunk identity")
+            raise SchemaError(
+                f"collection {collection!r} has neither 'chunk_id' nor 'chunk_index': no stable chunk identity"
+            )
         return cls(BY_DOCUMENT_AND_INDEX)
 
     @property

@@ -211,9 +211,7 @@ def compile_patterns(strings: Sequence[str]) -> tuple[re.Pattern[str], ...]:
         except (re.error, TypeError) as exc:
             raise ValueError(f"image key pattern {text!r} is not a valid regex: {exc}") from exc
         if not {"page", "index"} & set(pattern.groupindex):
-            raise ValueError(
-                f"image key pattern {text!r} needs a named group (?P<page>...) or (?P<index>...)"
-            )
+            raise ValueError(f"image key pattern {text!r} needs a named group (?P<page>...) or (?P<index>...)")
         compiled.append(pattern)
     return tuple(compiled)
 
@@ -323,7 +321,7 @@ def parse_pdf_image_ref(key: str) -> tuple[str, int, int] | None:
     """(source_key, page, n) of a `pdf:` old_key, or None when it is not one."""
     if not is_pdf_image_ref(key):
         return None
-    source, sep, where = key[len(PDF_IMAGE_PREFIX):].rpartition("#p")
+    source, sep, where = key[len(PDF_IMAGE_PREFIX) :].rpartition("#p")
     page, dash, n = where.partition("-")
     if not sep or not dash or not source:
         return None

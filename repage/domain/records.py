@@ -18,9 +18,9 @@ class ObjectState(StrEnum):
     """Where one object move stands in the safety protocol (docs/design.md §5)."""
 
     INTENDED = "intended"  # journaled before the copy (docs/design.md §5 step 1)
-    COPIED = "copied"      # CopyObject returned
+    COPIED = "copied"  # CopyObject returned
     VERIFIED = "verified"  # HEAD matched size and content hash
-    DELETED = "deleted"    # old object removed by gc
+    DELETED = "deleted"  # old object removed by gc
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ _EXT = r"\.(?i:png|jpe?g|gif|bmp|webp)"
 _FAST_KEY = re.compile(
     rf".+/[^/]+/images/(?:(?P<cp>{_NUM})_(?P<ci>{_NUM}){_EXT}"
     rf"|(?P<li>{_NUM})_[^/]+-(?P<lp>{_NUM})-(?:full|(?P<ls>{_NUM})){_EXT})",
-    re.DOTALL)
+    re.DOTALL,
+)
 
 
 def _small(number: str | None) -> bool:
@@ -114,9 +115,16 @@ class _Pending:
 class LazyRepair:
     """Read-repair plus buffered access/enqueue notes. Thread-safe; one per process."""
 
-    def __init__(self, sink: AccessSink | None = None, *, patterns: Sequence = (), flush_seconds: float = 1.0,
-                 max_buffered: int = 10_000, now: Callable[[], float] = time.time,
-                 periodic: Iterable[Callable[[], None]] = ()):
+    def __init__(
+        self,
+        sink: AccessSink | None = None,
+        *,
+        patterns: Sequence = (),
+        flush_seconds: float = 1.0,
+        max_buffered: int = 10_000,
+        now: Callable[[], float] = time.time,
+        periodic: Iterable[Callable[[], None]] = (),
+    ):
         if max_buffered < 1:
             raise ValueError(f"max_buffered must be at least 1, not {max_buffered}")
         self.sink = sink
@@ -238,8 +246,9 @@ class LazyRepair:
             for doc, new in newer.items():
                 old = self._buffer.pop(doc, None)
                 if old is not None:
-                    new = _Pending(new.dataset_id or old.dataset_id, old.hits + new.hits, new.at,
-                                   old.enqueue or new.enqueue)
+                    new = _Pending(
+                        new.dataset_id or old.dataset_id, old.hits + new.hits, new.at, old.enqueue or new.enqueue
+                    )
                 self._make_room()
                 self._buffer[doc] = new
 
@@ -247,8 +256,11 @@ class LazyRepair:
         now = time.monotonic()
         if now - self._last_error_log >= 60.0:  # one line a minute while the ledger is down
             self._last_error_log = now
-            log.warning("repage lazy: flush to the ledger failed, keeping %d documents buffered: %s",
-                        self.buffered(), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            log.warning(
+                "repage lazy: flush to the ledger failed, keeping %d documents buffered: %s",
+                self.buffered(),
+                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            )
 
     def start(self) -> LazyRepair:
         """Start the background flusher (idempotent)."""

@@ -25,8 +25,8 @@ import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
 from PIL import Image
 
-from repage.errors import BadInput
 from repage.domain.keys import legacy_image_name, legacy_sort_index
+from repage.errors import BadInput
 
 MIN_SIDE = 8  # a 1x1 pixel or a hairline is layout junk, not an image a chunk was made from
 MAX_ASPECT = 20.0  # strips (rules, borders) have extreme aspect ratios
@@ -97,10 +97,17 @@ class Match:
         return self.page is not None
 
     def evidence(self) -> dict:
-        return {"image_index": self.index, "page": self.page, "method": self.method, "distance": self.distance,
-                "margin": self.margin, "candidate_pages": [{"page": p, "distance": d} for p, d in self.candidates],
-                "index_page": self.index_page, "proposed": list(self.proposed) if self.proposed else None,
-                "reason": self.reason}
+        return {
+            "image_index": self.index,
+            "page": self.page,
+            "method": self.method,
+            "distance": self.distance,
+            "margin": self.margin,
+            "candidate_pages": [{"page": p, "distance": d} for p, d in self.candidates],
+            "index_page": self.index_page,
+            "proposed": list(self.proposed) if self.proposed else None,
+            "reason": self.reason,
+        }
 
 
 def is_junk(width: int, height: int) -> bool:
@@ -121,11 +128,15 @@ def open_pdf(source: Source, name: str) -> pdfium.PdfDocument:
         # PDFium's last error is process-wide and some failed loads (a PDF with no pages) leave it
         # unset: a "password" left by an earlier encrypted PDF must not call this one encrypted.
         if exc.err_code == pdfium_c.FPDF_ERR_PASSWORD and _mentions_encrypt(source):
-            raise BadInput(f"{name}: the source PDF is encrypted (it needs a password): "
-                           "decrypt the source object or reprocess the document") from exc
+            raise BadInput(
+                f"{name}: the source PDF is encrypted (it needs a password): "
+                "decrypt the source object or reprocess the document"
+            ) from exc
         detail = f" ({exc})" if exc.err_code not in (pdfium_c.FPDF_ERR_SUCCESS, pdfium_c.FPDF_ERR_PASSWORD) else ""
-        raise BadInput(f"{name}: the source PDF is corrupt, has no pages or is not a PDF{detail}: "
-                       "check the source object or reprocess the document") from exc
+        raise BadInput(
+            f"{name}: the source PDF is corrupt, has no pages or is not a PDF{detail}: "
+            "check the source object or reprocess the document"
+        ) from exc
 
 
 def _mentions_encrypt(source: Source, chunk: int = 1 << 20) -> bool:
@@ -169,8 +180,10 @@ def _page_images(pdf: pdfium.PdfDocument, page_no: int, name: str) -> list[PageI
             finally:
                 page.close()
         except pdfium.PdfiumError as exc:
-            raise BadInput(f"{name}: page {page_no} of the source PDF cannot be read ({exc}): "
-                           "the PDF is damaged; reprocess the document") from exc
+            raise BadInput(
+                f"{name}: page {page_no} of the source PDF cannot be read ({exc}): "
+                "the PDF is damaged; reprocess the document"
+            ) from exc
     return found
 
 
@@ -215,8 +228,11 @@ def image_phash(image: Image.Image) -> int:
 
 def fingerprints(source: Source, name: str, *, hashes: bool = True) -> list[Fingerprint]:
     """Page, n, size (and perceptual hash) of every kept image; pixels are dropped page by page."""
-    return [Fingerprint(im.page, im.n, im.width, im.height, image_phash(im.image) if hashes else None)
-            for images in _pages(source, name) for im in images]
+    return [
+        Fingerprint(im.page, im.n, im.width, im.height, image_phash(im.image) if hashes else None)
+        for images in _pages(source, name)
+        for im in images
+    ]
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -291,62 +307,118 @@ def _by_page(ref: int, prints: Sequence[Fingerprint]) -> list[tuple[int, Fingerp
     return sorted(best.values(), key=lambda item: (item[0], item[1].page))
 
 
-def match_images(prints: Sequence[Fingerprint], refs: Mapping[int, Reference], indexes: Collection[int], *,
-                 max_distance: int, min_margin: int) -> dict[int, Match]:
+def match_images(
+    prints: Sequence[Fingerprint],
+    refs: Mapping[int, Reference],
+    indexes: Collection[int],
+    *,
+    max_distance: int,
+    min_margin: int,
+) -> dict[int, Match]:
     """The page of each referenced image_index: confident matches, and the rest with evidence.
 
     `indexes`: every distinct image_index of the document (for the index-alone rule).
     """
     by_index = index_map(prints) if index_allowed(prints, indexes) else {}
-    return {i: _match(ref, prints, by_index.get(i), bool(by_index), max_distance, min_margin)
-            for i, ref in refs.items()}
+    return {
+        i: _match(ref, prints, by_index.get(i), bool(by_index), max_distance, min_margin) for i, ref in refs.items()
+    }
 
 
-def _match(ref: Reference, prints: Sequence[Fingerprint], at_index: Fingerprint | None, indexed: bool,
-           max_distance: int, min_margin: int) -> Match:
+def _match(
+    ref: Reference,
+    prints: Sequence[Fingerprint],
+    at_index: Fingerprint | None,
+    indexed: bool,
+    max_distance: int,
+    min_margin: int,
+) -> Match:
     index_page = at_index.page if at_index else None
     if indexed and at_index is None:  # an index outside 0..N-1 cannot come from this PDF's numbering
-        return Match(ref.index, None, None, "none", reason=f"image_index {ref.index} is not among the PDF's "
-                     f"{len(prints)} images")
+        return Match(
+            ref.index, None, None, "none", reason=f"image_index {ref.index} is not among the PDF's {len(prints)} images"
+        )
     if ref.phash is not None:
         return _by_hash(ref, prints, at_index, max_distance, min_margin)
     if at_index is not None and aspect_ok(ref.size, (at_index.width, at_index.height)):
-        return Match(ref.index, at_index.page, at_index.n, "index", index_page=index_page,
-                     proposed=(at_index.page, at_index.n), reason="image not in the bucket; index alone")
+        return Match(
+            ref.index,
+            at_index.page,
+            at_index.n,
+            "index",
+            index_page=index_page,
+            proposed=(at_index.page, at_index.n),
+            reason="image not in the bucket; index alone",
+        )
     return _no_image(ref, prints, at_index)
 
 
-def _by_hash(ref: Reference, prints: Sequence[Fingerprint], at_index: Fingerprint | None,
-             max_distance: int, min_margin: int) -> Match:
+def _by_hash(
+    ref: Reference, prints: Sequence[Fingerprint], at_index: Fingerprint | None, max_distance: int, min_margin: int
+) -> Match:
     ranked = _by_page(ref.phash, prints)
     if not ranked:
         return Match(ref.index, None, None, "none", reason="the source PDF yields no images")
     (d1, best), rest = ranked[0], ranked[1:]
     margin = (rest[0][0] - d1) if rest else HASH_BITS - d1
-    evidence = dict(distance=d1, margin=margin, candidates=tuple((fp.page, d) for d, fp in ranked[:MAX_CANDIDATES]),
-                    index_page=at_index.page if at_index else None, proposed=(best.page, best.n))
+    evidence = dict(
+        distance=d1,
+        margin=margin,
+        candidates=tuple((fp.page, d) for d, fp in ranked[:MAX_CANDIDATES]),
+        index_page=at_index.page if at_index else None,
+        proposed=(best.page, best.n),
+    )
     shape = aspect_ok(ref.size, (best.width, best.height))
     if d1 <= max_distance and margin >= min_margin and shape:
         return Match(ref.index, best.page, best.n, "hash", **evidence, reason="perceptual hash")
-    if at_index is not None and d1 <= max_distance and hamming(ref.phash, at_index.phash or 0) == d1 \
-            and aspect_ok(ref.size, (at_index.width, at_index.height)):
+    if (
+        at_index is not None
+        and d1 <= max_distance
+        and hamming(ref.phash, at_index.phash or 0) == d1
+        and aspect_ok(ref.size, (at_index.width, at_index.height))
+    ):
         # The same picture on several pages (a logo, a repeated screenshot): the index picks among
         # the equally close ones, and the content agrees with it.
         evidence["proposed"] = (at_index.page, at_index.n)
-        return Match(ref.index, at_index.page, at_index.n, "index+hash", **evidence,
-                     reason="hash ties between pages; the index picks one of them")
-    why = (f"distance {d1} > {max_distance}" if d1 > max_distance else
-           f"margin {margin} < {min_margin}" if margin < min_margin else "image shapes differ")
+        return Match(
+            ref.index,
+            at_index.page,
+            at_index.n,
+            "index+hash",
+            **evidence,
+            reason="hash ties between pages; the index picks one of them",
+        )
+    why = (
+        f"distance {d1} > {max_distance}"
+        if d1 > max_distance
+        else f"margin {margin} < {min_margin}"
+        if margin < min_margin
+        else "image shapes differ"
+    )
     return Match(ref.index, None, None, "none", **evidence, reason=f"below the match threshold: {why}")
 
 
 def _no_image(ref: Reference, prints: Sequence[Fingerprint], at_index: Fingerprint | None) -> Match:
     """No image to compare and no index match allowed: propose the only image of that size, if one."""
     if at_index is not None:
-        return Match(ref.index, None, None, "none", index_page=at_index.page, proposed=(at_index.page, at_index.n),
-                     reason=f"the index says page {at_index.page}, but the image's shape {ref.size} differs")
+        return Match(
+            ref.index,
+            None,
+            None,
+            "none",
+            index_page=at_index.page,
+            proposed=(at_index.page, at_index.n),
+            reason=f"the index says page {at_index.page}, but the image's shape {ref.size} differs",
+        )
     same = [fp for fp in prints if ref.size and (fp.width, fp.height) == tuple(ref.size)]
     proposed = (same[0].page, same[0].n) if len(same) == 1 else None
-    return Match(ref.index, None, None, "none", candidates=tuple((fp.page, None) for fp in same[:MAX_CANDIDATES]),
-                 proposed=proposed, reason=f"no image to compare, and the PDF yields {len(prints)} images for the "
-                 "document's image_index values: index alone is not allowed")
+    return Match(
+        ref.index,
+        None,
+        None,
+        "none",
+        candidates=tuple((fp.page, None) for fp in same[:MAX_CANDIDATES]),
+        proposed=proposed,
+        reason=f"no image to compare, and the PDF yields {len(prints)} images for the "
+        "document's image_index values: index alone is not allowed",
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from repage.domain.access import Decayed, half_life_seconds
 from repage.domain.estimate import request_dollars
@@ -41,8 +41,13 @@ def usage_by_path(ledger, prices) -> dict:
     out = {}
     for path, u in sorted(ledger.usage_by_path().items()):
         dollars = request_dollars(u["object_requests_a"], u["object_requests_b"], prices) + u["dollars"]
-        out[path] = {"documents": u["documents"], "class_a": u["object_requests_a"], "class_b": u["object_requests_b"],
-                     "bytes_read": u["bytes_read"], "dollars": dollars}
+        out[path] = {
+            "documents": u["documents"],
+            "class_a": u["object_requests_a"],
+            "class_b": u["object_requests_b"],
+            "bytes_read": u["bytes_read"],
+            "dollars": dollars,
+        }
     return out
 
 
@@ -57,21 +62,26 @@ def migration_status(ledger, prices) -> dict:
     todo = sum(by_state[s.value] for s in TODO)
     done = sum(by_state[s.value] for s in DONE)
     totals = ledger.totals()
-    spent = request_dollars(int(totals.get("object_requests_a", 0)), int(totals.get("object_requests_b", 0)),
-                            prices) + float(totals.get("dollars", 0.0))
+    spent = request_dollars(
+        int(totals.get("object_requests_a", 0)), int(totals.get("object_requests_b", 0)), prices
+    ) + float(totals.get("dollars", 0.0))
     rate = rates["recent_documents_per_s"] or rates["overall_documents_per_s"]
     migrated = by_state[State.MIGRATED.value] + by_state[State.VERIFIED.value]
     return {
-        "documents": sum(by_state.values()), "done": done, "todo": todo,
-        "by_state": dict(by_state), "by_path": dict(by_path),
+        "documents": sum(by_state.values()),
+        "done": done,
+        "todo": todo,
+        "by_state": dict(by_state),
+        "by_path": dict(by_path),
         "by_state_and_path": [{"state": s, "path": p, "documents": n} for (s, p), n in sorted(counts.items())],
         "throughput": rates,
         "eta_seconds": todo / rate if rate and todo else (0.0 if not todo else None),
         "dollars_spent": spent,
         "dollars_projected": spent + (spent / migrated * todo if migrated else 0.0),
         "usage_by_path": usage_by_path(ledger, prices),
-        "last_errors": [{"document_id": r.document_id, "state": str(r.state), "error": r.last_error}
-                        for r in ledger.last_errors(10)],
+        "last_errors": [
+            {"document_id": r.document_id, "state": str(r.state), "error": r.last_error} for r in ledger.last_errors(10)
+        ],
     }
 
 
@@ -79,10 +89,18 @@ def top_documents(ledger, half_life_hours: float, limit: int = 20, now: float | 
     """`repage access top` of an open ledger (the dashboard's hot documents too)."""
     half_life = half_life_seconds(half_life_hours)
     now = time.time() if now is None else now
-    return {"half_life_hours": half_life_hours, "documents": [{
-        "document_id": r.document_id, "dataset_id": r.dataset_id,
-        "accesses": round(Decayed(r.score, r.scored_at).value(now, half_life), 3),
-        "last_access": datetime.fromtimestamp(r.scored_at, tz=timezone.utc).isoformat(timespec="seconds"),
-        "enqueued": r.enqueued_at is not None,
-        "state": r.state.value if r.state else None, "path": r.path.value if r.path else None,
-    } for r in ledger.top_accesses(limit)]}
+    return {
+        "half_life_hours": half_life_hours,
+        "documents": [
+            {
+                "document_id": r.document_id,
+                "dataset_id": r.dataset_id,
+                "accesses": round(Decayed(r.score, r.scored_at).value(now, half_life), 3),
+                "last_access": datetime.fromtimestamp(r.scored_at, tz=UTC).isoformat(timespec="seconds"),
+                "enqueued": r.enqueued_at is not None,
+                "state": r.state.value if r.state else None,
+                "path": r.path.value if r.path else None,
+            }
+            for r in ledger.top_accesses(limit)
+        ],
+    }

@@ -20,7 +20,6 @@ from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
 
-
 class JobStatus(StrEnum):
     RUNNING = "running"
     READY = "ready"

@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from repage.errors import BadInput, ConfigError, ObjectNotFound, RepageError, StoreError
 from repage.domain.identity import ChunkIdentity
 from repage.domain.keys import canonical_image_key, source_key_candidates
 from repage.domain.records import ChunkJournalEntry
+from repage.errors import BadInput, ConfigError, ObjectNotFound, RepageError, StoreError
 from repage.reprocess.base import Job, JobStatus, ReprocessDocument, chunk_counts
 
 SUPPORTED_MODELS = ("repage-demo-hash-1536",)  # repage.demo.embed.MODEL_NAME
@@ -58,15 +58,22 @@ def checkpoint_prefix(dataset_id: str, document_id: str) -> str:
 
 # ---------------------------------------------------------------- OCR (tesseract, Debian's tesseract-ocr)
 
+
 def ocr(image: Image.Image, lang: str = "eng") -> tuple[str, float]:
     """(text, mean word confidence 0..1) of an image, by `tesseract - - tsv` on its PNG."""
     buf = io.BytesIO()
     image.convert("RGB").save(buf, "PNG")
     try:
-        done = subprocess.run(["tesseract", "-", "-", "-l", lang, "tsv"], input=buf.getvalue(),
-                              capture_output=True, timeout=TESSERACT_TIMEOUT)
+        done = subprocess.run(
+            ["tesseract", "-", "-", "-l", lang, "tsv"],
+            input=buf.getvalue(),
+            capture_output=True,
+            timeout=TESSERACT_TIMEOUT,
+        )
     except FileNotFoundError:
-        raise ConfigError("tesseract not found: install Debian's tesseract-ocr (apt-get install tesseract-ocr)") from None
+        raise ConfigError(
+            "tesseract not found: install Debian's tesseract-ocr (apt-get install tesseract-ocr)"
+        ) from None
     except subprocess.TimeoutExpired:
         raise BadInput(f"tesseract took longer than {TESSERACT_TIMEOUT}s on one page") from None
     if done.returncode != 0:
@@ -74,8 +81,9 @@ def ocr(image: Image.Image, lang: str = "eng") -> tuple[str, float]:
         raise BadInput(f"tesseract failed: {last}")
     lines: dict[tuple, list[str]] = {}
     confs: list[float] = []
-    reader = csv.DictReader(io.StringIO(done.stdout.decode("utf-8", errors="replace")), delimiter="\t",
-                            quoting=csv.QUOTE_NONE)
+    reader = csv.DictReader(
+        io.StringIO(done.stdout.decode("utf-8", errors="replace")), delimiter="\t", quoting=csv.QUOTE_NONE
+    )
     for row in reader:
         word = (row.get("text") or "").strip()
         try:
@@ -91,6 +99,7 @@ def ocr(image: Image.Image, lang: str = "eng") -> tuple[str, float]:
 
 
 # ---------------------------------------------------------------- extraction
+
 
 @dataclass
 class SourcePage:
@@ -162,6 +171,7 @@ def png(image: Image.Image) -> bytes:
 
 # ---------------------------------------------------------------- the pipeline
 
+
 class LocalReprocessor:
     name = "local"
 
@@ -171,7 +181,8 @@ class LocalReprocessor:
             raise ConfigError(
                 f"the local reprocess pipeline computes only {', '.join(SUPPORTED_MODELS)}; the collection is "
                 f"configured with embedding_model={model!r}: it refuses to write vectors from another model "
-                "(set reprocess_backend = \"http\" and REPAGE_REPROCESS_URL to use the app's own pipeline)")
+                '(set reprocess_backend = "http" and REPAGE_REPROCESS_URL to use the app\'s own pipeline)'
+            )
         self.stores, self.settings, self.model = stores, settings, model
         self.vectors, self.objects, self.ledger = stores.vectors, stores.objects, stores.ledger
         self.info = self.vectors.info()
@@ -213,8 +224,14 @@ class LocalReprocessor:
         self._journal(doc, old, targets)
         found = replace_rows(self.vectors, old, targets)
         self._journal_applied(doc, targets, found)
-        return {"source_key": source_key, "pages": len(pages), "chunks": len(targets),
-                "by_type": chunk_counts(targets), "checkpoints_deleted": deleted, "images_uploaded": len(uploads)}
+        return {
+            "source_key": source_key,
+            "pages": len(pages),
+            "chunks": len(targets),
+            "by_type": chunk_counts(targets),
+            "checkpoints_deleted": deleted,
+            "images_uploaded": len(uploads),
+        }
 
     def _source(self, doc: ReprocessDocument, old: Sequence[Mapping]) -> tuple[str, bytes]:
         row = old[0] if old else {}
@@ -225,36 +242,67 @@ class LocalReprocessor:
                 return key, self.objects.get(key)
             except ObjectNotFound:
                 continue
-        raise BadInput(f"document {doc.document_id}: no source object for {doc.filename!r} "
-                       f"({self.settings.source_key_template})")
+        raise BadInput(
+            f"document {doc.document_id}: no source object for {doc.filename!r} ({self.settings.source_key_template})"
+        )
 
     def _backup_and_clean(self, doc: ReprocessDocument, old: Sequence[Mapping]) -> list[str]:
         prefix = checkpoint_prefix(doc.dataset_id, doc.document_id)
         stale = [info.key for page in self.objects.list(prefix) for info in page if info.key.endswith(".json.gz")]
         key = backup_key(doc.dataset_id, doc.document_id)
         if not self.objects.exists(key):  # the original only: a retry must not back up half-new rows
-            blob = {"document_id": doc.document_id, "pk_field": self.info.pk_field,
-                    "identity_fields": list(self.info.identity_fields), "rows": [_plain(r) for r in old],
-                    "checksums": {self.info.identity.backup_text(r): self.vectors.row_checksum(r) for r in old},
-                    "checkpoints_deleted": stale}
+            blob = {
+                "document_id": doc.document_id,
+                "pk_field": self.info.pk_field,
+                "identity_fields": list(self.info.identity_fields),
+                "rows": [_plain(r) for r in old],
+                "checksums": {self.info.identity.backup_text(r): self.vectors.row_checksum(r) for r in old},
+                "checkpoints_deleted": stale,
+            }
             self.objects.put(key, gzip.compress(json.dumps(blob).encode("utf-8")))
         for stale_key in stale:
             self.objects.delete(stale_key)
         return stale
 
-    def _chunks(self, doc: ReprocessDocument, pages: Sequence[SourcePage],
-                old: Sequence[Mapping]) -> tuple[list[dict], list[tuple[str, bytes]]]:
+    def _chunks(
+        self, doc: ReprocessDocument, pages: Sequence[SourcePage], old: Sequence[Mapping]
+    ) -> tuple[list[dict], list[tuple[str, bytes]]]:
         fields = set(self.info.fields)
         template = dict(old[0]) if old else {}
-        base = {k: v for k, v in template.items() if k in fields and k not in
-                (self.info.pk_field, self.info.vector_field, "chunk_id", "chunk_index", "text", "chunk_type",
-                 "page", "image_index", "ocr_confidence", "image_r2_key", "image_size")}
+        base = {
+            k: v
+            for k, v in template.items()
+            if k in fields
+            and k
+            not in (
+                self.info.pk_field,
+                self.info.vector_field,
+                "chunk_id",
+                "chunk_index",
+                "text",
+                "chunk_type",
+                "page",
+                "image_index",
+                "ocr_confidence",
+                "image_r2_key",
+                "image_size",
+            )
+        }
         base.update(dataset_id=doc.dataset_id, document_id=doc.document_id, filename=doc.filename)
         rows, uploads, index = [], [], 0
 
         def add(kind: str, page: int, text: str, **extra) -> None:
-            row = {**base, "chunk_type": kind, "page": page, "text": text[:60000], "image_index": None,
-                   "ocr_confidence": 0.0, "image_r2_key": None, "image_size": None, **extra}
+            row = {
+                **base,
+                "chunk_type": kind,
+                "page": page,
+                "text": text[:60000],
+                "image_index": None,
+                "ocr_confidence": 0.0,
+                "image_r2_key": None,
+                "image_size": None,
+                **extra,
+            }
             row[self.info.vector_field] = np.asarray(self._embed(text, self.info.dim), dtype=np.float32).tolist()
             rows.append({k: v for k, v in row.items() if k in fields})
 
@@ -265,17 +313,29 @@ class LocalReprocessor:
                 key = canonical_image_key(doc.dataset_id, doc.document_id, page.page, index, "png")
                 uploads.append((key, png(image)))
                 snippet = " ".join(page.text.split())[:240]
-                add("image", page.page, f"Figure ({image.width}x{image.height}) on page {page.page + 1} of "
-                    f"{doc.filename}. Nearby text: {snippet}", image_index=index, image_r2_key=key,
-                    image_size=f"{image.width}x{image.height}")
+                add(
+                    "image",
+                    page.page,
+                    f"Figure ({image.width}x{image.height}) on page {page.page + 1} of "
+                    f"{doc.filename}. Nearby text: {snippet}",
+                    image_index=index,
+                    image_r2_key=key,
+                    image_size=f"{image.width}x{image.height}",
+                )
                 index += 1
             if page.scan is not None:
                 text, confidence = ocr(page.scan)
                 key = canonical_image_key(doc.dataset_id, doc.document_id, page.page, index, "png")
                 uploads.append((key, png(page.scan)))
-                add("ocr", page.page, text or "(no text recognised)", image_index=index, image_r2_key=key,
+                add(
+                    "ocr",
+                    page.page,
+                    text or "(no text recognised)",
+                    image_index=index,
+                    image_r2_key=key,
                     ocr_confidence=round(max(confidence, 0.001), 3),
-                    image_size=f"{page.scan.width}x{page.scan.height}")
+                    image_size=f"{page.scan.width}x{page.scan.height}",
+                )
                 index += 1
         if not rows:
             raise BadInput(f"document {doc.document_id}: the source yields no text and no image")
@@ -287,36 +347,55 @@ class LocalReprocessor:
         entries = []
         for row in targets:
             before = by_identity.get(identity.key(row), {})
-            entries.append(ChunkJournalEntry(
-                identity=identity.text(row),
-                old_pk=str(before[self.info.pk_field]) if before else None,
-                old_page=int(before.get("page") or 0) if before else None, new_page=int(row["page"]),
-                old_key=(before.get("image_r2_key") or None) if before else None,
-                new_key=row.get("image_r2_key") or ""))
+            entries.append(
+                ChunkJournalEntry(
+                    identity=identity.text(row),
+                    old_pk=str(before[self.info.pk_field]) if before else None,
+                    old_page=int(before.get("page") or 0) if before else None,
+                    new_page=int(row["page"]),
+                    old_key=(before.get("image_r2_key") or None) if before else None,
+                    new_key=row.get("image_r2_key") or "",
+                )
+            )
         self.ledger.add_chunk_journal(doc.document_id, doc.fencing_token, entries)
 
-    def _journal_applied(self, doc: ReprocessDocument, targets: Sequence[dict],
-                         found: Mapping[tuple, dict]) -> None:
+    def _journal_applied(self, doc: ReprocessDocument, targets: Sequence[dict], found: Mapping[tuple, dict]) -> None:
         """The journal's final word per chunk: its read-back checksum and key (verify compares them)."""
         entries, new_pks = [], {}
         for row in targets:
             identity = self.info.identity.key(row)
             back = found[identity]
             text = ChunkIdentity.as_text(identity)
-            entries.append(ChunkJournalEntry(identity=text, new_pk=str(back[self.info.pk_field]),
-                                             new_page=int(back["page"]), new_key=back.get("image_r2_key") or "",
-                                             row_checksum=self.vectors.row_checksum(back)))
+            entries.append(
+                ChunkJournalEntry(
+                    identity=text,
+                    new_pk=str(back[self.info.pk_field]),
+                    new_page=int(back["page"]),
+                    new_key=back.get("image_r2_key") or "",
+                    row_checksum=self.vectors.row_checksum(back),
+                )
+            )
             new_pks[text] = str(back[self.info.pk_field])
         previous = {c.identity: c for c in self.ledger.chunk_journal(doc.document_id)}
-        entries = [ChunkJournalEntry(**{**e.__dict__, "old_pk": previous[e.identity].old_pk,
-                                        "old_page": previous[e.identity].old_page,
-                                        "old_key": previous[e.identity].old_key})
-                   if e.identity in previous else e for e in entries]
+        entries = [
+            ChunkJournalEntry(
+                **{
+                    **e.__dict__,
+                    "old_pk": previous[e.identity].old_pk,
+                    "old_page": previous[e.identity].old_page,
+                    "old_key": previous[e.identity].old_key,
+                }
+            )
+            if e.identity in previous
+            else e
+            for e in entries
+        ]
         self.ledger.add_chunk_journal(doc.document_id, doc.fencing_token, entries)
         self.ledger.mark_chunks_applied(doc.document_id, doc.fencing_token, list(new_pks), new_pks=new_pks)
 
 
 # ---------------------------------------------------------------- replacing a document's rows
+
 
 def _plain(row: Mapping) -> dict:
     return json.loads(json.dumps(dict(row), default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
@@ -324,8 +403,9 @@ def _plain(row: Mapping) -> dict:
 
 def assign_identities(info, document_id: str, old: Sequence[Mapping], new: Sequence[dict]) -> list[dict]:
     """New rows with identities: the first ones take old chunks' identities (in chunk_index order)."""
-    ordered = sorted(old, key=lambda r: (r.get("chunk_index") is None, r.get("chunk_index") or 0,
-                                         str(r.get("chunk_id"))))
+    ordered = sorted(
+        old, key=lambda r: (r.get("chunk_index") is None, r.get("chunk_index") or 0, str(r.get("chunk_id")))
+    )
     top = max((int(r.get("chunk_index") or 0) for r in old), default=-1)
     out = []
     for i, row in enumerate(new):
@@ -379,8 +459,9 @@ def replace_rows(vectors, current: Sequence[Mapping], targets: Sequence[dict]) -
     for row, identity in zip(targets, wanted, strict=True):
         rows = found.get(identity, [])
         if len(rows) != 1:
-            raise StoreError(f"chunk {identity}: {len(rows)} rows after the write (expected 1); "
-                             "the old chunks are kept: run again")
+            raise StoreError(
+                f"chunk {identity}: {len(rows)} rows after the write (expected 1); the old chunks are kept: run again"
+            )
         back = rows[0]
         if back.get("page") != row.get("page") or back.get("text") != row.get("text"):
             raise StoreError(f"chunk {identity}: reads back with another page or text; the old chunks are kept")
@@ -400,8 +481,10 @@ def restore_backup(stores, record) -> int:
     try:
         blob = json.loads(gzip.decompress(stores.objects.get(key)))
     except ObjectNotFound:
-        raise RepageError(f"document {record.document_id} was reprocessed without a local backup "
-                          f"({key}): the app's pipeline rewrote it; repage cannot restore it") from None
+        raise RepageError(
+            f"document {record.document_id} was reprocessed without a local backup "
+            f"({key}): the app's pipeline rewrote it; repage cannot restore it"
+        ) from None
     rows = blob["rows"]
     if not rows:
         raise RepageError(f"document {record.document_id}: the backup holds no rows; restore by hand")
@@ -413,6 +496,8 @@ def restore_backup(stores, record) -> int:
     for row in rows:
         got = after.get(info.identity.key(row)) or [{}]
         if vectors.row_checksum(got[0]) != blob["checksums"][info.identity.backup_text(row)]:
-            raise RepageError(f"document {record.document_id}: chunk {info.identity.key(row)} differs from the "
-                              "backup after the restore")
+            raise RepageError(
+                f"document {record.document_id}: chunk {info.identity.key(row)} differs from the "
+                "backup after the restore"
+            )
     return len(rows)

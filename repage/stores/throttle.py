@@ -164,11 +164,22 @@ class AdaptiveLimiter:
     WARMUP_SAMPLES = 5  # samples before the baseline is trusted
     WINDOW_S = 1.0  # throughput window while unlimited
 
-    def __init__(self, max_rate: float | None, clock: Clock | None = None, *, min_rate: float = 1.0,
-                 decrease: float = 0.5, increase_step: float | None = None, latency_factor: float = 2.0,
-                 backoff_initial: float = 0.1, backoff_max: float = 10.0, cooldown_s: float = 1.0,
-                 rng: random.Random | None = None, slow_latency_floor_s: float = 0.05,
-                 latency_window: int = 1):
+    def __init__(
+        self,
+        max_rate: float | None,
+        clock: Clock | None = None,
+        *,
+        min_rate: float = 1.0,
+        decrease: float = 0.5,
+        increase_step: float | None = None,
+        latency_factor: float = 2.0,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 10.0,
+        cooldown_s: float = 1.0,
+        rng: random.Random | None = None,
+        slow_latency_floor_s: float = 0.05,
+        latency_window: int = 1,
+    ):
         if not 0 < decrease < 1:
             raise ValueError(f"decrease must be in (0, 1), not {decrease!r}")
         if not latency_factor > 1:
@@ -219,8 +230,11 @@ class AdaptiveLimiter:
             now = self.clock.now()
             self.throttled_count += 1
             self._streak += 1
-            hold = retry_after if retry_after is not None else jittered_backoff(
-                self._streak, self.backoff_initial, self.backoff_max, self._rng)
+            hold = (
+                retry_after
+                if retry_after is not None
+                else jittered_backoff(self._streak, self.backoff_initial, self.backoff_max, self._rng)
+            )
             self._hold_until = max(self._hold_until, now + hold)
             self._decrease(now)
             return hold
@@ -230,9 +244,12 @@ class AdaptiveLimiter:
             self._streak = 0
             self._recent.append(latency_s)
             typical = statistics.median(self._recent)
-            slow = (self._baseline is not None and self._samples >= self.WARMUP_SAMPLES
-                    and typical >= self.slow_latency_floor_s
-                    and typical > self.latency_factor * self._baseline)
+            slow = (
+                self._baseline is not None
+                and self._samples >= self.WARMUP_SAMPLES
+                and typical >= self.slow_latency_floor_s
+                and typical > self.latency_factor * self._baseline
+            )
             self._observe_latency(latency_s)
             if slow:
                 self.slowdowns += self._decrease(self.clock.now())
@@ -297,9 +314,17 @@ def jittered_backoff(attempt: int, initial: float, maximum: float, rng: random.R
     return step * (0.5 + 0.5 * rng.random())
 
 
-def call_with_backoff(fn: Callable[[], T], limiter: AdaptiveLimiter | TokenBucket, *, attempts: int = 8,
-                      clock: Clock | None = None, cost: float = 1.0, backoff_initial: float = 0.1,
-                      backoff_max: float = 10.0, rng: random.Random | None = None) -> T:
+def call_with_backoff(
+    fn: Callable[[], T],
+    limiter: AdaptiveLimiter | TokenBucket,
+    *,
+    attempts: int = 8,
+    clock: Clock | None = None,
+    cost: float = 1.0,
+    backoff_initial: float = 0.1,
+    backoff_max: float = 10.0,
+    rng: random.Random | None = None,
+) -> T:
     """Calls `fn` with the limiter's permission. Retries on `Throttled` and `Transient` (a 500, a
     reset connection: the limiter's rate is not cut for those) up to `attempts` calls in all.
 
@@ -331,6 +356,11 @@ def call_with_backoff(fn: Callable[[], T], limiter: AdaptiveLimiter | TokenBucke
         retry_after = getattr(state.outcome.exception(), "retry_after", None) or 0.0
         return max(retry_after, jittered_backoff(state.attempt_number, backoff_initial, backoff_max, rng))
 
-    retrying = tenacity.Retrying(sleep=clock.sleep, wait=wait, stop=tenacity.stop_after_attempt(attempts),
-                                 retry=tenacity.retry_if_exception_type((Throttled, Transient)), reraise=True)
+    retrying = tenacity.Retrying(
+        sleep=clock.sleep,
+        wait=wait,
+        stop=tenacity.stop_after_attempt(attempts),
+        retry=tenacity.retry_if_exception_type((Throttled, Transient)),
+        reraise=True,
+    )
     return retrying(once)

@@ -37,8 +37,10 @@ def check_exposure(settings: Settings, host: str, insecure_local: bool) -> None:
     if settings.read_token and settings.admin_token:
         return
     if not insecure_local:
-        raise ConfigError("repage serve needs REPAGE_READ_TOKEN and REPAGE_ADMIN_TOKEN "
-                          "(or --insecure-local on 127.0.0.1 for a local trial)")
+        raise ConfigError(
+            "repage serve needs REPAGE_READ_TOKEN and REPAGE_ADMIN_TOKEN "
+            "(or --insecure-local on 127.0.0.1 for a local trial)"
+        )
     if not is_loopback(host):
         raise ConfigError(f"--insecure-local serves without tokens, so only on loopback: --host {host} is not")
 
@@ -95,8 +97,11 @@ class Sessions:
         self.auth = auth
         # Derived from the admin token so that every service process issues and accepts the same
         # tokens; a local trial without tokens gets a key of its own.
-        self._key = (hashlib.sha256(b"repage-dashboard-csrf\0" + admin.get_secret_value().encode()).digest()
-                     if admin else secrets.token_bytes(32))
+        self._key = (
+            hashlib.sha256(b"repage-dashboard-csrf\0" + admin.get_secret_value().encode()).digest()
+            if admin
+            else secrets.token_bytes(32)
+        )
 
     def role(self, request: Request) -> str | None:
         """The caller's role (bearer token or cookie), None when it has neither."""

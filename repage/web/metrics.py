@@ -38,8 +38,7 @@ def process_source() -> str:
 class LatencyWindow:
     """Read-path Milvus latencies of the last `window_s` seconds; p95 for the worker's back-off."""
 
-    def __init__(self, window_s: float = 30.0, max_samples: int = 10_000,
-                 now: Callable[[], float] = time.monotonic):
+    def __init__(self, window_s: float = 30.0, max_samples: int = 10_000, now: Callable[[], float] = time.monotonic):
         self.window_s = window_s
         self._now = now
         self._samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
@@ -74,11 +73,15 @@ class _StateCollector:
         stats = self.lazy.stats.as_dict()
         for name, doc in LAZY_COUNTERS:
             yield CounterMetricFamily(f"repage_lazy_{name}", doc, value=stats[name])
-        yield GaugeMetricFamily("repage_lazy_buffered_documents", "Documents waiting in the lazy buffer",
-                                value=self.lazy.buffered())
+        yield GaugeMetricFamily(
+            "repage_lazy_buffered_documents", "Documents waiting in the lazy buffer", value=self.lazy.buffered()
+        )
         p95, _ = self.window.p95()
-        yield GaugeMetricFamily("repage_read_latency_p95_seconds", "Read-path Milvus p95 over the last 30 s",
-                                value=p95 if p95 is not None else 0.0)
+        yield GaugeMetricFamily(
+            "repage_read_latency_p95_seconds",
+            "Read-path Milvus p95 over the last 30 s",
+            value=p95 if p95 is not None else 0.0,
+        )
         yield from self._ledger()
 
     def _ledger(self):
@@ -95,8 +98,9 @@ class _StateCollector:
         for state, count in sorted(figures["by_state"].items()):
             states.add_metric([state], count)
         yield states
-        yield GaugeMetricFamily("repage_worker_paused", "1 while an admin has paused the worker",
-                                value=1.0 if figures["paused"] else 0.0)
+        yield GaugeMetricFamily(
+            "repage_worker_paused", "1 while an admin has paused the worker", value=1.0 if figures["paused"] else 0.0
+        )
 
 
 class ServiceMetrics:
@@ -104,8 +108,12 @@ class ServiceMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.window = LatencyWindow()
         self.reads = Counter("repage_reads", "Chunk reads served, by outcome", ["outcome"], registry=self.registry)
-        self.read_seconds = Histogram("repage_read_milvus_seconds", "Milvus latency of read-path queries",
-                                      buckets=READ_BUCKETS, registry=self.registry)
+        self.read_seconds = Histogram(
+            "repage_read_milvus_seconds",
+            "Milvus latency of read-path queries",
+            buckets=READ_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(_StateCollector(lazy, ledger_figures, self.window))
 
     def observe_read(self, seconds: float, outcome: str) -> None:

@@ -28,12 +28,24 @@ class ServiceParts:
     worker: Any = None  # WorkerThread when --with-worker
 
 
-def make_parts(settings: Settings, vectors, ledger, *, insecure_local: bool = False, lazy: LazyRepair | None = None,
-               now: Callable[[], float] = time.time, flush_seconds: float = 1.0) -> ServiceParts:
+def make_parts(
+    settings: Settings,
+    vectors,
+    ledger,
+    *,
+    insecure_local: bool = False,
+    lazy: LazyRepair | None = None,
+    now: Callable[[], float] = time.time,
+    flush_seconds: float = 1.0,
+) -> ServiceParts:
     """LazyRepair (yours, or a new one), metrics and auth over open stores. Start the lazy
     flusher (`parts.lazy.start()`) when the app starts, close it when it stops."""
-    lazy = lazy or LazyRepair(LedgerSink(ledger, settings.access_half_life_hours),
-                              patterns=compile_patterns(settings.key_patterns), now=now, flush_seconds=flush_seconds)
+    lazy = lazy or LazyRepair(
+        LedgerSink(ledger, settings.access_half_life_hours),
+        patterns=compile_patterns(settings.key_patterns),
+        now=now,
+        flush_seconds=flush_seconds,
+    )
     metrics = ServiceMetrics(lazy, lambda: _ledger_figures(ledger))
     lazy.add_periodic(LatencyPublisher(ledger, metrics.window))
     auth = BearerAuth(settings.read_token, settings.admin_token, open_access=insecure_local)

@@ -14,6 +14,7 @@ import pytest
 
 from repage.errors import Throttled
 from repage.stores.throttle import AdaptiveLimiter, SystemClock, TokenBucket, call_with_backoff
+
 # counting_proxy is imported as a fixture until tests/conftest.py lists tests.fixtures.proxy.
 from tests.fixtures.proxy import CountingProxy, ProxyHandler, counting_proxy  # noqa: F401
 from tests.fixtures.s3 import create_bucket, s3_store, unique_bucket_name
@@ -44,8 +45,11 @@ def migrate_some(store, bucket: TokenBucket, worker: int, deadline: float, clock
     n = 0
     while clock.now() < deadline:
         src, dst = f"ds/doc{worker}/images/{n}_legacy.png", f"ds/doc{worker}/images/0_{n}.png"
-        for op in (lambda: store.put(src, b"\x89PNG" + bytes(64)), lambda: store.copy(src, dst),
-                   lambda: store.head(dst)):
+        for op in (
+            lambda src=src: store.put(src, b"\x89PNG" + bytes(64)),
+            lambda src=src, dst=dst: store.copy(src, dst),
+            lambda dst=dst: store.head(dst),
+        ):
             bucket.acquire()
             if clock.now() >= deadline:
                 return
@@ -80,13 +84,15 @@ def test_injected_503s_slow_the_limiter_and_the_retry_succeeds(proxied_store, co
     limiter = AdaptiveLimiter(RATE, SystemClock(), backoff_initial=0.05, rng=random.Random(5))
     counting_proxy.inject_throttle(3, status=503)
 
-    call_with_backoff(lambda: store.put("ds/doc/images/0_0.png", b"png"), limiter,
-                      backoff_initial=0.05, rng=random.Random(6))
+    call_with_backoff(
+        lambda: store.put("ds/doc/images/0_0.png", b"png"), limiter, backoff_initial=0.05, rng=random.Random(6)
+    )
 
     seen = counting_proxy.seen()
     path = prefix + "ds/doc/images/0_0.png"
     assert [(s.method, s.path, s.status, s.injected) for s in seen] == (
-        [("PUT", path, 503, True)] * 3 + [("PUT", path, 200, False)])
+        [("PUT", path, 503, True)] * 3 + [("PUT", path, 200, False)]
+    )
     assert limiter.throttled_count == 3 and limiter.current_rate < RATE
     gaps = [b.at - a.at for a, b in zip(seen, seen[1:])]
     assert all(gap >= 0.025 for gap in gaps), gaps  # at least half the first backoff step
@@ -138,9 +144,13 @@ def test_proxy_forwards_requests_byte_exact_and_reframes_chunked_replies():
     upstream = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=upstream.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     proxy = CountingProxy(f"http://127.0.0.1:{upstream.server_port}").start()
-    headers = [("Host", "signed-for.example:9000"), ("Authorization", "AWS4-HMAC-SHA256 Credential=x/y, Signature=ab"),
-               ("x-amz-date", "20250101T000000Z"), ("x-amz-content-sha256", "STREAMING-UNSIGNED-PAYLOAD-TRAILER"),
-               ("Transfer-Encoding", "chunked")]
+    headers = [
+        ("Host", "signed-for.example:9000"),
+        ("Authorization", "AWS4-HMAC-SHA256 Credential=x/y, Signature=ab"),
+        ("x-amz-date", "20250101T000000Z"),
+        ("x-amz-content-sha256", "STREAMING-UNSIGNED-PAYLOAD-TRAILER"),
+        ("Transfer-Encoding", "chunked"),
+    ]
     chunked = b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nx-amz-checksum-crc32:AAAA\r\n\r\n"
     try:
         conn = http.client.HTTPConnection("127.0.0.1", int(proxy.endpoint.rsplit(":", 1)[1]), timeout=10)

@@ -38,11 +38,13 @@ def test_new_commands_have_help_with_an_example(command):
 def test_import_top_and_a_priority_run_with_min_accesses(store):
     now = int(time.time())
     log = store["root"] / "queries.csv"
-    log.write_text("document_id,dataset_id,timestamp,count\n"
-                   f"u4,,{now},3\n"
-                   f"u1,,{now - 60},\n"
-                   f",ds-a,{now - 120},\n"        # a dataset hit: one for each of u0, u1, u2
-                   f",ds-none,{now},\n")          # no scanned document in it: reported
+    log.write_text(
+        "document_id,dataset_id,timestamp,count\n"
+        f"u4,,{now},3\n"
+        f"u1,,{now - 60},\n"
+        f",ds-a,{now - 120},\n"  # a dataset hit: one for each of u0, u1, u2
+        f",ds-none,{now},\n"
+    )  # no scanned document in it: reported
     imported = repage("access", "import", str(log), "--json", env=store["env"])
     assert imported.returncode == 0, imported.stderr
     report = json.loads(imported.stdout)

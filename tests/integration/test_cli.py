@@ -14,15 +14,33 @@ import pytest
 from repage.stores.milvus import MilvusVectors
 from tests.fixtures.s3 import unique_bucket_name
 
-COMMANDS = ["doctor", "scan", "estimate", "demo", "run", "status", "verify", "rollback", "gc", "review",
-            "review accept", "review reject"]
+COMMANDS = [
+    "doctor",
+    "scan",
+    "estimate",
+    "demo",
+    "run",
+    "status",
+    "verify",
+    "rollback",
+    "gc",
+    "review",
+    "review accept",
+    "review reject",
+]
 APP_ENV = ("MILVUS_URI", "MILVUS_TOKEN", "R2_ACCOUNT_ID", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY", "R2_BUCKET_NAME")
 
 
 def repage(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith("REPAGE_") and k not in APP_ENV}
-    return subprocess.run([sys.executable, "-m", "repage.cli", *args], capture_output=True, text=True,
-                          env={**base, **(env or {})}, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "repage.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**base, **(env or {})},
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
@@ -39,8 +57,12 @@ def lite_store(tmp_path_factory) -> dict:
     uri = str(root / "milvus.db")
     in_own_process(_build_small_store, uri)
     (root / "bucket").mkdir()
-    return {"REPAGE_MILVUS_URI": uri, "REPAGE_STORE_URL": f"file://{root / 'bucket'}",
-            "REPAGE_LEDGER_URL": f"sqlite:///{root / 'ledger.db'}", "root": str(root)}
+    return {
+        "REPAGE_MILVUS_URI": uri,
+        "REPAGE_STORE_URL": f"file://{root / 'bucket'}",
+        "REPAGE_LEDGER_URL": f"sqlite:///{root / 'ledger.db'}",
+        "root": str(root),
+    }
 
 
 def in_own_process(target, *args) -> None:
@@ -54,11 +76,28 @@ def in_own_process(target, *args) -> None:
 
 def _build_small_store(uri: str) -> None:
     vectors = MilvusVectors.create_collection(uri, "fltr_documents", pk="chunk_id", dim=8)
-    vectors.insert([{"chunk_id": f"d1_{i}", "vector": [0.1 * (i + 1)] * 8, "text": "t", "dataset_id": "ds",
-                     "document_id": "d1", "filename": "a.pdf", "chunk_index": i, "document_type": "pdf",
-                     "title": "a", "chunk_type": "image", "page": 0, "image_index": i, "ocr_confidence": 0.0,
-                     "image_r2_key": f"ds/d1/images/{i}_a.pdf-{i + 3}-0.png", "image_size": "10x10"}
-                    for i in range(3)])
+    vectors.insert(
+        [
+            {
+                "chunk_id": f"d1_{i}",
+                "vector": [0.1 * (i + 1)] * 8,
+                "text": "t",
+                "dataset_id": "ds",
+                "document_id": "d1",
+                "filename": "a.pdf",
+                "chunk_index": i,
+                "document_type": "pdf",
+                "title": "a",
+                "chunk_type": "image",
+                "page": 0,
+                "image_index": i,
+                "ocr_confidence": 0.0,
+                "image_r2_key": f"ds/d1/images/{i}_a.pdf-{i + 3}-0.png",
+                "image_size": "10x10",
+            }
+            for i in range(3)
+        ]
+    )
     vectors.close()
 
 
@@ -73,13 +112,16 @@ def test_every_command_has_help_with_an_example(command):
     assert "Example: repage" in proc.stdout
 
 
-@pytest.mark.parametrize("overrides,needle", [
-    ({"REPAGE_MILVUS_URI": "ftp://nowhere"}, "REPAGE_MILVUS_URI"),
-    ({"REPAGE_STORE_URL": "gs://bucket"}, "REPAGE_STORE_URL"),
-    ({"REPAGE_LEDGER_URL": "mysql://x"}, "REPAGE_LEDGER_URL"),
-    ({"REPAGE_MILVUS_URI": "http://127.0.0.1:1"}, "127.0.0.1:1"),
-    ({"REPAGE_COLLECTION": "no_such_collection"}, "no_such_collection"),
-])
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        ({"REPAGE_MILVUS_URI": "ftp://nowhere"}, "REPAGE_MILVUS_URI"),
+        ({"REPAGE_STORE_URL": "gs://bucket"}, "REPAGE_STORE_URL"),
+        ({"REPAGE_LEDGER_URL": "mysql://x"}, "REPAGE_LEDGER_URL"),
+        ({"REPAGE_MILVUS_URI": "http://127.0.0.1:1"}, "127.0.0.1:1"),
+        ({"REPAGE_COLLECTION": "no_such_collection"}, "no_such_collection"),
+    ],
+)
 def test_bad_configuration_exits_2_with_one_line(lite_store, overrides, needle):
     proc = repage("scan", env=env_of(lite_store, **overrides))
     assert proc.returncode == 2, proc.stderr
@@ -90,8 +132,14 @@ def test_missing_required_field_exits_2(tmp_path):
     uri = str(tmp_path / "milvus.db")
     in_own_process(_build_pageless_store, uri)
     (tmp_path / "bucket").mkdir()
-    proc = repage("scan", env={"REPAGE_MILVUS_URI": uri, "REPAGE_STORE_URL": f"file://{tmp_path / 'bucket'}",
-                               "REPAGE_LEDGER_URL": f"sqlite:///{tmp_path / 'l.db'}"})
+    proc = repage(
+        "scan",
+        env={
+            "REPAGE_MILVUS_URI": uri,
+            "REPAGE_STORE_URL": f"file://{tmp_path / 'bucket'}",
+            "REPAGE_LEDGER_URL": f"sqlite:///{tmp_path / 'l.db'}",
+        },
+    )
     assert proc.returncode == 2
     assert "'page'" in one_line_error(proc)
 
@@ -114,9 +162,11 @@ def _build_pageless_store(uri: str) -> None:
 
 
 def test_missing_bucket_exits_2(lite_store, moto_endpoint):
-    proc = repage("scan", env=env_of(lite_store, REPAGE_STORE_URL=f"s3://{unique_bucket_name()}",
-                                     REPAGE_S3_ENDPOINT=moto_endpoint) | {"AWS_ACCESS_KEY_ID": "testing",
-                                                                            "AWS_SECRET_ACCESS_KEY": "testing"})
+    proc = repage(
+        "scan",
+        env=env_of(lite_store, REPAGE_STORE_URL=f"s3://{unique_bucket_name()}", REPAGE_S3_ENDPOINT=moto_endpoint)
+        | {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"},
+    )
     assert proc.returncode == 2, proc.stderr
     assert "bucket" in one_line_error(proc).lower()
 

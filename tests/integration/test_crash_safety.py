@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from repage.stores.open import open_ledger
-from repage.migration.migrate import FAILPOINTS
 from repage.domain.states import State
+from repage.migration.migrate import FAILPOINTS
 from repage.migration.verify import verify_documents
+from repage.stores.open import open_ledger
 from tests.support.crash import (
     REFERENCE_LEASE_SECONDS,
     CleanRun,
@@ -88,8 +88,9 @@ def make_variant(name: str, uri: str, root: Path, schema: Schema, renumbering: b
     # The reference must itself be right, or equality with it proves nothing.
     assert clean.summary.failed == 0, clean.summary.errors
     assert not report.failed and len(report.passed) == clean.summary.migrated == len(synthetic.doc_ids) - 2
-    problems = (diff_rows(reference.rows, template.expected_logical())
-                + diff_objects(reference.objects, object_hashes(synthetic.expected_objects())))
+    problems = diff_rows(reference.rows, template.expected_logical()) + diff_objects(
+        reference.objects, object_hashes(synthetic.expected_objects())
+    )
     assert not problems, "\n".join(problems)
     assert reference.states == synthetic.states
     assert reference.row_count == len(synthetic.rows)
@@ -102,14 +103,26 @@ def make_variant(name: str, uri: str, root: Path, schema: Schema, renumbering: b
 
 @pytest.fixture(scope="module")
 def plain(milvus_server_uri, tmp_path_factory) -> Variant:
-    return make_variant("plain", milvus_server_uri, tmp_path_factory.mktemp("crash-plain"),
-                        Schema(pk="auto", chunk_id_field=True, dynamic=False), False, PLAIN_RANDOM_KILLS)
+    return make_variant(
+        "plain",
+        milvus_server_uri,
+        tmp_path_factory.mktemp("crash-plain"),
+        Schema(pk="auto", chunk_id_field=True, dynamic=False),
+        False,
+        PLAIN_RANDOM_KILLS,
+    )
 
 
 @pytest.fixture(scope="module")
 def renumbering(milvus_server_uri, tmp_path_factory) -> Variant:
-    return make_variant("renumbering", milvus_server_uri, tmp_path_factory.mktemp("crash-renumbering"),
-                        Schema(pk="auto", chunk_id_field=False, dynamic=True), True, RENUMBERING_RANDOM_KILLS)
+    return make_variant(
+        "renumbering",
+        milvus_server_uri,
+        tmp_path_factory.mktemp("crash-renumbering"),
+        Schema(pk="auto", chunk_id_field=False, dynamic=True),
+        True,
+        RENUMBERING_RANDOM_KILLS,
+    )
 
 
 Kill = str | int  # a failpoint spec, or (renumbering) the upsert to die inside
@@ -128,13 +141,17 @@ def crash_and_recover(variant: Variant, workdir: Path, *kills: Kill) -> dict[str
                 with open_ledger(settings) as ledger:
                     wait_for_expired_leases(ledger)
             if variant.renumbering:
-                child = run_renumbering_child(settings, None if isinstance(kill, int) else kill,
-                                              kill_on_upsert=kill if isinstance(kill, int) else None)
+                child = run_renumbering_child(
+                    settings,
+                    None if isinstance(kill, int) else kill,
+                    kill_on_upsert=kill if isinstance(kill, int) else None,
+                )
             else:
                 child = run_cli_child(settings, workdir, kill)
             assert child.returncode == SIGKILLED, (
                 f"kill {kill!r} of {kills}: child exited {child.returncode}, not by SIGKILL\n"
-                f"{child.stdout[-2000:]}\n{child.stderr[-2000:]}")
+                f"{child.stdout[-2000:]}\n{child.stderr[-2000:]}"
+            )
         with open_for(settings, variant.renumbering) as stores:
             crashed = snapshot(stores, doc_ids)
             left = dict(Counter(crashed.states.values()))

@@ -18,26 +18,55 @@ import pytest
 
 from repage.demo import build_demo
 from repage.demo.embed import MODEL_NAME, embed
-from repage.stores.objects import ObjectStore
 from repage.stores.milvus import MilvusVectors
+from repage.stores.objects import ObjectStore
 
 pytestmark = pytest.mark.slow
 
 # DESIGN §1, written out here rather than imported: the test checks the adapter's filter too.
 AFFECTED = 'page == 0 && (chunk_type == "ocr" || chunk_type == "image" || ocr_confidence > 0.0)'
 SCENARIOS = {
-    "legacy", "legacy-unlinked", "canonical", "docling", "missing-images",
-    "legacy-no-source", "unrecoverable", "non-pdf-source", "text-only",
+    "legacy",
+    "legacy-unlinked",
+    "canonical",
+    "docling",
+    "missing-images",
+    "legacy-no-source",
+    "unrecoverable",
+    "non-pdf-source",
+    "text-only",
 }
 EXPECTED_PATH = {
-    "legacy": "keys", "legacy-unlinked": "keys", "canonical": "keys", "legacy-no-source": "keys",
-    "docling": "pdf", "missing-images": "pdf", "non-pdf-source": "reprocess",
-    "unrecoverable": "none", "text-only": "none",
+    "legacy": "keys",
+    "legacy-unlinked": "keys",
+    "canonical": "keys",
+    "legacy-no-source": "keys",
+    "docling": "pdf",
+    "missing-images": "pdf",
+    "non-pdf-source": "reprocess",
+    "unrecoverable": "none",
+    "text-only": "none",
 }
-DOC_FIELDS = {"document_id", "dataset_id", "filename", "scenario", "expected_path", "expected_state",
-              "page_count", "source_key", "affected_chunks"}
-CHUNK_FIELDS = {"chunk_id", "chunk_index", "true_page", "image_index", "current_key", "canonical_key",
-                "image_in_bucket"}
+DOC_FIELDS = {
+    "document_id",
+    "dataset_id",
+    "filename",
+    "scenario",
+    "expected_path",
+    "expected_state",
+    "page_count",
+    "source_key",
+    "affected_chunks",
+}
+CHUNK_FIELDS = {
+    "chunk_id",
+    "chunk_index",
+    "true_page",
+    "image_index",
+    "current_key",
+    "canonical_key",
+    "image_in_bucket",
+}
 
 
 class Built:
@@ -94,8 +123,13 @@ def test_corpus_shape(auto):
 
 def test_long_documents_with_late_images_take_the_pdf_path(auto):
     for scenario in ("docling", "missing-images"):
-        late = [d for d in auto.docs if d["scenario"] == scenario and d["page_count"] >= 11
-                and any(c["true_page"] >= 10 for c in d["affected_chunks"])]
+        late = [
+            d
+            for d in auto.docs
+            if d["scenario"] == scenario
+            and d["page_count"] >= 11
+            and any(c["true_page"] >= 10 for c in d["affected_chunks"])
+        ]
         assert late, f"no {scenario} document with 11+ pages and an image on page >= 10"
 
 
@@ -108,8 +142,11 @@ def test_image_index_is_lexicographic(auto):
         chunks = d["affected_chunks"]
         names = [c["legacy_name"] for c in chunks]
         assert [c["image_index"] for c in chunks] == [sorted(names).index(n) for n in names]
-        crossed += any(a["true_page"] >= 10 and 2 <= b["true_page"] <= 9 and a["image_index"] < b["image_index"]
-                       for a in chunks for b in chunks)
+        crossed += any(
+            a["true_page"] >= 10 and 2 <= b["true_page"] <= 9 and a["image_index"] < b["image_index"]
+            for a in chunks
+            for b in chunks
+        )
     assert crossed >= 4
 
 
@@ -138,7 +175,8 @@ def test_ground_truth_complete(auto):
             assert c["chunk_id"] == f"{d['document_id']}_{c['chunk_index']}"
             assert 0 <= c["true_page"] < d["page_count"]
             assert c["canonical_key"] == (
-                f"{d['dataset_id']}/{d['document_id']}/images/{c['true_page']}_{c['image_index']}.png")
+                f"{d['dataset_id']}/{d['document_id']}/images/{c['true_page']}_{c['image_index']}.png"
+            )
     assert auto.truth["totals"]["affected_chunks"] == len(affected(auto.docs))
 
 

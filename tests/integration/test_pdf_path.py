@@ -71,14 +71,17 @@ def check_pdf_docs_recovered(demo: Demo, snap: dict, docs: list[dict]) -> None:
         for c in d["affected_chunks"]:
             row = rows[c["chunk_id"]]
             if (row["page"], key_of(row)) != (c["true_page"], c["canonical_key"]):
-                problems.append(f"{d['filename']} {c['chunk_id']}: page {row['page']} key {key_of(row)}, "
-                                f"want {c['true_page']} {c['canonical_key']}")
+                problems.append(
+                    f"{d['filename']} {c['chunk_id']}: page {row['page']} key {key_of(row)}, "
+                    f"want {c['true_page']} {c['canonical_key']}"
+                )
                 continue
             if c["image_in_bucket"]:  # copied: the bucket's bytes exactly
                 ok = snap["objects"].get(c["canonical_key"]) == demo.pristine["objects"][c["bucket_key"]]
             else:  # uploaded from the PDF: the PDF's image, pixel for pixel
-                ok = np.array_equal(pixels(bucket_file(demo, c["canonical_key"])),
-                                    pixels(images[(c["true_page"], c["n"])]))
+                ok = np.array_equal(
+                    pixels(bucket_file(demo, c["canonical_key"])), pixels(images[(c["true_page"], c["n"])])
+                )
             if not ok:
                 problems.append(f"{d['filename']}: {c['canonical_key']} is not the image of chunk {c['chunk_id']}")
     assert not problems, "\n".join(problems[:20])
@@ -91,10 +94,15 @@ def check_only_affected_chunks_changed(demo: Demo, snap: dict, migrated: set[str
     for ident, row in after.items():
         old = before[ident]
         same = ("page", "image_r2_key") if ident in affected else ()
-        assert {k: v for k, v in row.items() if k not in same} == {k: v for k, v in old.items() if k not in same}, \
+        assert {k: v for k, v in row.items() if k not in same} == {k: v for k, v in old.items() if k not in same}, (
             f"{ident} changed:\n" + diff(old, row)
-    wrong = [c["chunk_id"] for d in demo.docs for c in d["affected_chunks"]
-             if after[c["chunk_id"]]["page"] not in (0, c["true_page"])]
+        )
+    wrong = [
+        c["chunk_id"]
+        for d in demo.docs
+        for c in d["affected_chunks"]
+        if after[c["chunk_id"]]["page"] not in (0, c["true_page"])
+    ]
     assert wrong == [], f"wrong pages: {wrong[:10]}"
 
 
@@ -104,8 +112,13 @@ def check_only_affected_chunks_changed(demo: Demo, snap: dict, migrated: set[str
 def test_the_demo_has_the_hard_pdf_cases(pristine):
     docs = pdf_docs(pristine)
     for scenario in ("docling", "missing-images"):
-        big = [d for d in docs if d["scenario"] == scenario and d["page_count"] >= 11
-               and any(c["true_page"] >= 10 for c in d["affected_chunks"])]
+        big = [
+            d
+            for d in docs
+            if d["scenario"] == scenario
+            and d["page_count"] >= 11
+            and any(c["true_page"] >= 10 for c in d["affected_chunks"])
+        ]
         assert big, f"no {scenario} document with 11+ pages and images past page 10"
         assert any(d["kind"] == "scan" for d in docs if d["scenario"] == scenario)
     assert any("%20" in d["source_key"] for d in docs)  # a source stored under its URL-encoded key
@@ -117,8 +130,9 @@ def test_run_recovers_every_pdf_page_and_restores_missing_images(demo):
     docs, keys = pdf_docs(demo), demo.by_path("keys")
     assert (report["failed"], report["migrated"], report["errors"]) == (0, len(docs) + len(keys), {}), report
     snap = demo.snapshot()
-    assert {d["document_id"]: states(snap)[d["document_id"]] for d in docs} == \
-        dict.fromkeys((d["document_id"] for d in docs), "migrated")
+    assert {d["document_id"]: states(snap)[d["document_id"]] for d in docs} == dict.fromkeys(
+        (d["document_id"] for d in docs), "migrated"
+    )
     check_pdf_docs_recovered(demo, snap, docs)
     migrated = {d["document_id"] for d in docs + keys}
     check_only_affected_chunks_changed(demo, snap, migrated)
@@ -126,8 +140,12 @@ def test_run_recovers_every_pdf_page_and_restores_missing_images(demo):
     print(f"\npdf path ({demo.pk}): {chunks} chunks, {chunks} recovered without review, 0 in review, 0 wrong")
 
     new = set(snap["objects"]) - set(demo.pristine["objects"])
-    canonical = {c["canonical_key"] for d in docs + keys for c in d["affected_chunks"]
-                 if c["image_in_bucket"] or d["expected_path"] == "pdf"} - set(demo.pristine["objects"])
+    canonical = {
+        c["canonical_key"]
+        for d in docs + keys
+        for c in d["affected_chunks"]
+        if c["image_in_bucket"] or d["expected_path"] == "pdf"
+    } - set(demo.pristine["objects"])
     assert new == canonical
     assert {k: snap["objects"][k] for k in demo.pristine["objects"]} == demo.pristine["objects"]
 
@@ -149,8 +167,12 @@ def test_run_recovers_every_pdf_page_and_restores_missing_images(demo):
     rolled = demo.cli_json("rollback", "--all")
     assert rolled["ok"] and rolled["passed"] == len(migrated), rolled
     restored = demo.snapshot(ledger=False)
-    gone = {c["bucket_key"] for d in keys + docs for c in d["affected_chunks"]
-            if c["image_in_bucket"] and c["bucket_key"] != c["canonical_key"]}
+    gone = {
+        c["bucket_key"]
+        for d in keys + docs
+        for c in d["affected_chunks"]
+        if c["image_in_bucket"] and c["bucket_key"] != c["canonical_key"]
+    }
     assert restored["milvus"] == demo.pristine["milvus"], diff(demo.pristine["milvus"], restored["milvus"])
     # gc deleted the superseded originals; rollback copied every one back: the bucket as built
     assert restored["objects"] == demo.pristine["objects"], diff(demo.pristine["objects"], restored["objects"])
@@ -275,8 +297,9 @@ def test_a_run_killed_mid_pdf_migration_finishes_from_the_journal(demo, failpoin
     env = {k: v for k, v in os.environ.items() if not k.startswith("REPAGE_") and k not in APP_ENV}
     args = [*repage_command(), "run", *PDF, "--document-id", target["document_id"], "--json"]
     demo.release()
-    child = subprocess.run(args, cwd=demo.root, env={**env, "REPAGE_FAILPOINT": failpoint},
-                           capture_output=True, text=True, timeout=180)
+    child = subprocess.run(
+        args, cwd=demo.root, env={**env, "REPAGE_FAILPOINT": failpoint}, capture_output=True, text=True, timeout=180
+    )
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     killed = demo.snapshot()
     uploads = [o for o in killed["ledger"]["object_journal"].values() if o["old_key"].startswith("pdf:")]

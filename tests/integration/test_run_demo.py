@@ -13,9 +13,9 @@ import json
 
 import pytest
 
-from repage.stores.open import open_stores
 from repage.migration.migrate import RunOptions
 from repage.migration.runner import RunLimits, Selection, run_migration
+from repage.stores.open import open_stores
 from tests.support import Demo
 from tests.support.snapshot import changed, diff
 
@@ -38,11 +38,20 @@ def expected_key(chunk: dict) -> str | None:
 def expected_changes(doc: dict, move_images: bool = True) -> dict:
     """One document's changes as `run --dry-run` must list them."""
     chunks = sorted(
-        ([c["chunk_id"]], [0, c["true_page"]],
-         [c["current_key"] or None, expected_key(c) if move_images else c["current_key"] or None])
-        for c in doc["affected_chunks"])
-    copies = sorted({(c["bucket_key"], c["canonical_key"]) for c in doc["affected_chunks"]
-                     if move_images and c["image_in_bucket"] and c["bucket_key"] != c["canonical_key"]})
+        (
+            [c["chunk_id"]],
+            [0, c["true_page"]],
+            [c["current_key"] or None, expected_key(c) if move_images else c["current_key"] or None],
+        )
+        for c in doc["affected_chunks"]
+    )
+    copies = sorted(
+        {
+            (c["bucket_key"], c["canonical_key"])
+            for c in doc["affected_chunks"]
+            if move_images and c["image_in_bucket"] and c["bucket_key"] != c["canonical_key"]
+        }
+    )
     return {"chunks": chunks, "copies": [list(c) for c in copies]}
 
 
@@ -68,8 +77,10 @@ def check_migrated(demo: Demo, snap: dict, docs: list[dict], *, moved: bool = Tr
             row = rows[c["chunk_id"]]
             want_key = expected_key(c) if moved else (c["current_key"] or None)
             if (row["page"], key_of(row)) != (c["true_page"], want_key):
-                problems.append(f"{d['filename']} {c['chunk_id']}: page {row['page']} key {key_of(row)!r}, "
-                                f"want page {c['true_page']} key {want_key!r}")
+                problems.append(
+                    f"{d['filename']} {c['chunk_id']}: page {row['page']} key {key_of(row)!r}, "
+                    f"want page {c['true_page']} key {want_key!r}"
+                )
             if moved and c["image_in_bucket"]:
                 if objects.get(c["canonical_key"]) != before[c["bucket_key"]]:
                     problems.append(f"{c['canonical_key']}: missing or not the bytes of {c['bucket_key']}")
@@ -87,8 +98,9 @@ def check_nothing_else_changed(demo: Demo, snap: dict, migrated: set[str], *, mo
     for ident, row in after.items():
         old = before[ident]
         rest = {k: v for k, v in row.items() if k not in ("page", "image_r2_key")}
-        assert rest == {k: v for k, v in old.items() if k not in ("page", "image_r2_key")}, \
+        assert rest == {k: v for k, v in old.items() if k not in ("page", "image_r2_key")}, (
             f"{ident}: a field other than page/image_r2_key changed:\n" + diff(old, row)
+        )
         doc_chunk = truth.get(ident)
         if doc_chunk is None or doc_chunk[0]["document_id"] not in migrated:
             if (row["page"], key_of(row)) != (old["page"], key_of(old)):
@@ -100,8 +112,13 @@ def check_nothing_else_changed(demo: Demo, snap: dict, migrated: set[str], *, mo
     for d in demo.docs:  # the headline: not one wrong page (unfixed chunks still read 0)
         for c in d["affected_chunks"]:
             assert after[c["chunk_id"]]["page"] in (0, c["true_page"]), c["chunk_id"]
-    copies = {c["canonical_key"] for d in demo.docs if d["document_id"] in migrated
-              for c in d["affected_chunks"] if moved and c["image_in_bucket"]}
+    copies = {
+        c["canonical_key"]
+        for d in demo.docs
+        if d["document_id"] in migrated
+        for c in d["affected_chunks"]
+        if moved and c["image_in_bucket"]
+    }
     objects = snap["objects"]
     assert set(objects) == set(demo.pristine["objects"]) | copies, diff(demo.pristine["objects"], objects)
     assert {k: objects[k] for k in demo.pristine["objects"]} == demo.pristine["objects"], "an original changed"
@@ -171,8 +188,9 @@ def test_cli_run_rerun_verify_and_rollback_all(demo):
     assert report["ok"] and (report["checked"], report["passed"]) == (len(migrated), len(migrated)), report
     restored = demo.snapshot()
     for part in ("milvus", "objects"):  # exactly the store as built
-        assert restored[part] == demo.pristine[part], f"rollback left {part} different:\n" + \
-            diff(demo.pristine[part], restored[part])
+        assert restored[part] == demo.pristine[part], f"rollback left {part} different:\n" + diff(
+            demo.pristine[part], restored[part]
+        )
     assert ledger_states(restored) == {**ledger_states(first), **dict.fromkeys(migrated, "rolled_back")}
 
 
@@ -182,8 +200,12 @@ def check_dry_run(demo: Demo, report: dict) -> None:
     assert set(listed) == {d["document_id"] for d in keys}
     for d in keys:
         assert listed[d["document_id"]] == expected_changes(d), d["filename"]
-    assert (report["documents"], report["failed"], report["chunks_written"], report["objects_copied"]) == \
-        (len(keys), 0, 0, 0)
+    assert (report["documents"], report["failed"], report["chunks_written"], report["objects_copied"]) == (
+        len(keys),
+        0,
+        0,
+        0,
+    )
 
 
 def test_dry_run_on_an_empty_ledger_writes_nothing_anywhere(demo):
@@ -209,8 +231,12 @@ def test_dry_run_after_a_scan_lists_exactly_what_run_then_does(demo):
     done = {}
     for entry in journal["chunk_journal"].values():
         done.setdefault(entry["document_id"], []).append(
-            (json.loads(entry["identity"]), [entry["old_page"], entry["new_page"]],
-             [entry["old_key"], entry["new_key"] if entry["new_key"] is not None else entry["old_key"]]))
+            (
+                json.loads(entry["identity"]),
+                [entry["old_page"], entry["new_page"]],
+                [entry["old_key"], entry["new_key"] if entry["new_key"] is not None else entry["old_key"]],
+            )
+        )
     for change in report["dry_run_changes"]:
         assert sorted(done[change["document_id"]]) == listed_changes(change)["chunks"]
     copies = sorted([o["old_key"], o["new_key"]] for o in journal["object_journal"].values())
@@ -255,8 +281,9 @@ def test_limit_and_batch_size_migrate_exactly_that_many(demo):
     states = ledger_states(snap)
     migrated = {d for d, s in states.items() if s == "migrated"}
     assert len(migrated) == 2 and migrated <= {d["document_id"] for d in keys_docs(demo)}
-    assert {d: s for d, s in states.items() if d not in migrated} == \
-        {d: s for d, s in scanned_states(demo).items() if d not in migrated}
+    assert {d: s for d, s in states.items() if d not in migrated} == {
+        d: s for d, s in scanned_states(demo).items() if d not in migrated
+    }
     check_migrated(demo, snap, [demo.doc(d) for d in migrated])
     check_nothing_else_changed(demo, snap, migrated)
 

@@ -53,8 +53,7 @@ class Store:
     """A synthetic broken store: `linked` documents whose image chunks carry legacy keys,
     `unlinked` ones whose image chunks lost their key (found by listing the prefix)."""
 
-    def __init__(self, tmp_path: Path, endpoint: str, moto_endpoint: str, *, linked: int, unlinked: int,
-                 images: int):
+    def __init__(self, tmp_path: Path, endpoint: str, moto_endpoint: str, *, linked: int, unlinked: int, images: int):
         self.bucket = unique_bucket_name()
         create_bucket(moto_endpoint, self.bucket)
         self.milvus_uri = str(tmp_path / "milvus.db")
@@ -70,8 +69,14 @@ class Store:
             "REPAGE_COLLECTION": COLLECTION,
             "REPAGE_LEDGER_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
         }
-        for name in ("MILVUS_URI", "MILVUS_TOKEN", "R2_ACCOUNT_ID", "R2_BUCKET_NAME", "R2_ACCESS_KEY_ID",
-                     "R2_SECRET_ACCESS_KEY"):
+        for name in (
+            "MILVUS_URI",
+            "MILVUS_TOKEN",
+            "R2_ACCOUNT_ID",
+            "R2_BUCKET_NAME",
+            "R2_ACCESS_KEY_ID",
+            "R2_SECRET_ACCESS_KEY",
+        ):
             self.env.pop(name, None)  # never the app's own stores
         rows = []
         rng = np.random.default_rng(4)
@@ -97,15 +102,28 @@ class Store:
 
     @staticmethod
     def _row(rng, doc: str, index: int, kind: str, image_index: int | None, key: str | None) -> dict:
-        return dict(vector=rng.random(DIM, dtype=np.float32).tolist(), chunk_id=f"{doc}_{index}",
-                    text=f"text {doc} #{index}", dataset_id="ds1", document_id=doc, filename=f"{doc}.pdf",
-                    chunk_index=index, document_type="pdf", title=f"Title {doc}", chunk_type=kind, page=0,
-                    image_index=image_index, ocr_confidence=0.9 if kind == "image" else None,
-                    image_r2_key=key, image_size="640x480" if kind == "image" else None)
+        return dict(
+            vector=rng.random(DIM, dtype=np.float32).tolist(),
+            chunk_id=f"{doc}_{index}",
+            text=f"text {doc} #{index}",
+            dataset_id="ds1",
+            document_id=doc,
+            filename=f"{doc}.pdf",
+            chunk_index=index,
+            document_type="pdf",
+            title=f"Title {doc}",
+            chunk_type=kind,
+            page=0,
+            image_index=image_index,
+            ocr_confidence=0.9 if kind == "image" else None,
+            image_r2_key=key,
+            image_size="640x480" if kind == "image" else None,
+        )
 
     def repage(self, *args: str, timeout: float = 120.0) -> tuple[int, dict]:
-        done = subprocess.run([str(REPAGE), *args, "--json"], env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        done = subprocess.run(
+            [str(REPAGE), *args, "--json"], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         assert done.stdout.strip(), f"repage {' '.join(args)} printed nothing (rc {done.returncode}): {done.stderr}"
         return done.returncode, json.loads(done.stdout)
 
@@ -173,10 +191,14 @@ def test_object_ops_per_second_is_honoured_per_5s_window(tmp_path, moto_endpoint
     stretches = busy_stretches(times)
     counts = [window_counts(times, a, b) for a, b in stretches]
     expected = RATE * WINDOW_S
-    shown = [(round(a - times[0], 2), round(b - times[0], 2), bisect_right(times, b) - bisect_left(times, a))
-             for a, b in stretches]
-    report = (f"{len(times)} requests in {times[-1] - times[0]:.2f} s, run {finished - started:.1f} s; "
-              f"busy stretches (from, to, requests) {shown}; 5 s windows every {STEP_S} s: {counts}")
+    shown = [
+        (round(a - times[0], 2), round(b - times[0], 2), bisect_right(times, b) - bisect_left(times, a))
+        for a, b in stretches
+    ]
+    report = (
+        f"{len(times)} requests in {times[-1] - times[0]:.2f} s, run {finished - started:.1f} s; "
+        f"busy stretches (from, to, requests) {shown}; 5 s windows every {STEP_S} s: {counts}"
+    )
     print(report)
     flat = [n for c in counts for n in c]
     # Both phases hold a full window, and the copy phase two disjoint ones.
@@ -218,8 +240,9 @@ def test_injected_slowdowns_back_off_retry_and_migrate_everything(tmp_path, moto
     assert summary["migrated"] == store.documents and summary["failed"] == 0, summary
     assert summary["objects_copied"] == store.images, summary
     for s in slowed:  # each refused request was sent again, after a backoff, and succeeded
-        retry = next((r for r in seen if r.at > s.at and not r.injected and (r.method, r.path) == (s.method, s.path)),
-                     None)
+        retry = next(
+            (r for r in seen if r.at > s.at and not r.injected and (r.method, r.path) == (s.method, s.path)), None
+        )
         assert retry is not None and retry.status == 200, (s, retry)
         assert retry.at - s.at >= 0.04, (s, retry)  # >= half the first backoff step (0.1 s)
     # Nothing but the retries was added: 3 requests per image, 1 listing per unlinked document.

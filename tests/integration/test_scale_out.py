@@ -35,9 +35,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from repage.stores.open import open_ledger, open_stores
-from repage.migration.scan import scan_store
 from repage.domain.states import State
+from repage.migration.scan import scan_store
+from repage.stores.open import open_ledger, open_stores
 from tests.fixtures.ledger import pg_schema_url
 from tests.support.crash import (
     Schema,
@@ -66,9 +66,14 @@ def pg_url():
 
 
 def _worker(settings, workdir: Path, failpoint: str | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "repage.cli", "--config", str(workdir / "repage.toml"), "run",
-                             "--json"], env=child_env(settings, failpoint), cwd=workdir, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "repage.cli", "--config", str(workdir / "repage.toml"), "run", "--json"],
+        env=child_env(settings, failpoint),
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _stopped(proc: subprocess.Popen) -> bool:
@@ -90,8 +95,9 @@ def test_three_workers_kill_and_stall(milvus_server_uri, pg_url, tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
     settings = template.clone(workdir, lease_seconds=LEASE_SECONDS).model_copy(update={"ledger_url": pg_url})
-    (workdir / "repage.toml").write_text(f"[repage]\nlease_seconds = {LEASE_SECONDS}\nbatch_size = {BATCH_SIZE}\n"
-                                         "concurrency = 2\n", encoding="utf-8")
+    (workdir / "repage.toml").write_text(
+        f"[repage]\nlease_seconds = {LEASE_SECONDS}\nbatch_size = {BATCH_SIZE}\nconcurrency = 2\n", encoding="utf-8"
+    )
     db = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://", 1))
     procs: list[subprocess.Popen] = []
     try:
@@ -106,18 +112,31 @@ def test_three_workers_kill_and_stall(milvus_server_uri, pg_url, tmp_path):
         _poll("B to stop itself after journalling", lambda: b.poll() is None and _stopped(b))
 
         with db.connect() as conn:
-            held = dict(conn.execute(sa.text(
-                "SELECT document_id, fencing_token FROM documents WHERE state = 'running' AND lease_owner LIKE :o"),
-                {"o": f"%:{b.pid}:%"}).all())
-            a_held = conn.execute(sa.text("SELECT count(*) FROM documents WHERE state = 'running' "
-                                          "AND lease_owner LIKE :o"), {"o": f"%:{a.pid}:%"}).scalar()
+            held = dict(
+                conn.execute(
+                    sa.text(
+                        "SELECT document_id, fencing_token FROM documents"
+                        " WHERE state = 'running' AND lease_owner LIKE :o"
+                    ),
+                    {"o": f"%:{b.pid}:%"},
+                ).all()
+            )
+            a_held = conn.execute(
+                sa.text("SELECT count(*) FROM documents WHERE state = 'running' AND lease_owner LIKE :o"),
+                {"o": f"%:{a.pid}:%"},
+            ).scalar()
         assert held and a_held, (held, a_held)  # both died holding leases mid-batch
 
         def stale_rows() -> int:
             with db.connect() as conn:
-                return sum(conn.execute(sa.text(
-                    f"SELECT count(*) FROM {table} WHERE document_id = :d AND fencing_token = :t"),
-                    {"d": d, "t": t}).scalar() for d, t in held.items() for table in ("chunk_journal", "object_journal"))
+                return sum(
+                    conn.execute(
+                        sa.text(f"SELECT count(*) FROM {table} WHERE document_id = :d AND fencing_token = :t"),
+                        {"d": d, "t": t},
+                    ).scalar()
+                    for d, t in held.items()
+                    for table in ("chunk_journal", "object_journal")
+                )
 
         journalled = stale_rows()
         assert journalled > 0  # B journalled its batch before it stalled
@@ -127,8 +146,7 @@ def test_three_workers_kill_and_stall(milvus_server_uri, pg_url, tmp_path):
         c = _worker(settings, workdir)
         procs.append(c)
         with open_ledger(settings) as ledger:
-            _poll("C to take B's documents over",
-                  lambda: all(ledger.get(d).fencing_token > t for d, t in held.items()))
+            _poll("C to take B's documents over", lambda: all(ledger.get(d).fencing_token > t for d, t in held.items()))
         os.kill(b.pid, signal.SIGCONT)
 
         out_b, err_b = b.communicate(timeout=TIMEOUT)
@@ -142,26 +160,36 @@ def test_three_workers_kill_and_stall(milvus_server_uri, pg_url, tmp_path):
         assert stale_rows() == journalled, "B wrote journal rows with a stale fencing token"
 
         with db.connect() as conn:
-            tokens = conn.execute(sa.text(
-                "SELECT document_id, count(DISTINCT fencing_token) FROM "
-                "(SELECT document_id, fencing_token FROM chunk_journal UNION ALL "
-                " SELECT document_id, fencing_token FROM object_journal) j GROUP BY document_id")).all()
-            per_identity = conn.execute(sa.text(
-                "SELECT identity, count(*), bool_and(applied) FROM chunk_journal GROUP BY identity")).all()
+            tokens = conn.execute(
+                sa.text(
+                    "SELECT document_id, count(DISTINCT fencing_token) FROM "
+                    "(SELECT document_id, fencing_token FROM chunk_journal UNION ALL "
+                    " SELECT document_id, fencing_token FROM object_journal) j GROUP BY document_id"
+                )
+            ).all()
+            per_identity = conn.execute(
+                sa.text("SELECT identity, count(*), bool_and(applied) FROM chunk_journal GROUP BY identity")
+            ).all()
             states = dict(conn.execute(sa.text("SELECT state, count(*) FROM documents GROUP BY state")).all())
         assert tokens and all(n == 1 for _, n in tokens), f"documents journalled by several writers: {tokens}"
         assert per_identity and all(n == 1 and applied for _, n, applied in per_identity), per_identity
         assert set(states) <= {State.MIGRATED.value, State.SKIPPED.value, State.UNRECOVERABLE.value}, states
 
-        verify = subprocess.run([sys.executable, "-m", "repage.cli", "--config", str(workdir / "repage.toml"),
-                                 "verify", "--json"], env=child_env(settings), cwd=workdir, capture_output=True,
-                                text=True, timeout=TIMEOUT)
+        verify = subprocess.run(
+            [sys.executable, "-m", "repage.cli", "--config", str(workdir / "repage.toml"), "verify", "--json"],
+            env=child_env(settings),
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
         assert verify.returncode == 0, verify.stdout[-2000:] + verify.stderr[-2000:]
 
         with open_stores(settings) as stores:
             got = snapshot(stores, synthetic.doc_ids)
-        problems = (diff_rows(got.rows, template.expected_logical())
-                    + diff_objects(got.objects, object_hashes(synthetic.expected_objects())))
+        problems = diff_rows(got.rows, template.expected_logical()) + diff_objects(
+            got.objects, object_hashes(synthetic.expected_objects())
+        )
         assert not problems, "\n".join(problems)
         assert got.row_count == len(synthetic.rows)
         assert got.states == synthetic.states

@@ -12,11 +12,11 @@ from urllib.parse import unquote
 
 import pytest
 
-from repage.stores.open import open_stores
 from repage.migration.migrate import RunOptions
 from repage.migration.runner import RunLimits, Selection, run_migration
 from repage.migration.scan import scan_store
 from repage.migration.verify import rollback_documents, verify_documents
+from repage.stores.open import open_stores
 from tests.support import Demo
 from tests.support.snapshot import diff
 
@@ -129,10 +129,10 @@ def test_scan_calls_the_bucket_only_where_keys_leave_pages_open(scanned):
         assert owner is not None, f"scan made a request for {key!r}, which belongs to no document"
         by_doc.setdefault(owner, []).append((op, key))
     # Construction knowledge: which chunk keys name their page.
-    needs_listing = {d["document_id"] for d in demo.docs
-                     if any(c["page_from_keys"] != "key" for c in d["affected_chunks"])}
-    needs_source = {d["document_id"] for d in demo.docs
-                    if d["affected_chunks"] and d["expected_path"] != "keys"}
+    needs_listing = {
+        d["document_id"] for d in demo.docs if any(c["page_from_keys"] != "key" for c in d["affected_chunks"])
+    }
+    needs_source = {d["document_id"] for d in demo.docs if d["affected_chunks"] and d["expected_path"] != "keys"}
     self_sufficient = [d for d in demo.docs if d["document_id"] not in needs_listing | needs_source]
     assert any(d["affected_chunks"] for d in self_sufficient) and needs_listing - needs_source  # both kinds exist
     for d in self_sufficient:
@@ -170,8 +170,11 @@ def test_second_scan_changes_nothing_and_duplicates_nothing(scanned, tmp_path):
         if first["state"] in DONE_STATES:  # reported as already done, not classified again
             assert rec["path"] in (None, first["path"]) and rec["affected_chunks"] == 0, rec
         else:
-            assert (rec["path"], rec["reason"], rec["affected_chunks"]) == \
-                (first["path"], first["reason"], first["affected_chunks"])
+            assert (rec["path"], rec["reason"], rec["affected_chunks"]) == (
+                first["path"],
+                first["reason"],
+                first["affected_chunks"],
+            )
 
 
 def test_rescan_after_migration_never_counts_done_documents(pristine, tmp_path):

@@ -18,8 +18,7 @@ from repage.stores.ledger import Ledger
 from repage.stores.milvus import MilvusVectors
 from tests.fixtures.milvus import _free_port, unique_name
 from tests.support import wait_for
-from tests.support.service_store import (create_store, env_for, expected_pages, fltr_rows, server_answers,
-                                          write_images)
+from tests.support.service_store import create_store, env_for, expected_pages, fltr_rows, server_answers, write_images
 
 pytestmark = pytest.mark.slow
 
@@ -41,20 +40,47 @@ def server(milvus_server_uri, tmp_path_factory):
     write_images(root / "bucket", rows)
     ledger_url = f"sqlite:///{root}/ledger.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith("REPAGE_")}
-    env.update(env_for(milvus_server_uri, collection, f"file://{root / 'bucket'}", ledger_url),
-               REPAGE_READ_TOKEN=READ, REPAGE_ADMIN_TOKEN=ADMIN, PYTHONUNBUFFERED="1")
+    env.update(
+        env_for(milvus_server_uri, collection, f"file://{root / 'bucket'}", ledger_url),
+        REPAGE_READ_TOKEN=READ,
+        REPAGE_ADMIN_TOKEN=ADMIN,
+        PYTHONUNBUFFERED="1",
+    )
     port = _free_port()
     log_path = root / "server.log"
     with log_path.open("w") as log:
         # --daily-quota 0: no trickle, so whatever gets migrated was asked for by a read or an admin
-        proc = subprocess.Popen([sys.executable, "-m", "repage.cli", "serve", "--port", str(port), "--with-worker",
-                                 "--daily-quota", "0", "--poll", "0.1"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "repage.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--with-worker",
+                "--daily-quota",
+                "0",
+                "--poll",
+                "0.1",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: server_answers(base, proc, log_path), "the server to answer")
         vectors = MilvusVectors(milvus_server_uri, collection)
-        yield {"base": base, "rows": rows, "ledger_url": ledger_url, "vectors": vectors, "log": log_path,
-               "proc": proc, "env": env}
+        yield {
+            "base": base,
+            "rows": rows,
+            "ledger_url": ledger_url,
+            "vectors": vectors,
+            "log": log_path,
+            "proc": proc,
+            "env": env,
+        }
         vectors.close()
     finally:
         proc.terminate()
@@ -86,8 +112,12 @@ def test_a_never_migrated_document_reads_right_at_once_and_is_fixed_by_the_worke
 
 
 def test_100_concurrent_reads_enqueue_once_and_migrate_once(server):
-    with httpx.Client(base_url=server["base"], headers=bearer(READ), timeout=60,
-                      limits=httpx.Limits(max_connections=100)) as client, ThreadPoolExecutor(100) as pool:
+    with (
+        httpx.Client(
+            base_url=server["base"], headers=bearer(READ), timeout=60, limits=httpx.Limits(max_connections=100)
+        ) as client,
+        ThreadPoolExecutor(100) as pool,
+    ):
         replies = list(pool.map(lambda _: client.get("/documents/hot/chunks"), range(100)))
     assert [r.status_code for r in replies] == [200] * 100
     assert all({c["chunk_id"]: c["page"] for c in r.json()["chunks"]} == want(server, "hot") for r in replies)
@@ -100,8 +130,9 @@ def test_100_concurrent_reads_enqueue_once_and_migrate_once(server):
     assert record.fencing_token == 1 and record.attempts == 0  # one claim
     db = sqlite3.connect(server["ledger_url"].removeprefix("sqlite:///"))
     try:
-        journal = db.execute("SELECT identity, COUNT(*) FROM chunk_journal WHERE document_id = 'hot' "
-                             "GROUP BY identity").fetchall()
+        journal = db.execute(
+            "SELECT identity, COUNT(*) FROM chunk_journal WHERE document_id = 'hot' GROUP BY identity"
+        ).fetchall()
         tokens = db.execute("SELECT DISTINCT fencing_token FROM chunk_journal WHERE document_id = 'hot'").fetchall()
     finally:
         db.close()
@@ -120,8 +151,10 @@ def test_tokens_and_logs(server):
     assert httpx.post(f"{base}/migration/documents/x1", headers=bearer("not-the-token")).status_code == 401
     assert httpx.post(f"{base}/migration/documents/x1", headers=bearer(READ)).status_code == 403
     assert httpx.post(f"{base}/migration/documents/x1", headers=bearer(ADMIN)).status_code == 202
-    log = wait_for(lambda: (text := server["log"].read_text()) and '"POST /migration/documents/x1 HTTP/1.1" 202' in text
-                   and text, "the access log line")
+    log = wait_for(
+        lambda: (text := server["log"].read_text()) and '"POST /migration/documents/x1 HTTP/1.1" 202' in text and text,
+        "the access log line",
+    )
     assert '"GET /migration/status HTTP/1.1" 401' in log  # the access log is on ...
     for secret in (READ, ADMIN, "not-the-token"):
         assert secret not in log  # ... and carries no token
@@ -160,8 +193,13 @@ def test_metrics_over_http_carry_no_document_ids(server):
 @pytest.mark.parametrize("args,env_tokens", [([], False), (["--insecure-local", "--host", "0.0.0.0"], False)])
 def test_refuses_to_start_exposed_without_tokens(server, args, env_tokens):
     env = {k: v for k, v in server["env"].items() if k not in ("REPAGE_READ_TOKEN", "REPAGE_ADMIN_TOKEN")}
-    proc = subprocess.run([sys.executable, "-m", "repage.cli", "serve", "--port", str(_free_port()), *args],
-                          env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "repage.cli", "serve", "--port", str(_free_port()), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "token" in lines[0].lower()

@@ -37,23 +37,48 @@ class Case:
 
     def row(self, kind: str, page: int = 0, **extra) -> dict:
         rng = random.Random(f"{self.document_id}-{len(self.rows)}")
-        row = dict(chunk_id=f"{self.document_id}_{len(self.rows)}", text=f"{kind} chunk of {self.filename}",
-                   dataset_id=self.dataset_id, document_id=self.document_id, filename=self.filename,
-                   chunk_index=len(self.rows), document_type="pdf", title=self.filename[:100], chunk_type=kind,
-                   page=page, image_index=None, ocr_confidence=None, image_r2_key=None, image_size=None,
-                   vector=[rng.uniform(-1, 1) for _ in range(DIM)])
+        row = dict(
+            chunk_id=f"{self.document_id}_{len(self.rows)}",
+            text=f"{kind} chunk of {self.filename}",
+            dataset_id=self.dataset_id,
+            document_id=self.document_id,
+            filename=self.filename,
+            chunk_index=len(self.rows),
+            document_type="pdf",
+            title=self.filename[:100],
+            chunk_type=kind,
+            page=page,
+            image_index=None,
+            ocr_confidence=None,
+            image_r2_key=None,
+            image_size=None,
+            vector=[rng.uniform(-1, 1) for _ in range(DIM)],
+        )
         row.update(extra)
         self.rows.append(row)
         return row
 
-    def legacy(self, index: int, page: int, basename: str = "scan.pdf", *, present: bool = True,
-               on_chunk: bool = True, kind: str = "image") -> dict:
+    def legacy(
+        self,
+        index: int,
+        page: int,
+        basename: str = "scan.pdf",
+        *,
+        present: bool = True,
+        on_chunk: bool = True,
+        kind: str = "image",
+    ) -> dict:
         """An image chunk with a legacy key telling `page`; migrated to the canonical key."""
         key = legacy_image_key(self.dataset_id, self.document_id, index, legacy_image_name(basename, page, 0, "png"))
         if present:
             self.objects[key] = png_bytes(picture(hash((self.document_id, index)) % 10_000, 40, 30))
-        row = self.row(kind, image_index=index, image_size="40x30", image_r2_key=key if on_chunk else "",
-                       ocr_confidence=0.9 if kind == "ocr" else None)
+        row = self.row(
+            kind,
+            image_index=index,
+            image_size="40x30",
+            image_r2_key=key if on_chunk else "",
+            ocr_confidence=0.9 if kind == "ocr" else None,
+        )
         canonical = canonical_image_key(self.dataset_id, self.document_id, page, index, "png") if present else key
         self.final[row["chunk_index"]] = (page, canonical)
         return row
@@ -70,8 +95,14 @@ def zero_page_pdf() -> bytes:
     return raw_pdf([b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [] /Count 0 >>"])
 
 
-def docling_case(name: str, doc: str, source: bytes | None, expect: str, words: tuple[str, ...] = (),
-                 images: dict[int, bytes] | None = None) -> Case:
+def docling_case(
+    name: str,
+    doc: str,
+    source: bytes | None,
+    expect: str,
+    words: tuple[str, ...] = (),
+    images: dict[int, bytes] | None = None,
+) -> Case:
     """A pdf-path document: Docling keys (no page) in the bucket, and `source` as its PDF."""
     case = Case(name, doc, f"{name}.pdf", expect, words)
     if source is not None:
@@ -159,22 +190,38 @@ def build_corpus() -> list[Case]:
 
     # ---- source PDFs on the pdf path: encrypted, corrupt, zero-byte, zero-page; an image that is no image
     cases.append(docling_case("encrypted-pdf", "encrypted-pdf-1f", encrypted_pdf(), "failed", ("encrypted",)))
-    cases.append(docling_case("corrupt-pdf", "corrupt-pdf-2e", b"%PDF-1.4\n" + random.Random(5).randbytes(900),
-                              "failed", ("corrupt",)))
+    cases.append(
+        docling_case(
+            "corrupt-pdf", "corrupt-pdf-2e", b"%PDF-1.4\n" + random.Random(5).randbytes(900), "failed", ("corrupt",)
+        )
+    )
     cases.append(docling_case("zero-byte-pdf", "zero-byte-pdf-3d", b"", "failed", ("corrupt",)))
     cases.append(docling_case("zero-page-pdf", "zero-page-pdf-4c", zero_page_pdf(), "failed", ("no pages",)))
     # the bucket's image 0 cannot be decoded: nothing to compare, so the index alone decides (DESIGN §2:
     # the PDF has as many images as the document has indexes); image 1 matches by its hash
     pdf = make_pdf([[], [picture(11, 80, 60)], [], [picture(12, 60, 80)]])
-    c = docling_case("docling-not-an-image", "docling-fake-5b", pdf, "migrated",
-                     images={0: b"GIF89a but not really", 1: png_bytes(picture(12, 60, 80))})
-    c.final = {0: (1, canonical_image_key(DS, c.document_id, 1, 0, "png")),
-               1: (3, canonical_image_key(DS, c.document_id, 3, 1, "png"))}
+    c = docling_case(
+        "docling-not-an-image",
+        "docling-fake-5b",
+        pdf,
+        "migrated",
+        images={0: b"GIF89a but not really", 1: png_bytes(picture(12, 60, 80))},
+    )
+    c.final = {
+        0: (1, canonical_image_key(DS, c.document_id, 1, 0, "png")),
+        1: (3, canonical_image_key(DS, c.document_id, 3, 1, "png")),
+    }
     cases.append(c)
 
     # ---- recovered pages beyond the PDF's page count
-    c = docling_case("page-beyond-pdf", "page-beyond-6a", make_pdf([[picture(21, 80, 60)], [], []]), "failed",
-                     ("page 57", "3 pages"), images={0: png_bytes(picture(21, 80, 60))})
+    c = docling_case(
+        "page-beyond-pdf",
+        "page-beyond-6a",
+        make_pdf([[picture(21, 80, 60)], [], []]),
+        "failed",
+        ("page 57", "3 pages"),
+        images={0: png_bytes(picture(21, 80, 60))},
+    )
     c.legacy(1, 57, "page-beyond-pdf.pdf")
     cases.append(c)
 
@@ -190,8 +237,9 @@ def build_corpus() -> list[Case]:
     cases.append(c)
 
     # ---- document ids built to break a filter expression or a SQL statement
-    for n, doc in enumerate(['q"uote-0', 'inj" || true || "x', 'bs\\" || true || \\"y', "'; DROP TABLE documents; --",
-                             '"" ) or (1 == 1']):
+    for n, doc in enumerate(
+        ['q"uote-0', 'inj" || true || "x', 'bs\\" || true || \\"y', "'; DROP TABLE documents; --", '"" ) or (1 == 1']
+    ):
         c = Case(f"injection-{n}", doc, "inj.pdf", "migrated")
         c.legacy(0, 2 + n, "inj.pdf")
         cases.append(c)

@@ -20,8 +20,16 @@ from repage.config import Settings, demo_settings
 from tests.support.snapshot import release_lite, snapshot
 
 DATA = "repage-data"  # the CLI's default data folder, relative to its cwd
-APP_ENV = ("MILVUS_URI", "MILVUS_TOKEN", "R2_ACCOUNT_ID", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY", "R2_BUCKET_NAME",
-           "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+APP_ENV = (
+    "MILVUS_URI",
+    "MILVUS_TOKEN",
+    "R2_ACCOUNT_ID",
+    "R2_ACCESS_KEY_ID",
+    "R2_SECRET_ACCESS_KEY",
+    "R2_BUCKET_NAME",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+)
 
 
 @dataclass
@@ -75,7 +83,8 @@ class Demo:
         if check is not None:
             assert proc.returncode == check, (
                 f"repage {' '.join(args)} exited {proc.returncode}, expected {check}\n"
-                f"stdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-2000:]}")
+                f"stdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-2000:]}"
+            )
         return proc
 
     def cli_json(self, *args: str, check: int | None = 0) -> dict:
@@ -83,8 +92,10 @@ class Demo:
         try:
             return json.loads(proc.stdout)
         except ValueError as exc:
-            raise AssertionError(f"repage {' '.join(args)} --json printed no JSON document: {proc.stdout[:500]!r}"
-                                 f"\nstderr: {proc.stderr[-1000:]}") from exc
+            raise AssertionError(
+                f"repage {' '.join(args)} --json printed no JSON document: {proc.stdout[:500]!r}"
+                f"\nstderr: {proc.stderr[-1000:]}"
+            ) from exc
 
 
 def repage_command() -> list[str]:
@@ -95,8 +106,7 @@ def repage_command() -> list[str]:
 
 def run_cli(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REPAGE_") and k not in APP_ENV}
-    return subprocess.run([*repage_command(), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([*repage_command(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 _BUILT: dict[str, Demo] = {}

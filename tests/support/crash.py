@@ -28,15 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from repage.stores.open import Stores, open_ledger, open_objects, open_stores
 from repage.config import ENV_NAMES, Settings, load_settings
 from repage.domain.keys import canonical_image_key, legacy_image_key, legacy_image_name, legacy_sort_index
+from repage.domain.states import State
 from repage.migration.migrate import RunOptions
 from repage.migration.runner import RunLimits, Runner, Selection, run_migration
 from repage.migration.scan import scan_store
-from repage.domain.states import State
-from repage.stores.objects import ObjectStore
 from repage.stores.milvus import MilvusVectors
+from repage.stores.objects import ObjectStore
+from repage.stores.open import Stores, open_ledger, open_objects, open_stores
 
 REPO = Path(__file__).resolve().parents[2]
 DIM = 8
@@ -46,10 +46,17 @@ LEASE_SECONDS = 1.0
 REFERENCE_LEASE_SECONDS = 120.0  # the uninterrupted run never loses a lease: its step count is exact
 BATCH_SIZE = 3
 CONCURRENCY = 4
-APP_ENV_NAMES = ("MILVUS_URI", "MILVUS_TOKEN", "R2_ACCOUNT_ID", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY",
-                 "R2_BUCKET_NAME", "REPAGE_FAILPOINT", "REPAGE_DEBUG")
-BASENAMES = ("tmplg9eqtl2.pdf", "22-1426_Documents_part08of19.pdf", "Field manual - rev_3.pdf",
-             "report_2021-final.pdf")
+APP_ENV_NAMES = (
+    "MILVUS_URI",
+    "MILVUS_TOKEN",
+    "R2_ACCOUNT_ID",
+    "R2_ACCESS_KEY_ID",
+    "R2_SECRET_ACCESS_KEY",
+    "R2_BUCKET_NAME",
+    "REPAGE_FAILPOINT",
+    "REPAGE_DEBUG",
+)
+BASENAMES = ("tmplg9eqtl2.pdf", "22-1426_Documents_part08of19.pdf", "Field manual - rev_3.pdf", "report_2021-final.pdf")
 
 
 # ---------------------------------------------------------------- the synthetic store
@@ -87,11 +94,22 @@ def build_synthetic(seed: int = 4, keys_docs: int = 10) -> Synthetic:
 
     def row(ds: str, doc: str, filename: str, kind: str, page: int, **extra: Any) -> dict:
         index = sum(1 for r in syn.rows if r["document_id"] == doc)
-        base = dict(text=f"{kind} chunk {index} of {filename}", dataset_id=ds, document_id=doc,
-                    filename=filename, chunk_index=index, document_type="pdf",
-                    title=filename.rsplit(".", 1)[0], chunk_type=kind, page=page, image_index=None,
-                    ocr_confidence=0.0, image_r2_key=None, image_size=None,
-                    vector=[rng.uniform(-1, 1) for _ in range(DIM)])
+        base = dict(
+            text=f"{kind} chunk {index} of {filename}",
+            dataset_id=ds,
+            document_id=doc,
+            filename=filename,
+            chunk_index=index,
+            document_type="pdf",
+            title=filename.rsplit(".", 1)[0],
+            chunk_type=kind,
+            page=page,
+            image_index=None,
+            ocr_confidence=0.0,
+            image_r2_key=None,
+            image_size=None,
+            vector=[rng.uniform(-1, 1) for _ in range(DIM)],
+        )
         base.update(extra)
         syn.rows.append(base)
         return base
@@ -127,12 +145,22 @@ def build_synthetic(seed: int = 4, keys_docs: int = 10) -> Synthetic:
                 syn.moves[legacy] = canonical
             size = f"{rng.randrange(40, 1200)}x{rng.randrange(40, 900)}"
             lost = d == 2 and k == 0  # the chunk lost its key: found by listing the prefix
-            image = row(ds, doc, filename, "image", 0, image_index=i, image_size=size,
-                        image_r2_key="" if lost else chunk_key)
+            image = row(
+                ds, doc, filename, "image", 0, image_index=i, image_size=size, image_r2_key="" if lost else chunk_key
+            )
             syn.expected[(doc, image["chunk_index"])] = (p, final_key)
             if rng.random() < 0.5:  # the OCR chunk of the same image shares its key
-                ocr = row(ds, doc, filename, "ocr", 0, image_index=i, image_size=size, image_r2_key=chunk_key,
-                          ocr_confidence=round(rng.uniform(0.6, 0.98), 3))
+                ocr = row(
+                    ds,
+                    doc,
+                    filename,
+                    "ocr",
+                    0,
+                    image_index=i,
+                    image_size=size,
+                    image_r2_key=chunk_key,
+                    ocr_confidence=round(rng.uniform(0.6, 0.98), 3),
+                )
                 syn.expected[(doc, ocr["chunk_index"])] = (p, final_key)
 
     text_only, lost = _uuid(rng), _uuid(rng)
@@ -162,8 +190,9 @@ class Template:
         self.uri, self.root, self.synthetic, self.schema = uri, root, synthetic, schema
         self.bucket = root / "template-bucket"
         name = f"tpl_{uuid.uuid4().hex[:10]}"
-        with MilvusVectors.create_collection(uri, name, dim=DIM, pk=schema.pk, dynamic=schema.dynamic,
-                                             chunk_id_field=schema.chunk_id_field) as store:
+        with MilvusVectors.create_collection(
+            uri, name, dim=DIM, pk=schema.pk, dynamic=schema.dynamic, chunk_id_field=schema.chunk_id_field
+        ) as store:
             store.insert([self._row(store, r) for r in synthetic.rows])
             self.info = store.info()
             stored = store.fetch_documents(synthetic.doc_ids)
@@ -203,17 +232,24 @@ class Template:
         """A new collection with the template's rows, a copy of the bucket, an empty ledger."""
         name = f"crash_{uuid.uuid4().hex[:12]}"
         s = self.schema
-        with MilvusVectors.create_collection(self.uri, name, dim=DIM, pk=s.pk, dynamic=s.dynamic,
-                                             chunk_id_field=s.chunk_id_field) as store:
+        with MilvusVectors.create_collection(
+            self.uri, name, dim=DIM, pk=s.pk, dynamic=s.dynamic, chunk_id_field=s.chunk_id_field
+        ) as store:
             store.insert(self.rows)
         shutil.copytree(self.bucket, workdir / "bucket")
         return scenario_settings(self.uri, name, workdir, lease_seconds)
 
 
 def scenario_settings(uri: str, collection: str, workdir: Path, lease_seconds: float) -> Settings:
-    flags = dict(milvus_uri=uri, collection=collection, store_url=(workdir / "bucket").as_uri(),
-                 ledger_url=f"sqlite:///{workdir / 'ledger.db'}", lease_seconds=lease_seconds,
-                 batch_size=BATCH_SIZE, concurrency=CONCURRENCY)
+    flags = dict(
+        milvus_uri=uri,
+        collection=collection,
+        store_url=(workdir / "bucket").as_uri(),
+        ledger_url=f"sqlite:///{workdir / 'ledger.db'}",
+        lease_seconds=lease_seconds,
+        batch_size=BATCH_SIZE,
+        concurrency=CONCURRENCY,
+    )
     return load_settings({}, flags=flags, app_fallbacks=False)
 
 
@@ -259,8 +295,11 @@ def renumbering_stores(settings: Settings, *, kill_on_upsert: int | None = None)
 
     stores = Stores(settings)
     try:
-        for name, opener in (("ledger", open_ledger), ("vectors", lambda s: Killing(s.milvus_uri, s.collection)),
-                             ("objects", open_objects)):
+        for name, opener in (
+            ("ledger", open_ledger),
+            ("vectors", lambda s: Killing(s.milvus_uri, s.collection)),
+            ("objects", open_objects),
+        ):
             store = opener(settings)
             setattr(stores, name, store)
             stores._opened.append(store)
@@ -330,17 +369,24 @@ class ChildResult:
 def write_config(workdir: Path, settings: Settings) -> Path:
     """The run's tuning as a repage.toml (the child gets the stores from REPAGE_* env)."""
     path = workdir / "repage.toml"
-    path.write_text(f"[repage]\nlease_seconds = {settings.lease_seconds}\nbatch_size = {settings.batch_size}\n"
-                    f"concurrency = {settings.concurrency}\n", encoding="utf-8")
+    path.write_text(
+        f"[repage]\nlease_seconds = {settings.lease_seconds}\nbatch_size = {settings.batch_size}\n"
+        f"concurrency = {settings.concurrency}\n",
+        encoding="utf-8",
+    )
     return path
 
 
 def child_env(settings: Settings, failpoint: str | None = None) -> dict:
     """This environment without inherited repage/app variables, plus the stores of `settings`."""
     env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES and k not in APP_ENV_NAMES}
-    env.update(REPAGE_MILVUS_URI=settings.milvus_uri, REPAGE_COLLECTION=settings.collection,
-               REPAGE_STORE_URL=settings.store_url, REPAGE_LEDGER_URL=settings.ledger_url,
-               PYTHONPATH=os.pathsep.join(filter(None, (str(REPO), env.get("PYTHONPATH")))))
+    env.update(
+        REPAGE_MILVUS_URI=settings.milvus_uri,
+        REPAGE_COLLECTION=settings.collection,
+        REPAGE_STORE_URL=settings.store_url,
+        REPAGE_LEDGER_URL=settings.ledger_url,
+        PYTHONPATH=os.pathsep.join(filter(None, (str(REPO), env.get("PYTHONPATH")))),
+    )
     if failpoint:
         env["REPAGE_FAILPOINT"] = failpoint
     return env
@@ -350,8 +396,14 @@ def run_cli_child(settings: Settings, workdir: Path, failpoint: str | None, time
     """`python -m repage.cli run` with REPAGE_* env and a repage.toml (lease, batch size)."""
     env = child_env(settings, failpoint)
     config = write_config(workdir, settings)
-    proc = subprocess.run([sys.executable, "-m", "repage.cli", "--config", str(config), "run", "--json"],
-                          env=env, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "repage.cli", "--config", str(config), "run", "--json"],
+        env=env,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return ChildResult(proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -385,16 +437,19 @@ def _scan_killing_child(flags: dict, flush_every: int) -> None:
 
 
 def _flags(settings: Settings) -> dict:
-    return {k: getattr(settings, k) for k in ("milvus_uri", "collection", "store_url", "ledger_url",
-                                              "lease_seconds", "batch_size", "concurrency")}
+    return {
+        k: getattr(settings, k)
+        for k in ("milvus_uri", "collection", "store_url", "ledger_url", "lease_seconds", "batch_size", "concurrency")
+    }
 
 
 def run_scan_killing_child(settings: Settings, flush_every: int, timeout: float = 120.0) -> ChildResult:
     return _spawn(_scan_killing_child, (_flags(settings), flush_every), timeout)
 
 
-def run_renumbering_child(settings: Settings, failpoint: str | None = None, *,
-                          kill_on_upsert: int | None = None, timeout: float = 120.0) -> ChildResult:
+def run_renumbering_child(
+    settings: Settings, failpoint: str | None = None, *, kill_on_upsert: int | None = None, timeout: float = 120.0
+) -> ChildResult:
     """A spawned process (fresh gRPC channels, no inherited state) running the migration
     with the renumbering adapter, dying at the failpoint."""
     return _spawn(_renumbering_child, (_flags(settings), failpoint, kill_on_upsert), timeout)
@@ -490,8 +545,9 @@ def diff_objects(got: dict[str, str], want: dict[str, str], limit: int = 12) -> 
 def diff_snapshots(got: Snapshot, want: Snapshot) -> list[str]:
     problems = diff_rows(got.rows, want.rows) + diff_objects(got.objects, want.objects)
     if got.row_count != sum(len(v) for v in got.rows.values()):
-        problems.append(f"collection holds {got.row_count} rows, {sum(len(v) for v in got.rows.values())} "
-                        "belong to known documents")
+        problems.append(
+            f"collection holds {got.row_count} rows, {sum(len(v) for v in got.rows.values())} belong to known documents"
+        )
     if got.row_count != want.row_count:
         problems.append(f"{got.row_count} rows in the collection, {want.row_count} after an uninterrupted run")
     if got.states != want.states:

@@ -147,10 +147,14 @@ class FaultHandler(ProxyHandler):
 
     def _answer_error(self, status: int) -> None:
         code = {500: "InternalError", 503: "SlowDown", 429: "TooManyRequests"}[status]
-        message = "We encountered an internal error. Please try again." if status == 500 else \
-            "Please reduce your request rate."
-        body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
-                f"<Message>{message}</Message></Error>").encode()
+        message = (
+            "We encountered an internal error. Please try again."
+            if status == 500
+            else "Please reduce your request rate."
+        )
+        body = (
+            f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message></Error>'
+        ).encode()
         self.send_response_only(status)
         self.send_header("Content-Type", "application/xml")
         self.send_header("Content-Length", str(len(body)))
@@ -171,4 +175,3 @@ class FaultHandler(ProxyHandler):
 def is_copy(method: str, path: str, headers: Message) -> bool:
     """A CopyObject request (PUT with x-amz-copy-source)."""
     return method == "PUT" and headers.get("x-amz-copy-source") is not None
-

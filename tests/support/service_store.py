@@ -30,11 +30,23 @@ def fltr_rows(doc_ids: list[str], *, dataset: str = "ds", images: int = 2) -> li
 
 
 def _row(doc: str, dataset: str, index: int, kind: str, key: str | None, image_index: int | None = None) -> dict:
-    return {"chunk_id": f"{doc}_{index}", "vector": [0.1 * (index + 1)] * DIM, "text": f"{doc} chunk {index}",
-            "dataset_id": dataset, "document_id": doc, "filename": f"{doc}-scan.pdf", "chunk_index": index,
-            "document_type": "pdf", "title": doc, "chunk_type": kind, "page": 0, "image_index": image_index,
-            "ocr_confidence": 0.9 if kind == "ocr" else None, "image_r2_key": key,
-            "image_size": "10x10" if key else None}
+    return {
+        "chunk_id": f"{doc}_{index}",
+        "vector": [0.1 * (index + 1)] * DIM,
+        "text": f"{doc} chunk {index}",
+        "dataset_id": dataset,
+        "document_id": doc,
+        "filename": f"{doc}-scan.pdf",
+        "chunk_index": index,
+        "document_type": "pdf",
+        "title": doc,
+        "chunk_type": kind,
+        "page": 0,
+        "image_index": image_index,
+        "ocr_confidence": 0.9 if kind == "ocr" else None,
+        "image_r2_key": key,
+        "image_size": "10x10" if key else None,
+    }
 
 
 def expected_pages(rows: list[dict]) -> dict[str, int]:
@@ -68,8 +80,12 @@ def settings_for(uri: str, collection: str, bucket_url: str, ledger_url: str, **
 
 
 def env_for(uri: str, collection: str, bucket_url: str, ledger_url: str) -> dict[str, str]:
-    return {"REPAGE_MILVUS_URI": uri, "REPAGE_COLLECTION": collection, "REPAGE_STORE_URL": bucket_url,
-            "REPAGE_LEDGER_URL": ledger_url}
+    return {
+        "REPAGE_MILVUS_URI": uri,
+        "REPAGE_COLLECTION": collection,
+        "REPAGE_STORE_URL": bucket_url,
+        "REPAGE_LEDGER_URL": ledger_url,
+    }
 
 
 def server_answers(base: str, proc: subprocess.Popen, log: Path) -> bool:

@@ -111,19 +111,18 @@ def milvus_rows(settings) -> dict:
         auto_id = bool(desc.get("auto_id") or fields[pk].get("auto_id"))
         vectors = {n for n, f in fields.items() if "VECTOR" in str(f["type"]).upper()}
         identity = ("chunk_id",) if "chunk_id" in fields else ("document_id", "chunk_index")
-        total = int(client.query(name, filter="", output_fields=["count(*)"],
-                                 consistency_level="Strong")[0]["count(*)"])
+        total = int(
+            client.query(name, filter="", output_fields=["count(*)"], consistency_level="Strong")[0]["count(*)"]
+        )
         rows: dict = {}
-        iterator = client.query_iterator(name, batch_size=PAGE_ROWS, output_fields=["*"],
-                                         consistency_level="Strong")
+        iterator = client.query_iterator(name, batch_size=PAGE_ROWS, output_fields=["*"], consistency_level="Strong")
         read = 0
         try:
             while page := iterator.next():
                 for row in page:
                     read += 1
                     key = row[identity[0]] if len(identity) == 1 else tuple(row[f] for f in identity)
-                    clean = {k: _plain(v, k in vectors) for k, v in sorted(row.items())
-                             if not (auto_id and k == pk)}
+                    clean = {k: _plain(v, k in vectors) for k, v in sorted(row.items()) if not (auto_id and k == pk)}
                     n = 1
                     while (dup := key if n == 1 else (key, f"duplicate {n}")) in rows:
                         n += 1
@@ -132,8 +131,13 @@ def milvus_rows(settings) -> dict:
             iterator.close()
         if read != total:
             raise AssertionError(f"snapshot read {read} rows of {name!r}, count(*) says {total}")
-        schema = {"pk": pk, "auto_id": auto_id, "dynamic": bool(desc.get("enable_dynamic_field")),
-                  "fields": sorted(fields), "identity": identity}
+        schema = {
+            "pk": pk,
+            "auto_id": auto_id,
+            "dynamic": bool(desc.get("enable_dynamic_field")),
+            "fields": sorted(fields),
+            "identity": identity,
+        }
         return {"schema": schema, "rows": rows}
 
 
@@ -147,9 +151,13 @@ def object_hashes(settings) -> dict[str, str]:
     def secret(value):
         return value.get_secret_value() if value else None
 
-    store = ObjectStore.from_url(settings.store_url, endpoint=settings.s3_endpoint, region=settings.s3_region,
-                                 access_key_id=secret(settings.aws_access_key_id),
-                                 secret_access_key=secret(settings.aws_secret_access_key))
+    store = ObjectStore.from_url(
+        settings.store_url,
+        endpoint=settings.s3_endpoint,
+        region=settings.s3_region,
+        access_key_id=secret(settings.aws_access_key_id),
+        secret_access_key=secret(settings.aws_secret_access_key),
+    )
     try:
         keys = sorted(info.key for page in store.list("") for info in page)
         return {key: hashlib.sha256(store.get(key)).hexdigest() for key in keys}
@@ -175,18 +183,24 @@ def ledger_rows(settings) -> dict | None:
     conn = sqlite3.connect(path)  # read-only use; opening must not create anything: it exists
     try:
         conn.row_factory = sqlite3.Row
-        tables = [r[0] for r in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+        tables = [
+            r[0]
+            for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name"
+            )
+        ]
         out: dict = {}
         for table in tables:
-            pk_cols = [r["name"] for r in sorted(conn.execute(f'PRAGMA table_info("{table}")'),
-                                                  key=lambda r: r["pk"]) if r["pk"]]
+            pk_cols = [
+                r["name"]
+                for r in sorted(conn.execute(f'PRAGMA table_info("{table}")'), key=lambda r: r["pk"])
+                if r["pk"]
+            ]
             out[table] = {}
             for row in conn.execute(f'SELECT rowid AS __rowid__, * FROM "{table}" ORDER BY rowid'):
                 data = dict(row)
                 rowid = data.pop("__rowid__")
-                key = data[pk_cols[0]] if len(pk_cols) == 1 else tuple(data[c] for c in pk_cols) if pk_cols \
-                    else rowid
+                key = data[pk_cols[0]] if len(pk_cols) == 1 else tuple(data[c] for c in pk_cols) if pk_cols else rowid
                 out[table][key] = data
         return out
     finally:
@@ -212,8 +226,12 @@ def _short(value: Any) -> str:
     if isinstance(value, bytes):
         return f"<{len(value)} bytes sha256:{hashlib.sha256(value).hexdigest()[:12]}>"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in list(value.items())[:6]) + \
-            (", ..." if len(value) > 6 else "") + "}"
+        return (
+            "{"
+            + ", ".join(f"{k}: {_short(v)}" for k, v in list(value.items())[:6])
+            + (", ..." if len(value) > 6 else "")
+            + "}"
+        )
     text = repr(value)
     return text if len(text) <= 120 else text[:117] + "..."
 

@@ -48,12 +48,15 @@ def test_a_missing_field_reads_none():
     assert ChunkIdentity(BY_DOCUMENT_AND_INDEX).key({"document_id": "d1"}) == ("d1", None)
 
 
-@pytest.mark.parametrize("fields,row,text", [
-    (BY_CHUNK_ID, {"chunk_id": "d1_3"}, '["d1_3"]'),
-    (BY_DOCUMENT_AND_INDEX, {"document_id": "d1", "chunk_index": 3}, '["d1",3]'),
-    (BY_DOCUMENT_AND_INDEX, {"document_id": "dé \"x\"", "chunk_index": 0}, '["d\\u00e9 \\"x\\"",0]'),
-    (BY_DOCUMENT_AND_INDEX, {"document_id": "d1"}, '["d1",null]'),
-])
+@pytest.mark.parametrize(
+    "fields,row,text",
+    [
+        (BY_CHUNK_ID, {"chunk_id": "d1_3"}, '["d1_3"]'),
+        (BY_DOCUMENT_AND_INDEX, {"document_id": "d1", "chunk_index": 3}, '["d1",3]'),
+        (BY_DOCUMENT_AND_INDEX, {"document_id": 'dé "x"', "chunk_index": 0}, '["d\\u00e9 \\"x\\"",0]'),
+        (BY_DOCUMENT_AND_INDEX, {"document_id": "d1"}, '["d1",null]'),
+    ],
+)
 def test_text_is_the_form_journals_already_hold(fields, row, text):
     identity = ChunkIdentity(fields)
     assert identity.text(row) == text == ChunkIdentity.as_text(identity.key(row))

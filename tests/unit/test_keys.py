@@ -259,7 +259,12 @@ basenames = st.lists(
 def test_canonical_round_trip(ds, doc, page, index, ext):
     p = parse_image_key(canonical_image_key(ds, doc, page, index, ext))
     assert (p.fmt, p.dataset_id, p.document_id, p.page, p.index, p.ext) == (
-        "canonical", ds, doc, page, index, ext,
+        "canonical",
+        ds,
+        doc,
+        page,
+        index,
+        ext,
     )
 
 
@@ -292,8 +297,17 @@ nums = st.one_of(
 )
 prefixes = st.sampled_from(
     ["ds/doc/images/"] * 4
-    + ["ds/a/b/images/", "ds%2Fdoc%2Fimages%2F", "ds/doc%2Fimages/", "doc/images/", "/images/",
-       "ds/doc/image/", "ds/doc/images/sub/", "ds/images/images/", ""]
+    + [
+        "ds/a/b/images/",
+        "ds%2Fdoc%2Fimages%2F",
+        "ds/doc%2Fimages/",
+        "doc/images/",
+        "/images/",
+        "ds/doc/image/",
+        "ds/doc/images/sub/",
+        "ds/images/images/",
+        "",
+    ]
 )
 maybe = lambda strategy: st.one_of(st.just(""), strategy)  # noqa: E731
 legacy_tail = st.tuples(
@@ -315,7 +329,13 @@ valid_keys = st.one_of(
     st.builds(canonical_image_key, ids, ids, ints, ints, exts),
     st.builds(
         lambda ds, doc, i, b, p, n, e: legacy_image_key(ds, doc, i, legacy_image_name(b, p, n, e)),
-        ids, ids, ints, basenames, st.integers(0, 20), st.one_of(st.just("full"), ints), exts,
+        ids,
+        ids,
+        ints,
+        basenames,
+        st.integers(0, 20),
+        st.one_of(st.just("full"), ints),
+        exts,
     ),
     st.builds(docling_image_key, ids, ids, ints),
 )
@@ -328,7 +348,7 @@ def mutated(draw):
     for _ in range(draw(st.integers(1, 3))):
         i = draw(st.integers(0, len(key)))
         new = draw(st.sampled_from(list("-_./%0159٣ ") + ["", "full", "%2D", "10"]))
-        key = key[:i] + new + key[i + draw(st.integers(0, 1)):]
+        key = key[:i] + new + key[i + draw(st.integers(0, 1)) :]
     return key
 
 

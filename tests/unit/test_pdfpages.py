@@ -14,9 +14,9 @@ import pypdfium2 as pdfium
 import pytest
 from PIL import Image
 
-from repage.migration import pdfpages
-from repage.errors import BadInput
 from repage.domain.keys import is_pdf_image_ref, parse_pdf_image_ref, pdf_image_ref
+from repage.errors import BadInput
+from repage.migration import pdfpages
 from repage.migration.pdfpages import Fingerprint, Reference, index_allowed, index_map, match_images
 
 DEFAULTS = {"max_distance": 10, "min_margin": 8}  # settings.matching defaults (DESIGN §2)
@@ -64,10 +64,15 @@ def raw_pdf(objs: list[bytes], trailer: bytes = b"") -> bytes:
 
 def encrypted_pdf() -> bytes:
     """A one-page PDF behind the standard security handler with an unknown user password."""
-    return raw_pdf([b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-                    b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 100 100] >>",
-                    b"<< /Filter /Standard /V 1 /R 2 /O <" + b"11" * 32 + b"> /U <" + b"22" * 32 + b"> /P -4 >>"],
-                   trailer=b" /Encrypt 4 0 R /ID [<%s> <%s>]" % (b"ab" * 16, b"ab" * 16))
+    return raw_pdf(
+        [
+            b"<< /Type /Catalog /Pages 2 0 R >>",
+            b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 100 100] >>",
+            b"<< /Filter /Standard /V 1 /R 2 /O <" + b"11" * 32 + b"> /U <" + b"22" * 32 + b"> /P -4 >>",
+        ],
+        trailer=b" /Encrypt 4 0 R /ID [<%s> <%s>]" % (b"ab" * 16, b"ab" * 16),
+    )
 
 
 def png(image: Image.Image) -> bytes:
@@ -129,14 +134,19 @@ def test_threads_extract_safely_in_parallel():
     assert got == [want] * 6
 
 
-@pytest.mark.parametrize("data,words", [
-    (b"%PDF-1.4 this is no PDF at all", "corrupt"),
-    (b"", "corrupt"),
-    (encrypted_pdf(), "encrypted"),
-])
+@pytest.mark.parametrize(
+    "data,words",
+    [
+        (b"%PDF-1.4 this is no PDF at all", "corrupt"),
+        (b"", "corrupt"),
+        (encrypted_pdf(), "encrypted"),
+    ],
+)
 def test_corrupt_or_encrypted_pdf_is_bad_input_naming_the_document(data, words):
-    for call in (lambda: pdfpages.fingerprints(data, "ds/Field manual.pdf"),
-                 lambda: list(pdfpages.iter_page_images(data, "ds/Field manual.pdf"))):
+    for call in (
+        lambda: pdfpages.fingerprints(data, "ds/Field manual.pdf"),
+        lambda: list(pdfpages.iter_page_images(data, "ds/Field manual.pdf")),
+    ):
         with pytest.raises(BadInput, match=words) as info:
             call()
         assert "ds/Field manual.pdf" in str(info.value)
@@ -205,11 +215,16 @@ def test_without_index_an_image_size_seen_once_is_proposed_not_written():
 # ---------------------------------------------------------------- hash thresholds
 
 
-@pytest.mark.parametrize("d1,d2,confident", [
-    (0, 64, True), (10, 18, True),  # at the limits: distance <= 10, margin >= 8
-    (11, 30, False),  # too far
-    (10, 17, False), (0, 7, False),  # margin too small
-])
+@pytest.mark.parametrize(
+    "d1,d2,confident",
+    [
+        (0, 64, True),
+        (10, 18, True),  # at the limits: distance <= 10, margin >= 8
+        (11, 30, False),  # too far
+        (10, 17, False),
+        (0, 7, False),  # margin too small
+    ],
+)
 def test_hash_thresholds(d1, d2, confident):
     prints = [fp(4, phash=bits(d1)), fp(9, phash=bits(d2))]
     m = match_images(prints, {0: Reference(0, 0)}, {0, 1, 2}, **DEFAULTS)[0]  # 3 indexes, 2 images: no index

@@ -60,16 +60,20 @@ def test_the_domain_imports_nothing_of_the_package_but_errors_and_no_third_party
     assert problems == []
 
 
-@pytest.mark.parametrize("lower,forbidden", [
-    ("stores", ("migration", "reprocess", "cli", "web", "demo", "api")),
-    ("migration", ("cli", "web", "api")),
-    ("reprocess", ("cli", "web", "api")),
-    ("demo", ("cli", "web")),
-    ("domain", ("stores", "migration", "reprocess", "cli", "web", "demo", "api", "config")),
-])
+@pytest.mark.parametrize(
+    "lower,forbidden",
+    [
+        ("stores", ("migration", "reprocess", "cli", "web", "demo", "api")),
+        ("migration", ("cli", "web", "api")),
+        ("reprocess", ("cli", "web", "api")),
+        ("demo", ("cli", "web")),
+        ("domain", ("stores", "migration", "reprocess", "cli", "web", "demo", "api", "config")),
+    ],
+)
 def test_no_layer_imports_one_above_it(lower, forbidden):
-    wrong = sorted(f"{module_name(p)} imports {n}" for p in sources(lower) for n in imported_modules(p)
-                   if layer_of(n) in forbidden)
+    wrong = sorted(
+        f"{module_name(p)} imports {n}" for p in sources(lower) for n in imported_modules(p) if layer_of(n) in forbidden
+    )
     assert wrong == []
 
 
@@ -83,18 +87,36 @@ def test_at_most_eight_modules_sit_at_the_top():
     assert len(list(PACKAGE.glob("*.py"))) <= 8
 
 
-@pytest.mark.parametrize("module", ["repage.domain.keys", "repage.domain.plan", "repage.domain.estimate",
-                                    "repage.domain.states", "repage.domain.access", "repage.domain.records",
-                                    "repage.config", "repage.errors"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "repage.domain.keys",
+        "repage.domain.plan",
+        "repage.domain.estimate",
+        "repage.domain.states",
+        "repage.domain.access",
+        "repage.domain.records",
+        "repage.config",
+        "repage.errors",
+    ],
+)
 def test_pure_module_imports_no_vendor_sdk(module):
     code = f"import sys, {module}; print([m for m in {VENDORS!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("vendor,home", [("pymilvus", "repage/stores/milvus"), ("obstore", "repage/stores/objects"),
-                                         ("sqlalchemy", "repage/stores/ledger")])
+@pytest.mark.parametrize(
+    "vendor,home",
+    [
+        ("pymilvus", "repage/stores/milvus"),
+        ("obstore", "repage/stores/objects"),
+        ("sqlalchemy", "repage/stores/ledger"),
+    ],
+)
 def test_vendor_imported_in_its_adapter_only(vendor, home):
     """`home` is the adapter: one module, or a package whose modules all may import the vendor."""
-    users = {str(p.relative_to(ROOT)) for p in sources("") if any(n.split(".")[0] == vendor for n in imported_modules(p))}
+    users = {
+        str(p.relative_to(ROOT)) for p in sources("") if any(n.split(".")[0] == vendor for n in imported_modules(p))
+    }
     assert users and all(u.removesuffix(".py") == home or u.startswith(home + "/") for u in users), users

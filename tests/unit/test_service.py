@@ -13,9 +13,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from repage.errors import ConfigError, StoreUnavailable
-from repage.web.service import check_exposure, create_app, create_router, make_parts
-from repage.stores.ledger import Ledger
 from repage.migration.worker import is_paused
+from repage.stores.ledger import Ledger
+from repage.web.service import check_exposure, create_app, create_router, make_parts
 from tests.support.service_store import expected_pages, fltr_rows, settings_for
 
 READ, ADMIN = "read-tok-3f9a7c", "admin-tok-81be20"
@@ -38,12 +38,14 @@ class DownLedger:
     def __getattr__(self, name):
         def fail(*args, **kwargs):
             raise StoreUnavailable("ledger sqlite:///x is unavailable: disk I/O error")
+
         return fail
 
 
 def settings(tmp_path, **tokens):
-    return settings_for(str(tmp_path / "m.db"), "fltr_documents", "memory://", f"sqlite:///{tmp_path}/ledger.db",
-                        **tokens)
+    return settings_for(
+        str(tmp_path / "m.db"), "fltr_documents", "memory://", f"sqlite:///{tmp_path}/ledger.db", **tokens
+    )
 
 
 @pytest.fixture
@@ -94,7 +96,9 @@ def test_chunks_come_back_with_pages_repaired(service):
     body = reply.json()
     want = expected_pages(service.rows)
     assert [c["chunk_index"] for c in body["chunks"]] == [0, 1, 2]
-    assert {c["chunk_id"]: c["page"] for c in body["chunks"]} == {k: v for k, v in want.items() if k.startswith("doc-2")}
+    assert {c["chunk_id"]: c["page"] for c in body["chunks"]} == {
+        k: v for k, v in want.items() if k.startswith("doc-2")
+    }
     assert body["pages_corrected"] == 2
 
 
@@ -108,7 +112,7 @@ def test_reads_are_noted_in_the_ledger_in_the_background(service):
     assert [e.document_id for e in service.ledger.events(kinds=["enqueued"])] == ["doc-1"]
 
 
-@pytest.mark.parametrize("doc_id", ["a b", "x\"y", "é", "-lead", "a" * 300])
+@pytest.mark.parametrize("doc_id", ["a b", 'x"y', "é", "-lead", "a" * 300])
 def test_bad_document_ids_are_refused_before_milvus(service, doc_id):
     reply = service.client.get(f"/documents/{doc_id}/chunks", headers=bearer(READ))
     assert reply.status_code in (404, 422)  # 404 only where the router itself cannot match the path
@@ -137,9 +141,14 @@ def test_metrics_have_counters_and_no_document_ids(service):
     service.client.get("/documents/doc-1/chunks", headers=bearer(READ))
     service.client.get("/documents/nope/chunks", headers=bearer(READ))
     text = service.client.get("/metrics", headers=bearer(READ)).text
-    for name in ("repage_reads_total{outcome=\"ok\"} 1.0", "repage_reads_total{outcome=\"not_found\"} 1.0",
-                 "repage_lazy_corrected_chunks_total 2.0", "repage_read_milvus_seconds_bucket",
-                 "repage_ledger_up 1.0", "repage_worker_paused 0.0"):
+    for name in (
+        'repage_reads_total{outcome="ok"} 1.0',
+        'repage_reads_total{outcome="not_found"} 1.0',
+        "repage_lazy_corrected_chunks_total 2.0",
+        "repage_read_milvus_seconds_bucket",
+        "repage_ledger_up 1.0",
+        "repage_worker_paused 0.0",
+    ):
         assert name in text
     assert "doc-1" not in text and "nope" not in text
 
@@ -155,8 +164,9 @@ def test_tokens_never_reach_the_logs(service, caplog):
 
 def test_a_ledger_that_is_down_does_not_fail_reads(tmp_path):
     s = settings(tmp_path, read_token=READ, admin_token=ADMIN)
-    app = create_app(s, stores=SimpleNamespace(vectors=StandInVectors(fltr_rows(DOCS)), ledger=DownLedger()),
-                     flush_seconds=0.01)
+    app = create_app(
+        s, stores=SimpleNamespace(vectors=StandInVectors(fltr_rows(DOCS)), ledger=DownLedger()), flush_seconds=0.01
+    )
     with TestClient(app) as client:
         for _ in range(3):
             reply = client.get("/documents/doc-1/chunks", headers=bearer(READ))
@@ -188,8 +198,9 @@ def test_exposure_rules(tmp_path):
 def test_insecure_local_serves_without_tokens(tmp_path):
     s = settings(tmp_path)
     ledger = Ledger(s.ledger_url)
-    app = create_app(s, stores=SimpleNamespace(vectors=StandInVectors(fltr_rows(DOCS)), ledger=ledger),
-                     insecure_local=True)
+    app = create_app(
+        s, stores=SimpleNamespace(vectors=StandInVectors(fltr_rows(DOCS)), ledger=ledger), insecure_local=True
+    )
     with TestClient(app) as client:
         assert client.get("/documents/doc-1/chunks").status_code == 200
         assert client.post("/migration/pause").status_code == 200
@@ -216,17 +227,21 @@ def test_the_existing_app_example_repairs_pages(milvus_lite_uri, tmp_path):
     from tests.fixtures.milvus import unique_name
     from tests.support.service_store import create_store
 
-    spec = importlib.util.spec_from_file_location("existing_app", Path(__file__).parents[2] / "examples" / "existing_app.py")
+    spec = importlib.util.spec_from_file_location(
+        "existing_app", Path(__file__).parents[2] / "examples" / "existing_app.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     collection, rows = unique_name("example"), fltr_rows(DOCS)
     create_store(milvus_lite_uri, collection, rows)
-    s = settings_for(milvus_lite_uri, collection, "memory://", f"sqlite:///{tmp_path}/ledger.db",
-                     read_token=READ, admin_token=ADMIN)
+    s = settings_for(
+        milvus_lite_uri, collection, "memory://", f"sqlite:///{tmp_path}/ledger.db", read_token=READ, admin_token=ADMIN
+    )
     with TestClient(module.create_existing_app(s)) as client:
         chunks = client.get("/documents/doc-1/chunks").json()["chunks"]
         assert {c["chunk_id"]: c["page"] for c in chunks} == {
-            k: v for k, v in expected_pages(rows).items() if k.startswith("doc-1")}
+            k: v for k, v in expected_pages(rows).items() if k.startswith("doc-1")
+        }
         assert client.get("/repage/migration/status", headers=bearer(READ)).status_code == 200
     with Ledger(s.ledger_url) as ledger:
         assert ledger.enqueued() == ["doc-1"]  # flushed on shutdown

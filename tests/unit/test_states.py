@@ -2,20 +2,31 @@ import itertools
 
 import pytest
 
-from repage.errors import IllegalTransition
 from repage.domain.states import DONE, NEW, TRANSITIONS, State, check_transition
+from repage.errors import IllegalTransition
 
 DESIGN_EDGES = {
-    (NEW, State.PENDING), (NEW, State.SKIPPED), (NEW, State.UNRECOVERABLE),
+    (NEW, State.PENDING),
+    (NEW, State.SKIPPED),
+    (NEW, State.UNRECOVERABLE),
     (State.PENDING, State.RUNNING),
-    (State.RUNNING, State.PENDING), (State.RUNNING, State.MIGRATED), (State.RUNNING, State.REVIEW),
-    (State.RUNNING, State.DEFERRED), (State.RUNNING, State.UNRECOVERABLE), (State.RUNNING, State.FAILED),
-    (State.FAILED, State.PENDING), (State.DEFERRED, State.PENDING), (State.REVIEW, State.PENDING),
-    (State.MIGRATED, State.VERIFIED), (State.MIGRATED, State.ROLLED_BACK), (State.VERIFIED, State.ROLLED_BACK),
+    (State.RUNNING, State.PENDING),
+    (State.RUNNING, State.MIGRATED),
+    (State.RUNNING, State.REVIEW),
+    (State.RUNNING, State.DEFERRED),
+    (State.RUNNING, State.UNRECOVERABLE),
+    (State.RUNNING, State.FAILED),
+    (State.FAILED, State.PENDING),
+    (State.DEFERRED, State.PENDING),
+    (State.REVIEW, State.PENDING),
+    (State.MIGRATED, State.VERIFIED),
+    (State.MIGRATED, State.ROLLED_BACK),
+    (State.VERIFIED, State.ROLLED_BACK),
     (State.ROLLED_BACK, State.PENDING),
     # not in DESIGN §4's table: DESIGN §5 makes moving images separable from fixing pages,
     # so a pages-only document goes back to pending when a later run moves its images
-    (State.MIGRATED, State.PENDING), (State.VERIFIED, State.PENDING),
+    (State.MIGRATED, State.PENDING),
+    (State.VERIFIED, State.PENDING),
 }
 
 

@@ -9,26 +9,26 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
 from repage.domain.access import Decayed, half_life_seconds
-from repage.stores.open import open_stores
+from repage.domain.states import State
 from repage.errors import ConfigError
 from repage.migration.migrate import RunOptions
 from repage.migration.runner import RunLimits
 from repage.migration.scan import scan_store
-from repage.domain.states import State
-from repage.stores.ledger import Ledger
-from repage.stores.throttle import FakeClock
 from repage.migration.worker import QuietHours, Worker, WorkerConfig, publish_read_latency, set_paused
+from repage.stores.ledger import Ledger
+from repage.stores.open import open_stores
+from repage.stores.throttle import FakeClock
 from tests.fixtures.milvus import unique_name
 from tests.integration.test_cli import in_own_process
 from tests.support.service_store import create_store, env_for, expected_pages, fltr_rows, settings_for, write_images
 
 DOCS = [f"d{i}" for i in range(6)]
-TEN_AM = datetime(2024, 5, 1, 10, 0, tzinfo=timezone.utc).timestamp()
+TEN_AM = datetime(2024, 5, 1, 10, 0, tzinfo=UTC).timestamp()
 
 
 @pytest.fixture
@@ -44,9 +44,14 @@ def stores(milvus_lite_uri, tmp_path):
 
 
 def make_worker(stores, clock, **config) -> Worker:
-    config.setdefault("tz", timezone.utc)
-    return Worker(stores, config=WorkerConfig(poll_seconds=1.0, **config), limits=RunLimits(batch_size=3),
-                  options=RunOptions(move_images=False), clock=clock)
+    config.setdefault("tz", UTC)
+    return Worker(
+        stores,
+        config=WorkerConfig(poll_seconds=1.0, **config),
+        limits=RunLimits(batch_size=3),
+        options=RunOptions(move_images=False),
+        clock=clock,
+    )
 
 
 def states(stores) -> dict[str, State]:
@@ -98,8 +103,10 @@ def test_quiet_hours_hold_the_trickle_but_not_lazy_requests(stores):
 def test_min_accesses_and_priority_order(stores):
     scan_store(stores)
     half_life = half_life_seconds(stores.settings.access_half_life_hours)
-    stores.ledger.record_accesses({"d1": (None, Decayed(3.0, TEN_AM)), "d3": (None, Decayed(9.0, TEN_AM)),
-                                   "d5": (None, Decayed(1.0, TEN_AM))}, half_life)
+    stores.ledger.record_accesses(
+        {"d1": (None, Decayed(3.0, TEN_AM)), "d3": (None, Decayed(9.0, TEN_AM)), "d5": (None, Decayed(1.0, TEN_AM))},
+        half_life,
+    )
     worker = make_worker(stores, FakeClock(TEN_AM), min_accesses=2)
     report = worker.cycle()
     assert report.trickle["documents"] == 2 and migrated(stores) == {"d1", "d3"}
@@ -138,7 +145,7 @@ def test_bad_quiet_hours(text):
 
 def test_quiet_hours_wrap_midnight():
     quiet = QuietHours.parse("22:00-06:00")
-    at = lambda h, m=0: datetime(2024, 5, 1, h, m, tzinfo=timezone.utc)  # noqa: E731
+    at = lambda h, m=0: datetime(2024, 5, 1, h, m, tzinfo=UTC)  # noqa: E731
     assert quiet.contains(at(23)) and quiet.contains(at(5, 59)) and not quiet.contains(at(6))
     assert quiet.seconds_until_start(at(21, 30)) == 1800
     assert quiet.seconds_until_start(at(7)) == 15 * 3600
@@ -160,12 +167,30 @@ def test_sigterm_mid_batch_finishes_the_batch_and_loses_nothing(tmp_path):
     (tmp_path / "bucket").mkdir()
     write_images(tmp_path / "bucket", rows)
     ledger_url = f"sqlite:///{tmp_path}/ledger.db"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("REPAGE_")},
-           **env_for(uri, "fltr_documents", f"file://{tmp_path / 'bucket'}", ledger_url)}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("REPAGE_")},
+        **env_for(uri, "fltr_documents", f"file://{tmp_path / 'bucket'}", ledger_url),
+    }
     # 20 documents x 2 images x 4 bucket requests at 40/s: a batch of about 4 s
-    worker = subprocess.Popen([sys.executable, "-m", "repage.cli", "worker", "--batch-size", "20",
-                               "--object-ops-per-second", "40", "--poll", "0.2", "--json"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "repage.cli",
+            "worker",
+            "--batch-size",
+            "20",
+            "--object-ops-per-second",
+            "40",
+            "--poll",
+            "0.2",
+            "--json",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         running = _wait_for_running(ledger_url, worker)
         worker.send_signal(signal.SIGTERM)
@@ -180,8 +205,9 @@ def test_sigterm_mid_batch_finishes_the_batch_and_loses_nothing(tmp_path):
     assert all(final[d] == State.MIGRATED for d in running)
     assert sorted(final.values()).count(State.MIGRATED) == 20
     assert sorted(final.values()).count(State.PENDING) == 10  # the rest waits for the next start
-    verify = subprocess.run([sys.executable, "-m", "repage.cli", "verify", "--json"], env=env,
-                            capture_output=True, text=True, timeout=120)
+    verify = subprocess.run(
+        [sys.executable, "-m", "repage.cli", "verify", "--json"], env=env, capture_output=True, text=True, timeout=120
+    )
     report = json.loads(verify.stdout)
     assert verify.returncode == 0 and report["passed"] == 20 and not report["failed"], verify.stderr
 

@@ -24,21 +24,41 @@ class Accesses(LedgerBase):
         of several service processes add up instead of overwriting each other.
         """
         a = accesses_t.c
-        update = (sa.update(accesses_t).where(a.document_id == sa.bindparam("b_id")).values(
-            dataset_id=sa.func.coalesce(sa.bindparam("b_dataset", type_=sa.String), a.dataset_id),
-            score=sa.bindparam("b_score"), scored_at=sa.bindparam("b_at"), access_rank=sa.bindparam("b_rank")))
+        update = (
+            sa.update(accesses_t)
+            .where(a.document_id == sa.bindparam("b_id"))
+            .values(
+                dataset_id=sa.func.coalesce(sa.bindparam("b_dataset", type_=sa.String), a.dataset_id),
+                score=sa.bindparam("b_score"),
+                scored_at=sa.bindparam("b_at"),
+                access_rank=sa.bindparam("b_rank"),
+            )
+        )
         for batch in batches(sorted(hits.items())):
             ids = [doc for doc, _ in batch]
             with self._tx() as conn:
-                conn.execute(self._insert_ignore(accesses_t),
-                             [{"document_id": doc, "score": 0.0, "scored_at": hit.at} for doc, (_, hit) in batch])
-                known = {r.document_id: Decayed(r.score, r.scored_at) for r in conn.execute(
-                    sa.select(a.document_id, a.score, a.scored_at).where(a.document_id.in_(ids)).with_for_update())}
+                conn.execute(
+                    self._insert_ignore(accesses_t),
+                    [{"document_id": doc, "score": 0.0, "scored_at": hit.at} for doc, (_, hit) in batch],
+                )
+                known = {
+                    r.document_id: Decayed(r.score, r.scored_at)
+                    for r in conn.execute(
+                        sa.select(a.document_id, a.score, a.scored_at).where(a.document_id.in_(ids)).with_for_update()
+                    )
+                }
                 rows = []
                 for doc, (dataset_id, hit) in batch:
                     total = known[doc].merge(hit, half_life_s)
-                    rows.append({"b_id": doc, "b_dataset": dataset_id, "b_score": total.score, "b_at": total.at,
-                                 "b_rank": total.rank(half_life_s)})
+                    rows.append(
+                        {
+                            "b_id": doc,
+                            "b_dataset": dataset_id,
+                            "b_score": total.score,
+                            "b_at": total.at,
+                            "b_rank": total.rank(half_life_s),
+                        }
+                    )
                 conn.execute(update, rows)
         return len(hits)
 
@@ -64,20 +84,32 @@ class Accesses(LedgerBase):
         failed = [d for d in batch if states.get(d) == State.FAILED.value] if retry_failed else []
         if failed:
             check_transition(State.FAILED, State.PENDING)
-            conn.execute(sa.update(docs_t).where(c.document_id.in_(failed), c.state == State.FAILED.value)
-                         .values(state=State.PENDING.value, updated_at=self._now()))
+            conn.execute(
+                sa.update(docs_t)
+                .where(c.document_id.in_(failed), c.state == State.FAILED.value)
+                .values(state=State.PENDING.value, updated_at=self._now())
+            )
             states.update(dict.fromkeys(failed, State.PENDING.value))
         wanted = [d for d in batch if states.get(d, State.PENDING.value) == State.PENDING.value]
         outcome = {d: states[d] for d in batch if d not in wanted}
         if wanted:
             now = self._now()
-            conn.execute(self._insert_ignore(accesses_t),
-                         [{"document_id": d, "score": 0.0, "scored_at": 0.0} for d in wanted])
-            newly = set(conn.scalars(sa.update(accesses_t).where(a.document_id.in_(wanted), a.enqueued_at.is_(None))
-                                     .values(enqueued_at=now).returning(a.document_id)))
+            conn.execute(
+                self._insert_ignore(accesses_t), [{"document_id": d, "score": 0.0, "scored_at": 0.0} for d in wanted]
+            )
+            newly = set(
+                conn.scalars(
+                    sa.update(accesses_t)
+                    .where(a.document_id.in_(wanted), a.enqueued_at.is_(None))
+                    .values(enqueued_at=now)
+                    .returning(a.document_id)
+                )
+            )
             if newly:
-                conn.execute(sa.insert(events_t).values(at=now, kind="enqueued"),
-                             [{"document_id": d, "count": 1} for d in sorted(newly)])
+                conn.execute(
+                    sa.insert(events_t).values(at=now, kind="enqueued"),
+                    [{"document_id": d, "count": 1} for d in sorted(newly)],
+                )
             outcome.update({d: "enqueued" if d in newly else "queued" for d in wanted})
         return outcome
 
@@ -92,8 +124,7 @@ class Accesses(LedgerBase):
         with self._tx(write=False) as conn:
             return list(conn.scalars(q))
 
-    def clear_enqueued(self, document_ids: Sequence[str] | None = None, *,
-                       keep_paths: set[Path] | None = None) -> int:
+    def clear_enqueued(self, document_ids: Sequence[str] | None = None, *, keep_paths: set[Path] | None = None) -> int:
         """Drop enqueue requests: of `document_ids`; or else of every scanned document that a
         claim (of `keep_paths`) can no longer take. Running documents keep theirs."""
         a, c = accesses_t.c, docs_t.c
@@ -108,8 +139,9 @@ class Accesses(LedgerBase):
         cleared = 0
         for where in wheres:
             with self._tx() as conn:
-                cleared += conn.execute(sa.update(accesses_t).where(a.enqueued_at.is_not(None), where)
-                                        .values(enqueued_at=None)).rowcount
+                cleared += conn.execute(
+                    sa.update(accesses_t).where(a.enqueued_at.is_not(None), where).values(enqueued_at=None)
+                ).rowcount
         return cleared
 
     # ----------------------------------------------------------------- reading
@@ -117,15 +149,37 @@ class Accesses(LedgerBase):
     def top_accesses(self, limit: int = 20) -> list[AccessRecord]:
         """Documents by access rank (decayed count), highest first."""
         a, c = accesses_t.c, docs_t.c
-        q = (sa.select(a.document_id, sa.func.coalesce(a.dataset_id, c.dataset_id).label("dataset_id"), a.score,
-                       a.scored_at, a.access_rank, a.enqueued_at, c.state, c.path)
-             .select_from(accesses_t.outerjoin(docs_t, c.document_id == a.document_id))
-             .where(a.score > 0).order_by(a.access_rank.desc(), a.document_id).limit(limit))
+        q = (
+            sa.select(
+                a.document_id,
+                sa.func.coalesce(a.dataset_id, c.dataset_id).label("dataset_id"),
+                a.score,
+                a.scored_at,
+                a.access_rank,
+                a.enqueued_at,
+                c.state,
+                c.path,
+            )
+            .select_from(accesses_t.outerjoin(docs_t, c.document_id == a.document_id))
+            .where(a.score > 0)
+            .order_by(a.access_rank.desc(), a.document_id)
+            .limit(limit)
+        )
         with self._tx(write=False) as conn:
             rows = conn.execute(q).all()
-        return [AccessRecord(r.document_id, r.dataset_id, float(r.score), float(r.scored_at), r.access_rank,
-                             r.enqueued_at, State(r.state) if r.state else None, Path(r.path) if r.path else None)
-                for r in rows]
+        return [
+            AccessRecord(
+                r.document_id,
+                r.dataset_id,
+                float(r.score),
+                float(r.scored_at),
+                r.access_rank,
+                r.enqueued_at,
+                State(r.state) if r.state else None,
+                Path(r.path) if r.path else None,
+            )
+            for r in rows
+        ]
 
     def document_ids_by_dataset(self, dataset_ids: Iterable[str]) -> dict[str, list[str]]:
         """The documents the ledger knows per dataset (an imported dataset hit counts for each)."""
@@ -133,7 +187,8 @@ class Accesses(LedgerBase):
         out: dict[str, list[str]] = {}
         for batch in batches(sorted(set(dataset_ids))):
             with self._tx(write=False) as conn:
-                for dataset, doc in conn.execute(sa.select(c.dataset_id, c.document_id)
-                                                 .where(c.dataset_id.in_(batch)).order_by(c.document_id)):
+                for dataset, doc in conn.execute(
+                    sa.select(c.dataset_id, c.document_id).where(c.dataset_id.in_(batch)).order_by(c.document_id)
+                ):
                     out.setdefault(dataset, []).append(doc)
         return out

@@ -20,10 +20,19 @@ ORDERS = ("oldest", "random", "priority")
 class Claims(Fenced):
     """claim_batch, the lease renewals and release_expired."""
 
-    def claim_batch(self, owner: str, limit: int, lease_seconds: float, *,
-                    paths: set[Path] | None = None, dataset_id: str | None = None,
-                    document_ids: Sequence[str] | None = None, order: str = "oldest",
-                    min_access_rank: float | None = None, enqueued_only: bool = False) -> list[Claim]:
+    def claim_batch(
+        self,
+        owner: str,
+        limit: int,
+        lease_seconds: float,
+        *,
+        paths: set[Path] | None = None,
+        dataset_id: str | None = None,
+        document_ids: Sequence[str] | None = None,
+        order: str = "oldest",
+        min_access_rank: float | None = None,
+        enqueued_only: bool = False,
+    ) -> list[Claim]:
         """Move up to `limit` pending documents to running under a new lease, in `order`.
 
         `priority`: enqueued (lazy) documents first, then `priority`, then access rank.
@@ -41,19 +50,47 @@ class Claims(Fenced):
                 return []
             now = self._now()
             rows = conn.execute(
-                sa.update(docs_t).where(c.document_id.in_(ids), c.state == State.PENDING.value)
-                .values(state=State.RUNNING.value, lease_owner=owner, lease_expires=now + lease_seconds,
-                        fencing_token=c.fencing_token + 1, started_at=now, finished_at=None, updated_at=now)
-                .returning(c.document_id, c.dataset_id, c.filename, c.path, c.fencing_token,
-                           c.affected_chunks, c.lease_expires)).all()
+                sa.update(docs_t)
+                .where(c.document_id.in_(ids), c.state == State.PENDING.value)
+                .values(
+                    state=State.RUNNING.value,
+                    lease_owner=owner,
+                    lease_expires=now + lease_seconds,
+                    fencing_token=c.fencing_token + 1,
+                    started_at=now,
+                    finished_at=None,
+                    updated_at=now,
+                )
+                .returning(
+                    c.document_id, c.dataset_id, c.filename, c.path, c.fencing_token, c.affected_chunks, c.lease_expires
+                )
+            ).all()
         rank = {d: i for i, d in enumerate(ids)}
-        claims = [Claim(r.document_id, r.dataset_id, r.filename, Path(r.path), r.fencing_token,
-                        r.affected_chunks, r.lease_expires) for r in rows]
+        claims = [
+            Claim(
+                r.document_id,
+                r.dataset_id,
+                r.filename,
+                Path(r.path),
+                r.fencing_token,
+                r.affected_chunks,
+                r.lease_expires,
+            )
+            for r in rows
+        ]
         return sorted(claims, key=lambda cl: rank[cl.document_id])
 
-    def _pick(self, conn: sa.Connection, limit: int, paths: set[Path] | None, dataset_id: str | None,
-              document_ids: Sequence[str] | None, order: str, min_access_rank: float | None = None,
-              enqueued_only: bool = False) -> list[str]:
+    def _pick(
+        self,
+        conn: sa.Connection,
+        limit: int,
+        paths: set[Path] | None,
+        dataset_id: str | None,
+        document_ids: Sequence[str] | None,
+        order: str,
+        min_access_rank: float | None = None,
+        enqueued_only: bool = False,
+    ) -> list[str]:
         c, a = docs_t.c, accesses_t.c
         q = sa.select(c.document_id).where(c.state == State.PENDING.value)
         if paths is not None:
@@ -64,9 +101,20 @@ class Claims(Fenced):
             q = q.select_from(docs_t.outerjoin(accesses_t, a.document_id == c.document_id))
             q = q.where(a.access_rank >= min_access_rank) if min_access_rank is not None else q
             q = q.where(a.enqueued_at.is_not(None)) if enqueued_only else q
-        q = q.order_by(*{"oldest": (c.created_at, c.document_id), "random": (sa.func.random(),),
-                         "priority": (a.enqueued_at.is_(None), a.enqueued_at, c.priority.desc(),
-                                      a.access_rank.desc().nulls_last(), c.created_at, c.document_id)}[order])
+        q = q.order_by(
+            *{
+                "oldest": (c.created_at, c.document_id),
+                "random": (sa.func.random(),),
+                "priority": (
+                    a.enqueued_at.is_(None),
+                    a.enqueued_at,
+                    c.priority.desc(),
+                    a.access_rank.desc().nulls_last(),
+                    c.created_at,
+                    c.document_id,
+                ),
+            }[order]
+        )
         if not self._sqlite:
             # PostgreSQL: rows another claimer holds are skipped, not waited for (throughput;
             # the UPDATE's `state = pending` is what makes a double claim impossible). SQLite
@@ -86,18 +134,21 @@ class Claims(Fenced):
         c = docs_t.c
         with self._tx() as conn:
             return conn.execute(
-                sa.update(docs_t).where(c.state == State.RUNNING.value, c.lease_expires < self._now())
-                .values(state=State.PENDING.value, lease_owner=None, lease_expires=None,
-                        updated_at=self._now())).rowcount
+                sa.update(docs_t)
+                .where(c.state == State.RUNNING.value, c.lease_expires < self._now())
+                .values(state=State.PENDING.value, lease_owner=None, lease_expires=None, updated_at=self._now())
+            ).rowcount
 
     def renew_lease(self, document_id: str, token: int, lease_seconds: float) -> float:
         """Extend a live lease to db_now()+lease_seconds; returns the new expiry. StaleLease if lost."""
         c = docs_t.c
         with self._tx() as conn:
             expires = conn.scalar(
-                sa.update(docs_t).where(*self._live(document_id, token))
+                sa.update(docs_t)
+                .where(*self._live(document_id, token))
                 .values(lease_expires=self._now() + lease_seconds, updated_at=self._now())
-                .returning(c.lease_expires))
+                .returning(c.lease_expires)
+            )
         if expires is None:
             raise StaleLease(f"lease on document {document_id} with token {token} is no longer current")
         return float(expires)
@@ -108,9 +159,16 @@ class Claims(Fenced):
         renewed: set[str] = set()
         with self._tx() as conn:
             for batch in batches(sorted(tokens.items())):
-                renewed.update(conn.scalars(
-                    sa.update(docs_t).where(sa.tuple_(c.document_id, c.fencing_token).in_(batch),
-                                            c.state == State.RUNNING.value, c.lease_expires >= self._now())
-                    .values(lease_expires=self._now() + lease_seconds, updated_at=self._now())
-                    .returning(c.document_id)))
+                renewed.update(
+                    conn.scalars(
+                        sa.update(docs_t)
+                        .where(
+                            sa.tuple_(c.document_id, c.fencing_token).in_(batch),
+                            c.state == State.RUNNING.value,
+                            c.lease_expires >= self._now(),
+                        )
+                        .values(lease_expires=self._now() + lease_seconds, updated_at=self._now())
+                        .returning(c.document_id)
+                    )
+                )
         return set(tokens) - renewed

@@ -14,14 +14,17 @@ from repage.stores.ledger.schema import events_t
 class Events(LedgerBase):
     """add_event, events and prune_events."""
 
-    def add_event(self, kind: str, document_id: str | None = None, count: int = 1,
-                  detail: str | None = None) -> None:
+    def add_event(self, kind: str, document_id: str | None = None, count: int = 1, detail: str | None = None) -> None:
         with self._tx() as conn:
-            conn.execute(sa.insert(events_t).values(at=self._now(), kind=kind, document_id=document_id,
-                                                    count=count, detail=detail))
+            conn.execute(
+                sa.insert(events_t).values(
+                    at=self._now(), kind=kind, document_id=document_id, count=count, detail=detail
+                )
+            )
 
-    def events(self, since: float | None = None, kinds: Iterable[str] | None = None,
-               limit: int | None = None) -> list[Event]:
+    def events(
+        self, since: float | None = None, kinds: Iterable[str] | None = None, limit: int | None = None
+    ) -> list[Event]:
         """Events in time order; with `limit`, the most recent `limit` of them."""
         t = events_t
         q = sa.select(t).order_by(t.c.id.desc())

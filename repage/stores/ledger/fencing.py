@@ -43,8 +43,12 @@ class Fenced(LedgerBase):
     def _live(self, document_id: str, token: int) -> tuple[Any, ...]:
         """WHERE clauses that hold only while `token` owns a live lease on the document."""
         c = docs_t.c
-        return (c.document_id == document_id, c.state == State.RUNNING.value,
-                c.fencing_token == token, c.lease_expires >= self._now())
+        return (
+            c.document_id == document_id,
+            c.state == State.RUNNING.value,
+            c.fencing_token == token,
+            c.lease_expires >= self._now(),
+        )
 
     def _require_lease(self, conn: sa.Connection, document_id: str, token: int | None) -> int:
         """Check (and on PostgreSQL lock) the document's lease; returns its fencing token."""
@@ -61,8 +65,14 @@ class Fenced(LedgerBase):
         c = docs_t.c
         rows: dict[str, Any] = {}
         for batch in batches(sorted(tokens)):
-            rows.update((r.document_id, r) for r in conn.execute(
-                sa.select(c.document_id, c.state, c.fencing_token, (c.lease_expires >= self._now()).label("live"))
-                .where(c.document_id.in_(batch)).order_by(c.document_id).with_for_update()))
+            rows.update(
+                (r.document_id, r)
+                for r in conn.execute(
+                    sa.select(c.document_id, c.state, c.fencing_token, (c.lease_expires >= self._now()).label("live"))
+                    .where(c.document_id.in_(batch))
+                    .order_by(c.document_id)
+                    .with_for_update()
+                )
+            )
         refused = {d: why for d, t in tokens.items() if (why := lease_problem(d, rows.get(d), t))}
         return refused, {d: r.fencing_token for d, r in rows.items() if d not in refused}

@@ -30,8 +30,9 @@ class Reports(LedgerBase):
             rows = conn.execute(sa.select(c.state, c.path, sa.func.count()).group_by(c.state, c.path)).all()
         return {(s, p): n for s, p, n in rows}
 
-    def documents(self, states: set[State] | None = None, limit: int | None = None,
-                  dataset_id: str | None = None) -> Iterator[DocumentRecord]:
+    def documents(
+        self, states: set[State] | None = None, limit: int | None = None, dataset_id: str | None = None
+    ) -> Iterator[DocumentRecord]:
         """Documents in id order, fetched in pages so no transaction stays open while iterating."""
         c, after, left = docs_t.c, None, limit
         while left is None or left > 0:
@@ -59,8 +60,9 @@ class Reports(LedgerBase):
         """The n most recently updated documents that carry an error message."""
         c = docs_t.c
         with self._tx(write=False) as conn:
-            rows = conn.execute(sa.select(docs_t).where(c.last_error.is_not(None))
-                                .order_by(c.updated_at.desc(), c.document_id).limit(n)).all()
+            rows = conn.execute(
+                sa.select(docs_t).where(c.last_error.is_not(None)).order_by(c.updated_at.desc(), c.document_id).limit(n)
+            ).all()
         return [document_record(r) for r in rows]
 
     def totals(self) -> dict[str, float | int]:
@@ -76,8 +78,14 @@ class Reports(LedgerBase):
         c = docs_t.c
         with self._tx(write=False) as conn:
             rows = conn.execute(sa.select(c.path, sa.func.count().label("documents"), *_sums()).group_by(c.path)).all()
-        return {r.path: {"documents": int(r.documents), **{n: int(r._mapping[n]) for n in ADDITIVE if n != "dollars"},
-                         "dollars": float(r.dollars)} for r in rows}
+        return {
+            r.path: {
+                "documents": int(r.documents),
+                **{n: int(r._mapping[n]) for n in ADDITIVE if n != "dollars"},
+                "dollars": float(r.dollars),
+            }
+            for r in rows
+        }
 
 
 def _sums() -> list[Any]:

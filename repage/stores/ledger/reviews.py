@@ -24,8 +24,11 @@ class Reviews(Fenced):
             self._require_lease(conn, document_id, token)
             conn.execute(sa.delete(t).where(t.c.document_id == document_id))
             now = self._now()
-            conn.execute(sa.insert(t).values(document_id=document_id, status="pending", evidence=evidence,
-                                             created_at=now, updated_at=now))
+            conn.execute(
+                sa.insert(t).values(
+                    document_id=document_id, status="pending", evidence=evidence, created_at=now, updated_at=now
+                )
+            )
 
     def reviews(self, status: str | None = "pending") -> list[ReviewRecord]:
         """Reviews (of one status, or all), oldest first."""
@@ -53,13 +56,17 @@ class Reviews(Fenced):
             state = conn.scalar(sa.select(c.state).where(c.document_id == document_id).with_for_update())
             status = conn.scalar(sa.select(r.status).where(r.document_id == document_id))
             if state != State.REVIEW.value or status != "pending":
-                raise IllegalTransition(f"document {document_id} has no pending review "
-                                        f"(state {state or 'unknown'}, review {status or 'none'})")
+                raise IllegalTransition(
+                    f"document {document_id} has no pending review "
+                    f"(state {state or 'unknown'}, review {status or 'none'})"
+                )
             check_transition(State.REVIEW, State.PENDING)
-            conn.execute(sa.update(reviews_t).where(r.document_id == document_id)
-                         .values(status=decision, updated_at=self._now()))
+            conn.execute(
+                sa.update(reviews_t).where(r.document_id == document_id).values(status=decision, updated_at=self._now())
+            )
             values = edge_values(State.PENDING, reason, None, self._now())
             if path is not None:
                 values["path"] = Path(path).value
-            conn.execute(sa.update(docs_t).where(c.document_id == document_id, c.state == State.REVIEW.value)
-                         .values(**values))
+            conn.execute(
+                sa.update(docs_t).where(c.document_id == document_id, c.state == State.REVIEW.value).values(**values)
+            )

@@ -37,41 +37,76 @@ class Scans(LedgerBase):
         existing = dict(conn.execute(sa.select(c.document_id, c.state).where(c.document_id.in_(list(recs)))).all())
         new = [r for d, r in recs.items() if d not in existing]
         refresh = [r for d, r in recs.items() if existing.get(d) in _RESCANNABLE]
-        reopen = [r for d, r in recs.items()
-                  if existing.get(d) == State.ROLLED_BACK and r.state == State.PENDING]
+        reopen = [r for d, r in recs.items() if existing.get(d) == State.ROLLED_BACK and r.state == State.PENDING]
         now = self._now()
         if new:
             # ignore: another scanner may insert the same document between our SELECT and INSERT
-            conn.execute(self._insert_ignore(docs_t).values(created_at=now, updated_at=now), [
-                {"document_id": r.document_id, "dataset_id": r.dataset_id, "filename": r.filename,
-                 "state": State(r.state).value, "path": Path(r.path).value, "reason": r.reason,
-                 "affected_chunks": r.affected_chunks, "total_chunks": r.total_chunks,
-                 "images_to_move": r.images_to_move} for r in new])
-        for rows, src, extra in ((refresh, _RESCANNABLE, {}),
-                                 (reopen, (State.ROLLED_BACK,), {"state": State.PENDING.value})):
+            conn.execute(
+                self._insert_ignore(docs_t).values(created_at=now, updated_at=now),
+                [
+                    {
+                        "document_id": r.document_id,
+                        "dataset_id": r.dataset_id,
+                        "filename": r.filename,
+                        "state": State(r.state).value,
+                        "path": Path(r.path).value,
+                        "reason": r.reason,
+                        "affected_chunks": r.affected_chunks,
+                        "total_chunks": r.total_chunks,
+                        "images_to_move": r.images_to_move,
+                    }
+                    for r in new
+                ],
+            )
+        for rows, src, extra in (
+            (refresh, _RESCANNABLE, {}),
+            (reopen, (State.ROLLED_BACK,), {"state": State.PENDING.value}),
+        ):
             if rows:
-                conn.execute(self._rescan_update(src, extra), [
-                    {"b_id": r.document_id, "b_dataset": r.dataset_id, "b_filename": r.filename,
-                     "b_path": Path(r.path).value, "b_reason": r.reason, "b_affected": r.affected_chunks,
-                     "b_total": r.total_chunks, "b_moves": r.images_to_move} for r in rows])
+                conn.execute(
+                    self._rescan_update(src, extra),
+                    [
+                        {
+                            "b_id": r.document_id,
+                            "b_dataset": r.dataset_id,
+                            "b_filename": r.filename,
+                            "b_path": Path(r.path).value,
+                            "b_reason": r.reason,
+                            "b_affected": r.affected_chunks,
+                            "b_total": r.total_chunks,
+                            "b_moves": r.images_to_move,
+                        }
+                        for r in rows
+                    ],
+                )
 
     def _rescan_update(self, src: Sequence[State], extra: dict[str, Any]) -> Any:
         c = docs_t.c
         total = sa.bindparam("b_total", type_=sa.Integer)
-        values = dict(dataset_id=sa.bindparam("b_dataset"), filename=sa.bindparam("b_filename"),
-                      path=sa.bindparam("b_path"), reason=sa.bindparam("b_reason"),
-                      affected_chunks=sa.bindparam("b_affected"), images_to_move=sa.bindparam("b_moves"),
-                      total_chunks=sa.func.coalesce(total, c.total_chunks))
-        where = [c.document_id == sa.bindparam("b_id"),
-                 sa.or_(*(c.state == s.value for s in src))]  # executemany: no expanding IN
+        values = dict(
+            dataset_id=sa.bindparam("b_dataset"),
+            filename=sa.bindparam("b_filename"),
+            path=sa.bindparam("b_path"),
+            reason=sa.bindparam("b_reason"),
+            affected_chunks=sa.bindparam("b_affected"),
+            images_to_move=sa.bindparam("b_moves"),
+            total_chunks=sa.func.coalesce(total, c.total_chunks),
+        )
+        where = [
+            c.document_id == sa.bindparam("b_id"),
+            sa.or_(*(c.state == s.value for s in src)),
+        ]  # executemany: no expanding IN
         if not extra:  # a refresh that changes nothing leaves the row (and its updated_at) alone
             where.append(sa.or_(*(c[name].is_distinct_from(value) for name, value in values.items())))
         return sa.update(docs_t).where(*where).values(**values, updated_at=self._now(), **extra)
 
     def set_priority(self, priorities: Mapping[str, float]) -> None:
         """Set the claim priority of documents (order="priority" claims highest first)."""
-        stmt = (sa.update(docs_t).where(docs_t.c.document_id == sa.bindparam("b_id"))
-                .values(priority=sa.bindparam("b_priority")))
+        stmt = (
+            sa.update(docs_t)
+            .where(docs_t.c.document_id == sa.bindparam("b_id"))
+            .values(priority=sa.bindparam("b_priority"))
+        )
         for batch in batches(sorted(priorities.items())):
             with self._tx() as conn:
                 conn.execute(stmt, [{"b_id": d, "b_priority": float(p)} for d, p in batch])

@@ -26,28 +26,39 @@ def _doc_fk() -> sa.ForeignKey:
 
 
 meta_t = sa.Table(
-    "repage_meta", metadata,
+    "repage_meta",
+    metadata,
     sa.Column("key", sa.String(64), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
 )
 
 docs_t = sa.Table(
-    "documents", metadata,
+    "documents",
+    metadata,
     sa.Column("document_id", sa.String, primary_key=True),
     sa.Column("dataset_id", sa.String, nullable=False),
     sa.Column("filename", sa.Text, nullable=False, server_default=""),
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("path", sa.String(16), nullable=False),
     sa.Column("reason", sa.Text, nullable=False, server_default=""),
-    _counter("priority", sa.Double), _counter("attempts", sa.Integer),
-    _counter("affected_chunks", sa.Integer), sa.Column("total_chunks", sa.Integer),
+    _counter("priority", sa.Double),
+    _counter("attempts", sa.Integer),
+    _counter("affected_chunks", sa.Integer),
+    sa.Column("total_chunks", sa.Integer),
     _counter("images_to_move", sa.Integer),  # from the scan: non-canonical images (for estimate)
     # lease: owner, token (monotonic per document) and expiry, all from the DB clock
-    sa.Column("lease_owner", sa.String), _counter("fencing_token"), sa.Column("lease_expires", sa.Double),
-    sa.Column("created_at", sa.Double, nullable=False), sa.Column("updated_at", sa.Double, nullable=False),
-    sa.Column("started_at", sa.Double), sa.Column("finished_at", sa.Double),
-    _counter("dollars", sa.Double), _counter("object_requests_a"), _counter("object_requests_b"),
-    _counter("bytes_read"), sa.Column("last_error", sa.Text),
+    sa.Column("lease_owner", sa.String),
+    _counter("fencing_token"),
+    sa.Column("lease_expires", sa.Double),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+    sa.Column("started_at", sa.Double),
+    sa.Column("finished_at", sa.Double),
+    _counter("dollars", sa.Double),
+    _counter("object_requests_a"),
+    _counter("object_requests_b"),
+    _counter("bytes_read"),
+    sa.Column("last_error", sa.Text),
     sa.Index("ix_documents_state_path", "state", "path"),
     sa.Index("ix_documents_state_priority", "state", "priority"),
     sa.Index("ix_documents_state_created", "state", "created_at", "document_id"),
@@ -57,14 +68,18 @@ docs_t = sa.Table(
 )
 
 chunks_t = sa.Table(
-    "chunk_journal", metadata,
+    "chunk_journal",
+    metadata,
     sa.Column("id", _ID, primary_key=True, autoincrement=True),
     sa.Column("document_id", sa.String, _doc_fk(), nullable=False),
     sa.Column("fencing_token", sa.BigInteger, nullable=False),
     sa.Column("identity", sa.Text, nullable=False),
-    sa.Column("old_pk", sa.Text), sa.Column("new_pk", sa.Text),
-    sa.Column("old_page", sa.Integer), sa.Column("new_page", sa.Integer),
-    sa.Column("old_key", sa.Text), sa.Column("new_key", sa.Text),
+    sa.Column("old_pk", sa.Text),
+    sa.Column("new_pk", sa.Text),
+    sa.Column("old_page", sa.Integer),
+    sa.Column("new_page", sa.Integer),
+    sa.Column("old_key", sa.Text),
+    sa.Column("new_key", sa.Text),
     sa.Column("row_checksum", sa.Text),
     sa.Column("applied", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("created_at", sa.Double, nullable=False),
@@ -72,12 +87,15 @@ chunks_t = sa.Table(
 )
 
 objects_t = sa.Table(
-    "object_journal", metadata,
+    "object_journal",
+    metadata,
     sa.Column("id", _ID, primary_key=True, autoincrement=True),
     sa.Column("document_id", sa.String, _doc_fk(), nullable=False),
     sa.Column("fencing_token", sa.BigInteger, nullable=False),
-    sa.Column("old_key", sa.Text, nullable=False), sa.Column("new_key", sa.Text, nullable=False),
-    sa.Column("size", sa.BigInteger), sa.Column("content_hash", sa.Text),
+    sa.Column("old_key", sa.Text, nullable=False),
+    sa.Column("new_key", sa.Text, nullable=False),
+    sa.Column("size", sa.BigInteger),
+    sa.Column("content_hash", sa.Text),
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("created_at", sa.Double, nullable=False),
     sa.Index("ix_object_journal_doc_keys", "document_id", "old_key", "new_key"),
@@ -85,7 +103,8 @@ objects_t = sa.Table(
 )
 
 events_t = sa.Table(
-    "events", metadata,
+    "events",
+    metadata,
     sa.Column("id", _ID, primary_key=True, autoincrement=True),
     sa.Column("at", sa.Double, nullable=False),
     sa.Column("kind", sa.String(64), nullable=False),
@@ -99,7 +118,8 @@ events_t = sa.Table(
 # Usage and lazy requests (repage/domain/access.py, repage/migration/lazy.py). No foreign key on
 # purpose: the read path sees documents that no scan has recorded yet, and their accesses count too.
 accesses_t = sa.Table(
-    "accesses", metadata,
+    "accesses",
+    metadata,
     sa.Column("document_id", sa.String, primary_key=True),
     sa.Column("dataset_id", sa.String),
     _counter("score", sa.Double),  # decayed access count as of scored_at
@@ -113,7 +133,8 @@ accesses_t = sa.Table(
 # Page matches below the confidence threshold (docs/design.md §2), with the evidence a person
 # decides on; one row per document, the latest review (created within schema version 1, like accesses).
 reviews_t = sa.Table(
-    "reviews", metadata,
+    "reviews",
+    metadata,
     sa.Column("document_id", sa.String, _doc_fk(), primary_key=True),
     sa.Column("status", sa.String(16), nullable=False),  # pending | accepted | rejected
     sa.Column("evidence", sa.Text, nullable=False),  # JSON written by repage/migration/pdfpath.py
@@ -139,8 +160,9 @@ def create_or_upgrade(conn: sa.Connection, *, postgresql: bool, name: str) -> No
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_INIT_LOCK)))
     found = stored_version(conn)
     if found is not None and int(found) > SCHEMA_VERSION:
-        raise ConfigError(f"ledger {name} has schema version {found}, newer than this "
-                          f"repage knows ({SCHEMA_VERSION}): upgrade repage")
+        raise ConfigError(
+            f"ledger {name} has schema version {found}, newer than this repage knows ({SCHEMA_VERSION}): upgrade repage"
+        )
     # checkfirst: on a version-1 ledger this adds the tables created within version 1
     # (accesses, reviews); older versions would be migrated here, but there is only version 1.
     metadata.create_all(conn)

@@ -48,8 +48,16 @@ def field_values(fields: Mapping[str, Any]) -> dict[str, Any]:
 class Transitions(Fenced):
     """transition, retry_failed and requeue_image_moves."""
 
-    def transition(self, document_id: str, dst: State, *, token: int | None = None,
-                   reason: str | None = None, error: str | None = None, **fields: Any) -> None:
+    def transition(
+        self,
+        document_id: str,
+        dst: State,
+        *,
+        token: int | None = None,
+        reason: str | None = None,
+        error: str | None = None,
+        **fields: Any,
+    ) -> None:
         """Move a document along an edge of the state table.
 
         A running document needs the current `token` and a live lease (else StaleLease); the
@@ -63,14 +71,16 @@ class Transitions(Fenced):
         values = field_values(fields)
         c = docs_t.c
         with self._tx() as conn:
-            row = conn.execute(sa.select(c.state, c.fencing_token)
-                               .where(c.document_id == document_id).with_for_update()).first()
+            row = conn.execute(
+                sa.select(c.state, c.fencing_token).where(c.document_id == document_id).with_for_update()
+            ).first()
             if row is None:
                 raise IllegalTransition(f"document {document_id} is not in the ledger: scan it first")
             src = State(row.state)
             if token is not None and (src != State.RUNNING or token != row.fencing_token):
-                raise StaleLease(f"document {document_id}: token {token} is stale "
-                                 f"(state {src}, current token {row.fencing_token})")
+                raise StaleLease(
+                    f"document {document_id}: token {token} is stale (state {src}, current token {row.fencing_token})"
+                )
             check_transition(src, dst)
             if dst == State.RUNNING:
                 raise IllegalTransition(f"document {document_id}: pending -> running is claim_batch's job")
@@ -84,8 +94,7 @@ class Transitions(Fenced):
             if conn.execute(sa.update(docs_t).where(*where).values(**values)).rowcount != 1:
                 raise StaleLease(f"lease on document {document_id} expired before {src} -> {dst}")
 
-    def requeue_image_moves(self, dataset_id: str | None = None,
-                            document_ids: Sequence[str] | None = None) -> int:
+    def requeue_image_moves(self, dataset_id: str | None = None, document_ids: Sequence[str] | None = None) -> int:
         """Migrated/verified documents whose images a pages-only run left at legacy keys go
         back to pending, so a run that moves images picks them up. How many."""
         c = docs_t.c
@@ -98,8 +107,9 @@ class Transitions(Fenced):
         check_transition(State.FAILED, State.PENDING)
         return self._back_to_pending([docs_t.c.state == State.FAILED.value], dataset_id, document_ids)
 
-    def _back_to_pending(self, where: list[Any], dataset_id: str | None, document_ids: Sequence[str] | None,
-                         **values: Any) -> int:
+    def _back_to_pending(
+        self, where: list[Any], dataset_id: str | None, document_ids: Sequence[str] | None, **values: Any
+    ) -> int:
         """Documents matching `where` (of the dataset / ids) back to pending, 500 ids per statement."""
         c = docs_t.c
         if dataset_id is not None:
@@ -108,6 +118,9 @@ class Transitions(Fenced):
         for batch in batches(document_ids) if document_ids is not None else [None]:
             clause = where + ([c.document_id.in_(batch)] if batch is not None else [])
             with self._tx() as conn:
-                moved += conn.execute(sa.update(docs_t).where(*clause).values(
-                    state=State.PENDING.value, finished_at=None, updated_at=self._now(), **values)).rowcount
+                moved += conn.execute(
+                    sa.update(docs_t)
+                    .where(*clause)
+                    .values(state=State.PENDING.value, finished_at=None, updated_at=self._now(), **values)
+                ).rowcount
         return moved
