@@ -104,7 +104,7 @@ def demo(settings: Settings, *, data_dir: Path, pk: str, log: Log | None = None,
     report["scan"] = scan(settings, progress=progress)
     report["scan"].pop("documents")
     report["estimate"] = estimate(settings)
-    from repage.domain.states import Path as RepairPath
+    from repage.domain.states import RepairPath
 
     log("migrating the keys and pdf paths ...")
     report["run"] = run(settings, RunOptions(), RunLimits(batch_size=settings.batch_size,

@@ -123,7 +123,7 @@ def run(
     """
     from repage.migration.migrate import RunOptions
     from repage.migration.runner import RunLimits, Selection
-    from repage.domain.states import Path as RepairPath
+    from repage.domain.states import RepairPath
 
     def body():
         # auto claims reprocess documents too: reprocessed with --allow-reprocess, else deferred with the reason

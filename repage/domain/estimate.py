@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
-from repage.domain.states import Path
+from repage.domain.states import RepairPath
 
 # Object requests per moved image, by the safety protocol (DESIGN §5): GET the
 # legacy object to hash it, COPY it, GET the copy to compare size and hash.
@@ -151,16 +151,16 @@ def _seed_range(per_doc: tuple[float, float], documents: int) -> tuple[float, fl
 
 
 def estimate(
-    loads: Mapping[Path, PathLoad], lat: Latencies, prices: Prices, *, concurrency: int, batch_size: int
+    loads: Mapping[RepairPath, PathLoad], lat: Latencies, prices: Prices, *, concurrency: int, batch_size: int
 ) -> Estimate:
     """Time (at `concurrency`) and dollars for every path with work to do."""
     result = Estimate(concurrency=concurrency, batch_size=batch_size)
-    if Path.KEYS in loads:
-        result.paths.append(keys_estimate(loads[Path.KEYS], lat, prices, concurrency, batch_size))
-    if Path.PDF in loads:
-        result.paths.append(pdf_estimate(loads[Path.PDF], lat, prices, concurrency, batch_size))
-    if Path.REPROCESS in loads:
-        result.paths.append(reprocess_estimate(loads[Path.REPROCESS], prices, concurrency))
+    if RepairPath.KEYS in loads:
+        result.paths.append(keys_estimate(loads[RepairPath.KEYS], lat, prices, concurrency, batch_size))
+    if RepairPath.PDF in loads:
+        result.paths.append(pdf_estimate(loads[RepairPath.PDF], lat, prices, concurrency, batch_size))
+    if RepairPath.REPROCESS in loads:
+        result.paths.append(reprocess_estimate(loads[RepairPath.REPROCESS], prices, concurrency))
     return result
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from repage.domain.keys import ParsedKey, parse_image_key
-from repage.domain.states import Path, State
+from repage.domain.states import RepairPath, State
 
 AFFECTED_TYPES = frozenset({"ocr", "image"})
 
@@ -43,7 +43,7 @@ class DocumentPlan:
     document_id: str
     dataset_id: str
     filename: str
-    path: Path
+    path: RepairPath
     state: State
     reason: str
     chunks: tuple[ChunkPage, ...]
@@ -117,7 +117,7 @@ def classify(
 ) -> DocumentPlan:
     """Decide the path of one document. `rows` are its affected chunks only."""
     if not rows:
-        return DocumentPlan(document_id, dataset_id, filename, Path.NONE, State.SKIPPED,
+        return DocumentPlan(document_id, dataset_id, filename, RepairPath.NONE, State.SKIPPED,
                             "no image/OCR chunk with page 0", ())
     keys = frozenset(listed_keys or ())
     listing = index_listing(keys, patterns) if listed_keys is not None else None
@@ -126,15 +126,17 @@ def classify(
     return DocumentPlan(document_id, dataset_id, filename, path, state, reason, chunks)
 
 
-def _choose_path(chunks: Sequence[ChunkPage], filename: str, source_exists: bool | None) -> tuple[Path, State, str]:
+def _choose_path(chunks: Sequence[ChunkPage], filename: str,
+                 source_exists: bool | None) -> tuple[RepairPath, State, str]:
     unresolved = sum(1 for c in chunks if c.page is None)
     if not unresolved:
         via = "listing" if any(c.evidence == "listing" for c in chunks) else "chunk keys"
-        return Path.KEYS, State.PENDING, f"all {len(chunks)} pages in image keys ({via})"
+        return RepairPath.KEYS, State.PENDING, f"all {len(chunks)} pages in image keys ({via})"
     if source_exists and filename.lower().endswith(".pdf"):
-        return Path.PDF, State.PENDING, f"{unresolved} of {len(chunks)} chunks have no page in any key; source PDF exists"
+        return (RepairPath.PDF, State.PENDING,
+                f"{unresolved} of {len(chunks)} chunks have no page in any key; source PDF exists")
     if source_exists:
-        return Path.REPROCESS, State.PENDING, f"{unresolved} chunks have no page in any key; source is not a PDF"
-    return Path.NONE, State.UNRECOVERABLE, (
+        return RepairPath.REPROCESS, State.PENDING, f"{unresolved} chunks have no page in any key; source is not a PDF"
+    return RepairPath.NONE, State.UNRECOVERABLE, (
         f"{unresolved} of {len(chunks)} chunks have no page in any key and the source object is missing"
     )

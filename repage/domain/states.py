@@ -20,12 +20,17 @@ class State(StrEnum):
     ROLLED_BACK = "rolled_back"
 
 
-class Path(StrEnum):
+class RepairPath(StrEnum):
+    """Where a document's pages come from (docs/design.md §2), cheapest first."""
+
     KEYS = "keys"
     PDF = "pdf"
     REPROCESS = "reprocess"
     NONE = "none"
 
+
+# The old name, for the modules that still import it; remove once none does.
+Path = RepairPath
 
 NEW = None  # the "from" of a document the ledger has never seen
 

@@ -28,7 +28,7 @@ from repage.domain.identity import ChunkIdentity
 from repage.domain.keys import canonical_image_key, image_prefix, is_pdf_image_ref, parse_image_key
 from repage.domain.plan import DocumentPlan, classify, is_affected, needs_listing
 from repage.domain.records import ChunkChange, ChunkJournalEntry, Claim, JournalIntent, ObjectJournalEntry, ObjectState
-from repage.domain.states import Path, State
+from repage.domain.states import RepairPath, State
 from repage.stores.milvus import quote_string
 
 # Protocol steps where a crash test can kill the process (REPAGE_FAILPOINT=NAME, or
@@ -193,14 +193,14 @@ class BatchMigrator:
                 work.reason = "no chunks in the collection any more (the document was deleted): nothing to fix"
             return
         pdf = None
-        if plan.path != Path.KEYS and work.claim.path == Path.PDF:  # pages from the source PDF
+        if plan.path != RepairPath.KEYS and work.claim.path == RepairPath.PDF:  # pages from the source PDF
             from repage.migration.pdfpath import PdfPlanner
 
             pdf = PdfPlanner(self, work)
             plan = pdf.resolve(plan, listed)
             if plan is None:  # review or unrecoverable: work.outcome says which
                 return
-        elif plan.path != Path.KEYS:
+        elif plan.path != RepairPath.KEYS:
             work.error = (f"document {work.document_id}: keys no longer tell every page "
                           f"({plan.resolved}/{plan.affected}); run `repage scan` again")
             return

@@ -22,7 +22,7 @@ import json
 import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path as FsPath
+from pathlib import Path
 
 from repage.migration import pdfpages
 from repage.errors import BadInput, ObjectNotFound, StaleLease
@@ -36,7 +36,7 @@ from repage.domain.keys import (
 )
 from repage.domain.plan import ChunkPage, DocumentPlan, index_listing
 from repage.domain.records import ObjectJournalEntry, ObjectState
-from repage.domain.states import Path, State
+from repage.domain.states import RepairPath, State
 
 # Far above any real document; it only keeps a broken or hostile object off the temp disk.
 MAX_SOURCE_BYTES = 2 * 1024**3
@@ -74,7 +74,7 @@ class PdfPlanner:
     def resolve(self, plan: DocumentPlan, listed: Collection[str] | None) -> DocumentPlan | None:
         """The plan with every page filled in, or None: the document ends here (its outcome is set)."""
         with tempfile.TemporaryDirectory(prefix="repage-pdf-") as tmp:
-            pdf = FsPath(tmp) / "source.pdf"
+            pdf = Path(tmp) / "source.pdf"
             self.source_key = self._fetch_source(pdf)
             if self.source_key is None:
                 return None
@@ -97,7 +97,7 @@ class PdfPlanner:
                 self._extract(pdf)
         return resolved
 
-    def _check_pages(self, plan: DocumentPlan, pdf: FsPath) -> None:
+    def _check_pages(self, plan: DocumentPlan, pdf: Path) -> None:
         """A page (from a key) past the source PDF's last page is bad input, never written."""
         pages = pdfpages.page_count(pdf, self._name())
         beyond = [c for c in plan.chunks if c.page is not None and c.page >= pages]
@@ -107,7 +107,7 @@ class PdfPlanner:
                            f"{c.found_key or c.current_key!r}), but the source PDF has {pages} pages: "
                            "fix the key or reprocess the document")
 
-    def _on_engine(self, pdf: FsPath, job: PdfJob):
+    def _on_engine(self, pdf: Path, job: PdfJob):
         """Run a CPU-heavy step on the run's engine (repage/engine.py): here on the downloaded
         file, or as a Ray task that fetches the source itself with its own bucket client."""
         engine = getattr(self.m, "engine", None)
@@ -126,7 +126,7 @@ class PdfPlanner:
     def _name(self) -> str:
         return str(self.source_key)  # errors read "document ID: SOURCE_KEY: what is wrong with the PDF"
 
-    def _fetch_source(self, dest: FsPath) -> str | None:
+    def _fetch_source(self, dest: Path) -> str | None:
         """Stream the first source key form that exists to `dest`; None (and unrecoverable) if none does."""
         work = self.work
         row = work.rows[0] if work.rows else {}
@@ -252,7 +252,7 @@ class PdfPlanner:
                     self.uploads[ChunkIdentity.as_text(c.identity)] = (*source, image.index)
             chunks.append(replace(c, page=page, found_key=image.key, image_index=image.index,
                                   evidence=c.evidence if match is None else f"pdf:{match.method}"))
-        return replace(plan, path=Path.PDF, chunks=tuple(chunks))
+        return replace(plan, path=RepairPath.PDF, chunks=tuple(chunks))
 
     def _source_image(self, c: ChunkPage, match: pdfpages.Match | None, by_index, at,
                       size) -> tuple[int, int] | None:
@@ -267,7 +267,7 @@ class PdfPlanner:
         fp = at.get((c.page, n))
         return (c.page, n) if fp is not None and pdfpages.aspect_ok(size, (fp.width, fp.height)) else None
 
-    def _extract(self, pdf: FsPath) -> None:
+    def _extract(self, pdf: Path) -> None:
         wanted = {(page, n) for page, n, _ in self.uploads.values()}
         pngs = self._on_engine(pdf, PdfJob("extract", self._name(), wanted=frozenset(wanted)))
         for page, n in wanted:
@@ -321,7 +321,7 @@ def run_pdf_job(job: PdfJob) -> tuple[object, int]:
     objects = open_objects(job.settings, check=False)  # created here, in the task's process
     try:
         with tempfile.TemporaryDirectory(prefix="repage-pdf-task-") as tmp:
-            pdf = FsPath(tmp) / "source.pdf"
+            pdf = Path(tmp) / "source.pdf"
             with open(pdf, "wb") as out:
                 size = objects.download(job.source_key, out, max_bytes=MAX_SOURCE_BYTES)
             return _pdf_step(job, pdf), size
@@ -340,7 +340,7 @@ def _pdf_step(job: PdfJob, pdf) -> object:
     return prints, matches
 
 
-def download(migrator, key: str, dest: FsPath) -> int:
+def download(migrator, key: str, dest: Path) -> int:
     """GET `key` into the file `dest`, through the run's limiter and backoff; bytes written."""
     def once() -> int:
         with open(dest, "wb") as out:  # "wb" again on a retry: never half of two attempts
@@ -372,7 +372,7 @@ def _extract_again(migrator, work, move: ObjectJournalEntry) -> bytes:
         raise BadInput(f"journal entry {move.old_key!r} is no pdf image reference")
     source_key, page, n = parsed
     with tempfile.TemporaryDirectory(prefix="repage-pdf-") as tmp:
-        pdf = FsPath(tmp) / "source.pdf"
+        pdf = Path(tmp) / "source.pdf"
         try:
             size = download(migrator, source_key, pdf)
         finally:

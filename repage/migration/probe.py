@@ -21,7 +21,7 @@ from repage.domain.estimate import Estimate, Latencies, PathLoad, estimate
 from repage.domain.keys import image_prefix, source_key_candidates
 from repage.migration.pdfpages import iter_page_images
 from repage.domain.plan import is_affected
-from repage.domain.states import Path, State
+from repage.domain.states import RepairPath, State
 
 ASSUMPTIONS = ("batch query time = measured fetch of a full batch of documents, on the store as it is now "
                "(a Milvus Lite store slows as a run writes unsealed rows); batch write time = measured read-back of "
@@ -53,38 +53,38 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else 0.0
 
 
-def path_loads(ledger) -> dict[Path, PathLoad]:
+def path_loads(ledger) -> dict[RepairPath, PathLoad]:
     """Documents and chunks per path still to do, from the ledger."""
-    docs: dict[Path, int] = defaultdict(int)
-    chunks: dict[Path, int] = defaultdict(int)
-    moves: dict[Path, int] = defaultdict(int)
+    docs: dict[RepairPath, int] = defaultdict(int)
+    chunks: dict[RepairPath, int] = defaultdict(int)
+    moves: dict[RepairPath, int] = defaultdict(int)
     for record in ledger.documents(states={State.PENDING, State.FAILED, State.DEFERRED, State.REVIEW}):
-        path = Path(record.path)
+        path = RepairPath(record.path)
         docs[path] += 1
         chunks[path] += record.affected_chunks or 0
         moves[path] += record.images_to_move or 0
     return {p: PathLoad(documents=docs[p], chunks=chunks[p], images_to_move=moves[p]) for p in docs}
 
 
-def sample_documents(ledger, sample: int) -> dict[Path, list]:
-    picked: dict[Path, list] = defaultdict(list)
+def sample_documents(ledger, sample: int) -> dict[RepairPath, list]:
+    picked: dict[RepairPath, list] = defaultdict(list)
     for record in ledger.documents(states={State.PENDING}):
-        if len(picked[Path(record.path)]) < sample:
-            picked[Path(record.path)].append(record)
+        if len(picked[RepairPath(record.path)]) < sample:
+            picked[RepairPath(record.path)].append(record)
     return picked
 
 
-def measure(stores, picked: dict[Path, list], batch_size: int, concurrency: int = 1) -> Latencies:
+def measure(stores, picked: dict[RepairPath, list], batch_size: int, concurrency: int = 1) -> Latencies:
     """The run's own calls on one batch of the sample: its Milvus fetch and read-back, the bucket
     requests at the run's concurrency, and ledger round trips."""
-    docs = (picked[Path.KEYS] + picked[Path.PDF])[:batch_size]
+    docs = (picked[RepairPath.KEYS] + picked[RepairPath.PDF])[:batch_size]
     query_s, rows = timed(lambda: stores.vectors.fetch_for_repair([d.document_id for d in docs])) if docs else (0.0, [])
     readback_s = _time_readback(stores.vectors, rows)
     keys = [r["image_r2_key"] for r in rows if r.get("image_r2_key")][:batch_size]
     heads, gets = _time_objects(stores.objects, keys[:len(docs) or 1])
     lists = [timed(lambda d=d: next(iter(stores.objects.list(image_prefix(d.dataset_id, d.document_id))), None))[0]
              for d in docs[:5]]
-    get_rate, pdf_s_per_mb, mean_size = _time_sources(stores, picked[Path.PDF][:3])
+    get_rate, pdf_s_per_mb, mean_size = _time_sources(stores, picked[RepairPath.PDF][:3])
     ledger_s = median([timed(stores.ledger.db_now)[0] for _ in range(9)])
     return Latencies(milvus_query_s=query_s, milvus_write_s=readback_s, milvus_readback_s=readback_s,
                      object_head_s=median(heads),
@@ -164,9 +164,9 @@ def estimate_store(stores, *, sample: int = 20) -> EstimateReport:
     # at least one full batch: the batch query is timed on as many documents as a run's batch holds
     latencies = measure(stores, sample_documents(stores.ledger, max(sample, settings.batch_size)),
                         settings.batch_size, settings.concurrency)
-    if Path.PDF in loads:  # the scan does not read sources: size them from the sample
-        pdf = loads[Path.PDF]
-        loads[Path.PDF] = replace(pdf, source_bytes=int(latencies.mean_source_bytes * pdf.documents))
+    if RepairPath.PDF in loads:  # the scan does not read sources: size them from the sample
+        pdf = loads[RepairPath.PDF]
+        loads[RepairPath.PDF] = replace(pdf, source_bytes=int(latencies.mean_source_bytes * pdf.documents))
     result = estimate(loads, latencies, settings.prices, concurrency=settings.concurrency,
                       batch_size=settings.batch_size)
     return EstimateReport(result, latencies, {p.value: asdict(load) for p, load in loads.items()})

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 from repage.errors import ConfigError
-from repage.domain.states import Path, State
+from repage.domain.states import RepairPath, State
 
 
 def list_reviews(ledger) -> dict:
@@ -50,16 +50,16 @@ def accept(ledger, document_id: str) -> dict:
     ledger.resolve_review(document_id, "accepted",
                           reason=f"review accepted: the next run writes {len(chunks)} proposed pages")
     return {"document_id": document_id, "decision": "accepted", "state": State.PENDING.value,
-            "path": Path.PDF.value, "chunks": len(chunks)}
+            "path": RepairPath.PDF.value, "chunks": len(chunks)}
 
 
 def reject(ledger, document_id: str) -> dict:
     """Reject the match: the document is left to the reprocess path."""
     chunks = _pending_evidence(ledger, document_id)["chunks"]
-    ledger.resolve_review(document_id, "rejected", path=Path.REPROCESS,
+    ledger.resolve_review(document_id, "rejected", path=RepairPath.REPROCESS,
                           reason="review rejected: left to the reprocess path (run with reprocessing enabled)")
     return {"document_id": document_id, "decision": "rejected", "state": State.PENDING.value,
-            "path": Path.REPROCESS.value, "chunks": len(chunks)}
+            "path": RepairPath.REPROCESS.value, "chunks": len(chunks)}
 
 
 # ---- one entry point per command (the CLI and the service call these)

@@ -23,7 +23,7 @@ from repage.domain.keys import compile_patterns
 from repage.domain.records import Claim
 from repage.migration.migrate import BatchMigrator, BatchResult, DocumentWork, RunOptions
 from repage.migration.scan import scan_completed, scan_store
-from repage.domain.states import Path, State
+from repage.domain.states import RepairPath, State
 from repage.stores.ledger import Ledger
 from repage.stores.throttle import AdaptiveLimiter, Clock, SystemClock
 
@@ -52,7 +52,7 @@ class RunLimits:
 
 @dataclass(frozen=True)
 class Selection:
-    paths: frozenset[Path] = frozenset({Path.KEYS})
+    paths: frozenset[RepairPath] = frozenset({RepairPath.KEYS})
     document_ids: tuple[str, ...] | None = None
     dataset_id: str | None = None
     order: str = "oldest"
@@ -133,7 +133,7 @@ class Runner:
             self.stores.ledger.requeue_image_moves(sel.dataset_id, sel.document_ids)
         if self.selection.retry_failed and not self.options.dry_run:
             self.stores.ledger.retry_failed(self.selection.dataset_id, self.selection.document_ids)
-        if self.selection.allow_reprocess and Path.REPROCESS in self.selection.paths and not self.options.dry_run:
+        if self.selection.allow_reprocess and RepairPath.REPROCESS in self.selection.paths and not self.options.dry_run:
             self._undefer()
         self.summary.pending_at_start = self._pending()
         while (reason := self._stop_reason(started)) is None:
@@ -157,7 +157,8 @@ class Runner:
         """Reprocessing is enabled: deferred reprocess documents of the selection go back to pending."""
         sel, ledger = self.selection, self.stores.ledger
         for record in ledger.documents(states={State.DEFERRED}, dataset_id=sel.dataset_id):
-            if record.path == Path.REPROCESS and (sel.document_ids is None or record.document_id in sel.document_ids):
+            chosen = sel.document_ids is None or record.document_id in sel.document_ids
+            if record.path == RepairPath.REPROCESS and chosen:
                 try:
                     ledger.transition(record.document_id, State.PENDING, reason="reprocessing enabled for this run")
                 except IllegalTransition:
@@ -166,7 +167,7 @@ class Runner:
     def _pending(self) -> int:
         counts = self.stores.ledger.counts()
         total = sum(n for (state, path), n in counts.items()
-                    if state == State.PENDING.value and Path(path) in self.selection.paths)
+                    if state == State.PENDING.value and RepairPath(path) in self.selection.paths)
         if self.selection.document_ids is not None:
             total = min(total, len(self.selection.document_ids))
         return min(total, self.limits.limit) if self.limits.limit is not None else total
@@ -203,9 +204,9 @@ class Runner:
                 for r in islice(self._dry_records, size)]
 
     def _migrate(self, claims: Sequence) -> BatchResult:
-        slow = [c for c in claims if c.path == Path.REPROCESS]
+        slow = [c for c in claims if c.path == RepairPath.REPROCESS]
         if slow:  # the slow path: its own stage (repage/reprocess/stage.py), after the batch's other documents
-            return self._migrate_with_reprocess([c for c in claims if c.path != Path.REPROCESS], slow)
+            return self._migrate_with_reprocess([c for c in claims if c.path != RepairPath.REPROCESS], slow)
         waits = iter(UNAVAILABLE_WAITS)
         while True:
             try:

@@ -19,7 +19,7 @@ from repage.domain.identity import ChunkIdentity
 from repage.domain.keys import compile_patterns, image_prefix, source_key_candidates
 from repage.domain.plan import DocumentPlan, classify, needs_listing
 from repage.domain.records import ScanRecord
-from repage.domain.states import DONE, Path, State
+from repage.domain.states import DONE, RepairPath, State
 from repage.stores.throttle import AdaptiveLimiter, call_with_backoff
 
 T = TypeVar("T")
@@ -114,7 +114,7 @@ class Classifier:
             return self._classify(document_id, summary)
         except ValueError as exc:  # the document's own data (an empty dataset_id, an id or key no store takes)
             # recorded, never fatal to the scan: pending, so the run records the error on the document
-            return DocumentPlan(document_id, summary.dataset_id, summary.filename, Path.KEYS, State.PENDING,
+            return DocumentPlan(document_id, summary.dataset_id, summary.filename, RepairPath.KEYS, State.PENDING,
                                 f"cannot classify: {exc}", ())
 
     def _classify(self, document_id: str, summary: DocumentSummary) -> DocumentPlan:

@@ -19,7 +19,7 @@ from repage.errors import ObjectNotFound, RepageError
 from repage.domain.identity import ChunkIdentity
 from repage.domain.keys import is_pdf_image_ref
 from repage.domain.records import ChunkChange, ObjectState
-from repage.domain.states import Path, State
+from repage.domain.states import RepairPath, State
 from repage.stores.milvus import eq_filter, in_filter
 
 
@@ -113,7 +113,7 @@ def _records(ledger, states: set[State], document_ids: Iterable[str] | None):
 
 def rollback_document(stores, record) -> None:
     """Restore the journal's old values exactly, then drop the copies repage made."""
-    if record.path == Path.REPROCESS:  # whole rows were replaced: back from the local pipeline's backup
+    if record.path == RepairPath.REPROCESS:  # whole rows were replaced: back from the local pipeline's backup
         from repage.reprocess.local import restore_backup
 
         restore_backup(stores, record)

@@ -33,14 +33,14 @@ from repage.migration.migrate import RunOptions
 from repage.domain.plan import is_affected
 from repage.migration.runner import RunLimits, Runner, RunSummary, Selection
 from repage.migration.scan import SCAN_FIELDS, Classifier, DocumentSummary, _scan_record, scan_completed, scan_store
-from repage.domain.states import Path
+from repage.domain.states import RepairPath
 
 log = logging.getLogger("repage.migration.worker")
 
 PAUSE, RESUME = "pause", "resume"  # ledger events: the latest of the two decides
 READ_LATENCY = "read-latency"  # published by services: {"p95": s, "n": samples, "source": id}
 TRICKLE = "worker-trickle"  # documents the trickle processed; detail = the worker's clock day
-PATHS = frozenset({Path.KEYS, Path.PDF})  # what the worker migrates (reprocess is not built yet)
+PATHS = frozenset({RepairPath.KEYS, RepairPath.PDF})  # what the worker migrates (reprocess is not built yet)
 _HHMM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
 
 

@@ -13,13 +13,13 @@ import sqlalchemy as sa
 
 from repage.errors import ConfigError, IllegalTransition, StaleLease, StoreError, StoreUnavailable
 from repage.domain.records import ChunkJournalEntry, Claim, JournalIntent, ObjectJournalEntry, ObjectState, ScanRecord
-from repage.domain.states import TRANSITIONS, Path, State
+from repage.domain.states import TRANSITIONS, RepairPath, State
 from repage.stores.ledger import SCHEMA_VERSION, Ledger
 
 N_CONCURRENT = 200
 
 
-def rec(doc: str, state: State = State.PENDING, *, path: Path = Path.KEYS, reason: str = "page 0",
+def rec(doc: str, state: State = State.PENDING, *, path: RepairPath = RepairPath.KEYS, reason: str = "page 0",
         affected: int = 3, total: int | None = None, dataset: str = "ds1") -> ScanRecord:
     return ScanRecord(doc, dataset, f"{doc}.pdf", path, state, reason, affected, total)
 
@@ -137,17 +137,18 @@ def test_rescan_updates_open_documents_and_leaves_done_and_running_alone(ledger)
     put_in(ledger, "rolled", State.ROLLED_BACK)
     token = put_in(ledger, "running", State.RUNNING)
 
-    ledger.upsert_scan([rec(d, path=Path.PDF, reason="rescan", affected=7)
+    ledger.upsert_scan([rec(d, path=RepairPath.PDF, reason="rescan", affected=7)
                         for d in ("open", "failed", "done", "running", "rolled", "skip")])
 
     for doc, state in (("open", State.PENDING), ("failed", State.FAILED)):
         got = ledger.get(doc)
         assert (got.state, got.path, got.reason, got.affected_chunks, got.total_chunks) == (
-            state, Path.PDF, "rescan", 7, 10)  # total_chunks None keeps the known count
+            state, RepairPath.PDF, "rescan", 7, 10)  # total_chunks None keeps the known count
     for doc, state, affected in (("done", State.MIGRATED, 3), ("running", State.RUNNING, 3),
                                  ("skip", State.SKIPPED, 0)):
         got = ledger.get(doc)
-        assert (got.state, got.path, got.reason, got.affected_chunks) == (state, Path.KEYS, "page 0", affected), doc
+        expected = (state, RepairPath.KEYS, "page 0", affected)
+        assert (got.state, got.path, got.reason, got.affected_chunks) == expected, doc
     assert ledger.get("running").fencing_token == token
     assert ledger.get("rolled").state == State.PENDING  # rolled_back -> pending: scanned again
 
@@ -218,10 +219,10 @@ def test_claims_give_increasing_fencing_tokens(ledger):
 
 
 def test_claim_filters_and_orders(ledger):
-    ledger.upsert_scan([rec("a"), rec("b", path=Path.PDF), rec("c", dataset="ds2"), rec("d")])
+    ledger.upsert_scan([rec("a"), rec("b", path=RepairPath.PDF), rec("c", dataset="ds2"), rec("d")])
     ledger.set_priority({"d": 5.0, "c": 1.0})
     assert [c.document_id for c in ledger.claim_batch("o", 1, 60, order="priority")] == ["d"]
-    assert [c.document_id for c in ledger.claim_batch("o", 9, 60, paths={Path.PDF})] == ["b"]
+    assert [c.document_id for c in ledger.claim_batch("o", 9, 60, paths={RepairPath.PDF})] == ["b"]
     assert [c.document_id for c in ledger.claim_batch("o", 9, 60, dataset_id="ds2")] == ["c"]
     assert ledger.claim_batch("o", 9, 60, paths=set()) == []
     assert [c.document_id for c in ledger.claim_batch("o", 9, 60, order="random")] == ["a"]

@@ -27,7 +27,7 @@ import pytest
 
 from repage.web import dashboard as dash
 from repage.domain.keys import canonical_image_key
-from repage.domain.states import Path as RoutePath, State
+from repage.domain.states import RepairPath, State
 from repage.stores.ledger import Ledger
 from repage.migration.worker import is_paused
 from tests.fixtures.milvus import _free_port, unique_name
@@ -108,7 +108,7 @@ def _put_in_review(ledger: Ledger, doc: str) -> None:
     evidence = {"threshold": {"max_hash_distance": 10, "min_hash_margin": 8}, "confident": 0,
                 "chunks": [{"image_index": 0, "distance": 17, "margin": 2, "candidates": [3, 4], "proposed": 3}]}
     ledger.save_review(doc, claim.fencing_token, json.dumps(evidence))
-    ledger.transition(doc, State.REVIEW, token=claim.fencing_token, path=RoutePath.PDF,
+    ledger.transition(doc, State.REVIEW, token=claim.fencing_token, path=RepairPath.PDF,
                       reason="1 of 2 chunks matched below the threshold (distance <= 10, margin >= 8): "
                              "see `repage review`")
 

@@ -16,7 +16,7 @@ import pytest
 from repage.stores.open import open_stores
 from repage.migration.migrate import RunOptions
 from repage.migration.runner import RunLimits, Selection, run_migration
-from repage.domain.states import Path
+from repage.domain.states import RepairPath
 from tests.support import built_demo
 from tests.support.snapshot import diff
 
@@ -52,7 +52,7 @@ class CountingRay:
 def migrate(demo, engine) -> dict:
     with open_stores(demo.settings) as stores:
         summary = run_migration(stores, RunOptions(engine=engine), RunLimits(batch_size=4, concurrency=2),
-                                Selection(paths=frozenset({Path.PDF})))
+                                Selection(paths=frozenset({RepairPath.PDF})))
     assert summary.failed == 0, summary.errors
     assert summary.migrated > 0
     snap = demo.snapshot()

@@ -20,7 +20,7 @@ from repage.config import load_settings
 from repage.migration.migrate import RunOptions
 from repage.migration.runner import RunLimits, Runner, Selection
 from repage.domain.records import ScanRecord
-from repage.domain.states import Path, State
+from repage.domain.states import RepairPath, State
 from repage.stores.ledger import Ledger
 from repage.stores.objects import ObjectStore
 from repage.stores.milvus import MilvusVectors
@@ -125,7 +125,7 @@ def stores(api, collection, tmp_path):
         "reprocess_url": api.url, "reprocess_token": TOKEN, "reprocess_timeout_seconds": 60,
         "reprocess_poll_seconds": 5})
     ledger = Ledger(settings.ledger_url)
-    ledger.upsert_scan([ScanRecord(d, "ds1", f"{d}.png", Path.REPROCESS, State.PENDING, "source is not a PDF", 3)
+    ledger.upsert_scan([ScanRecord(d, "ds1", f"{d}.png", RepairPath.REPROCESS, State.PENDING, "source is not a PDF", 3)
                         for d in DOCS])
     vectors = MilvusVectors(uri, name)
     objects = ObjectStore.from_url("memory://")
@@ -135,7 +135,7 @@ def stores(api, collection, tmp_path):
 
 
 def run(stores, *docs, clock=None, **limits):
-    selection = Selection(paths=frozenset({Path.REPROCESS}), document_ids=docs, allow_reprocess=True)
+    selection = Selection(paths=frozenset({RepairPath.REPROCESS}), document_ids=docs, allow_reprocess=True)
     limits = RunLimits(batch_size=limits.pop("batch_size", 8), **limits)
     return Runner(stores, RunOptions(), limits, selection, clock=clock or FakeClock()).run()
 
@@ -181,7 +181,8 @@ def test_budget_exhausted_mid_run_stops_cleanly(stores, api):
 
 
 def test_auto_without_allow_defers_then_allow_reprocesses(stores, api):
-    selection = Selection(paths=frozenset({Path.KEYS, Path.PDF, Path.REPROCESS}), document_ids=("deferred-1",))
+    selection = Selection(paths=frozenset({RepairPath.KEYS, RepairPath.PDF, RepairPath.REPROCESS}),
+                          document_ids=("deferred-1",))
     Runner(stores, RunOptions(), RunLimits(), selection, clock=FakeClock()).run()
     record = state(stores, "deferred-1")
     assert record.state == State.DEFERRED and "--allow-reprocess" in record.reason

@@ -27,7 +27,7 @@ from repage.migration.migrate import RunOptions
 from repage.reprocess.local import LocalReprocessor, backup_key
 from repage.migration.runner import RunLimits, Runner, Selection
 from repage.domain.records import ScanRecord
-from repage.domain.states import Path, State
+from repage.domain.states import RepairPath, State
 from repage.stores.ledger import Ledger
 from repage.stores.objects import ObjectStore
 from repage.stores.milvus import MilvusVectors, eq_filter
@@ -97,7 +97,8 @@ def add_document(stores, doc: str, filename: str, data: bytes, old_chunks: int) 
     stores.objects.put(f"{DS}/{filename}", data)
     stores.objects.put(f"{DS}/{doc}/checkpoints/parsed.json.gz", b"stale")
     stores.vectors.insert(broken_rows(doc, filename, old_chunks))
-    stores.ledger.upsert_scan([ScanRecord(doc, DS, filename, Path.REPROCESS, State.PENDING, "not a PDF", old_chunks)])
+    stores.ledger.upsert_scan([ScanRecord(doc, DS, filename, RepairPath.REPROCESS, State.PENDING, "not a PDF",
+                                          old_chunks)])
 
 
 class Reader(threading.Thread):
@@ -115,7 +116,7 @@ class Reader(threading.Thread):
 def reprocess(stores, doc: str, old: int) -> Reader:
     reader = Reader(stores.vectors, doc)
     reader.start()
-    selection = Selection(paths=frozenset({Path.REPROCESS}), document_ids=(doc,), allow_reprocess=True)
+    selection = Selection(paths=frozenset({RepairPath.REPROCESS}), document_ids=(doc,), allow_reprocess=True)
     summary = Runner(stores, RunOptions(), RunLimits(), selection, clock=FakeClock()).run()
     reader.stop.set()
     reader.join()

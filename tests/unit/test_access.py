@@ -15,7 +15,7 @@ from repage.domain.access import (
     spread_datasets,
 )
 from repage.domain.records import ScanRecord
-from repage.domain.states import Path, State
+from repage.domain.states import RepairPath, State
 
 H = 3600.0  # one-hour half-life keeps the numbers readable
 T0 = 1_700_000_000.0
@@ -151,7 +151,7 @@ def test_access_and_lazy_modules_import_no_vendor_sdk():
 # --------------------------------------------------------------------------- the ledger side
 
 
-def scanned(ledger, *docs: str, path: Path = Path.KEYS) -> None:
+def scanned(ledger, *docs: str, path: RepairPath = RepairPath.KEYS) -> None:
     ledger.upsert_scan([ScanRecord(d, "ds", f"{d}.pdf", path, State.PENDING, "page 0", 2) for d in docs])
 
 
@@ -185,7 +185,7 @@ def test_enqueue_once_claims_first_and_clears(ledger):
     assert [e.document_id for e in ledger.events(kinds=["enqueued"])] == ["c", "new"]
     assert ledger.enqueued(unscanned_only=True) == ["new"]
     assert claim_order(ledger, enqueued_only=True) == ["c"]
-    assert ledger.clear_enqueued(keep_paths={Path.KEYS}) == 0  # c is running: its request stays
+    assert ledger.clear_enqueued(keep_paths={RepairPath.KEYS}) == 0  # c is running: its request stays
     assert claim_order(ledger, order="priority") == ["a", "b"]  # enqueued before accesses, shown above
 
 
@@ -199,14 +199,14 @@ def test_priority_order_takes_enqueued_documents_before_used_ones(ledger):
 
 def test_enqueue_respects_states_and_retries_failed_on_request(ledger):
     scanned(ledger, "f", "m", "p")
-    scanned(ledger, "pdf", path=Path.PDF)
+    scanned(ledger, "pdf", path=RepairPath.PDF)
     claims = {c.document_id: c for c in ledger.claim_batch("t", 10, 60, document_ids=["f", "m"])}
     ledger.transition("f", State.FAILED, token=claims["f"].fencing_token, error="boom")
     ledger.transition("m", State.MIGRATED, token=claims["m"].fencing_token)
     assert ledger.enqueue(["f", "m", "pdf"]) == {"f": "failed", "m": "migrated", "pdf": "enqueued"}
     assert ledger.enqueue(["f"], retry_failed=True) == {"f": "enqueued"}
     assert ledger.get("f").state == State.PENDING
-    assert ledger.clear_enqueued(keep_paths={Path.KEYS}) == 1  # pdf: a keys-only worker cannot take it
+    assert ledger.clear_enqueued(keep_paths={RepairPath.KEYS}) == 1  # pdf: a keys-only worker cannot take it
     assert ledger.enqueued() == ["f"]
     assert ledger.clear_enqueued(["f"]) == 1 and ledger.enqueued() == []
 

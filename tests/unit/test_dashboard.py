@@ -19,7 +19,7 @@ from repage.errors import ConfigError
 from repage.web.auth import SESSION_COOKIE, Sessions
 from repage.web.service import create_app
 from repage.domain.records import Event, ScanRecord
-from repage.domain.states import Path, State
+from repage.domain.states import RepairPath, State
 from repage.migration.status import migration_status
 from repage.stores.ledger import Ledger
 from repage.migration.worker import is_paused
@@ -36,15 +36,15 @@ def settings(tmp_path, **extra):
 def populate(ledger: Ledger) -> None:
     """Mid-migration: 2 migrated, 1 failed (with markup in its error), 1 review, 2 pending."""
     docs = ["a", "b", "c", "f", "r"]
-    ledger.upsert_scan([ScanRecord(d, "ds", f"{d}.pdf", Path.KEYS, State.PENDING, "page 0", 2) for d in docs]
-                       + [ScanRecord("p", "ds", "p.pdf", Path.PDF, State.PENDING, "source", 2)])
+    ledger.upsert_scan([ScanRecord(d, "ds", f"{d}.pdf", RepairPath.KEYS, State.PENDING, "page 0", 2) for d in docs]
+                       + [ScanRecord("p", "ds", "p.pdf", RepairPath.PDF, State.PENDING, "source", 2)])
     claims = {c.document_id: c for c in ledger.claim_batch("t", 10, 60, document_ids=["a", "b", "f", "r"])}
     for doc in ("a", "b"):
         ledger.transition(doc, State.MIGRATED, token=claims[doc].fencing_token, object_requests_a=3,
                           object_requests_b=5)
     ledger.transition("f", State.FAILED, token=claims["f"].fencing_token, error="copy failed: <script>x</script>")
     ledger.save_review("r", claims["r"].fencing_token, json.dumps({"chunks": []}))
-    ledger.transition("r", State.REVIEW, token=claims["r"].fencing_token, path=Path.PDF,
+    ledger.transition("r", State.REVIEW, token=claims["r"].fencing_token, path=RepairPath.PDF,
                       reason="1 of 2 chunks below the threshold")
     ledger.add_event("migrated", count=2, detail="4")
     ledger.add_event("object-requests", count=16, detail="6 10")
@@ -218,9 +218,9 @@ def test_package_data_lists_every_asset_and_template():
     from fnmatch import fnmatch
     from importlib import resources
 
-    from pathlib import Path as FsPath
+    from pathlib import Path
 
-    with open(FsPath(__file__).resolve().parents[2] / "pyproject.toml", "rb") as f:
+    with open(Path(__file__).resolve().parents[2] / "pyproject.toml", "rb") as f:
         globs = tomllib.load(f)["tool"]["setuptools"]["package-data"]["repage.web"]
     root = resources.files("repage.web")
     shipped = list(dash.ASSETS) + ["vendor/LICENSE.uPlot"]
@@ -265,7 +265,8 @@ def test_ledger_text_reaches_the_page_as_text(tmp_path):
     s = settings(tmp_path, read_token=READ, admin_token=ADMIN)
     ledger = Ledger(s.ledger_url)
     failed, review = f"f{MARKUP}", f"r{MARKUP}"
-    ledger.upsert_scan([ScanRecord(d, "ds", "d.pdf", Path.KEYS, State.PENDING, "page 0", 2) for d in (failed, review)])
+    ledger.upsert_scan([ScanRecord(d, "ds", "d.pdf", RepairPath.KEYS, State.PENDING, "page 0", 2)
+                        for d in (failed, review)])
     claims = {c.document_id: c for c in ledger.claim_batch("t", 10, 60, document_ids=[failed, review])}
     ledger.transition(failed, State.FAILED, token=claims[failed].fencing_token, error=f"copy failed: {MARKUP}")
     ledger.save_review(review, claims[review].fencing_token, json.dumps({"chunks": []}))

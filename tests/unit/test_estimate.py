@@ -2,7 +2,7 @@ import pytest
 
 from repage.config import Prices
 from repage.domain.estimate import Latencies, PathLoad, estimate, human_seconds, request_dollars
-from repage.domain.states import Path
+from repage.domain.states import RepairPath
 
 LAT = Latencies(milvus_query_s=0.5, milvus_write_s=0.5, object_head_s=0.01, object_list_s=0.05,
                 object_copy_s=0.02, get_bytes_per_s=10e6, pdf_seconds_per_mb=0.2, mean_source_bytes=2e6, sample_size=10)
@@ -14,7 +14,7 @@ def test_r2_prices():
 
 
 def test_keys_path_counts_requests_and_scales_with_concurrency():
-    loads = {Path.KEYS: PathLoad(documents=100, chunks=600, images_to_move=600)}
+    loads = {RepairPath.KEYS: PathLoad(documents=100, chunks=600, images_to_move=600)}
     one = estimate(loads, LAT, Prices(), concurrency=1, batch_size=50)
     eight = estimate(loads, LAT, Prices(), concurrency=8, batch_size=50)
     keys = one.paths[0]
@@ -24,35 +24,35 @@ def test_keys_path_counts_requests_and_scales_with_concurrency():
 
 
 def test_ledger_round_trips_cost_per_document_whatever_the_concurrency():
-    loads = {Path.KEYS: PathLoad(documents=1000, chunks=6000, images_to_move=0)}
+    loads = {RepairPath.KEYS: PathLoad(documents=1000, chunks=6000, images_to_move=0)}
     slow = Latencies(**{**LAT.__dict__, "ledger_round_trip_s": 0.001})
     base = estimate(loads, LAT, Prices(), concurrency=8, batch_size=200).seconds
     assert estimate(loads, slow, Prices(), concurrency=8, batch_size=200).seconds - base == pytest.approx(6.0)
 
 
 def test_object_time_measured_at_the_runs_concurrency_is_not_divided_again():
-    loads = {Path.KEYS: PathLoad(documents=100, chunks=600, images_to_move=600)}
+    loads = {RepairPath.KEYS: PathLoad(documents=100, chunks=600, images_to_move=600)}
     measured = Latencies(**{**LAT.__dict__, "object_request_s": 0.001})
     keys = estimate(loads, measured, Prices(), concurrency=8, batch_size=50).paths[0]
     assert keys.seconds == pytest.approx(2 * (0.5 + 0.5 + 0.5) + 600 * 3 * 0.001)
 
 
 def test_no_moves_no_object_cost():
-    loads = {Path.KEYS: PathLoad(documents=10, chunks=60, images_to_move=0)}
+    loads = {RepairPath.KEYS: PathLoad(documents=10, chunks=60, images_to_move=0)}
     assert estimate(loads, LAT, Prices(), concurrency=4, batch_size=50).dollars == 0
 
 
 def test_reprocess_dollars_from_price_table():
-    loads = {Path.REPROCESS: PathLoad(documents=10, chunks=50)}
+    loads = {RepairPath.REPROCESS: PathLoad(documents=10, chunks=50)}
     est = estimate(loads, LAT, Prices(), concurrency=1, batch_size=50)
     assert round(est.dollars, 4) == round(10 * 0.10 + 50 * (0.01 + 0.001), 4)
 
 
 def test_pdf_path_uses_measured_throughput():
-    fast = estimate({Path.PDF: PathLoad(documents=10, chunks=60, source_bytes=20_000_000)}, LAT, Prices(),
+    fast = estimate({RepairPath.PDF: PathLoad(documents=10, chunks=60, source_bytes=20_000_000)}, LAT, Prices(),
                     concurrency=1, batch_size=50)
     slow_lat = Latencies(**{**LAT.__dict__, "get_bytes_per_s": 1e6})
-    slow = estimate({Path.PDF: PathLoad(documents=10, chunks=60, source_bytes=20_000_000)}, slow_lat, Prices(),
+    slow = estimate({RepairPath.PDF: PathLoad(documents=10, chunks=60, source_bytes=20_000_000)}, slow_lat, Prices(),
                     concurrency=1, batch_size=50)
     assert slow.seconds > fast.seconds
 

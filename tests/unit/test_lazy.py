@@ -12,7 +12,7 @@ from repage.domain.access import Decayed
 from repage.domain.keys import compile_patterns
 from repage.migration.lazy import LazyRepair, LedgerSink
 from repage.domain.records import ScanRecord
-from repage.domain.states import Path, State
+from repage.domain.states import RepairPath, State
 from repage.stores.ledger import Ledger
 
 
@@ -157,7 +157,7 @@ def test_background_flush_and_periodic_tasks():
 def test_ledger_sink_enqueues_once_and_records_accesses(tmp_path):
     ledger = Ledger(f"sqlite:///{tmp_path}/ledger.db")
     try:
-        ledger.upsert_scan([ScanRecord("a", "ds", "a.pdf", Path.KEYS, State.PENDING, "page 0", 1)])
+        ledger.upsert_scan([ScanRecord("a", "ds", "a.pdf", RepairPath.KEYS, State.PENDING, "page 0", 1)])
         lazy = LazyRepair(LedgerSink(ledger, half_life_hours=72), now=time.time)
         for _ in range(3):  # three flush windows, each with reads of the same document
             for _ in range(10):

@@ -1,7 +1,7 @@
 import re
 
 from repage.domain.plan import classify, index_listing, is_affected, needs_listing
-from repage.domain.states import Path, State
+from repage.domain.states import RepairPath, State
 
 DS, DOC = "ds1", "doc1"
 LEGACY = f"{DS}/{DOC}/images/3_report.pdf-10-0.png"  # index 3, page 10
@@ -25,14 +25,14 @@ def test_affected_predicate():
 
 def test_no_affected_chunks_is_skipped():
     p = plan([])
-    assert (p.path, p.state) == (Path.NONE, State.SKIPPED)
+    assert (p.path, p.state) == (RepairPath.NONE, State.SKIPPED)
 
 
 def test_page_from_chunk_key_needs_no_listing():
     rows = [row(LEGACY, 3), row(f"{DS}/{DOC}/images/0_1.png", 1)]
     assert not needs_listing(rows)
     p = plan(rows)
-    assert (p.path, p.state) == (Path.KEYS, State.PENDING)
+    assert (p.path, p.state) == (RepairPath.KEYS, State.PENDING)
     assert [c.page for c in p.chunks] == [10, 0]
     assert [c.evidence for c in p.chunks] == ["key", "key"]
 
@@ -41,26 +41,26 @@ def test_unlinked_chunk_resolved_by_listing_its_index():
     rows = [row("", 3)]
     assert needs_listing(rows)
     p = plan(rows, listed_keys=[LEGACY, f"{DS}/{DOC}/images/4_report.pdf-2-0.png"])
-    assert p.path == Path.KEYS
+    assert p.path == RepairPath.KEYS
     assert p.chunks[0].page == 10 and p.chunks[0].found_key == LEGACY and p.chunks[0].evidence == "listing"
 
 
 def test_docling_with_source_is_pdf_path():
     rows = [row(f"{DS}/{DOC}/images/0_docling_image.png", 0)]
     p = plan(rows, listed_keys=[f"{DS}/{DOC}/images/0_docling_image.png"], source_exists=True)
-    assert (p.path, p.state) == (Path.PDF, State.PENDING)
+    assert (p.path, p.state) == (RepairPath.PDF, State.PENDING)
     assert p.chunks[0].page is None and p.chunks[0].found_key is not None
 
 
 def test_non_pdf_source_is_reprocess():
     p = classify(DOC, [row("", None, "ocr", conf=0.9)], [(0,)], dataset_id=DS, filename="scan.png",
                  listed_keys=[], source_exists=True)
-    assert p.path == Path.REPROCESS
+    assert p.path == RepairPath.REPROCESS
 
 
 def test_nothing_left_is_unrecoverable_with_reason():
     p = plan([row("", 2)], listed_keys=[], source_exists=False)
-    assert (p.path, p.state) == (Path.NONE, State.UNRECOVERABLE)
+    assert (p.path, p.state) == (RepairPath.NONE, State.UNRECOVERABLE)
     assert "source object is missing" in p.reason
 
 
@@ -78,4 +78,4 @@ def test_listing_prefers_page_bearing_key_for_an_index():
 def test_user_pattern():
     pattern = re.compile(r"^(?P<dataset_id>[^/]+)/(?P<document_id>[^/]+)/img/p(?P<page>[0-9]+)-(?P<index>[0-9]+)\.png$")
     p = plan([row(f"{DS}/{DOC}/img/p7-2.png", 2)], patterns=[pattern])
-    assert p.path == Path.KEYS and p.chunks[0].page == 7
+    assert p.path == RepairPath.KEYS and p.chunks[0].page == 7

@@ -9,7 +9,7 @@ import pytest
 from repage.errors import ConfigError, IllegalTransition, StaleLease
 from repage.migration.review import accept, list_reviews, reject
 from repage.domain.records import ScanRecord
-from repage.domain.states import Path, State
+from repage.domain.states import RepairPath, State
 from repage.stores.ledger import Ledger
 
 
@@ -28,7 +28,7 @@ def ledger(tmp_path):
 
 
 def in_review(ledger: Ledger, doc: str, ev: dict) -> None:
-    ledger.upsert_scan([ScanRecord(doc, "ds", f"{doc}.pdf", Path.PDF, State.PENDING, "no page in keys", 3)])
+    ledger.upsert_scan([ScanRecord(doc, "ds", f"{doc}.pdf", RepairPath.PDF, State.PENDING, "no page in keys", 3)])
     (claim,) = ledger.claim_batch("me", 1, 60, document_ids=[doc])
     ledger.save_review(doc, claim.fencing_token, json.dumps(ev))
     ledger.transition(doc, State.REVIEW, token=claim.fencing_token, reason="1 of 3 chunks below the threshold")
@@ -49,7 +49,7 @@ def test_accept_sends_the_document_back_to_the_pdf_path(ledger):
     in_review(ledger, "d", evidence())
     assert accept(ledger, "d")["path"] == "pdf"
     record = ledger.get("d")
-    assert (record.state, record.path) == (State.PENDING, Path.PDF) and "accepted" in record.reason
+    assert (record.state, record.path) == (State.PENDING, RepairPath.PDF) and "accepted" in record.reason
     assert ledger.get_review("d").status == "accepted"
     assert list_reviews(ledger)["pending"] == 0
     with pytest.raises(ConfigError, match="no pending review"):
@@ -60,7 +60,7 @@ def test_reject_leaves_the_document_to_reprocess(ledger):
     in_review(ledger, "d", evidence())
     reject(ledger, "d")
     record = ledger.get("d")
-    assert (record.state, record.path) == (State.PENDING, Path.REPROCESS) and "reprocess" in record.reason
+    assert (record.state, record.path) == (State.PENDING, RepairPath.REPROCESS) and "reprocess" in record.reason
     assert ledger.get_review("d").status == "rejected"
 
 
@@ -74,7 +74,7 @@ def test_accept_needs_a_proposal_for_every_chunk(ledger):
 def test_unknown_documents_and_stale_tokens_are_refused(ledger):
     with pytest.raises(ConfigError):
         reject(ledger, "nobody")
-    ledger.upsert_scan([ScanRecord("e", "ds", "e.pdf", Path.PDF, State.PENDING, "r", 1)])
+    ledger.upsert_scan([ScanRecord("e", "ds", "e.pdf", RepairPath.PDF, State.PENDING, "r", 1)])
     (claim,) = ledger.claim_batch("me", 1, 60)
     with pytest.raises(StaleLease):
         ledger.save_review("e", claim.fencing_token + 1, "{}")
@@ -83,7 +83,7 @@ def test_unknown_documents_and_stale_tokens_are_refused(ledger):
 
 
 def test_usage_by_path_sums_requests_and_bytes(ledger):
-    ledger.upsert_scan([ScanRecord(d, "ds", f"{d}.pdf", Path.PDF, State.PENDING, "r", 1) for d in ("a", "b")])
+    ledger.upsert_scan([ScanRecord(d, "ds", f"{d}.pdf", RepairPath.PDF, State.PENDING, "r", 1) for d in ("a", "b")])
     for claim in ledger.claim_batch("me", 2, 60):
         ledger.transition(claim.document_id, State.MIGRATED, token=claim.fencing_token,
                           object_requests_a=2, object_requests_b=3, bytes_read=1000)
