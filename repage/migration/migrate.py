@@ -297,9 +297,15 @@ class BatchMigrator:
             live = [w for w in live if self._keep(w, result)]
         self.failpoints.hit("after-copy")
         live = self._renew_leases(live, result)  # the write starts with a full lease
-        live = self._write_or_isolate(live, result)
-        self.failpoints.hit("after-write")
-        written = self._fetch_written(live)  # one read-back query per batch, not one per document
+        # On Milvus Lite the write, its read-back and a flush run as one turn at the store: no other
+        # process writes or flushes in between, and the rows are sealed before the ledger records
+        # anything as applied or migrated (a Lite server stopped by SIGTERM keeps only flushed rows
+        # for sure: docs/milvus-lite-durability.md). Elsewhere both are no-ops (docs/design.md §7).
+        with self.vectors.exclusive():
+            live = self._write_or_isolate(live, result)
+            self.failpoints.hit("after-write")
+            written = self._fetch_written(live)  # one read-back query per batch, not one per document
+            self.vectors.persist()
         with self.ledger.transaction():
             live = self._read_back(live, result, written)
         self.failpoints.hit("after-readback")

@@ -131,6 +131,7 @@ def rollback_document(stores, record) -> None:
     changes = [ChunkChange(ChunkIdentity.from_text(c.identity), _current_pk(vectors, found, c), c.old_page,
                            (c.old_key or "") if c.new_key is not None else None) for c in journal]
     vectors.write_changes(changes)
+    vectors.persist()  # on Milvus Lite, flushed before the ledger says rolled back (docs/milvus-lite-durability.md)
     referenced = _referenced_keys(vectors, [move.new_key for move in moves])
     for move in moves:
         # back to intended: a later run of this document must copy the image again

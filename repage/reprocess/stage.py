@@ -151,6 +151,7 @@ class ReprocessStage:
             self._settle(work, State.FAILED, result, dollars=dollars,
                          error=f"document {work.document_id}: the backend reports it ready but it has no chunks")
             return
+        vectors.persist()  # what this process wrote (the local reprocessor) survives a Lite stop first
         self._settle(work, State.MIGRATED, result, dollars=dollars, total_chunks=len(rows),
                      reason=f"reprocessed ({job.backend}): {len(rows)} chunks")
         result.chunks_written += len(rows)

@@ -21,8 +21,9 @@ import json
 import logging
 import operator
 import re
+import threading
 from collections import Counter, defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -347,13 +348,19 @@ class MilvusVectors:
 
     def __init__(self, uri: str, collection: str, token: str | None = None, *,
                  timeout: float = 30.0, max_query_rows: int = MAX_QUERY_ROWS,
-                 max_request_bytes: int = MAX_REQUEST_BYTES):
+                 max_request_bytes: int = MAX_REQUEST_BYTES, lite_lock: Any = None):
         self.uri, self.collection = normalize_uri(uri), collection
         self._token, self._timeout = token or "", timeout
         self.max_query_rows, self.max_request_bytes = max_query_rows, max_request_bytes
         self.ops: Counter = Counter()  # RPCs by kind: for tests and the cost model
         self._size_models: dict[tuple, _SizeModel] = {}  # by query shape, see fetch_documents
         self._info: CollectionInfo | None = None
+        # Milvus Lite only (see `is_lite`): the turns this process takes with the others at the
+        # store (`hold(exclusive)`, repage/stores/ledger/locks.py), and whether it wrote since it
+        # last flushed.
+        self._lite: bool | None = None
+        self._lite_lock = lite_lock if lite_lock is not None else _process_lock(self.uri, collection)
+        self._unflushed = False
         self._client: MilvusClient | None = connect(self.uri, token, timeout)
         try:
             self._open_collection()
@@ -366,7 +373,9 @@ class MilvusVectors:
         kwargs.setdefault("timeout", self._timeout)
         kwargs["retry_on_rate_limit"] = False  # repage's throttle, not pymilvus' 75 tries
         self.ops[method] += 1
-        with vendor_errors(method, self._token):
+        with self._turn(method), vendor_errors(method, self._token):
+            if method in _LITE_WRITES and method != "flush":
+                self._unflushed = True  # before the call: a failed write may have been applied
             try:
                 return getattr(self._client, method)(*args, **kwargs)
             except MilvusException as exc:
@@ -391,15 +400,69 @@ class MilvusVectors:
         return f"{kind} {redact_uri(self.uri)}, collection {self.collection!r}{token}"
 
     def close(self) -> None:
-        if self._client is not None:
+        """Flush what this process wrote to a Milvus Lite store (a stopping service or worker
+        leaves nothing in Lite's write-ahead log: docs/milvus-lite-durability.md), then disconnect."""
+        if self._client is None:
+            return
+        try:
+            self.persist()
+        except StoreError as exc:  # closing anyway: the next run re-checks its work
+            logging.getLogger(__name__).warning("repage: flushing Milvus Lite on close failed: %s", exc)
+        finally:
             self._client.close()
             self._client = None
+            close_lock = getattr(self._lite_lock, "close", None)
+            if close_lock is not None:
+                close_lock()
 
     def __enter__(self) -> MilvusVectors:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    # -- Milvus Lite: turns and flushes (docs/design.md §7, docs/milvus-lite-durability.md)
+    @property
+    def is_lite(self) -> bool:
+        """Whether this is Milvus Lite, in process (a folder) or a `milvus-lite server` (an http
+        URI): it names itself "milvus_lite-<version>" to GetVersion, where a server says "v2.x"."""
+        if self._lite is None:
+            with vendor_errors("get_server_version", self._token):
+                version = str(self._client.get_server_version(timeout=self._timeout))
+            self._lite = version.startswith("milvus_lite-")
+        return self._lite
+
+    def _turn(self, method: str):
+        """Lite is one writer per collection: its server runs requests on a thread pool with no lock
+        around a collection's write-ahead log or its flush, so two writes at once interleave their
+        bytes in the log (reopened, it is read up to the first broken record: every later write is
+        lost), a write racing a flush can vanish, and a query during a flush may miss the rows being
+        flushed. Every repage process and thread takes turns: writes and flushes alone, queries
+        together. A real server needs none of it."""
+        if not self.is_lite:
+            return nullcontext()
+        return self._lite_lock.hold(exclusive=method in _LITE_WRITES)
+
+    def exclusive(self):
+        """The store to this thread alone while the block runs (Lite; elsewhere a no-op): a batch
+        writes, reads back and flushes with no other repage write or flush in between."""
+        return self._turn("flush")
+
+    def persist(self) -> bool:
+        """Make this process's acknowledged writes survive a stop of Milvus Lite; True if it flushed.
+
+        Lite keeps writes in a memory table and a write-ahead log until a flush seals them into
+        Parquet; the log does not survive concurrent writers, and a `milvus-lite server` stopped by
+        SIGTERM exits without flushing. So on Lite: flush (taking turns: concurrent flushes fail or
+        lose rows). A real server's write is durable once acknowledged, and servers rate-limit flush:
+        never there.
+        """
+        if not self._unflushed or not self.is_lite:
+            return False
+        with self.exclusive():
+            self._rpc("flush", self.collection)
+            self._unflushed = False
+        return True
 
     # -- schema
     def info(self) -> CollectionInfo:
@@ -739,6 +802,28 @@ class MilvusVectors:
         materialising its unflushed rows, so an unflushed store is slower than any real one.
         """
         self._rpc("flush", self.collection)
+        self._unflushed = False
+
+
+# Milvus Lite requests that change the collection: one at a time across processes (see `_turn`)
+_LITE_WRITES = frozenset({"insert", "upsert", "delete", "flush", "drop_collection"})
+_PROCESS_LOCKS: dict[tuple[str, str], _ProcessLock] = {}
+
+
+class _ProcessLock:
+    """Turns within this process only: for adapters opened without a shared lock (tests, builders)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    @contextmanager
+    def hold(self, exclusive: bool) -> Iterator[None]:
+        with self._lock:
+            yield
+
+
+def _process_lock(uri: str, collection: str) -> _ProcessLock:
+    return _PROCESS_LOCKS.setdefault((uri, collection), _ProcessLock())
 
 
 def fltr_schema(client: MilvusClient, *, pk: str, dim: int, dynamic: bool, chunk_id_field: bool):

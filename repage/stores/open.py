@@ -36,10 +36,15 @@ class Stores:
 
 
 def open_vectors(settings: Settings) -> MilvusVectors:
+    from repage.stores.ledger.locks import SharedLock
     from repage.stores.milvus import MilvusVectors
 
     token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
-    return MilvusVectors(settings.milvus_uri, settings.collection, token=token)
+    # On Milvus Lite the processes of one migration take turns at the store through a lock in
+    # their shared ledger (repage/stores/ledger/locks.py says why there); it connects on first use,
+    # so a real Milvus never opens it.
+    lock = SharedLock(settings.ledger_url, f"milvus-lite:{settings.collection}")
+    return MilvusVectors(settings.milvus_uri, settings.collection, token=token, lite_lock=lock)
 
 
 def open_objects(settings: Settings, *, check: bool = True) -> ObjectStore:
