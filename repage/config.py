@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from repage.errors import ConfigError
+from repage.redact import Redactor, redact_text, redact_url
 
 DEFAULT_DATA_DIR = "./repage-data"
 
@@ -85,22 +86,23 @@ class Settings(BaseModel):
         if value.startswith(("http://", "https://", "tcp://")):
             parts = urlsplit(value)
             if not parts.hostname:
-                raise ValueError(f"REPAGE_MILVUS_URI {value!r} has no host: use http://host:19530")
+                raise ValueError(f"REPAGE_MILVUS_URI {redact_url(value)!r} has no host: use http://host:19530")
             return value
         if "://" in value or not value.endswith(".db"):
             raise ValueError(
-                f"REPAGE_MILVUS_URI {value!r} is neither a Milvus Lite file (*.db) nor http(s)://host:port"
+                f"REPAGE_MILVUS_URI {redact_url(value)!r} is neither a Milvus Lite file (*.db) nor http(s)://host:port"
             )
         return value
 
     @field_validator("store_url")
     @classmethod
     def _store_url(cls, value: str) -> str:
+        # never echo a raw value (docs/design.md §6.1): a URL may carry user info or a token
         scheme = value.split("://", 1)[0] if "://" in value else ""
         if scheme not in {"file", "s3", "memory"}:
-            raise ValueError(f"REPAGE_STORE_URL {value!r} must start with file://, s3:// or memory://")
+            raise ValueError(f"REPAGE_STORE_URL {redact_url(value)!r} must start with file://, s3:// or memory://")
         if scheme == "s3" and not urlsplit(value).netloc:
-            raise ValueError(f"REPAGE_STORE_URL {value!r} names no bucket: use s3://BUCKET")
+            raise ValueError(f"REPAGE_STORE_URL {redact_url(value)!r} names no bucket: use s3://BUCKET")
         return value
 
     @field_validator("ledger_url")
@@ -114,7 +116,7 @@ class Settings(BaseModel):
     @classmethod
     def _collection(cls, value: str) -> str:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,254}", value):
-            raise ValueError(f"REPAGE_COLLECTION {value!r} is not a valid Milvus collection name")
+            raise ValueError(f"REPAGE_COLLECTION {redact_text(value)!r} is not a valid Milvus collection name")
         return value
 
     def __repr_args__(self):
@@ -123,19 +125,8 @@ class Settings(BaseModel):
             yield name, redact_url(value) if isinstance(value, str) else value
 
     def redacted(self) -> dict[str, Any]:
-        """The settings as a plain dict with every secret and URL password masked."""
-        shown = self.model_dump(mode="json")
-        secrets = [v.get_secret_value() for v in self.__dict__.values() if isinstance(v, SecretStr)]
-        secrets = [s for s in secrets if len(s) >= 4]  # shorter is no credential, and would mangle the rest
-        for name, value in shown.items():
-            if isinstance(getattr(self, name), SecretStr):
-                shown[name] = "***"
-            elif isinstance(value, str):
-                value = redact_url(value) if "://" in value else value
-                for secret in secrets:  # a secret pasted into another field (a URL's user) is masked too
-                    value = value.replace(secret, "***")
-                shown[name] = value
-        return shown
+        """The settings as a plain dict with every secret and URL password masked (repage.redact)."""
+        return Redactor.from_settings(self).settings(self)
 
 
 # REPAGE_* variable -> Settings field
@@ -159,10 +150,12 @@ ENV_NAMES: dict[str, str] = {
 }
 
 
-def redact_url(url: str) -> str:
-    """Mask the password (and any token query value) of a URL."""
-    url = re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
-    return re.sub(r"(?i)((?:token|secret|password|key)=)[^&]+", r"\1***", url)
+def environ_redactor(environ: Mapping[str, str]) -> Redactor:
+    """A redactor for the secrets in the environment, before (or without) valid Settings: the
+    CLI's error lines use it when loading the settings is what failed."""
+    values: dict[str, Any] = app_fallback_values(environ)
+    values.update({field: environ[name] for name, field in ENV_NAMES.items() if environ.get(name)})
+    return Redactor.from_values(values)
 
 
 def app_fallback_values(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -209,8 +202,8 @@ def load_settings(
     values.update({k: v for k, v in (flags or {}).items() if v is not None})
     try:
         return Settings(**values)
-    except ValidationError as exc:
-        raise ConfigError(_one_line(exc)) from None
+    except ValidationError as exc:  # the message may quote a value: redact with every value given
+        raise ConfigError(Redactor.from_values(values)(_one_line(exc))) from None
 
 
 def demo_settings(data_dir: Path) -> Settings:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
+from repage import redact
 from repage.cli import commands, review, service  # noqa: F401 — each registers its commands on `app`
 from repage.cli.common import app
 
@@ -35,4 +36,11 @@ def main() -> None:
     # gRPC's C core logs keepalive chatter with Milvus Lite's server on stderr; our errors are one line.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     fewer_malloc_arenas()
-    app(prog_name="repage")
+    redact.redact_uncaught_in_threads()
+    try:
+        app(prog_name="repage")
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as exc:  # outside run_command: a traceback still, but redacted (docs/design.md §6.1)
+        redact.print_exception(exc)
+        sys.exit(1)

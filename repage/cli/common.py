@@ -16,10 +16,13 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from repage.config import Settings, load_settings
+from repage import redact
+from repage.config import Settings, environ_redactor, load_settings
 from repage.errors import ConfigError, RepageError
 
+# no locals in a traceback Typer prints: they hold the settings and tokens (docs/design.md §6.1)
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  pretty_exceptions_show_locals=False,
                   help="Recover page numbers of image/OCR chunks in a Milvus + S3/R2 RAG store.")
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # soft wrap: an error stays one line
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -62,32 +65,44 @@ def settings_from(ctx: typer.Context) -> Settings:
     if config is not None and not config.exists():
         raise ConfigError(f"--config {config}: no such file")
     toml_path = config or (Path("repage.toml") if Path("repage.toml").exists() else None)
-    return load_settings(os.environ, toml_path=toml_path, flags=ctx.obj["flags"])
+    settings = load_settings(os.environ, toml_path=toml_path, flags=ctx.obj["flags"])
+    redact.install(redact.Redactor.from_settings(settings))  # toml and flag secrets too, from here on
+    return settings
 
 
 def run_command(action: Callable[[], Any]) -> Any:
-    """Run a command body, turning repage errors into one line and an exit code."""
+    """Run a command body, turning repage errors into one line and an exit code.
+
+    Every line it prints goes through the process's redactor (repage.redact): the environment's
+    secrets from the start, the settings' once they loaded (docs/design.md §6.1).
+    """
+    redact.install(environ_redactor(os.environ))
     try:
         return action()
     except ConfigError as exc:
-        err.print(f"repage: error: {exc}", markup=False)
+        err.print(f"repage: error: {redact.active()(exc)}", markup=False)
         raise typer.Exit(Exit.USAGE) from None
     except RepageError as exc:
-        err.print(f"repage: failed: {exc}", markup=False)
+        err.print(f"repage: failed: {redact.active()(exc)}", markup=False)
         raise typer.Exit(Exit.FAILURES) from None
-    except (typer.Exit, KeyboardInterrupt):
+    except (typer.Exit, KeyboardInterrupt, SystemExit):
         raise
-    except Exception as exc:  # a bug: one line, and the traceback only when asked for
-        if os.environ.get("REPAGE_DEBUG"):
-            raise
-        err.print(f"repage: internal error: {type(exc).__name__}: {exc} (set REPAGE_DEBUG=1 for the traceback)",
-                  markup=False)
+    except BaseException as exc:  # a bug (a native library's panic too): one line, the traceback only when asked for
+        shown = redact.active()
+        debug = bool(os.environ.get("REPAGE_DEBUG"))
+        if debug:  # printed here, redacted: a raw one (and Typer's, with locals) would show secrets
+            err.print(shown.exception(exc).rstrip("\n"), markup=False, highlight=False)
+        hint = "" if debug else " (set REPAGE_DEBUG=1 for the traceback)"
+        err.print(f"repage: internal error: {type(exc).__name__}: {shown(exc)}{hint}", markup=False)
         raise typer.Exit(Exit.FAILURES) from None
 
 
 def emit(data: dict, as_json: bool, render: Callable[[dict], None]) -> None:
+    """A command's report, redacted, as one JSON document or rendered for people."""
+    shown = redact.active()
+    data = shown.value(data)
     if as_json:
-        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        sys.stdout.write(json.dumps(data, indent=2, default=lambda value: shown(str(value))) + "\n")
     else:
         render(data)
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.table import Table
 
+from repage import redact
 from repage.domain.estimate import human_seconds
 
 
@@ -22,7 +23,7 @@ def progress_printer(console: Console | None, what: str) -> Callable[[int, int],
 
 
 def log_printer(console: Console | None) -> Callable[[str], None] | None:
-    return (lambda message: console.print(message, markup=False)) if console else None
+    return (lambda message: console.print(redact.active()(message), markup=False)) if console else None
 
 
 def render_doctor(console: Console) -> Callable[[dict], None]:

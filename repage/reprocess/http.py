@@ -22,6 +22,7 @@ import httpx
 import tenacity
 
 from repage.errors import BadInput, ConfigError, Transient
+from repage.redact import Redactor, redact_url, url_secrets
 from repage.reprocess.base import Job, JobStatus, ReprocessDocument
 from repage.stores.throttle import Clock, SystemClock
 
@@ -42,9 +43,10 @@ class HttpReprocessor:
                  backoff_initial: float = 0.5, backoff_max: float = 30.0, clock: Clock | None = None,
                  transport: httpx.BaseTransport | None = None):
         if not base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"REPAGE_REPROCESS_URL {base_url!r} must start with http:// or https://")
+            raise ConfigError(f"REPAGE_REPROCESS_URL {redact_url(base_url)!r} must start with http:// or https://")
         self.base_url = base_url.rstrip("/")
         self._token = token or ""
+        self._redact = Redactor(self._token, *url_secrets(base_url))
         self.clock = clock or SystemClock()
         self.attempts = attempts
         self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
@@ -55,7 +57,7 @@ class HttpReprocessor:
         self.requests = 0  # sent, retries included (tests, and the cost of a run)
 
     def __repr__(self) -> str:
-        return f"HttpReprocessor({self.base_url!r}, token={'***' if self._token else None})"
+        return f"HttpReprocessor({redact_url(self.base_url)!r}, token={'***' if self._token else None})"
 
     def close(self) -> None:
         self._client.close()
@@ -134,5 +136,4 @@ class HttpReprocessor:
         return data if isinstance(data, dict) else {"value": data}
 
     def _clean(self, text: str) -> str:
-        text = " ".join(text.split())
-        return text.replace(self._token, "***") if self._token else text
+        return self._redact(" ".join(text.split()))

@@ -27,7 +27,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
-from urllib.parse import urlsplit
 
 import grpc
 import numpy as np
@@ -38,6 +37,7 @@ from pymilvus.grpc_gen import common_pb2
 from repage.domain.records import ChunkChange
 from repage.domain.identity import ChunkIdentity
 from repage.errors import ConfigError, InvalidFilterValue, SchemaError, StoreError, StoreUnavailable, Throttled
+from repage.redact import Redactor, redact_url
 
 
 def _quiet_pymilvus_logging() -> None:
@@ -244,15 +244,6 @@ def parse_schema(name: str, desc: Mapping[str, Any], version: str) -> Collection
 
 # ---------------------------------------------------------------- connection and errors
 
-def redact_uri(uri: str) -> str:
-    parts = urlsplit(uri)
-    if not parts.scheme or len(parts.scheme) == 1:  # a Lite path (or a Windows drive)
-        return uri
-    host = parts.hostname or ""
-    netloc = ("***@" if parts.username or parts.password else "") + host
-    return f"{parts.scheme}://{netloc}" + (f":{parts.port}" if parts.port else "") + parts.path
-
-
 def normalize_uri(uri: str) -> str:
     if re.match(r"(https?|tcp)://|unix:", uri):
         return uri
@@ -293,7 +284,7 @@ def _one_line(exc: BaseException, secret: str) -> str:
     if isinstance(exc, grpc.RpcError):
         text = f"{exc.code().name}: {exc.details()}"
     text = " ".join(str(text).split())[:300]
-    return text.replace(secret, "***") if secret else text
+    return Redactor(secret)(text)  # the token, and any URL's user info (repage.redact)
 
 
 @contextmanager
@@ -312,7 +303,7 @@ def vendor_errors(what: str, secret: str = ""):
 
 def connect(uri: str, token: str | None, timeout: float) -> MilvusClient:
     uri = normalize_uri(uri)
-    where = redact_uri(uri)
+    where = redact_url(uri)
     try:
         # dedicated: never share a gRPC channel through pymilvus' process-wide registry,
         # which a forked worker would inherit with a dead channel.
@@ -389,7 +380,7 @@ class MilvusVectors:
     def _open_collection(self) -> None:
         if not self._rpc("has_collection", self.collection):
             raise ConfigError(f"collection {self.collection!r} does not exist at "
-                              f"{redact_uri(self.uri)}; set REPAGE_COLLECTION")
+                              f"{redact_url(self.uri)}; set REPAGE_COLLECTION")
         state = self._rpc("get_load_state", self.collection)
         if "Loaded" not in str(state.get("state")):  # a reopened Lite DB comes back released
             self._rpc("load_collection", self.collection)
@@ -397,7 +388,7 @@ class MilvusVectors:
     def describe(self) -> str:
         kind = "Milvus Lite" if "://" not in self.uri else "Milvus"
         token = ", token set" if self._token else ""
-        return f"{kind} {redact_uri(self.uri)}, collection {self.collection!r}{token}"
+        return f"{kind} {redact_url(self.uri)}, collection {self.collection!r}{token}"
 
     def close(self) -> None:
         """Flush what this process wrote to a Milvus Lite store (a stopping service or worker

@@ -32,6 +32,7 @@ from obstore.exceptions import PermissionDeniedError, UnauthenticatedError
 from obstore.store import LocalStore, MemoryStore, S3Store
 
 from repage.errors import BadInput, ConfigError, ObjectNotFound, StoreError, StoreUnavailable, Throttled, Transient
+from repage.redact import Redactor, redact_url
 
 T = TypeVar("T")
 
@@ -71,30 +72,6 @@ class ObjectInfo:
         )
 
 
-class Redactor:
-    """Replaces secret strings in text; its repr never shows them.
-
-    Strings shorter than 4 characters are not real credentials (and would mangle
-    every message), so they are left alone.
-    """
-
-    def __init__(self, *secrets: str | None):
-        self._secrets = tuple(s for s in secrets if s and len(s) >= 4)
-
-    def __call__(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
-
-    def __repr__(self) -> str:
-        return "Redactor(***)"
-
-
-def strip_userinfo(url: str) -> str:
-    """`scheme://user:pass@host/...` -> `scheme://***@host/...` for display."""
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1***@", url)
-
-
 class ObjectStore:
     """A bucket (or folder, or memory) with counted, translated, synchronous requests."""
 
@@ -128,33 +105,34 @@ class ObjectStore:
             redact = Redactor(access_key_id, secret_access_key)
             credentials = (access_key_id, secret_access_key)
             return cls._s3(url, rest, endpoint, region, credentials, allow_http, redact)
-        raise ConfigError(f"store URL {strip_userinfo(url)!r} is not supported: {URL_HELP}")
+        raise ConfigError(f"store URL {redact_url(url)!r} is not supported: {URL_HELP}")
 
     @classmethod
     def _local(cls, url: str, rest: str) -> ObjectStore:
         if rest.startswith("localhost/"):
             rest = rest[len("localhost"):]
         if not rest.strip("/"):
-            raise ConfigError(f"store URL {url!r} names no folder: {URL_HELP}")
+            raise ConfigError(f"store URL {redact_url(url)!r} names no folder: {URL_HELP}")
         folder = Path(rest).expanduser().resolve()
         try:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new bucket folder is owner-only
             store = LocalStore(folder)
         except (OSError, ValueError) as exc:
             raise ConfigError(
-                f"store folder {str(folder)!r} from {url!r} cannot be used ({exc}): fix the path or its permissions"
+                f"store folder {str(folder)!r} from {redact_url(url)!r} cannot be used ({exc}): "
+                "fix the path or its permissions"
             ) from exc
         return cls(store, description=folder.as_uri())
 
     @classmethod
     def _memory(cls, url: str, rest: str) -> ObjectStore:
         if rest.strip("/"):
-            raise ConfigError(f"store URL {url!r}: a memory store takes no name or path, use memory://")
+            raise ConfigError(f"store URL {redact_url(url)!r}: a memory store takes no name or path, use memory://")
         return cls(MemoryStore(), description="memory://")
 
     @classmethod
     def _s3(cls, url, rest, endpoint, region, credentials, allow_http, redact) -> ObjectStore:
-        shown = redact(strip_userinfo(url))
+        shown = redact(redact_url(url))  # the URL's user info, and the credentials anywhere in it
         bucket = rest.rstrip("/")
         if not BUCKET_NAME.match(bucket):
             raise ConfigError(
@@ -183,7 +161,7 @@ class ObjectStore:
             )
         except (obstore.exceptions.BaseError, ValueError) as exc:
             raise ConfigError(f"store URL {shown!r} cannot be opened: {redact(first_line(exc))}") from exc
-        where = f" at {strip_userinfo(endpoint)}" if endpoint else ""
+        where = f" at {redact_url(endpoint)}" if endpoint else ""
         return cls(store, description=f"s3://{bucket}{where} (region {region})", redact=redact)
 
     # ---- display and accounting -----------------------------------------------
@@ -326,14 +304,20 @@ class ObjectStore:
 def check_endpoint(endpoint: str, allow_http: bool | None, redact: Redactor) -> bool:
     """Validates an S3 endpoint URL; returns the allow_http to use."""
     parts = urlsplit(endpoint)
-    shown = redact(strip_userinfo(endpoint))
+    shown = redact(redact_url(endpoint))
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(
             f"S3 endpoint {shown!r} is not an http(s) URL: use e.g. https://<account_id>.r2.cloudflarestorage.com"
         )
-    if parts.username is not None or parts.password is not None:  # it would ride along in every error text
+    # it would ride along in every error text; urlsplit stops the user info at the first `/`, so a
+    # password holding one (`https://id:se/cret@host`) is caught by its `@` (repage.redact)
+    if parts.username is not None or parts.password is not None or "@" in endpoint:
         raise ConfigError(f"S3 endpoint {shown!r} carries credentials: give the endpoint without them and set "
                           "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    try:
+        parts.port  # noqa: B018 (raises on a port that is no number)
+    except ValueError:
+        raise ConfigError(f"S3 endpoint {shown!r} has no numeric port: use https://HOST or https://HOST:PORT") from None
     if parts.scheme == "http" and allow_http is False:
         raise ConfigError(f"S3 endpoint {shown!r} is plain http but allow_http is off: use https or allow http")
     return parts.scheme == "http" if allow_http is None else allow_http

@@ -42,6 +42,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
+from repage import redact
 from repage.domain.estimate import human_seconds
 from repage.domain.states import State
 from repage.errors import RepageError
@@ -457,7 +458,8 @@ def _guard(action):
     try:
         return action()
     except RepageError as exc:
-        raise HTTPException(503, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise HTTPException(503, redact.active()(first)) from None
 
 
 @dataclass

@@ -29,6 +29,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path as PathParam, Request
 from fastapi.responses import JSONResponse, Response
 
+from repage import redact
 from repage.config import Settings
 from repage.errors import ConfigError, InvalidFilterValue, RepageError
 from repage.web.auth import check_exposure
@@ -85,10 +86,10 @@ def _read_chunks(parts: ServiceParts, document_id: str) -> Response:
         rows = parts.vectors.fetch_documents([document_id], with_vectors=False)
     except InvalidFilterValue as exc:
         parts.metrics.observe_read(time.perf_counter() - started, "rejected")
-        raise HTTPException(422, str(exc)) from None
+        raise HTTPException(422, redact.active()(exc)) from None
     except RepageError as exc:
         parts.metrics.observe_read(time.perf_counter() - started, "error")
-        raise HTTPException(503, f"Milvus: {exc}") from None
+        raise HTTPException(503, f"Milvus: {redact.active()(exc)}") from None
     parts.metrics.observe_read(time.perf_counter() - started, "ok" if rows else "not_found")
     if not rows:
         raise HTTPException(404, f"document {document_id} has no chunks")
@@ -125,7 +126,8 @@ def _guard(action: Callable[[], Any]) -> Any:
     try:
         return action()
     except RepageError as exc:
-        raise HTTPException(503, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise HTTPException(503, redact.active()(first)) from None
 
 
 # --------------------------------------------------------------------------- the app
@@ -136,6 +138,8 @@ def create_app(settings: Settings, *, stores=None, clock=None, with_worker: bool
                flush_seconds: float = 1.0) -> FastAPI:
     """The service app. `stores` (vectors + ledger) are opened here unless given (then the
     caller closes them). `clock.now()` (epoch seconds) stamps accesses; tests inject one."""
+    # replies and log records go through the process's redactor (docs/design.md §6.1)
+    redact.install(redact.Redactor.from_settings(settings))
     if not (settings.read_token and settings.admin_token) and not insecure_local:
         raise ConfigError("the service needs REPAGE_READ_TOKEN and REPAGE_ADMIN_TOKEN (or insecure_local)")
     owned = stores is None
@@ -148,6 +152,7 @@ def create_app(settings: Settings, *, stores=None, clock=None, with_worker: bool
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        redact.attach_log_filter()  # uvicorn's handlers exist by now
         parts.lazy.start()
         if with_worker:
             parts.worker = _start_worker(settings, stores, worker_config, worker_limits)
@@ -171,7 +176,7 @@ def create_app(settings: Settings, *, stores=None, clock=None, with_worker: bool
 
 
 async def _config_error(_request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=400)
+    return JSONResponse({"detail": redact.active()(exc)}, status_code=400)
 
 
 def _start_worker(settings: Settings, stores, config, limits):

@@ -16,6 +16,7 @@ from pymilvus.grpc_gen import common_pb2, milvus_pb2
 
 from repage.domain.records import ChunkChange
 from repage.errors import ConfigError, InvalidFilterValue, StoreError, StoreUnavailable, Throttled
+from repage.redact import redact_url
 from repage.stores.milvus import (
     AFFECTED_FILTER,
     MilvusVectors,
@@ -23,7 +24,6 @@ from repage.stores.milvus import (
     eq_filter,
     in_filter,
     quote_string,
-    redact_uri,
     row_checksum,
     supports_partial_update_version,
 )
@@ -382,8 +382,8 @@ def test_unreachable_server_is_unavailable_fast():
 
 
 def test_redaction():
-    assert redact_uri("https://user:pw@host.example:19530/db") == "https://***@host.example:19530/db"
-    assert redact_uri("/data/milvus.db") == "/data/milvus.db"
+    assert redact_url("https://user:pw@host.example:19530/db") == "https://***@host.example:19530/db"
+    assert redact_url("/data/milvus.db") == "/data/milvus.db"
 
 
 def test_rate_limit_is_not_retried_by_pymilvus(vectors):

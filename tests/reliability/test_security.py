@@ -242,6 +242,94 @@ def test_no_secret_in_exception_text_or_log_records(tmp_path, moto_endpoint, cap
     assert not problems, "\n".join(problems)
 
 
+# ---------------------------------------------------------------- secrets as people paste them
+
+# Unencoded `/`, `@`, `:`, a `%`, spaces and non-ASCII, in every setting that holds a secret. Each
+# piece a parser may cut out at `/ @ :` or a space is long enough to be recognised in the output.
+HARD_SECRETS = {
+    "ledger_password": "Ldgr4/s3cr@etX9:pw%20d é",
+    "s3_endpoint_user": "akidhard7q",
+    "s3_endpoint_password": "S3ep/Zq9s@ecr7:k%2Fy ü",
+    "milvus_uri_password": "Mlv7@PwQ:Zq9%20 ßxy",  # no `/`: pymilvus reads the URI, doctor gets to its report
+    "milvus_token": "Mtk9/Tok@en:x%41 çw",
+    "aws_secret": "Aws4/Sk@Ey9:bb%2B ñq",
+    "reprocess_token": "Rpr5/Tk@n9:zz%21 øq",
+    "read_token": "Rdt6/Tok@n:9%7e üx",
+    "admin_token": "Adm8/Tok@n:9%25 éq",
+    "query_token": "Qtk3/n9:x%2Fyy",
+    "store_url_password": "Cfg2/St@re:x%20 ñq",
+    "bad_milvus_uri_password": "Pw-Zq9/sEcr3tQ",  # urllib takes `Pw-Zq9` for the port: pymilvus raises ValueError
+}
+
+
+def hard_env(tmp_path: Path, **extra) -> dict[str, str]:
+    s = HARD_SECRETS
+    hard = {
+        "REPAGE_MILVUS_URI": f"http://root:{s['milvus_uri_password']}@127.0.0.1:9",
+        "REPAGE_MILVUS_TOKEN": s["milvus_token"],
+        "REPAGE_S3_ENDPOINT": f"https://{s['s3_endpoint_user']}:{s['s3_endpoint_password']}@127.0.0.1:9",
+        "AWS_SECRET_ACCESS_KEY": s["aws_secret"],
+        "REPAGE_LEDGER_URL": f"postgresql://repage:{s['ledger_password']}@127.0.0.1:9/repage",
+        "REPAGE_READ_TOKEN": s["read_token"],
+        "REPAGE_ADMIN_TOKEN": s["admin_token"],
+        "REPAGE_REPROCESS_URL": f"https://rp.invalid:9/api?token={s['query_token']}&page=2",
+        "REPAGE_REPROCESS_TOKEN": s["reprocess_token"],
+    }
+    return hostile_env(tmp_path, **{**hard, **extra})
+
+
+def secret_pieces(secret: str) -> list[str]:
+    """The secret, its URL-quoted forms and its non-trivial fragments (4+ characters)."""
+    import re
+    from urllib.parse import quote, quote_plus
+
+    fragments = [p for p in re.split(r"[/@:\s]+", secret) if len(p) >= 4]
+    return list(dict.fromkeys([secret, quote(secret, safe=""), quote(secret), quote_plus(secret), *fragments]))
+
+
+HARD_RUNS = {  # name: (command, extra env, expected exit code, what the output must show)
+    "doctor": (("doctor",), {}, 2, "ledger"),
+    "doctor --json": (("doctor", "--json"), {}, 2, '"settings"'),
+    # the endpoint without user info: the bucket check runs too, and a report gets printed
+    "doctor, plain endpoint": (("doctor",), {"REPAGE_S3_ENDPOINT": "https://127.0.0.1:9"}, 2, "ledger_url"),
+    "config error": (("scan", "--json"), {"REPAGE_STORE_URL": f"ftp://u:{HARD_SECRETS['store_url_password']}@h/x"},
+                     2, "repage: error: configuration error in store_url"),
+    "internal error": (("doctor",), {"REPAGE_MILVUS_URI": f"https://root:{HARD_SECRETS['bad_milvus_uri_password']}"
+                                                          "@127.0.0.1:9"}, 1, "repage: internal error: ValueError"),
+}
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["plain", "REPAGE_DEBUG"])
+def test_hard_secrets_never_show_in_doctor_json_config_or_internal_errors(tmp_path, debug):
+    """Every secret setting at once, each pasted unencoded; every piece of every secret is looked
+    for in all of stdout and stderr, with and without REPAGE_DEBUG (a traceback, redacted)."""
+    import json
+
+    cli, problems, started = CliLog(), [], []
+    for name, (command, extra, code, expect) in HARD_RUNS.items():
+        env = hard_env(tmp_path, **extra, **({"REPAGE_DEBUG": "1"} if debug else {}))
+        started.append((name, code, expect, cli.start(*command, env=env, cwd=tmp_path)))
+    for name, code, expect, proc in started:
+        try:
+            stdout, stderr = proc.communicate(timeout=120)
+        except Exception:
+            proc.kill()
+            raise
+        output = stdout + stderr
+        for what, secret in HARD_SECRETS.items():
+            shown = [piece for piece in secret_pieces(secret) if piece in output]
+            problems += [f"{name}: {what} shows as {piece[:4]}..." for piece in shown]
+        if proc.returncode != code or expect not in output:
+            problems.append(f"{name}: exit {proc.returncode} (expected {code}), {expect!r} missing:\n{output[-1500:]}")
+        if ("Traceback" in output) != (debug and name == "internal error"):
+            problems.append(f"{name}: a traceback {'shown' if 'Traceback' in output else 'missing'}:\n{output[-1500:]}")
+        if name == "doctor --json":
+            shown = json.loads(stdout)["settings"] if stdout.strip() else {}
+            if not shown.get("milvus_token") == shown.get("aws_secret_access_key") == shown.get("read_token") == "***":
+                problems.append(f"doctor --json: secret settings not ***: {shown}")
+    assert not problems, "\n".join(problems)
+
+
 # ---------------------------------------------------------------- files
 
 

@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from repage.config import demo_settings, load_settings, redact_url
+from repage.config import demo_settings, load_settings
 from repage.errors import ConfigError
+from repage.redact import redact_url
 
 
 def test_defaults_run_locally():
@@ -84,5 +85,5 @@ def test_secrets_redacted():
 
 
 def test_redact_url():
-    assert redact_url("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
+    assert redact_url("postgresql://u:pw@h/db") == "postgresql://***@h/db"
     assert "abc" not in redact_url("https://h/x?token=abc")

@@ -83,6 +83,12 @@ def test_nothing_outside_the_faces_imports_the_cli_or_the_web(top_module):
     assert not [n for n in names if layer_of(n) in ("cli", "web")]
 
 
+def test_the_redactor_imports_the_standard_library_only():
+    """Every layer prints through it (docs/design.md §6.1): it may depend on none of them."""
+    names = imported_modules(PACKAGE / "redact.py")
+    assert [n for n in names if n.split(".")[0] not in (*STDLIB, "__future__")] == []
+
+
 def test_at_most_eight_modules_sit_at_the_top():
     assert len(list(PACKAGE.glob("*.py"))) <= 8
 
@@ -98,6 +104,7 @@ def test_at_most_eight_modules_sit_at_the_top():
         "repage.domain.records",
         "repage.config",
         "repage.errors",
+        "repage.redact",
     ],
 )
 def test_pure_module_imports_no_vendor_sdk(module):

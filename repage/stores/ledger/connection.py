@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
-import re
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from repage.errors import ConfigError, StoreError, StoreUnavailable
+from repage.redact import Redactor, redact_url, url_secrets
 from repage.stores.ledger.schema import create_or_upgrade, docs_t, stored_version
 
 BATCH = 500  # rows per executemany / IN list: well under SQLite's and libpq's parameter limits
@@ -41,10 +41,16 @@ def from_row(cls: type, row: Any) -> Any:
     return cls(**{f.name: m[f.name] for f in dc_fields(cls)})
 
 
-def redact(text: str, password: str | None = None) -> str:
-    """Hide `user:password@` in any URL-looking text (also in driver messages)."""
-    text = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
-    return text.replace(password, "***") if password else text
+def url_redactor(raw: str, url: sa.URL | None = None) -> Redactor:
+    """For driver messages: the password as written (it may hold `/`, `@`, `:` unencoded) and as
+    SQLAlchemy parsed it (cut at an `@`, the rest taken for the host)."""
+    return Redactor(*url_secrets(raw), url.password if url is not None else None)
+
+
+def shown_url(url: sa.URL) -> str:
+    """The URL for messages and `doctor`: SQLAlchemy hides the password it parsed, repage.redact
+    the whole user info (a password's piece after an unencoded `@` would pass for the host)."""
+    return redact_url(url.render_as_string(hide_password=True))
 
 
 def one_line(exc: BaseException) -> str:
@@ -57,6 +63,7 @@ class LedgerBase:
 
     def __init__(self, url: str):
         self._url = self._parse_url(url)
+        self._redact = url_redactor(url, self._url)
         self._sqlite = self._url.get_backend_name() == "sqlite"
         self._write_lock = threading.RLock()
         self._local = threading.local()  # .conn: this thread's open transaction(), if any
@@ -71,13 +78,13 @@ class LedgerBase:
         try:
             url = sa.make_url(raw)
         except (sa_exc.ArgumentError, ValueError) as exc:
-            raise ConfigError(f"ledger URL {redact(raw)!r} is malformed: "
-                              "use sqlite:///PATH or postgresql://USER@HOST/DB") from exc
+            raise ConfigError(f"ledger URL {redact_url(raw)!r} is malformed: "
+                              "use sqlite:///PATH or postgresql://HOST/DB, USER:PASSWORD@ before HOST") from exc
         backend = url.get_backend_name()
         if backend in ("postgres", "postgresql"):
             return url.set(drivername="postgresql+psycopg")  # psycopg 3 is the driver we ship
         if backend != "sqlite":
-            raise ConfigError(f"ledger URL {redact(raw)!r}: unsupported scheme {url.drivername!r} "
+            raise ConfigError(f"ledger URL {redact_url(raw)!r}: unsupported scheme {url.drivername!r} "
                               "(use sqlite:/// or postgresql://)")
         if url.database in (None, "", ":memory:"):
             raise ConfigError("ledger URL must name a SQLite file (sqlite:///PATH): "
@@ -106,7 +113,7 @@ class LedgerBase:
     def probe(cls, raw_url: str) -> dict[str, Any]:
         """Whether the ledger answers, without creating or writing anything (for `doctor`)."""
         url = cls._parse_url(raw_url)
-        shown = url.render_as_string(hide_password=True)
+        shown = shown_url(url)
         if url.get_backend_name() == "sqlite":
             db = pathlib.Path(url.database or "")
             if not db.exists():
@@ -120,14 +127,15 @@ class LedgerBase:
                 has_meta = sa.inspect(conn).has_table("repage_meta")
                 documents = conn.scalar(sa.select(sa.func.count()).select_from(docs_t)) if has_meta else 0
         except sa_exc.SQLAlchemyError as exc:
-            raise StoreUnavailable(f"ledger {shown} does not answer: {redact(one_line(exc), url.password)}") from exc
+            msg = url_redactor(raw_url, url)(one_line(exc))
+            raise StoreUnavailable(f"ledger {shown} does not answer: {msg}") from exc
         finally:
             engine.dispose()
         return {"url": shown, "exists": True, "schema_version": version, "documents": documents}
 
     def describe(self) -> str:
         """The URL with its password redacted, for logs and `doctor`."""
-        return self._url.render_as_string(hide_password=True)
+        return shown_url(self._url)
 
     def close(self) -> None:
         self._engine.dispose()
@@ -182,10 +190,10 @@ class LedgerBase:
                 with conn.begin():
                     yield conn
         except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
-            msg = redact(one_line(exc.orig or exc), self._url.password)
+            msg = self._redact(one_line(exc.orig or exc))
             raise StoreUnavailable(f"ledger {self.describe()} is unavailable: {msg}") from exc
         except sa_exc.DBAPIError as exc:
-            msg = redact(one_line(exc.orig or exc), self._url.password)
+            msg = self._redact(one_line(exc.orig or exc))
             raise StoreError(f"ledger {self.describe()}: {msg}") from exc
 
     def _insert_ignore(self, table: sa.Table) -> Any:
