@@ -1,6 +1,7 @@
 """The two reference contenders, written with pymilvus and obstore directly (no repage engine).
 
-- naive: exactly the seed's loop. Query the affected chunks' document_ids once; then for
+- naive: exactly the product's per-document loop (docs/design.md §8.3). Query the affected chunks'
+  document_ids once; then for
   each document in turn: list its image prefix, parse each legacy name, copy each image to
   its canonical key, query all fields of the document's chunks (`document_id == "..."`),
   upsert the changed rows (full rows) with their new page and key; next document.

@@ -5,7 +5,7 @@ For each store (1,000 and 5,000 FLTR-shaped documents, images in a local folder;
 copy of the store and its own `milvus-lite server`, then runs as its own process while
 psutil samples its RSS (and, separately, the Lite server's):
 
-- naive: bench/contenders.py, the seed's per-document loop;
+- naive: bench/contenders.py, the product's per-document loop (docs/design.md §8.3);
 - floor: bench/contenders.py, one query, one COPY per image, partial updates of 1,000;
 - repage: `repage scan`, `repage estimate`, then `repage run` with its defaults.
 
@@ -173,7 +173,7 @@ def run_one(contender: str, spec: StoreSpec, master: Path, kind: str, args, moto
             if kind == "s3":
                 command += ["--s3-endpoint", moto.endpoint]
             cap = None
-            if contender == "naive":  # the seed's loop on a large Lite store takes hours: sample its rate
+            if contender == "naive":  # the naive loop on a large Lite store takes hours: sample its rate
                 full = kind == "local" and spec.documents <= args.naive_full_up_to
                 cap = args.naive_max_seconds if full else args.naive_sample_seconds
                 command += ["--max-seconds", str(cap)]
@@ -245,7 +245,7 @@ def run_repage(env: dict, dest: Path, server: LiteServer) -> dict:
         "requests": {
             "class_a": run["class_a"],
             "class_b": run["class_b"],
-            # per moved image: GET to hash it, COPY, GET of the copy (DESIGN §5)
+            # per moved image: GET to hash it, COPY, GET of the copy (docs/design.md §5.1, §5.2)
             "by_kind": {
                 "get": run["objects_copied"] * 2,
                 "copy": run["objects_copied"],

@@ -1,7 +1,7 @@
 """Peak memory of `repage scan` on a 5,000-document FLTR-shaped store (100k chunks, dim 1536).
 
 Milvus Lite runs as its own process (`milvus-lite server`): it holds 2-3 GB at 100k
-rows, and that memory is not repage's (DESIGN §7). The store is built once by
+rows, and that memory is not repage's (docs/design.md §7.1). The store is built once by
 bench.synthetic and reused while its manifest and row counts match. Then
 `repage scan --json` runs as a subprocess against it, and this script samples the
 RSS of that process and its children with psutil every 50 ms.
@@ -32,7 +32,7 @@ from repage.stores.milvus import AFFECTED_FILTER, MilvusVectors, connect
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent
 COLLECTION = "fltr_documents"
-# Inherited settings that would point the scan elsewhere (DESIGN §6 names and the app's fallbacks).
+# Inherited settings that would point the scan elsewhere (docs/design.md §6.1: names and the app's fallbacks).
 FOREIGN_ENV = (
     "MILVUS_URI",
     "MILVUS_TOKEN",

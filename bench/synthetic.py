@@ -1,4 +1,4 @@
-"""Synthetic FLTR-shaped stores (DESIGN §1), built fast for benchmarks.
+"""Synthetic FLTR-shaped stores (docs/design.md §1), built fast for benchmarks.
 
 Every document has CHUNKS_PER_DOC chunks: TEXT_CHUNKS text chunks carrying their real
 page, then IMAGE_CHUNKS image/OCR chunks with `page = 0` (the bug) and a legacy

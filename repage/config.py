@@ -24,7 +24,7 @@ DEFAULT_DATA_DIR = "./repage-data"
 
 
 class Prices(BaseModel):
-    """Dollar prices (DESIGN §8 defaults); override under [prices] in repage.toml."""
+    """Dollar prices (defaults: docs/design.md §8); override under [prices] in repage.toml."""
 
     model_config = ConfigDict(extra="forbid")
     class_a_per_million: float = 4.50  # R2 List, Put, Copy
@@ -35,7 +35,7 @@ class Prices(BaseModel):
 
 
 class Matching(BaseModel):
-    """pdf-path confidence threshold (DESIGN §2); [matching] in repage.toml."""
+    """pdf-path confidence threshold (docs/design.md §2.2); [matching] in repage.toml."""
 
     model_config = ConfigDict(extra="forbid")
     max_hash_distance: int = Field(10, ge=0, le=64)
@@ -66,7 +66,7 @@ class Settings(BaseModel):
     reprocess_concurrency: int = Field(2, ge=1, le=64)  # documents reprocessing at once
     reprocess_timeout_seconds: float = Field(1800.0, gt=0)  # one document's job, submit to ready/failed
     reprocess_poll_seconds: float = Field(5.0, gt=0)
-    # the model the collection's vectors come from (DESIGN §7): the local pipeline writes vectors
+    # the model the collection's vectors come from (docs/design.md §7.4): the local pipeline writes vectors
     # only when it can compute this exact model, and refuses otherwise
     embedding_model: str | None = None
     key_patterns: tuple[str, ...] = ()

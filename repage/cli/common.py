@@ -1,6 +1,6 @@
 """What every command shares: the Typer app, its consoles and flags, settings, `run_command`.
 
-Exit codes (DESIGN §6): 0 done, 1 finished with failures, 2 bad usage or configuration
+Exit codes (docs/design.md §6.4): 0 done, 1 finished with failures, 2 bad usage or configuration
 (one line on stderr, no traceback).
 """
 
@@ -21,15 +21,24 @@ from repage.config import Settings, environ_redactor, load_settings
 from repage.errors import ConfigError, RepageError
 
 # no locals in a traceback Typer prints: they hold the settings and tokens (docs/design.md §6.1)
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  pretty_exceptions_show_locals=False,
-                  help="Recover page numbers of image/OCR chunks in a Milvus + S3/R2 RAG store.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_show_locals=False,
+    help="Recover page numbers of image/OCR chunks in a Milvus + S3/R2 RAG store.",
+)
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # soft wrap: an error stays one line
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 EngineFlag = Annotated[str, typer.Option("--engine", help="Where PDF extraction and matching run: local or ray.")]
-RayAddressFlag = Annotated[str | None, typer.Option("--ray-address", help="Ray cluster (ray://host:10001 or host:6379); default RAY_ADDRESS, else a local Ray.")]
+RayAddressFlag = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address", help="Ray cluster (ray://host:10001 or host:6379); default RAY_ADDRESS, else a local Ray."
+    ),
+]
 
 
 def engine_from(name: str, address: str | None):
@@ -48,7 +57,9 @@ class Exit:
 @app.callback()
 def main_options(
     ctx: typer.Context,
-    config: Annotated[Path | None, typer.Option(help="repage.toml to read (default: ./repage.toml if present).")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="repage.toml to read (default: ./repage.toml if present).")
+    ] = None,
     milvus_uri: Annotated[str | None, typer.Option(help="Milvus Lite file or http://host:19530.")] = None,
     collection: Annotated[str | None, typer.Option(help="Collection name.")] = None,
     store_url: Annotated[str | None, typer.Option(help="file://DIR, s3://BUCKET or memory://.")] = None,

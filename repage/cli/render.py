@@ -19,6 +19,7 @@ def progress_printer(console: Console | None, what: str) -> Callable[[int, int],
     def show(done: int, total: int) -> None:
         if done == total or done % 500 == 0:
             console.print(f"{what}: {done}/{total} documents", markup=False)
+
     return show
 
 
@@ -36,6 +37,7 @@ def render_doctor(console: Console) -> Callable[[dict], None]:
             console.print(f"{name:8} {mark:6} {detail}", markup=False)
             if "schema" in state:
                 console.print(f"         schema: {state['schema']}", markup=False)
+
     return render
 
 
@@ -46,21 +48,40 @@ def render_scan(console: Console) -> Callable[[dict], None]:
             table.add_row(dataset, *(str(counts.get(k, 0)) for k in sorted(report["totals"])))
         table.add_row("total", *(str(report["totals"][k]) for k in sorted(report["totals"])))
         console.print(table)
-        console.print(f"affected chunks: {report['affected_chunks']}; object requests: {report['object_requests']}",
-                      markup=False)
+        console.print(
+            f"affected chunks: {report['affected_chunks']}; object requests: {report['object_requests']}", markup=False
+        )
+
     return render
 
 
 def render_estimate(console: Console) -> Callable[[dict], None]:
     def render(report: dict) -> None:
-        table = Table("path", "docs", "chunks", "requests A/B", "time", "dollars", "seed's figure",
-                      title=f"estimate at concurrency {report['concurrency']}")
+        table = Table(
+            "path",
+            "docs",
+            "chunks",
+            "requests A/B",
+            "time",
+            "dollars",
+            "published range",
+            title=f"estimate at concurrency {report['concurrency']}",
+        )
         for p in report["paths"]:
             seed = p["seed_seconds"]
             seed_text = f"{human_seconds(seed[0])}-{human_seconds(seed[1])}" if seed else "-"
-            table.add_row(p["path"], str(p["documents"]), str(p["chunks"]), f"{p['class_a']}/{p['class_b']}",
-                          human_seconds(p["seconds"]), f"${p['dollars']:.4f}", seed_text)
-        table.add_row("total", "", "", "", human_seconds(report["total_seconds"]), f"${report['total_dollars']:.4f}", "")
+            table.add_row(
+                p["path"],
+                str(p["documents"]),
+                str(p["chunks"]),
+                f"{p['class_a']}/{p['class_b']}",
+                human_seconds(p["seconds"]),
+                f"${p['dollars']:.4f}",
+                seed_text,
+            )
+        table.add_row(
+            "total", "", "", "", human_seconds(report["total_seconds"]), f"${report['total_dollars']:.4f}", ""
+        )
         console.print(table)
         lat = report["latencies"]
         console.print(
@@ -68,30 +89,46 @@ def render_estimate(console: Console) -> Callable[[dict], None]:
             f"HEAD {lat['object_head_s'] * 1e3:.2f} ms, LIST {lat['object_list_s'] * 1e3:.2f} ms, "
             f"GET {lat['object_copy_s'] * 1e3:.2f} ms, source PDFs {lat['get_bytes_per_s'] / 1e6:.0f} MB/s, "
             f"PDF extraction {lat['pdf_seconds_per_mb']:.2f} s/MB, ledger {lat['ledger_round_trip_s'] * 1e3:.2f} ms"
-            + (f", GET at the run's concurrency {lat['object_request_s'] * 1e3:.2f} ms/request"
-               if lat.get("object_request_s") is not None else ""),
-            markup=False)
+            + (
+                f", GET at the run's concurrency {lat['object_request_s'] * 1e3:.2f} ms/request"
+                if lat.get("object_request_s") is not None
+                else ""
+            ),
+            markup=False,
+        )
         console.print(f"assumed: {report['assumptions']}", markup=False)
+
     return render
 
 
 def render_demo(console: Console) -> Callable[[dict], None]:
     def render(report: dict) -> None:
         b = report["build"]
-        console.print(f"built in {report['build_seconds']} s under {b['data_dir']}: {b['documents']} documents, "
-                      f"{b['pages']} pages, {b['chunks']} chunks ({b['affected_chunks']} with page 0), "
-                      f"{b['images_in_bucket']} images in the bucket; vectors: {b['embedding_model']}", markup=False)
+        console.print(
+            f"built in {report['build_seconds']} s under {b['data_dir']}: {b['documents']} documents, "
+            f"{b['pages']} pages, {b['chunks']} chunks ({b['affected_chunks']} with page 0), "
+            f"{b['images_in_bucket']} images in the bucket; vectors: {b['embedding_model']}",
+            markup=False,
+        )
         render_scan(console)(report["scan"])
         render_estimate(console)(report["estimate"])
         render_run(console)(report["run"])
         render_check(console, "verify")(report["verify"])
-        table = Table("path", "right before", "right after", "still 0 after", "wrong after",
-                      title="affected chunks against the ground truth (true page 0 reads right before)")
+        table = Table(
+            "path",
+            "right before",
+            "right after",
+            "still 0 after",
+            "wrong after",
+            title="affected chunks against the ground truth (true page 0 reads right before)",
+        )
         for path, after in sorted(report["after"].items()):
             before = report["before"].get(path, {})
-            table.add_row(path, str(before.get("right", 0)), str(after["right"]), str(after["still_0"]),
-                          str(after["wrong"]))
+            table.add_row(
+                path, str(before.get("right", 0)), str(after["right"]), str(after["still_0"]), str(after["wrong"])
+            )
         console.print(table)
+
     return render
 
 
@@ -103,17 +140,23 @@ def render_status(console: Console) -> Callable[[dict], None]:
         console.print(table)
         rates = report["throughput"]
         eta = report["eta_seconds"]
-        console.print(f"done {report['done']} / {report['documents']}; "
-                      f"{rates['recent_documents_per_s']:.2f} docs/s recent, "
-                      f"{rates['overall_documents_per_s']:.2f} overall; "
-                      f"ETA {human_seconds(eta) if eta is not None else 'unknown'}; "
-                      f"${report['dollars_spent']:.4f} spent, ${report['dollars_projected']:.4f} projected",
-                      markup=False)
+        console.print(
+            f"done {report['done']} / {report['documents']}; "
+            f"{rates['recent_documents_per_s']:.2f} docs/s recent, "
+            f"{rates['overall_documents_per_s']:.2f} overall; "
+            f"ETA {human_seconds(eta) if eta is not None else 'unknown'}; "
+            f"${report['dollars_spent']:.4f} spent, ${report['dollars_projected']:.4f} projected",
+            markup=False,
+        )
         for path, u in report.get("usage_by_path", {}).items():
-            console.print(f"  {path}: {u['class_a']} class A + {u['class_b']} class B requests (GETs), "
-                          f"{u['bytes_read'] / 1e6:.1f} MB read, ${u['dollars']:.4f}", markup=False)
+            console.print(
+                f"  {path}: {u['class_a']} class A + {u['class_b']} class B requests (GETs), "
+                f"{u['bytes_read'] / 1e6:.1f} MB read, ${u['dollars']:.4f}",
+                markup=False,
+            )
         for err in report["last_errors"]:
             console.print(f"  {err['document_id']} ({err['state']}): {err['error']}", markup=False)
+
     return render
 
 
@@ -122,6 +165,7 @@ def render_check(console: Console, what: str) -> Callable[[dict], None]:
         console.print(f"{what}: {report['passed']} of {report['checked']} documents ok", markup=False)
         for doc, problem in report["failed"].items():
             console.print(f"  {doc}: {problem}", markup=False)
+
     return render
 
 
@@ -130,37 +174,66 @@ def render_run(console: Console) -> Callable[[dict], None]:
         console.print(
             f"{report['migrated']} migrated, {report['failed']} failed, {report['chunks_written']} chunks, "
             f"{report['objects_copied']} images moved, ${report['dollars']:.4f}, {report['seconds']:.1f} s "
-            f"({report['stopped_because']})", markup=False)
+            f"({report['stopped_because']})",
+            markup=False,
+        )
         for change in report.get("dry_run_changes", []):
-            console.print(f"  {change['document_id']}: {len(change['chunks'])} chunks, "
-                          f"{len(change['copies'])} copies", markup=False)
+            console.print(
+                f"  {change['document_id']}: {len(change['chunks'])} chunks, {len(change['copies'])} copies",
+                markup=False,
+            )
             for chunk in change["chunks"]:
-                console.print(f"    {chunk['chunk']} page {chunk['page'][0]} -> {chunk['page'][1]}, "
-                              f"key {chunk['image_r2_key'][0]} -> {chunk['image_r2_key'][1]}", markup=False)
+                console.print(
+                    f"    {chunk['chunk']} page {chunk['page'][0]} -> {chunk['page'][1]}, "
+                    f"key {chunk['image_r2_key'][0]} -> {chunk['image_r2_key'][1]}",
+                    markup=False,
+                )
         for doc, error in report["errors"].items():
             console.print(f"  failed {doc}: {error}", markup=False)
+
     return render
 
 
 def render_import(console: Console) -> Callable[[dict], None]:
     def render(report: dict) -> None:
-        console.print(f"{report['rows']} rows from {report['file']} ({report['format']}): "
-                      f"{report['documents']} documents, {report['datasets']} datasets; "
-                      f"{report['documents_updated']} documents updated", markup=False)
+        console.print(
+            f"{report['rows']} rows from {report['file']} ({report['format']}): "
+            f"{report['documents']} documents, {report['datasets']} datasets; "
+            f"{report['documents_updated']} documents updated",
+            markup=False,
+        )
         if report["unmatched_dataset_count"]:
-            console.print(f"{report['unmatched_dataset_count']} datasets have no scanned documents "
-                          f"(run `repage scan` first): {', '.join(report['unmatched_datasets'])}", markup=False)
+            console.print(
+                f"{report['unmatched_dataset_count']} datasets have no scanned documents "
+                f"(run `repage scan` first): {', '.join(report['unmatched_datasets'])}",
+                markup=False,
+            )
+
     return render
 
 
 def render_top(console: Console) -> Callable[[dict], None]:
     def render(report: dict) -> None:
-        table = Table("document", "dataset", "accesses", "last access (UTC)", "state", "enqueued",
-                      title=f"most used documents (half-life {report['half_life_hours']:g} h)")
+        table = Table(
+            "document",
+            "dataset",
+            "accesses",
+            "last access (UTC)",
+            "state",
+            "enqueued",
+            title=f"most used documents (half-life {report['half_life_hours']:g} h)",
+        )
         for d in report["documents"]:
-            table.add_row(d["document_id"], d["dataset_id"] or "-", f"{d['accesses']:.2f}", d["last_access"],
-                          d["state"] or "not scanned", "yes" if d["enqueued"] else "")
+            table.add_row(
+                d["document_id"],
+                d["dataset_id"] or "-",
+                f"{d['accesses']:.2f}",
+                d["last_access"],
+                d["state"] or "not scanned",
+                "yes" if d["enqueued"] else "",
+            )
         console.print(table)
+
     return render
 
 
@@ -168,26 +241,42 @@ def render_review(console: Console) -> Callable[[dict], None]:
     def render(report: dict) -> None:
         console.print(f"{report['pending']} documents in review", markup=False)
         for item in report["reviews"]:
-            console.print(f"{item['document_id']}  {item['filename']}: {len(item['chunks'])} chunks below the threshold "
-                      f"(distance <= {item['thresholds']['max_hash_distance']}, margin >= "
-                      f"{item['thresholds']['min_hash_margin']}); PDF has {item['images_in_pdf']} images for "
-                      f"{item['distinct_image_indexes']} image indexes", markup=False)
+            console.print(
+                f"{item['document_id']}  {item['filename']}: {len(item['chunks'])} chunks below the threshold "
+                f"(distance <= {item['thresholds']['max_hash_distance']}, margin >= "
+                f"{item['thresholds']['min_hash_margin']}); PDF has {item['images_in_pdf']} images for "
+                f"{item['distinct_image_indexes']} image indexes",
+                markup=False,
+            )
             for chunk in item["chunks"]:
-                pages = ", ".join(f"{c['page']}" + (f" (d={c['distance']})" if c["distance"] is not None else "")
-                                  for c in chunk.get("candidate_pages") or [])
-                console.print(f"  image_index {chunk['image_index']}: distance {chunk.get('distance')}, margin "
-                          f"{chunk.get('margin')}, candidates [{pages}], proposed {chunk.get('proposed')}: "
-                          f"{chunk.get('reason')}", markup=False)
+                pages = ", ".join(
+                    f"{c['page']}" + (f" (d={c['distance']})" if c["distance"] is not None else "")
+                    for c in chunk.get("candidate_pages") or []
+                )
+                console.print(
+                    f"  image_index {chunk['image_index']}: distance {chunk.get('distance')}, margin "
+                    f"{chunk.get('margin')}, candidates [{pages}], proposed {chunk.get('proposed')}: "
+                    f"{chunk.get('reason')}",
+                    markup=False,
+                )
+
     return render
 
 
 def print_cycle(console: Console) -> Callable[[object], None]:
     """One stderr line per worker cycle that did or skipped something."""
+
     def show(report) -> None:
         if report.paused or report.backed_off or report.documents:
-            state = ("paused" if report.paused else
-                     f"backing off (read p95 {report.read_latency_p95:.3f} s)" if report.backed_off else
-                     f"lazy {report.lazy.get('migrated', 0)} migrated, trickle {report.trickle.get('migrated', 0)} migrated"
-                     + (f" ({report.trickle_skipped})" if report.trickle_skipped else ""))
+            state = (
+                "paused"
+                if report.paused
+                else f"backing off (read p95 {report.read_latency_p95:.3f} s)"
+                if report.backed_off
+                else f"lazy {report.lazy.get('migrated', 0)} migrated, "
+                f"trickle {report.trickle.get('migrated', 0)} migrated"
+                + (f" ({report.trickle_skipped})" if report.trickle_skipped else "")
+            )
             console.print(f"cycle {report.cycle}: {state}", markup=False)
+
     return show

@@ -15,7 +15,7 @@ Deterministic across processes and machines (no Python `hash()` randomisation).
 Texts sharing words get a positive cosine similarity, so similarity search on the
 demo store still behaves like search. It is a stand-in, not a semantic model: the
 slow path refuses to write vectors from any model other than the collection's
-(DESIGN §7); a demo collection is built with this one, named `MODEL_NAME`.
+(docs/design.md §7.4); a demo collection is built with this one, named `MODEL_NAME`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The buggy ingestion, replayed: chunks, image keys and ground truth for each demo document.
 
-What FLTR's pipeline did (DESIGN §1) and this module does on purpose:
+What FLTR's pipeline did (docs/design.md §1.2) and this module does on purpose:
 - PyMuPDF4LLM wrote every page image to `{basename}-{page}-{n}.png` (0-based page;
   `-full` for a whole scanned page), where basename is the file it was given, often
   a temp file (`tmplg9eqtl2.pdf`);
@@ -11,7 +11,7 @@ What FLTR's pipeline did (DESIGN §1) and this module does on purpose:
 Pure: bytes in, rows/uploads/ground truth out; the stores are written by build.py.
 The ground truth comes from construction (we know each image's page because we cut
 it from that page), never from repage's own parsing or planning code; its expected
-path applies the rules of DESIGN §2 to what was built.
+path applies the rules of docs/design.md §2.1 to what was built.
 """
 
 from __future__ import annotations
@@ -309,7 +309,7 @@ def doc_images(corpus: CorpusDoc) -> list[PageImage]:
 
 
 def expected_plan(placed: Sequence[Placed], source: bool, filename: str) -> tuple[str, str]:
-    """(path, scan state) by DESIGN §2's rules, from what we know we built."""
+    """(path, scan state) by the rules of docs/design.md §2.1, from what we know we built."""
     if not placed:
         return "none", "skipped"
     if all(p.chunk_key_has_page or p.bucket_key_has_page for p in placed):

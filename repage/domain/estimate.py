@@ -1,7 +1,9 @@
-"""Time and cost model (DESIGN §2, §8). Pure: measured latencies and counts in, figures out.
+"""Time and cost model (docs/design.md §12; costs per path §2, figures §8).
+
+Pure: measured latencies and counts in, figures out.
 
 The latencies come from a probe of real calls against the configured stores
-(`repage.migration.probe`); nothing here is a constant for time except the seed's own
+(`repage.migration.probe`); nothing here is a constant for time except the product's own (quoted in docs/design.md §8.1)
 published ranges, shown beside our figures for comparison.
 """
 
@@ -10,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
+
 from repage.domain.states import RepairPath
 
-# Object requests per moved image, by the safety protocol (DESIGN §5): GET the
+# Object requests per moved image, by the safety protocol (docs/design.md §5.1, §5.2): GET the
 # legacy object to hash it, COPY it, GET the copy to compare size and hash.
 MOVE_CLASS_A = 1
 MOVE_CLASS_B = 2
@@ -20,7 +23,7 @@ MOVE_CLASS_B = 2
 # savepoint, the lease check, the update, the release) and its share of the batch-wide
 # steps (journal, verified copies, lease renewal, chunks applied: a few statements each).
 LEDGER_ROUND_TRIPS_PER_DOCUMENT = 6
-# The seed's published per-document ranges (seconds), quoted beside ours.
+# The product's published per-document ranges (seconds, docs/design.md §8.1), quoted beside ours.
 SEED_FAST_PATH_S = (5.0, 30.0)
 SEED_REPROCESS_S = (30.0, 300.0)
 
@@ -48,7 +51,9 @@ class Latencies:
     pdf_seconds_per_mb: float  # local PDF image extraction + matching
     mean_source_bytes: float = 0.0  # mean size of the sampled source PDFs
     sample_size: int = 0
-    milvus_readback_s: float | None = None  # the batch's affected chunks, as the run reads them back (None: = the query)
+    milvus_readback_s: float | None = (
+        None  # the batch's affected chunks, as the run reads them back (None: = the query)
+    )
     ledger_round_trip_s: float = 0.0  # one short ledger transaction
     object_request_s: float | None = None  # wall seconds per GET with the run's concurrency in flight
 
@@ -115,35 +120,63 @@ def keys_estimate(load: PathLoad, lat: Latencies, prices: Prices, concurrency: i
     if lat.object_request_s is not None:  # measured at the run's concurrency: overlap included
         object_s = requests * lat.object_request_s + load.listings * lat.object_list_s / concurrency
     else:  # one request at a time, divided by the concurrency (a GET costs about a HEAD)
-        object_s = (load.images_to_move * (lat.object_copy_s + MOVE_CLASS_B * lat.object_head_s)
-                    + load.listings * lat.object_list_s) / concurrency
+        object_s = (
+            load.images_to_move * (lat.object_copy_s + MOVE_CLASS_B * lat.object_head_s)
+            + load.listings * lat.object_list_s
+        ) / concurrency
     seconds = _store_seconds(load.documents, batch_size, lat) + object_s
-    return PathEstimate("keys", load.documents, load.chunks, class_a, class_b, seconds,
-                        request_dollars(class_a, class_b, prices), _seed_range(SEED_FAST_PATH_S, load.documents))
+    return PathEstimate(
+        "keys",
+        load.documents,
+        load.chunks,
+        class_a,
+        class_b,
+        seconds,
+        request_dollars(class_a, class_b, prices),
+        _seed_range(SEED_FAST_PATH_S, load.documents),
+    )
 
 
 def pdf_estimate(load: PathLoad, lat: Latencies, prices: Prices, concurrency: int, batch_size: int) -> PathEstimate:
     # Per document one listing and one GET of the source PDF; per image chunk one copy or upload
-    # checked by a GET (DESIGN §5); one GET per bucket image compared by its hash.
+    # checked by a GET (docs/design.md §5.2); one GET per bucket image compared by its hash.
     class_a = load.documents + load.chunks
     class_b = load.documents + load.images_to_move + (MOVE_CLASS_B - 1) * load.chunks
     mb = load.source_bytes / 1e6
     transfer_s = load.source_bytes / max(lat.get_bytes_per_s, 1.0)
     work_s = transfer_s + mb * lat.pdf_seconds_per_mb + load.chunks * lat.object_copy_s
     seconds = _store_seconds(load.documents, batch_size, lat) + work_s / concurrency
-    return PathEstimate("pdf", load.documents, load.chunks, class_a, class_b, seconds,
-                        request_dollars(class_a, class_b, prices), _seed_range(SEED_FAST_PATH_S, load.documents))
+    return PathEstimate(
+        "pdf",
+        load.documents,
+        load.chunks,
+        class_a,
+        class_b,
+        seconds,
+        request_dollars(class_a, class_b, prices),
+        _seed_range(SEED_FAST_PATH_S, load.documents),
+    )
 
 
 def reprocess_estimate(load: PathLoad, prices: Prices, concurrency: int) -> PathEstimate:
-    """The slow path runs the app's pipeline: its time is the seed's range, not measured here."""
+    """The slow path runs the app's pipeline: its time is the product's published range
+    (docs/design.md §8.1), not measured here."""
     images = load.chunks
     dollars = load.documents * prices.reprocess_compute_per_document + images * (
-        prices.vision_per_image + prices.ocr_per_image)
+        prices.vision_per_image + prices.ocr_per_image
+    )
     low, high = SEED_REPROCESS_S
     seconds = load.documents * (low + high) / 2 / concurrency
-    return PathEstimate("reprocess", load.documents, load.chunks, 0, load.documents, seconds, dollars,
-                        _seed_range(SEED_REPROCESS_S, load.documents))
+    return PathEstimate(
+        "reprocess",
+        load.documents,
+        load.chunks,
+        0,
+        load.documents,
+        seconds,
+        dollars,
+        _seed_range(SEED_REPROCESS_S, load.documents),
+    )
 
 
 def _seed_range(per_doc: tuple[float, float], documents: int) -> tuple[float, float]:

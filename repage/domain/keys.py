@@ -1,4 +1,4 @@
-"""Image-key formats of DESIGN §1: parse a bucket key into (page, index), build canonical keys.
+"""Image-key formats of docs/design.md §1.4: parse a bucket key into (page, index), build canonical keys.
 
 Pure: no I/O, standard library only. `parse_image_key` never raises and never guesses:
 anything it cannot read with certainty comes back as fmt='unknown', page=None and a

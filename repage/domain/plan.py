@@ -1,4 +1,4 @@
-"""Classify a document into a recovery path (DESIGN §2), cheapest first. Pure.
+"""Classify a document into a recovery path (docs/design.md §2.1), cheapest first. Pure.
 
 Input: the document's affected chunks (light rows from Milvus), optionally the image
 keys found by listing its image prefix, and whether its source object exists.
@@ -19,7 +19,7 @@ AFFECTED_TYPES = frozenset({"ocr", "image"})
 
 
 def is_affected(row: Mapping) -> bool:
-    """The affected-chunk predicate of DESIGN §1, in Python (mirrors the Milvus filter)."""
+    """The affected-chunk predicate of docs/design.md §1.3, in Python (mirrors the Milvus filter)."""
     if row.get("page", 0) != 0:
         return False
     return row.get("chunk_type") in AFFECTED_TYPES or float(row.get("ocr_confidence") or 0.0) > 0.0
@@ -117,8 +117,9 @@ def classify(
 ) -> DocumentPlan:
     """Decide the path of one document. `rows` are its affected chunks only."""
     if not rows:
-        return DocumentPlan(document_id, dataset_id, filename, RepairPath.NONE, State.SKIPPED,
-                            "no image/OCR chunk with page 0", ())
+        return DocumentPlan(
+            document_id, dataset_id, filename, RepairPath.NONE, State.SKIPPED, "no image/OCR chunk with page 0", ()
+        )
     keys = frozenset(listed_keys or ())
     listing = index_listing(keys, patterns) if listed_keys is not None else None
     chunks = tuple(resolve_chunk(r, i, listing, keys, patterns) for r, i in zip(rows, identities, strict=True))
@@ -126,17 +127,23 @@ def classify(
     return DocumentPlan(document_id, dataset_id, filename, path, state, reason, chunks)
 
 
-def _choose_path(chunks: Sequence[ChunkPage], filename: str,
-                 source_exists: bool | None) -> tuple[RepairPath, State, str]:
+def _choose_path(
+    chunks: Sequence[ChunkPage], filename: str, source_exists: bool | None
+) -> tuple[RepairPath, State, str]:
     unresolved = sum(1 for c in chunks if c.page is None)
     if not unresolved:
         via = "listing" if any(c.evidence == "listing" for c in chunks) else "chunk keys"
         return RepairPath.KEYS, State.PENDING, f"all {len(chunks)} pages in image keys ({via})"
     if source_exists and filename.lower().endswith(".pdf"):
-        return (RepairPath.PDF, State.PENDING,
-                f"{unresolved} of {len(chunks)} chunks have no page in any key; source PDF exists")
+        return (
+            RepairPath.PDF,
+            State.PENDING,
+            f"{unresolved} of {len(chunks)} chunks have no page in any key; source PDF exists",
+        )
     if source_exists:
         return RepairPath.REPROCESS, State.PENDING, f"{unresolved} chunks have no page in any key; source is not a PDF"
-    return RepairPath.NONE, State.UNRECOVERABLE, (
-        f"{unresolved} of {len(chunks)} chunks have no page in any key and the source object is missing"
+    return (
+        RepairPath.NONE,
+        State.UNRECOVERABLE,
+        (f"{unresolved} of {len(chunks)} chunks have no page in any key and the source object is missing"),
     )

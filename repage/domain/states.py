@@ -1,4 +1,4 @@
-"""The document state machine of DESIGN §4: one table, every edge commented. Pure."""
+"""The document state machine of docs/design.md §4.3: one table, every edge commented. Pure."""
 
 from __future__ import annotations
 
@@ -40,22 +40,24 @@ TRANSITIONS: dict[State | None, frozenset[State]] = {
     NEW: frozenset({State.PENDING, State.SKIPPED, State.UNRECOVERABLE}),
     # a worker claims it (lease + fencing token)
     State.PENDING: frozenset({State.RUNNING}),
-    State.RUNNING: frozenset({
-        State.PENDING,        # lease expired (worker died) or run stopped cleanly mid-batch
-        State.MIGRATED,       # all chunks written and read back
-        State.REVIEW,         # a page match below the confidence threshold
-        State.DEFERRED,       # only reprocess can fix it and reprocessing is off for this run
-        State.UNRECOVERABLE,  # no key, no images, no source
-        State.FAILED,         # an error; attempts counts them
-    }),
-    State.FAILED: frozenset({State.PENDING}),    # retry
+    State.RUNNING: frozenset(
+        {
+            State.PENDING,  # lease expired (worker died) or run stopped cleanly mid-batch
+            State.MIGRATED,  # all chunks written and read back
+            State.REVIEW,  # a page match below the confidence threshold
+            State.DEFERRED,  # only reprocess can fix it and reprocessing is off for this run
+            State.UNRECOVERABLE,  # no key, no images, no source
+            State.FAILED,  # an error; attempts counts them
+        }
+    ),
+    State.FAILED: frozenset({State.PENDING}),  # retry
     State.DEFERRED: frozenset({State.PENDING}),  # reprocess enabled
-    State.REVIEW: frozenset({State.PENDING}),    # review accepted or rejected
+    State.REVIEW: frozenset({State.PENDING}),  # review accepted or rejected
     # verify passed / rollback / images still to move after a pages-only run (--no-move-images)
     State.MIGRATED: frozenset({State.VERIFIED, State.ROLLED_BACK, State.PENDING}),
     # rollback after verify / images still to move after a pages-only run
     State.VERIFIED: frozenset({State.ROLLED_BACK, State.PENDING}),
-    State.ROLLED_BACK: frozenset({State.PENDING}),                    # scanned again
+    State.ROLLED_BACK: frozenset({State.PENDING}),  # scanned again
     # skipped and unrecoverable are final: a scan never counts a done document as affected.
 }
 

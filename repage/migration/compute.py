@@ -3,7 +3,7 @@
 An engine has one method, `map(fn, items) -> list`, results in the order of `items`. `fn`
 must be a module-level function and `items` picklable: a Ray task runs in another process,
 maybe on another machine, so nothing that holds a connection crosses (gRPC channels do not
-survive fork, DESIGN §7); a task that needs a store opens its own client from the settings.
+survive fork, docs/design.md §7.1, §9.4); a task that needs a store opens its own client from the settings.
 
 The pdf path hands its PDF fingerprinting, matching and image extraction to the engine
 (repage/pdfpath.py: `PdfJob`, `run_pdf_job`). The ledger, Milvus writes and bucket copies

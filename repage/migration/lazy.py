@@ -1,8 +1,8 @@
-"""Lazy repair on the read path (the seed's "start with lazy migration").
+"""Lazy repair on the read path (docs/design.md §10.2).
 
 `LazyRepair.repair(rows)` takes the chunk rows a request is about to return and:
 1. corrects `page` in those rows where the chunk is affected (page 0 and image/OCR,
-   DESIGN §1) and its own image key already tells the page (read-repair: the response
+   docs/design.md §1.3) and its own image key already tells the page (read-repair: the response
    is right before the migration has written anything);
 2. notes one access per document and, for documents with affected chunks, an enqueue
    request, in an in-memory buffer: deduplicated per document between flushes and
@@ -290,7 +290,7 @@ class LazyRepair:
 
 
 def _affected_kind(row: Mapping[str, Any]) -> bool:
-    """The chunk-type half of DESIGN §1's predicate (page == 0 is checked by the caller)."""
+    """The chunk-type half of the predicate of docs/design.md §1.3 (page == 0 is checked by the caller)."""
     if row.get("chunk_type") in AFFECTED_TYPES:
         return True
     confidence = row.get("ocr_confidence")

@@ -2,9 +2,9 @@
 
 The old pipeline named each extracted image `{basename}-{page}-{n}.{ext}` (0-based page,
 n-th image on the page) and numbered them `enumerate(sorted(names))`: lexicographic, so
-`x.pdf-10-0.png` comes before `x.pdf-2-0.png` (DESIGN §1). `index_map` rebuilds that
+`x.pdf-10-0.png` comes before `x.pdf-2-0.png` (docs/design.md §1.2). `index_map` rebuilds that
 numbering to map `image_index` -> page; `match_images` confirms it by content (perceptual
-hash of the image in the bucket, and its shape) with the thresholds of DESIGN §2, and says
+hash of the image in the bucket, and its shape) with the thresholds of docs/design.md §2.2, and says
 "review" instead of guessing whenever the evidence is weak.
 
 A source is PDF bytes or the path of a PDF file: a large PDF is streamed to a temporary
@@ -279,7 +279,7 @@ def index_map(prints: Sequence[Fingerprint]) -> dict[int, Fingerprint]:
 
 def index_allowed(prints: Sequence[Fingerprint], indexes: Collection[int]) -> bool:
     """A page by index alone only when the PDF yields exactly as many images as the document has
-    distinct image_index values (DESIGN §2), and those are 0..N-1 (the numbering they came from)."""
+    distinct image_index values (docs/design.md §2.2), and those are 0..N-1 (the numbering they came from)."""
     distinct = set(indexes)
     return len(prints) == len(distinct) and distinct == set(range(len(prints)))
 

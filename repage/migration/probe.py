@@ -16,17 +16,19 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
-from repage.errors import BadInput, ObjectNotFound
 from repage.domain.estimate import Estimate, Latencies, PathLoad, estimate
 from repage.domain.keys import image_prefix, source_key_candidates
-from repage.migration.pdfpages import iter_page_images
 from repage.domain.plan import is_affected
 from repage.domain.states import RepairPath, State
+from repage.errors import BadInput, ObjectNotFound
+from repage.migration.pdfpages import iter_page_images
 
-ASSUMPTIONS = ("batch query time = measured fetch of a full batch of documents, on the store as it is now "
-               "(a Milvus Lite store slows as a run writes unsealed rows); batch write time = measured read-back of "
-               "that batch's affected chunks; a COPY costs a GET; ledger: 6 round trips per document; "
-               "reprocess time = the seed's 30 s - 5 min per document")
+ASSUMPTIONS = (
+    "batch query time = measured fetch of a full batch of documents, on the store as it is now "
+    "(a Milvus Lite store slows as a run writes unsealed rows); batch write time = measured read-back of "
+    "that batch's affected chunks; a COPY costs a GET; ledger: 6 round trips per document; "
+    "reprocess time = the product's published 30 s - 5 min per document"
+)
 
 
 @dataclass
@@ -81,21 +83,31 @@ def measure(stores, picked: dict[RepairPath, list], batch_size: int, concurrency
     query_s, rows = timed(lambda: stores.vectors.fetch_for_repair([d.document_id for d in docs])) if docs else (0.0, [])
     readback_s = _time_readback(stores.vectors, rows)
     keys = [r["image_r2_key"] for r in rows if r.get("image_r2_key")][:batch_size]
-    heads, gets = _time_objects(stores.objects, keys[:len(docs) or 1])
-    lists = [timed(lambda d=d: next(iter(stores.objects.list(image_prefix(d.dataset_id, d.document_id))), None))[0]
-             for d in docs[:5]]
+    heads, gets = _time_objects(stores.objects, keys[: len(docs) or 1])
+    lists = [
+        timed(lambda d=d: next(iter(stores.objects.list(image_prefix(d.dataset_id, d.document_id))), None))[0]
+        for d in docs[:5]
+    ]
     get_rate, pdf_s_per_mb, mean_size = _time_sources(stores, picked[RepairPath.PDF][:3])
     ledger_s = median([timed(stores.ledger.db_now)[0] for _ in range(9)])
-    return Latencies(milvus_query_s=query_s, milvus_write_s=readback_s, milvus_readback_s=readback_s,
-                     object_head_s=median(heads),
-                     object_list_s=median(lists), object_copy_s=median(gets), get_bytes_per_s=get_rate,
-                     pdf_seconds_per_mb=pdf_s_per_mb, mean_source_bytes=mean_size, sample_size=len(docs),
-                     ledger_round_trip_s=ledger_s,
-                     object_request_s=_time_concurrent_gets(stores.objects, keys, concurrency))
+    return Latencies(
+        milvus_query_s=query_s,
+        milvus_write_s=readback_s,
+        milvus_readback_s=readback_s,
+        object_head_s=median(heads),
+        object_list_s=median(lists),
+        object_copy_s=median(gets),
+        get_bytes_per_s=get_rate,
+        pdf_seconds_per_mb=pdf_s_per_mb,
+        mean_source_bytes=mean_size,
+        sample_size=len(docs),
+        ledger_round_trip_s=ledger_s,
+        object_request_s=_time_concurrent_gets(stores.objects, keys, concurrency),
+    )
 
 
 def _time_readback(vectors, rows: Sequence[dict]) -> float:
-    """The run's read-back (DESIGN §5.4): the batch's affected chunks, with vectors."""
+    """The run's read-back (docs/design.md §5.4): the batch's affected chunks, with vectors."""
     info = vectors.info()
     written = {info.identity.key(r): str(r[info.pk_field]) for r in rows if is_affected(r)}
     if not written:
@@ -140,7 +152,7 @@ def _time_sources(stores, records: Sequence) -> tuple[float, float, float]:
         seconds, data = data
         total_bytes, get_s, count = total_bytes + len(data), get_s + seconds, count + 1
         try:
-            cpu_s += timed(lambda d=data: sum(1 for _ in iter_page_images(d, record.filename)))[0]
+            cpu_s += timed(lambda d=data, name=record.filename: sum(1 for _ in iter_page_images(d, name)))[0]
         except BadInput:
             continue
     if not total_bytes:
@@ -162,11 +174,16 @@ def estimate_store(stores, *, sample: int = 20) -> EstimateReport:
     settings = stores.settings
     loads = path_loads(stores.ledger)
     # at least one full batch: the batch query is timed on as many documents as a run's batch holds
-    latencies = measure(stores, sample_documents(stores.ledger, max(sample, settings.batch_size)),
-                        settings.batch_size, settings.concurrency)
+    latencies = measure(
+        stores,
+        sample_documents(stores.ledger, max(sample, settings.batch_size)),
+        settings.batch_size,
+        settings.concurrency,
+    )
     if RepairPath.PDF in loads:  # the scan does not read sources: size them from the sample
         pdf = loads[RepairPath.PDF]
         loads[RepairPath.PDF] = replace(pdf, source_bytes=int(latencies.mean_source_bytes * pdf.documents))
-    result = estimate(loads, latencies, settings.prices, concurrency=settings.concurrency,
-                      batch_size=settings.batch_size)
+    result = estimate(
+        loads, latencies, settings.prices, concurrency=settings.concurrency, batch_size=settings.batch_size
+    )
     return EstimateReport(result, latencies, {p.value: asdict(load) for p, load in loads.items()})

@@ -13,17 +13,17 @@ import tempfile
 import threading
 import time
 import uuid
-from itertools import islice
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from itertools import islice
 
-from repage.errors import IllegalTransition, RepageError, StaleLease, StoreUnavailable
 from repage.domain.estimate import request_dollars
 from repage.domain.keys import compile_patterns
 from repage.domain.records import Claim
+from repage.domain.states import RepairPath, State
+from repage.errors import IllegalTransition, RepageError, StaleLease, StoreUnavailable
 from repage.migration.migrate import BatchMigrator, BatchResult, DocumentWork, RunOptions
 from repage.migration.scan import scan_completed, scan_store
-from repage.domain.states import RepairPath, State
 from repage.stores.ledger import Ledger
 from repage.stores.throttle import AdaptiveLimiter, Clock, SystemClock
 
@@ -60,7 +60,7 @@ class Selection:
     access_now: float | None = None  # epoch seconds the decay is judged at (None: now)
     enqueued_only: bool = False  # only documents lazy repair or an admin enqueued
     retry_failed: bool = False  # failed documents of the selection go back to pending first (the retry edge)
-    # reprocess-path documents claimed while this is off go to deferred (DESIGN §4); on: they are
+    # reprocess-path documents claimed while this is off go to deferred (docs/design.md §4.3, §2.4); on: they are
     # reprocessed, and deferred ones of the selection go back to pending first
     allow_reprocess: bool = False
 
@@ -99,9 +99,17 @@ def owner_name() -> str:
 
 
 class Runner:
-    def __init__(self, stores, options: RunOptions, limits: RunLimits, selection: Selection, *,
-                 clock: Clock | None = None, on_batch: Callable[[RunSummary], None] | None = None,
-                 stop: threading.Event | None = None):
+    def __init__(
+        self,
+        stores,
+        options: RunOptions,
+        limits: RunLimits,
+        selection: Selection,
+        *,
+        clock: Clock | None = None,
+        on_batch: Callable[[RunSummary], None] | None = None,
+        stop: threading.Event | None = None,
+    ):
         self.stores, self.options, self.limits, self.selection = stores, options, limits, selection
         self.clock = clock or SystemClock()
         self.on_batch = on_batch
@@ -109,22 +117,32 @@ class Runner:
         self.owner = owner_name()
         # Latency is judged on the median of the last few object requests: one slow reply of
         # the store (a GC pause, a tail latency) must not halve the rate for the next ~10 s.
-        self.object_limiter = AdaptiveLimiter(limits.object_ops_per_second, self.clock,
-                                              latency_window=max(16, 4 * limits.concurrency))
+        self.object_limiter = AdaptiveLimiter(
+            limits.object_ops_per_second, self.clock, latency_window=max(16, 4 * limits.concurrency)
+        )
         self.write_limiter = AdaptiveLimiter(limits.milvus_writes_per_second, self.clock)
-        self.migrator = BatchMigrator(stores, options, object_limiter=self.object_limiter,
-                                      write_limiter=self.write_limiter, concurrency=limits.concurrency,
-                                      lease_seconds=stores.settings.lease_seconds,
-                                      patterns=compile_patterns(stores.settings.key_patterns))
+        self.migrator = BatchMigrator(
+            stores,
+            options,
+            object_limiter=self.object_limiter,
+            write_limiter=self.write_limiter,
+            concurrency=limits.concurrency,
+            lease_seconds=stores.settings.lease_seconds,
+            patterns=compile_patterns(stores.settings.key_patterns),
+        )
         self.summary = RunSummary()
         self._dry_records = None  # dry run: one pass over the pending documents
         from repage.reprocess.stage import ReprocessStage
 
         prices = stores.settings.prices
         self.reprocess = ReprocessStage(
-            stores, enabled=selection.allow_reprocess, budget_dollars=limits.budget_dollars,
-            concurrency=limits.reprocess_concurrency, clock=self.clock,
-            spent=lambda: request_dollars(self.summary.class_a, self.summary.class_b, prices))
+            stores,
+            enabled=selection.allow_reprocess,
+            budget_dollars=limits.budget_dollars,
+            concurrency=limits.reprocess_concurrency,
+            clock=self.clock,
+            spent=lambda: request_dollars(self.summary.class_a, self.summary.class_b, prices),
+        )
 
     def run(self) -> RunSummary:
         started = self.clock.now()
@@ -166,8 +184,11 @@ class Runner:
 
     def _pending(self) -> int:
         counts = self.stores.ledger.counts()
-        total = sum(n for (state, path), n in counts.items()
-                    if state == State.PENDING.value and RepairPath(path) in self.selection.paths)
+        total = sum(
+            n
+            for (state, path), n in counts.items()
+            if state == State.PENDING.value and RepairPath(path) in self.selection.paths
+        )
         if self.selection.document_ids is not None:
             total = min(total, len(self.selection.document_ids))
         return min(total, self.limits.limit) if self.limits.limit is not None else total
@@ -181,9 +202,17 @@ class Runner:
             return self._peek(size)
         ledger.release_expired()
         sel = self.selection
-        return ledger.claim_batch(self.owner, size, self.stores.settings.lease_seconds, paths=set(sel.paths), dataset_id=sel.dataset_id,
-                                  document_ids=sel.document_ids, order=sel.order, enqueued_only=sel.enqueued_only,
-                                  min_access_rank=self._min_access_rank())
+        return ledger.claim_batch(
+            self.owner,
+            size,
+            self.stores.settings.lease_seconds,
+            paths=set(sel.paths),
+            dataset_id=sel.dataset_id,
+            document_ids=sel.document_ids,
+            order=sel.order,
+            enqueued_only=sel.enqueued_only,
+            min_access_rank=self._min_access_rank(),
+        )
 
     def _min_access_rank(self) -> float | None:
         from repage.domain.access import half_life_seconds, rank_threshold
@@ -198,10 +227,15 @@ class Runner:
         """Dry run: pending documents as if claimed, without touching the ledger."""
         if self._dry_records is None:
             sel = self.selection
-            self._dry_records = (r for r in self.stores.ledger.documents(states={State.PENDING}, dataset_id=sel.dataset_id)
-                                 if r.path in sel.paths and (sel.document_ids is None or r.document_id in sel.document_ids))
-        return [Claim(r.document_id, r.dataset_id, r.filename, r.path, r.fencing_token, r.affected_chunks)
-                for r in islice(self._dry_records, size)]
+            self._dry_records = (
+                r
+                for r in self.stores.ledger.documents(states={State.PENDING}, dataset_id=sel.dataset_id)
+                if r.path in sel.paths and (sel.document_ids is None or r.document_id in sel.document_ids)
+            )
+        return [
+            Claim(r.document_id, r.dataset_id, r.filename, r.path, r.fencing_token, r.affected_chunks)
+            for r in islice(self._dry_records, size)
+        ]
 
     def _migrate(self, claims: Sequence) -> BatchResult:
         slow = [c for c in claims if c.path == RepairPath.REPROCESS]
@@ -249,8 +283,9 @@ class Runner:
             return self._fail_batch(claims, message)
         for claim in claims:
             try:
-                self.stores.ledger.transition(claim.document_id, State.PENDING, token=claim.fencing_token,
-                                              reason=message)
+                self.stores.ledger.transition(
+                    claim.document_id, State.PENDING, token=claim.fencing_token, reason=message
+                )
             except RepageError:
                 pass  # settled before the outage, taken over, or the ledger is down too: the lease expires
         return BatchResult()
@@ -262,8 +297,7 @@ class Runner:
                 result.failed[claim.document_id] = message
                 continue
             try:
-                self.stores.ledger.transition(claim.document_id, State.FAILED, token=claim.fencing_token,
-                                              error=message)
+                self.stores.ledger.transition(claim.document_id, State.FAILED, token=claim.fencing_token, error=message)
                 result.failed[claim.document_id] = message
             except (StaleLease, IllegalTransition):
                 pass  # settled by the batch before it failed, or taken over by another worker
@@ -291,8 +325,9 @@ class Runner:
             if result.migrated:
                 self.stores.ledger.add_event("migrated", count=len(result.migrated), detail=str(result.chunks_written))
             if requests := result.usage.class_a + result.usage.class_b:
-                self.stores.ledger.add_event(OBJECT_REQUESTS, count=requests,
-                                             detail=f"{result.usage.class_a} {result.usage.class_b}")
+                self.stores.ledger.add_event(
+                    OBJECT_REQUESTS, count=requests, detail=f"{result.usage.class_a} {result.usage.class_b}"
+                )
 
     def _stop_reason(self, started: float) -> str | None:
         s, lim = self.summary, self.limits
@@ -304,8 +339,11 @@ class Runner:
             return f"--limit {lim.limit} reached"
         if lim.max_failures is not None and s.failed > lim.max_failures:
             return f"--max-failures {lim.max_failures} exceeded ({s.failed} failed)"
-        if (lim.max_error_rate is not None and s.documents >= MIN_DOCS_FOR_ERROR_RATE
-                and s.failed / s.documents > lim.max_error_rate):
+        if (
+            lim.max_error_rate is not None
+            and s.documents >= MIN_DOCS_FOR_ERROR_RATE
+            and s.failed / s.documents > lim.max_error_rate
+        ):
             return f"--max-error-rate {lim.max_error_rate} exceeded ({s.failed}/{s.documents} failed)"
         if lim.max_duration_seconds is not None and self.clock.now() - started >= lim.max_duration_seconds:
             return f"--max-duration {lim.max_duration_seconds:.0f}s reached"
@@ -324,8 +362,7 @@ def run_migration(stores, options: RunOptions, limits: RunLimits, selection: Sel
     """
     # None: a dry run with no ledger yet. A ledger with documents but no finished scan was left by
     # a run killed mid-scan: scan again (scans are idempotent and keep running/done documents).
-    if (stores.ledger is not None and stores.ledger.counts()
-            and (options.dry_run or scan_completed(stores.ledger))):
+    if stores.ledger is not None and stores.ledger.counts() and (options.dry_run or scan_completed(stores.ledger)):
         return Runner(stores, options, limits, selection, **kwargs).run()
     if not options.dry_run:
         scan_store(stores, dataset_id=selection.dataset_id)

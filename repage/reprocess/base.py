@@ -1,4 +1,4 @@
-"""The slow path's plug-in interface (DESIGN §2 `reprocess`): submit a document, poll its job, report its cost.
+"""The slow path's plug-in interface (docs/design.md §2.4): submit a document, poll its job, report its cost.
 
 A `Reprocessor` runs the full ingestion pipeline for one document somewhere (the app's
 admin API, or the local reference pipeline) and says when it is done. The run
@@ -67,7 +67,10 @@ class Reprocessor(Protocol):
 
 
 def estimated_dollars(prices, images: int) -> float:
-    """The price table's figure for one document with `images` image/OCR chunks (DESIGN §8)."""
+    """The price table's figure for one document with `images` image/OCR chunks.
+
+    Prices: docs/design.md §6.2; the published ranges: §8.1.
+    """
     return prices.reprocess_compute_per_document + images * (prices.vision_per_image + prices.ocr_per_image)
 
 

@@ -3,7 +3,7 @@
 For the demo store and stores built with a model repage can compute. Per document:
 1. refuse unless the collection's configured `embedding_model` is one this pipeline computes
    (only `repage-demo-hash-1536`): vectors from another model must never enter a collection
-   (DESIGN §7), so a production collection configured with e.g. text-embedding-3-small is refused;
+   (docs/design.md §7.4), so a production collection configured with e.g. text-embedding-3-small is refused;
 2. GET the source (REPAGE_SOURCE_KEY_TEMPLATE); a PDF gives per page its text (pypdfium2), its
    images, and for a page with no text layer a render that tesseract OCRs; an image source is
    one page, OCRed;

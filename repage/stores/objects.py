@@ -1,4 +1,4 @@
-"""The bucket adapter: the only module that imports obstore (DESIGN §3, §7).
+"""The bucket adapter: the only module that imports obstore (docs/design.md §3.2, §7.3).
 
 `ObjectStore` is a small synchronous facade over obstore's sync functions for
 `file://`, `memory://` and `s3://` (R2, moto). It
@@ -110,7 +110,7 @@ class ObjectStore:
     @classmethod
     def _local(cls, url: str, rest: str) -> ObjectStore:
         if rest.startswith("localhost/"):
-            rest = rest[len("localhost"):]
+            rest = rest[len("localhost") :]
         if not rest.strip("/"):
             raise ConfigError(f"store URL {redact_url(url)!r} names no folder: {URL_HELP}")
         folder = Path(rest).expanduser().resolve()
@@ -234,8 +234,10 @@ class ObjectStore:
         result = self._call("get", key, lambda: obstore.get(store, key))
         size = int(result.meta["size"])
         if max_bytes is not None and size > max_bytes:
-            raise BadInput(f"object {key!r} is {size:,} bytes, over the limit of {max_bytes:,}: "
-                           "raise the limit or handle the document by hand")
+            raise BadInput(
+                f"object {key!r} is {size:,} bytes, over the limit of {max_bytes:,}: "
+                "raise the limit or handle the document by hand"
+            )
         chunks = self._call("get", key, lambda: iter(result.stream(min_chunk_size=DOWNLOAD_CHUNK)), count=False)
         written = 0
         while (chunk := self._call("get", key, lambda: next(chunks, None), count=False)) is not None:
@@ -312,8 +314,10 @@ def check_endpoint(endpoint: str, allow_http: bool | None, redact: Redactor) -> 
     # it would ride along in every error text; urlsplit stops the user info at the first `/`, so a
     # password holding one (`https://id:se/cret@host`) is caught by its `@` (repage.redact)
     if parts.username is not None or parts.password is not None or "@" in endpoint:
-        raise ConfigError(f"S3 endpoint {shown!r} carries credentials: give the endpoint without them and set "
-                          "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        raise ConfigError(
+            f"S3 endpoint {shown!r} carries credentials: give the endpoint without them and set "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
     try:
         parts.port  # noqa: B018 (raises on a port that is no number)
     except ValueError:
@@ -333,9 +337,7 @@ def http_status(text: str) -> int | None:
     return int(match.group(1) or match.group(2)) if match else None
 
 
-def translate_error(
-    exc: BaseException, *, op: str, key: str, target: str, where: str, redact: Redactor
-) -> StoreError:
+def translate_error(exc: BaseException, *, op: str, key: str, target: str, where: str, redact: Redactor) -> StoreError:
     """Maps an obstore error to the repage tree (the caller raises it `from exc`)."""
     text = str(exc)
     status = http_status(text)
@@ -350,7 +352,9 @@ def translate_error(
     if isinstance(exc, FileNotFoundError) or status == 404:
         return ObjectNotFound(f"object {key!r} not found in {where}")
     if isinstance(exc, (PermissionDeniedError, UnauthenticatedError)) or status in (401, 403):
-        return StoreUnavailable(f"{where} refused {op} {target!r} ({reason}): check the credentials: {CREDENTIALS_HELP}")
+        return StoreUnavailable(
+            f"{where} refused {op} {target!r} ({reason}): check the credentials: {CREDENTIALS_HELP}"
+        )
     if status in TRANSIENT_STATUS or (status is None and any(marker in text for marker in TRANSIENT_FAILURE)):
         return Transient(f"{op} {target!r} in {where} failed ({reason}): a transient error, retry")
     if status is None and any(marker in text for marker in CONNECT_FAILURE):

@@ -1,4 +1,6 @@
-"""Rate limits and adaptive backoff for bucket and Milvus requests (DESIGN §3, §5, §7).
+"""Rate limits and adaptive backoff for bucket and Milvus requests (docs/design.md §11).
+
+The SDKs' own retries are off (§7), so that throttling reaches this module.
 
 - `TokenBucket`: a fixed rate, shared by threads.
 - `AdaptiveLimiter`: AIMD on top of a bucket. It halves the rate when the store

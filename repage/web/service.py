@@ -1,6 +1,6 @@
 """The HTTP service (`repage serve`): a FastAPI app factory and a router for existing apps.
 
-Endpoints (DESIGN §6): every one but /healthz needs `Authorization: Bearer`; read
+Endpoints (docs/design.md §6.5): every one but /healthz needs `Authorization: Bearer`; read
 endpoints take the read or the admin token, admin endpoints only the admin token.
 Missing or wrong token: 401; the read token on an admin endpoint: 403. Tokens are
 compared in constant time and never logged (uvicorn's access log prints the request
@@ -26,7 +26,8 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path as PathParam, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
 
 from repage import redact
@@ -109,8 +110,11 @@ def _status(parts: ServiceParts) -> dict:
     from repage.migration.worker import is_paused
 
     report = migration_status(parts.ledger, parts.settings.prices)
-    report["service"] = {"paused": is_paused(parts.ledger), "lazy": parts.lazy.stats.as_dict(),
-                         "worker": parts.worker.state() if parts.worker is not None else None}
+    report["service"] = {
+        "paused": is_paused(parts.ledger),
+        "lazy": parts.lazy.stats.as_dict(),
+        "worker": parts.worker.state() if parts.worker is not None else None,
+    }
     return report
 
 
@@ -133,9 +137,17 @@ def _guard(action: Callable[[], Any]) -> Any:
 # --------------------------------------------------------------------------- the app
 
 
-def create_app(settings: Settings, *, stores=None, clock=None, with_worker: bool = False,
-               insecure_local: bool = False, worker_config=None, worker_limits=None,
-               flush_seconds: float = 1.0) -> FastAPI:
+def create_app(
+    settings: Settings,
+    *,
+    stores=None,
+    clock=None,
+    with_worker: bool = False,
+    insecure_local: bool = False,
+    worker_config=None,
+    worker_limits=None,
+    flush_seconds: float = 1.0,
+) -> FastAPI:
     """The service app. `stores` (vectors + ledger) are opened here unless given (then the
     caller closes them). `clock.now()` (epoch seconds) stamps accesses; tests inject one."""
     # replies and log records go through the process's redactor (docs/design.md §6.1)
@@ -147,8 +159,14 @@ def create_app(settings: Settings, *, stores=None, clock=None, with_worker: bool
         from repage.stores.open import open_stores
 
         stores = open_stores(settings, objects=False)
-    parts = make_parts(settings, stores.vectors, stores.ledger, insecure_local=insecure_local,
-                       now=clock.now if clock is not None else time.time, flush_seconds=flush_seconds)
+    parts = make_parts(
+        settings,
+        stores.vectors,
+        stores.ledger,
+        insecure_local=insecure_local,
+        now=clock.now if clock is not None else time.time,
+        flush_seconds=flush_seconds,
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -188,13 +206,27 @@ def _start_worker(settings: Settings, stores, config, limits):
     return WorkerThread(settings, config=config or WorkerConfig(), limits=limits, shared=stores).start()
 
 
-def serve(settings: Settings, *, host: str, port: int, insecure_local: bool = False, with_worker: bool = False,
-          worker_config=None, worker_limits=None, log_level: str = "info") -> None:
+def serve(
+    settings: Settings,
+    *,
+    host: str,
+    port: int,
+    insecure_local: bool = False,
+    with_worker: bool = False,
+    worker_config=None,
+    worker_limits=None,
+    log_level: str = "info",
+) -> None:
     """`repage serve`: check the exposure rule, then run uvicorn until SIGTERM/SIGINT."""
     import uvicorn
 
     check_exposure(settings, host, insecure_local)
-    app = create_app(settings, with_worker=with_worker, insecure_local=insecure_local,
-                     worker_config=worker_config, worker_limits=worker_limits)
+    app = create_app(
+        settings,
+        with_worker=with_worker,
+        insecure_local=insecure_local,
+        worker_config=worker_config,
+        worker_limits=worker_limits,
+    )
     # uvicorn's access log line is `client - "METHOD /path HTTP/1.1" status`: no headers, so no token.
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=True)

@@ -1,4 +1,4 @@
-"""The ledger contract (DESIGN §4), run against SQLite and PostgreSQL alike."""
+"""The ledger contract (docs/design.md §4), run against SQLite and PostgreSQL alike."""
 
 from __future__ import annotations
 
@@ -11,16 +11,24 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from repage.errors import ConfigError, IllegalTransition, StaleLease, StoreError, StoreUnavailable
 from repage.domain.records import ChunkJournalEntry, Claim, JournalIntent, ObjectJournalEntry, ObjectState, ScanRecord
 from repage.domain.states import TRANSITIONS, RepairPath, State
+from repage.errors import ConfigError, IllegalTransition, StaleLease, StoreError, StoreUnavailable
 from repage.stores.ledger import SCHEMA_VERSION, Ledger
 
 N_CONCURRENT = 200
 
 
-def rec(doc: str, state: State = State.PENDING, *, path: RepairPath = RepairPath.KEYS, reason: str = "page 0",
-        affected: int = 3, total: int | None = None, dataset: str = "ds1") -> ScanRecord:
+def rec(
+    doc: str,
+    state: State = State.PENDING,
+    *,
+    path: RepairPath = RepairPath.KEYS,
+    reason: str = "page 0",
+    affected: int = 3,
+    total: int | None = None,
+    dataset: str = "ds1",
+) -> ScanRecord:
     return ScanRecord(doc, dataset, f"{doc}.pdf", path, state, reason, affected, total)
 
 
@@ -73,9 +81,13 @@ def test_schema_creation_is_idempotent_and_versioned(ledger_url):
     with Ledger(ledger_url) as second:  # existing tables: nothing recreated, nothing lost
         assert second.get("d1").state == State.PENDING
         with second._engine.begin() as conn:
-            assert conn.scalar(sa.text("SELECT value FROM repage_meta WHERE key = 'schema_version'")) == str(SCHEMA_VERSION)
-            conn.execute(sa.text("UPDATE repage_meta SET value = :v WHERE key = 'schema_version'"),
-                         {"v": str(SCHEMA_VERSION + 1)})
+            assert conn.scalar(sa.text("SELECT value FROM repage_meta WHERE key = 'schema_version'")) == str(
+                SCHEMA_VERSION
+            )
+            conn.execute(
+                sa.text("UPDATE repage_meta SET value = :v WHERE key = 'schema_version'"),
+                {"v": str(SCHEMA_VERSION + 1)},
+            )
     with pytest.raises(ConfigError, match="newer"):
         Ledger(ledger_url)
 
@@ -88,12 +100,15 @@ def test_sqlite_creates_its_folder_and_uses_wal(tmp_path):
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
 
 
-@pytest.mark.parametrize("url, error", [
-    ("postgresql://user:s3cret@127.0.0.1:1/nodb", StoreUnavailable),
-    ("mysql://user:s3cret@localhost/db", ConfigError),
-    ("://user:s3cret@nowhere", ConfigError),
-    ("sqlite://", ConfigError),
-])
+@pytest.mark.parametrize(
+    "url, error",
+    [
+        ("postgresql://user:s3cret@127.0.0.1:1/nodb", StoreUnavailable),
+        ("mysql://user:s3cret@localhost/db", ConfigError),
+        ("://user:s3cret@nowhere", ConfigError),
+        ("sqlite://", ConfigError),
+    ],
+)
 def test_bad_urls_give_one_redacted_line(url, error):
     with pytest.raises(error) as info:
         Ledger(url)
@@ -130,22 +145,36 @@ def test_upsert_scan_is_idempotent_and_batched(ledger):
 
 
 def test_rescan_updates_open_documents_and_leaves_done_and_running_alone(ledger):
-    ledger.upsert_scan([rec(d, total=10) for d in ("open", "failed", "done", "running", "rolled")]
-                       + [rec("skip", State.SKIPPED, affected=0)])
+    ledger.upsert_scan(
+        [rec(d, total=10) for d in ("open", "failed", "done", "running", "rolled")]
+        + [rec("skip", State.SKIPPED, affected=0)]
+    )
     put_in(ledger, "failed", State.FAILED)
     put_in(ledger, "done", State.MIGRATED)
     put_in(ledger, "rolled", State.ROLLED_BACK)
     token = put_in(ledger, "running", State.RUNNING)
 
-    ledger.upsert_scan([rec(d, path=RepairPath.PDF, reason="rescan", affected=7)
-                        for d in ("open", "failed", "done", "running", "rolled", "skip")])
+    ledger.upsert_scan(
+        [
+            rec(d, path=RepairPath.PDF, reason="rescan", affected=7)
+            for d in ("open", "failed", "done", "running", "rolled", "skip")
+        ]
+    )
 
     for doc, state in (("open", State.PENDING), ("failed", State.FAILED)):
         got = ledger.get(doc)
         assert (got.state, got.path, got.reason, got.affected_chunks, got.total_chunks) == (
-            state, RepairPath.PDF, "rescan", 7, 10)  # total_chunks None keeps the known count
-    for doc, state, affected in (("done", State.MIGRATED, 3), ("running", State.RUNNING, 3),
-                                 ("skip", State.SKIPPED, 0)):
+            state,
+            RepairPath.PDF,
+            "rescan",
+            7,
+            10,
+        )  # total_chunks None keeps the known count
+    for doc, state, affected in (
+        ("done", State.MIGRATED, 3),
+        ("running", State.RUNNING, 3),
+        ("skip", State.SKIPPED, 0),
+    ):
         got = ledger.get(doc)
         expected = (state, RepairPath.KEYS, "page 0", affected)
         assert (got.state, got.path, got.reason, got.affected_chunks) == expected, doc
@@ -166,8 +195,7 @@ def test_scan_only_creates_new_documents_on_edges_from_new(ledger):
 
 def test_every_transition_follows_the_table(ledger):
     pairs = [(src, dst) for src in State for dst in State]
-    ledger.upsert_scan([rec(f"{s}>{d}", State.SKIPPED if s == State.SKIPPED else State.PENDING)
-                        for s, d in pairs])
+    ledger.upsert_scan([rec(f"{s}>{d}", State.SKIPPED if s == State.SKIPPED else State.PENDING) for s, d in pairs])
     for src, dst in pairs:
         doc = f"{src}>{dst}"
         token = put_in(ledger, doc, src)
@@ -193,11 +221,17 @@ def test_transition_bookkeeping(ledger):
     assert got.finished_at is not None
     ledger.transition("d", State.PENDING, reason="retry")
     token = claim_one(ledger, "d").fencing_token
-    ledger.transition("d", State.MIGRATED, token=token, dollars=0.5, object_requests_a=3,
-                      bytes_read=100, total_chunks=12)
+    ledger.transition(
+        "d", State.MIGRATED, token=token, dollars=0.5, object_requests_a=3, bytes_read=100, total_chunks=12
+    )
     got = ledger.get("d")
     assert (got.attempts, got.dollars, got.object_requests_a, got.bytes_read, got.total_chunks) == (
-        1, 0.75, 5, 100, 12)  # spend and requests add up; counts are set
+        1,
+        0.75,
+        5,
+        100,
+        12,
+    )  # spend and requests add up; counts are set
     assert ledger.totals()["dollars"] == pytest.approx(0.75)
     assert [r.document_id for r in ledger.last_errors(5)] == ["d"]
     with pytest.raises(TypeError):
@@ -282,8 +316,7 @@ def test_concurrent_processes_never_claim_the_same_document(ledger_url):
     ctx = multiprocessing.get_context("spawn")  # each process builds its own engine
     n = 3
     start, out = ctx.Barrier(n), ctx.Queue()
-    procs = [ctx.Process(target=_process_claimer, args=(ledger_url, f"proc-{i}", start, out))
-             for i in range(n)]
+    procs = [ctx.Process(target=_process_claimer, args=(ledger_url, f"proc-{i}", start, out)) for i in range(n)]
     for p in procs:
         p.start()
     results, deadline = [], time.monotonic() + 90
@@ -372,16 +405,32 @@ def test_journal_round_trip(ledger):
     ledger.upsert_scan([rec("d")])
     token = claim_one(ledger, "d").fencing_token
     a, b = '{"chunk_id":"d_0"}', '{"chunk_id":"d_1"}'
-    ledger.add_chunk_journal("d", token, [
-        ChunkJournalEntry(a, old_pk="1", old_page=0, new_page=9, old_key="k/0_x.pdf-9-0.png",
-                          new_key="k/9_0.png", row_checksum="c0"),
-        ChunkJournalEntry(b, old_pk="2", old_page=0, new_page=0, row_checksum="c1"),
-    ])
+    ledger.add_chunk_journal(
+        "d",
+        token,
+        [
+            ChunkJournalEntry(
+                a,
+                old_pk="1",
+                old_page=0,
+                new_page=9,
+                old_key="k/0_x.pdf-9-0.png",
+                new_key="k/9_0.png",
+                row_checksum="c0",
+            ),
+            ChunkJournalEntry(b, old_pk="2", old_page=0, new_page=0, row_checksum="c1"),
+        ],
+    )
     ledger.add_chunk_journal("d", token, [ChunkJournalEntry(a, old_pk="1", old_page=0, new_page=4)])  # supersedes
     ledger.mark_chunks_applied("d", token, [a], new_pks={a: "77"})
     entries = {e.identity: e for e in ledger.chunk_journal("d")}
     assert set(entries) == {a, b}
-    assert (entries[a].new_page, entries[a].applied, entries[a].new_pk, entries[a].fencing_token) == (4, True, "77", token)
+    assert (entries[a].new_page, entries[a].applied, entries[a].new_pk, entries[a].fencing_token) == (
+        4,
+        True,
+        "77",
+        token,
+    )
     assert (entries[b].row_checksum, entries[b].applied, entries[b].document_id) == ("c1", False, "d")
 
     ledger.add_object_journal("d", token, [ObjectJournalEntry("k/0_x.pdf-9-0.png", "k/9_0.png", 123, "h")])
@@ -391,13 +440,21 @@ def test_journal_round_trip(ledger):
         ledger.set_object_state("d", token, "nope", "k/9_0.png", ObjectState.COPIED)
     (obj,) = ledger.object_journal("d")
     assert (obj.old_key, obj.new_key, obj.size, obj.content_hash, obj.state) == (
-        "k/0_x.pdf-9-0.png", "k/9_0.png", 124, "h", ObjectState.VERIFIED)
+        "k/0_x.pdf-9-0.png",
+        "k/9_0.png",
+        124,
+        "h",
+        ObjectState.VERIFIED,
+    )
     moves = [("k/0_x.pdf-9-1.png", "k/9_1.png"), ("k/0_x.pdf-9-2.png", "k/9_2.png")]
     ledger.add_object_journal("d", token, [ObjectJournalEntry(o, n, 1, "h") for o, n in moves])
     ledger.add_object_journal("d", token, [ObjectJournalEntry(*moves[0], 2, "h2")])  # supersedes
     assert ledger.set_objects_state({"d": (token, moves)}, ObjectState.VERIFIED) == {}
     by_key = {m.old_key: m for m in ledger.object_journal("d")}
-    assert [(by_key[o].state, by_key[o].size) for o, _ in moves] == [(ObjectState.VERIFIED, 2), (ObjectState.VERIFIED, 1)]
+    assert [(by_key[o].state, by_key[o].size) for o, _ in moves] == [
+        (ObjectState.VERIFIED, 2),
+        (ObjectState.VERIFIED, 1),
+    ]
     refused = ledger.set_objects_state({"d": (token, [moves[0], ("nope", "k/9_1.png")])}, ObjectState.COPIED)
     assert "nope -> k/9_1.png" in refused["d"]  # all or nothing for the document
     assert by_key == {m.old_key: m for m in ledger.object_journal("d")}
@@ -411,8 +468,15 @@ def test_batch_journal_calls_write_live_documents_and_name_the_lost(ledger):
     tokens = {c.document_id: c.fencing_token for c in ledger.claim_batch("w", 3, lease_seconds=60)}
     ledger.transition("b1", State.PENDING, token=tokens["b1"])  # b1's lease is gone
     ident = lambda d: f'{{"chunk_id":"{d}_0"}}'  # noqa: E731
-    intents = [JournalIntent(d, tokens[d], [ObjectJournalEntry(f"{d}/0_x.pdf-2-0.png", f"{d}/2_0.png", 1, "h")],
-                             [ChunkJournalEntry(ident(d), old_pk="1", old_page=0, new_page=2)]) for d in sorted(tokens)]
+    intents = [
+        JournalIntent(
+            d,
+            tokens[d],
+            [ObjectJournalEntry(f"{d}/0_x.pdf-2-0.png", f"{d}/2_0.png", 1, "h")],
+            [ChunkJournalEntry(ident(d), old_pk="1", old_page=0, new_page=2)],
+        )
+        for d in sorted(tokens)
+    ]
     assert set(ledger.add_journals(intents)) == {"b1"}
     assert [len(ledger.chunk_journal(d)) for d in ("b0", "b1", "b2")] == [1, 0, 1]
     assert ledger.renew_leases(tokens, 120) == {"b1"}
@@ -422,7 +486,9 @@ def test_batch_journal_calls_write_live_documents_and_name_the_lost(ledger):
     applied = ledger.mark_chunks_applied_many({d: (tokens[d], {ident(d): "9"}) for d in tokens})
     assert set(applied) == {"b1"}
     assert [(e.applied, e.new_pk, e.fencing_token) for d in ("b0", "b2") for e in ledger.chunk_journal(d)] == [
-        (True, "9", tokens["b0"]), (True, "9", tokens["b2"])]
+        (True, "9", tokens["b0"]),
+        (True, "9", tokens["b2"]),
+    ]
 
 
 def test_reports(ledger):

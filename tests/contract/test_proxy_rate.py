@@ -41,7 +41,7 @@ def window_counts(times: list[float], width: float) -> list[int]:
 
 
 def migrate_some(store, bucket: TokenBucket, worker: int, deadline: float, clock: SystemClock) -> None:
-    """put, copy to a new key, head the copy: the moves of DESIGN §5 step 2, each gated."""
+    """put, copy to a new key, head the copy: the moves of docs/design.md §5.2, each gated."""
     n = 0
     while clock.now() < deadline:
         src, dst = f"ds/doc{worker}/images/{n}_legacy.png", f"ds/doc{worker}/images/0_{n}.png"

@@ -1,4 +1,4 @@
-"""The CLI contract (DESIGN §6): exit codes, one-line errors, --help examples, read-only doctor."""
+"""The CLI contract (docs/design.md §6.3, §6.4): exit codes, one-line errors, --help examples, read-only doctor."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Crash safety of the migration protocol (DESIGN §5, issue 4).
+"""Crash safety of the migration protocol (docs/design.md §5, §5.6).
 
 A child process runs the migration and SIGKILLs itself at a step of the protocol: at
 every named failpoint, at random step counts (`hit:N`, N drawn by a seeded RNG over the

@@ -23,7 +23,7 @@ from repage.stores.objects import ObjectStore
 
 pytestmark = pytest.mark.slow
 
-# DESIGN §1, written out here rather than imported: the test checks the adapter's filter too.
+# docs/design.md §1.3, written out here rather than imported: the test checks the adapter's filter too.
 AFFECTED = 'page == 0 && (chunk_type == "ocr" || chunk_type == "image" || ocr_confidence > 0.0)'
 SCENARIOS = {
     "legacy",

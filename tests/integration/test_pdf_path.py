@@ -1,4 +1,4 @@
-"""Acceptance (issue 5): the pdf path on the demo store, both primary-key variants.
+"""Acceptance: the pdf path (docs/design.md §2.2) on the demo store, both primary-key variants.
 
 Expectations come from the ground truth (construction knowledge) and the checks read the
 stores themselves (tests.support.snapshot). The images the pdf path uploads are compared

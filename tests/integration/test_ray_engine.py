@@ -1,9 +1,9 @@
-"""`--engine ray` (issue 9): the pdf path's CPU-heavy steps as Ray tasks give the same store.
+"""`--engine ray` (docs/design.md §9.4): the pdf path's CPU-heavy steps as Ray tasks give the same store.
 
 Two copies of the demo store (real PDFs from Debian's packages); the pdf path runs on one with
 the local engine and on the other with a Ray local cluster (`ray.init(num_cpus=2)`), where the
 PDF fingerprinting, matching and image extraction run in Ray worker processes that open their
-own bucket client (DESIGN §7). Milvus rows, bucket objects and ledger states must be equal,
+own bucket client (docs/design.md §9.4). Milvus rows, bucket objects and ledger states must be equal,
 and the Ray run must have actually used Ray tasks.
 """
 
@@ -13,10 +13,10 @@ import os
 
 import pytest
 
-from repage.stores.open import open_stores
+from repage.domain.states import RepairPath
 from repage.migration.migrate import RunOptions
 from repage.migration.runner import RunLimits, Selection, run_migration
-from repage.domain.states import RepairPath
+from repage.stores.open import open_stores
 from tests.support import built_demo
 from tests.support.snapshot import diff
 
@@ -51,13 +51,20 @@ class CountingRay:
 
 def migrate(demo, engine) -> dict:
     with open_stores(demo.settings) as stores:
-        summary = run_migration(stores, RunOptions(engine=engine), RunLimits(batch_size=4, concurrency=2),
-                                Selection(paths=frozenset({RepairPath.PDF})))
+        summary = run_migration(
+            stores,
+            RunOptions(engine=engine),
+            RunLimits(batch_size=4, concurrency=2),
+            Selection(paths=frozenset({RepairPath.PDF})),
+        )
     assert summary.failed == 0, summary.errors
     assert summary.migrated > 0
     snap = demo.snapshot()
-    return {"milvus": snap["milvus"], "objects": snap["objects"],
-            "states": {d: r["state"] for d, r in snap["ledger"]["documents"].items()}}
+    return {
+        "milvus": snap["milvus"],
+        "objects": snap["objects"],
+        "states": {d: r["state"] for d, r in snap["ledger"]["documents"].items()},
+    }
 
 
 def test_ray_engine_gives_the_same_store_as_the_local_engine(tmp_path_factory, tmp_path):

@@ -1,4 +1,4 @@
-"""Acceptance (issue 8): the reprocess path against a stand-in admin API over real HTTP.
+"""Acceptance: the reprocess path (docs/design.md §2.4) against a stand-in admin API over real HTTP.
 
 The stand-in is an http.server on 127.0.0.1 in a thread speaking the app's default shape
 (`POST /api/v1/admin/documents/{id}/reprocess`, `GET /api/v1/admin/documents/{id}`); each
@@ -15,15 +15,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from repage.stores.open import Stores
 from repage.config import load_settings
-from repage.migration.migrate import RunOptions
-from repage.migration.runner import RunLimits, Runner, Selection
 from repage.domain.records import ScanRecord
 from repage.domain.states import RepairPath, State
+from repage.migration.migrate import RunOptions
+from repage.migration.runner import RunLimits, Runner, Selection
 from repage.stores.ledger import Ledger
-from repage.stores.objects import ObjectStore
 from repage.stores.milvus import MilvusVectors
+from repage.stores.objects import ObjectStore
+from repage.stores.open import Stores
 from repage.stores.throttle import FakeClock
 from tests.fixtures.milvus import insert_sample, unique_name
 
@@ -120,13 +120,24 @@ def collection(milvus_lite_uri):
 @pytest.fixture
 def stores(api, collection, tmp_path):
     uri, name = collection
-    settings = load_settings({}, app_fallbacks=False, flags={
-        "milvus_uri": uri, "collection": name, "store_url": "memory://", "ledger_url": f"sqlite:///{tmp_path}/l.db",
-        "reprocess_url": api.url, "reprocess_token": TOKEN, "reprocess_timeout_seconds": 60,
-        "reprocess_poll_seconds": 5})
+    settings = load_settings(
+        {},
+        app_fallbacks=False,
+        flags={
+            "milvus_uri": uri,
+            "collection": name,
+            "store_url": "memory://",
+            "ledger_url": f"sqlite:///{tmp_path}/l.db",
+            "reprocess_url": api.url,
+            "reprocess_token": TOKEN,
+            "reprocess_timeout_seconds": 60,
+            "reprocess_poll_seconds": 5,
+        },
+    )
     ledger = Ledger(settings.ledger_url)
-    ledger.upsert_scan([ScanRecord(d, "ds1", f"{d}.png", RepairPath.REPROCESS, State.PENDING, "source is not a PDF", 3)
-                        for d in DOCS])
+    ledger.upsert_scan(
+        [ScanRecord(d, "ds1", f"{d}.png", RepairPath.REPROCESS, State.PENDING, "source is not a PDF", 3) for d in DOCS]
+    )
     vectors = MilvusVectors(uri, name)
     objects = ObjectStore.from_url("memory://")
     yield Stores(settings, vectors, objects, ledger, _opened=[ledger, objects, vectors])
@@ -165,7 +176,9 @@ def test_success_failure_timeout_and_retried_5xx(stores, api):
     # the token travels only in the Authorization header, never in a message
     assert {auth for _, _, auth in api.calls} == {f"Bearer {TOKEN}"}
     assert all(TOKEN not in (e or "") for e in summary.errors.values())
-    assert TOKEN not in repr(Runner(stores, RunOptions(), RunLimits(), Selection(allow_reprocess=True)).reprocess.reprocessor)
+    assert TOKEN not in repr(
+        Runner(stores, RunOptions(), RunLimits(), Selection(allow_reprocess=True)).reprocess.reprocessor
+    )
 
 
 def test_budget_exhausted_mid_run_stops_cleanly(stores, api):
@@ -181,12 +194,18 @@ def test_budget_exhausted_mid_run_stops_cleanly(stores, api):
 
 
 def test_auto_without_allow_defers_then_allow_reprocesses(stores, api):
-    selection = Selection(paths=frozenset({RepairPath.KEYS, RepairPath.PDF, RepairPath.REPROCESS}),
-                          document_ids=("deferred-1",))
+    selection = Selection(
+        paths=frozenset({RepairPath.KEYS, RepairPath.PDF, RepairPath.REPROCESS}), document_ids=("deferred-1",)
+    )
     Runner(stores, RunOptions(), RunLimits(), selection, clock=FakeClock()).run()
     record = state(stores, "deferred-1")
     assert record.state == State.DEFERRED and "--allow-reprocess" in record.reason
     assert "deferred-1" not in api.posts
-    summary = Runner(stores, RunOptions(), RunLimits(), Selection(
-        paths=selection.paths, document_ids=("deferred-1",), allow_reprocess=True), clock=FakeClock()).run()
+    summary = Runner(
+        stores,
+        RunOptions(),
+        RunLimits(),
+        Selection(paths=selection.paths, document_ids=("deferred-1",), allow_reprocess=True),
+        clock=FakeClock(),
+    ).run()
     assert summary.migrated == 1 and state(stores, "deferred-1").state == State.MIGRATED

@@ -1,4 +1,4 @@
-"""Acceptance (issue 8): the local reference pipeline on real PDFs (Debian's refcard, from the demo cache).
+"""Acceptance: the local reference pipeline (docs/design.md §2.4) on real PDFs (Debian's refcard, from the demo cache).
 
 - a PDF source: text and images per page, pages correct, old chunks replaced, images at canonical keys;
 - an image source (a page of the PDF rendered as a scan): tesseract's text contains words that
@@ -19,24 +19,26 @@ import threading
 import pypdfium2 as pdfium
 import pytest
 
-from repage.stores.open import Stores
 from repage.config import load_settings
 from repage.demo.corpus import DEFAULT_CACHE, fetch_sources
-from repage.errors import ConfigError
-from repage.migration.migrate import RunOptions
-from repage.reprocess.local import LocalReprocessor, backup_key
-from repage.migration.runner import RunLimits, Runner, Selection
 from repage.domain.records import ScanRecord
 from repage.domain.states import RepairPath, State
-from repage.stores.ledger import Ledger
-from repage.stores.objects import ObjectStore
-from repage.stores.milvus import MilvusVectors, eq_filter
-from repage.stores.throttle import FakeClock
+from repage.errors import ConfigError
+from repage.migration.migrate import RunOptions
+from repage.migration.runner import RunLimits, Runner, Selection
 from repage.migration.verify import rollback_documents, verify_documents
+from repage.reprocess.local import LocalReprocessor, backup_key
+from repage.stores.ledger import Ledger
+from repage.stores.milvus import MilvusVectors, eq_filter
+from repage.stores.objects import ObjectStore
+from repage.stores.open import Stores
+from repage.stores.throttle import FakeClock
 from tests.fixtures.milvus import unique_name
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(shutil.which("tesseract") is None, reason="needs Debian's tesseract-ocr")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("tesseract") is None, reason="needs Debian's tesseract-ocr"),
+]
 DS = "ds-local"
 
 
@@ -70,10 +72,26 @@ def words(text: str) -> set[str]:
 
 def broken_rows(doc: str, filename: str, n: int) -> list[dict]:
     """What the buggy ingestion left: image/OCR chunks with page 0, no key."""
-    return [dict(chunk_id=f"{doc}_{i}", vector=[1.0] + [0.0] * 1535, text=f"old chunk {i}", dataset_id=DS,
-                 document_id=doc, filename=filename, chunk_index=i, document_type="image", title=filename,
-                 chunk_type="ocr", page=0, image_index=i, ocr_confidence=0.7, image_r2_key="", image_size="10x10")
-            for i in range(n)]
+    return [
+        dict(
+            chunk_id=f"{doc}_{i}",
+            vector=[1.0] + [0.0] * 1535,
+            text=f"old chunk {i}",
+            dataset_id=DS,
+            document_id=doc,
+            filename=filename,
+            chunk_index=i,
+            document_type="image",
+            title=filename,
+            chunk_type="ocr",
+            page=0,
+            image_index=i,
+            ocr_confidence=0.7,
+            image_r2_key="",
+            image_size="10x10",
+        )
+        for i in range(n)
+    ]
 
 
 @pytest.fixture
@@ -81,10 +99,18 @@ def stores(tmp_path, pdf_bytes):
     uri = str(tmp_path / "milvus.db")
     name = unique_name("local")
     vectors = MilvusVectors.create_collection(uri, name, pk="chunk_id", dim=1536)
-    settings = load_settings({}, app_fallbacks=False, flags={
-        "milvus_uri": uri, "collection": name, "store_url": f"file://{tmp_path / 'bucket'}",
-        "ledger_url": f"sqlite:///{tmp_path}/ledger.db", "reprocess_backend": "local",
-        "embedding_model": "repage-demo-hash-1536"})
+    settings = load_settings(
+        {},
+        app_fallbacks=False,
+        flags={
+            "milvus_uri": uri,
+            "collection": name,
+            "store_url": f"file://{tmp_path / 'bucket'}",
+            "ledger_url": f"sqlite:///{tmp_path}/ledger.db",
+            "reprocess_backend": "local",
+            "embedding_model": "repage-demo-hash-1536",
+        },
+    )
     (tmp_path / "bucket").mkdir()
     objects = ObjectStore.from_url(settings.store_url)
     ledger = Ledger(settings.ledger_url)
@@ -97,8 +123,9 @@ def add_document(stores, doc: str, filename: str, data: bytes, old_chunks: int) 
     stores.objects.put(f"{DS}/{filename}", data)
     stores.objects.put(f"{DS}/{doc}/checkpoints/parsed.json.gz", b"stale")
     stores.vectors.insert(broken_rows(doc, filename, old_chunks))
-    stores.ledger.upsert_scan([ScanRecord(doc, DS, filename, RepairPath.REPROCESS, State.PENDING, "not a PDF",
-                                          old_chunks)])
+    stores.ledger.upsert_scan(
+        [ScanRecord(doc, DS, filename, RepairPath.REPROCESS, State.PENDING, "not a PDF", old_chunks)]
+    )
 
 
 class Reader(threading.Thread):
@@ -154,8 +181,11 @@ def test_pdf_source_pages_images_and_replace(stores, pdf_bytes):
     assert report["failed"] == {} and report["passed"] == 1
     back = {r["chunk_id"]: r for r in stores.vectors.fetch_documents([doc])}
     assert back.keys() == {r["chunk_id"] for r in original}
-    assert all(stores.vectors.row_checksum(back[r["chunk_id"]]) == stores.vectors.row_checksum(r)
-               and back[r["chunk_id"]]["page"] == r["page"] for r in original)
+    assert all(
+        stores.vectors.row_checksum(back[r["chunk_id"]]) == stores.vectors.row_checksum(r)
+        and back[r["chunk_id"]]["page"] == r["page"]
+        for r in original
+    )
 
 
 def test_scanned_image_source_is_ocred_and_fewer_chunks_replace_more(stores, pdf_bytes):

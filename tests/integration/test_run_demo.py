@@ -1,4 +1,4 @@
-"""Acceptance (issue 4): `run`, `verify`, `rollback` and `run --dry-run` on the demo store.
+"""Acceptance: `run`, `verify`, `rollback` and `run --dry-run` on the demo store (docs/design.md §5).
 
 Both primary-key variants. The demo is built once and copied per test. Expectations come
 from the ground truth (built from construction knowledge), and every check reads the stores

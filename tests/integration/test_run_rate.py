@@ -1,10 +1,10 @@
 """`repage run --object-ops-per-second R` honours R at the bucket, and backs off on 503 SlowDown.
 
-Issue 4's acceptance: a counting proxy on 127.0.0.1 in front of moto_server shows the
+Acceptance (docs/design.md §11): a counting proxy on 127.0.0.1 in front of moto_server shows the
 rate honoured within 10% per 5-second window. The real CLI runs as a subprocess against
 a synthetic FLTR-shaped store: a Milvus Lite file with chunks on page 0 whose legacy
 image keys carry the true page, and those images in a moto bucket. Requests are counted
-at the proxy (DESIGN §7), never in moto or in repage.
+at the proxy (docs/design.md §7.4), never in moto or in repage.
 
 The store is pre-scanned with `repage scan` (scan is not rate limited), so every request
 the proxy sees while `repage run` runs, but the one LIST that checks the bucket as the

@@ -1,4 +1,4 @@
-"""Scale-out (issue 9): three `repage run` processes share one migration on one PostgreSQL ledger.
+"""Scale-out (docs/design.md §9.2, §9.3): three `repage run` processes share one migration on one PostgreSQL ledger.
 
 Stores: Milvus Lite through `milvus-lite server`, a file:// bucket, a fresh PostgreSQL schema.
 The workers (lease 2 s, batches of 2 documents):

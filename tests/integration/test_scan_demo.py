@@ -1,4 +1,4 @@
-"""Acceptance (issue 3): `scan` on the demo store, both primary-key variants.
+"""Acceptance: `scan` (docs/design.md §2.1) on the demo store, both primary-key variants.
 
 The ground truth says, from construction, which path and state every document must get
 and which documents can be classified from their chunks' keys alone. Checks read the

@@ -1,5 +1,5 @@
 """`repage serve --with-worker` as a real uvicorn server over HTTP on 127.0.0.1, with the
-store in `milvus-lite server` (service and test share it; DESIGN §7): read-repair at once,
+store in `milvus-lite server` (service and test share it; docs/design.md §9.1): read-repair at once,
 the worker fixing the store, 100 concurrent reads, tokens and logs, pause/resume."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Crash-test helpers (issue 4): a small FLTR-shaped broken store, cloned per scenario,
+"""Crash-test helpers (docs/design.md §5.6): a small FLTR-shaped broken store, cloned per scenario,
 children that SIGKILL themselves at a failpoint, logical snapshots and their diff.
 
 The store is synthetic on purpose (the demo takes a minute to build): legacy PyMuPDF4LLM

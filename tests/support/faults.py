@@ -1,4 +1,4 @@
-"""A fault-injecting S3 reverse proxy for the reliability suite (issue 11).
+"""A fault-injecting S3 reverse proxy for the reliability suite (docs/design.md §13).
 
 `FaultProxy` is the counting proxy of tests/fixtures/proxy.py (byte-exact forwarding to
 moto_server, every request recorded) with a seeded fault plan on top. Each request draws

@@ -4,8 +4,17 @@ from repage.config import Prices
 from repage.domain.estimate import Latencies, PathLoad, estimate, human_seconds, request_dollars
 from repage.domain.states import RepairPath
 
-LAT = Latencies(milvus_query_s=0.5, milvus_write_s=0.5, object_head_s=0.01, object_list_s=0.05,
-                object_copy_s=0.02, get_bytes_per_s=10e6, pdf_seconds_per_mb=0.2, mean_source_bytes=2e6, sample_size=10)
+LAT = Latencies(
+    milvus_query_s=0.5,
+    milvus_write_s=0.5,
+    object_head_s=0.01,
+    object_list_s=0.05,
+    object_copy_s=0.02,
+    get_bytes_per_s=10e6,
+    pdf_seconds_per_mb=0.2,
+    mean_source_bytes=2e6,
+    sample_size=10,
+)
 
 
 def test_r2_prices():
@@ -20,7 +29,7 @@ def test_keys_path_counts_requests_and_scales_with_concurrency():
     keys = one.paths[0]
     assert (keys.class_a, keys.class_b) == (600, 1200)  # COPY; GET to hash, GET of the copy
     assert eight.seconds < one.seconds
-    assert keys.seed_seconds == (500.0, 3000.0)  # the seed's 5-30 s per document
+    assert keys.seed_seconds == (500.0, 3000.0)  # the product's published 5-30 s per document (docs/design.md §8.1)
 
 
 def test_ledger_round_trips_cost_per_document_whatever_the_concurrency():
@@ -49,11 +58,21 @@ def test_reprocess_dollars_from_price_table():
 
 
 def test_pdf_path_uses_measured_throughput():
-    fast = estimate({RepairPath.PDF: PathLoad(documents=10, chunks=60, source_bytes=20_000_000)}, LAT, Prices(),
-                    concurrency=1, batch_size=50)
+    fast = estimate(
+        {RepairPath.PDF: PathLoad(documents=10, chunks=60, source_bytes=20_000_000)},
+        LAT,
+        Prices(),
+        concurrency=1,
+        batch_size=50,
+    )
     slow_lat = Latencies(**{**LAT.__dict__, "get_bytes_per_s": 1e6})
-    slow = estimate({RepairPath.PDF: PathLoad(documents=10, chunks=60, source_bytes=20_000_000)}, slow_lat, Prices(),
-                    concurrency=1, batch_size=50)
+    slow = estimate(
+        {RepairPath.PDF: PathLoad(documents=10, chunks=60, source_bytes=20_000_000)},
+        slow_lat,
+        Prices(),
+        concurrency=1,
+        batch_size=50,
+    )
     assert slow.seconds > fast.seconds
 
 

@@ -1,4 +1,4 @@
-"""repage.domain.keys: the image-key formats of DESIGN §1, by example and by property."""
+"""repage.domain.keys: the image-key formats of docs/design.md §1.4, by example and by property."""
 
 from __future__ import annotations
 

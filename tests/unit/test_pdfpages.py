@@ -19,7 +19,7 @@ from repage.errors import BadInput
 from repage.migration import pdfpages
 from repage.migration.pdfpages import Fingerprint, Reference, index_allowed, index_map, match_images
 
-DEFAULTS = {"max_distance": 10, "min_margin": 8}  # settings.matching defaults (DESIGN §2)
+DEFAULTS = {"max_distance": 10, "min_margin": 8}  # settings.matching defaults (docs/design.md §2.2, §6.2)
 
 
 def picture(seed: int, w: int = 96, h: int = 64) -> Image.Image:

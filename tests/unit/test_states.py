@@ -5,7 +5,7 @@ import pytest
 from repage.domain.states import DONE, NEW, TRANSITIONS, State, check_transition
 from repage.errors import IllegalTransition
 
-DESIGN_EDGES = {
+EDGES = {  # the table of docs/design.md §4.3
     (NEW, State.PENDING),
     (NEW, State.SKIPPED),
     (NEW, State.UNRECOVERABLE),
@@ -23,7 +23,7 @@ DESIGN_EDGES = {
     (State.MIGRATED, State.ROLLED_BACK),
     (State.VERIFIED, State.ROLLED_BACK),
     (State.ROLLED_BACK, State.PENDING),
-    # not in DESIGN §4's table: DESIGN §5 makes moving images separable from fixing pages,
+    # docs/design.md §5.7 makes moving images separable from fixing pages,
     # so a pages-only document goes back to pending when a later run moves its images
     (State.MIGRATED, State.PENDING),
     (State.VERIFIED, State.PENDING),
@@ -32,12 +32,12 @@ DESIGN_EDGES = {
 
 def test_table_is_exactly_the_design_edges():
     edges = {(src, dst) for src, dsts in TRANSITIONS.items() for dst in dsts}
-    assert edges == DESIGN_EDGES
+    assert edges == EDGES
 
 
 @pytest.mark.parametrize("src,dst", list(itertools.product([NEW, *State], State)))
 def test_every_other_edge_is_refused(src, dst):
-    if (src, dst) in DESIGN_EDGES:
+    if (src, dst) in EDGES:
         check_transition(src, dst)
     else:
         with pytest.raises(IllegalTransition):
