@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from repage.errors import (BadInput, ConfigError, InvalidFilterValue, ObjectNotFound, RepageError, StaleLease,
                            StoreUnavailable)
@@ -270,7 +271,7 @@ class BatchMigrator:
         data = work.blobs.pop(old, None)  # the pdf path read it already to compare it
         if data is None:
             try:
-                data = self._object_call(self.objects.get, old)
+                data = self.get_object(old)
             except ObjectNotFound:
                 return None
             finally:
@@ -394,7 +395,7 @@ class BatchMigrator:
         work.usage.class_a += 1
         self.failpoints.hit("after-object-copy")
         # One GET, not HEAD + GET: its reply carries the size a HEAD would, and the bytes to hash.
-        copied = self._object_call(self.objects.get, move.new_key)
+        copied = self.get_object(move.new_key)
         work.usage.class_b += 1
         if len(copied) != move.size or hashlib.sha256(copied).hexdigest() != move.content_hash:
             raise BadInput(f"copy of {move.old_key} to {move.new_key} does not match (size or content hash)")
@@ -550,6 +551,26 @@ class BatchMigrator:
         result.usage.class_a += usage.class_a
         result.usage.class_b += usage.class_b
         result.usage.bytes_read += usage.bytes_read
+
+    # ---- for the pdf path (repage/migration/pdfpath.py): lease and bucket calls under the run's limits
+
+    def renew_lease(self, work: DocumentWork) -> bool:
+        """Extend one document's lease from now; False when it was lost (its work says why)."""
+        return bool(self._renew_leases([work]))
+
+    def get_object(self, key: str) -> bytes:
+        """GET through the run's object limiter, with backoff when throttled."""
+        return self._object_call(self.objects.get, key)
+
+    def put_object(self, key: str, data: bytes) -> None:
+        self._object_call(self.objects.put, key, data)
+
+    def download_object(self, key: str, dest: Path, *, max_bytes: int) -> int:
+        """GET `key` into the file `dest`, as get_object does; bytes written."""
+        def once() -> int:
+            with open(dest, "wb") as out:  # "wb" again on a retry: never half of two attempts
+                return self.objects.download(key, out, max_bytes=max_bytes)
+        return self._object_call(once)
 
     # ---- plumbing
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from repage.migration import pdfpages
 from repage.errors import BadInput, ObjectNotFound, StaleLease
@@ -37,6 +39,9 @@ from repage.domain.keys import (
 from repage.domain.plan import ChunkPage, DocumentPlan, index_listing
 from repage.domain.records import ObjectJournalEntry, ObjectState
 from repage.domain.states import RepairPath, State
+
+if TYPE_CHECKING:
+    from repage.migration.migrate import DocumentWork, RunOptions
 
 # Far above any real document; it only keeps a broken or hostile object off the temp disk.
 MAX_SOURCE_BYTES = 2 * 1024**3
@@ -59,10 +64,30 @@ class _Image:
     index: int | None
 
 
-class PdfPlanner:
-    """Plans one pdf-path document for a BatchMigrator (its stores, limiter, options, usage)."""
+class Migrator(Protocol):
+    """What the pdf path uses of the BatchMigrator that runs it (repage/migration/migrate.py):
+    the run's settings and options, and lease and bucket calls under the run's limits."""
 
-    def __init__(self, migrator, work):
+    settings: Any  # repage.config.Settings (`matching` thresholds, `source_key_template`)
+    options: RunOptions  # `dry_run`, `move_images`
+    engine: object | None  # where the CPU-heavy steps run (repage/migration/compute.py); None: here
+    patterns: Sequence[re.Pattern]
+    identity: ChunkIdentity
+    ledger: Any  # reviews: `get_review`, `save_review`
+
+    def renew_lease(self, work: DocumentWork) -> bool: ...
+
+    def get_object(self, key: str) -> bytes: ...
+
+    def put_object(self, key: str, data: bytes) -> None: ...
+
+    def download_object(self, key: str, dest: Path, *, max_bytes: int) -> int: ...
+
+
+class PdfPlanner:
+    """Plans one pdf-path document for a BatchMigrator (its settings, limits, options, usage)."""
+
+    def __init__(self, migrator: Migrator, work: DocumentWork):
         self.m, self.work = migrator, work
         self.source_key: str | None = None
         self.images: dict[tuple, _Image] = {}  # per chunk identity: its image in the bucket, its image_index
@@ -120,7 +145,7 @@ class PdfPlanner:
 
     def _keep_lease(self) -> None:
         """A big PDF takes a while: renew the lease between the long steps, as the copy step does."""
-        if not self.m.options.dry_run and not self.m._renew_leases([self.work]):
+        if not self.m.options.dry_run and not self.m.renew_lease(self.work):
             raise StaleLease(self.work.error or f"lease on document {self.work.document_id} lost")
 
     def _name(self) -> str:
@@ -135,7 +160,7 @@ class PdfPlanner:
         candidates = source_key_candidates(self.m.settings.source_key_template, fields)
         for key in candidates:
             try:
-                size = download(self.m, key, dest)
+                size = self.m.download_object(key, dest, max_bytes=MAX_SOURCE_BYTES)
             except ObjectNotFound:
                 continue
             finally:
@@ -177,7 +202,7 @@ class PdfPlanner:
 
     def _bucket_reference(self, image: _Image) -> pdfpages.Reference | None:
         try:
-            data = self.m._object_call(self.m.objects.get, image.key)
+            data = self.m.get_object(image.key)
         except ObjectNotFound:  # listed a moment ago, gone now: treated as missing
             image.key = None
             return None
@@ -340,18 +365,10 @@ def _pdf_step(job: PdfJob, pdf) -> object:
     return prints, matches
 
 
-def download(migrator, key: str, dest: Path) -> int:
-    """GET `key` into the file `dest`, through the run's limiter and backoff; bytes written."""
-    def once() -> int:
-        with open(dest, "wb") as out:  # "wb" again on a retry: never half of two attempts
-            return migrator.objects.download(key, out, max_bytes=MAX_SOURCE_BYTES)
-    return migrator._object_call(once)
-
-
 # ---- applying an upload (BatchMigrator._copy_one)
 
 
-def upload_extracted(migrator, work, move: ObjectJournalEntry) -> None:
+def upload_extracted(migrator: Migrator, work: DocumentWork, move: ObjectJournalEntry) -> None:
     """PUT an image extracted from the source PDF at its canonical key.
 
     The bytes come from the plan; a run resumed from the journal (the plan died with its
@@ -363,10 +380,10 @@ def upload_extracted(migrator, work, move: ObjectJournalEntry) -> None:
     if hashlib.sha256(data).hexdigest() != move.content_hash:
         raise BadInput(f"image {move.old_key} extracted again differs from the journal's (content hash): "
                        "the source PDF changed; roll the document back and run it again")
-    migrator._object_call(migrator.objects.put, move.new_key, data)
+    migrator.put_object(move.new_key, data)
 
 
-def _extract_again(migrator, work, move: ObjectJournalEntry) -> bytes:
+def _extract_again(migrator: Migrator, work: DocumentWork, move: ObjectJournalEntry) -> bytes:
     parsed = parse_pdf_image_ref(move.old_key)
     if parsed is None:
         raise BadInput(f"journal entry {move.old_key!r} is no pdf image reference")
@@ -374,7 +391,7 @@ def _extract_again(migrator, work, move: ObjectJournalEntry) -> bytes:
     with tempfile.TemporaryDirectory(prefix="repage-pdf-") as tmp:
         pdf = Path(tmp) / "source.pdf"
         try:
-            size = download(migrator, source_key, pdf)
+            size = migrator.download_object(source_key, pdf, max_bytes=MAX_SOURCE_BYTES)
         finally:
             work.usage.class_b += 1
         work.usage.bytes_read += size
@@ -383,4 +400,4 @@ def _extract_again(migrator, work, move: ObjectJournalEntry) -> bytes:
     return data
 
 
-__all__ = ["MAX_SOURCE_BYTES", "PdfJob", "PdfPlanner", "download", "run_pdf_job", "upload_extracted"]
+__all__ = ["MAX_SOURCE_BYTES", "Migrator", "PdfJob", "PdfPlanner", "run_pdf_job", "upload_extracted"]
