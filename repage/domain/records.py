@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from repage.domain.states import Path, State
+from repage.domain.states import RepairPath, State
 
 
 class ObjectState(StrEnum):
@@ -30,7 +30,7 @@ class ScanRecord:
     document_id: str
     dataset_id: str
     filename: str
-    path: Path
+    path: RepairPath
     state: State  # pending, skipped or unrecoverable: the edges from (new)
     reason: str
     affected_chunks: int
@@ -45,7 +45,7 @@ class Claim:
     document_id: str
     dataset_id: str
     filename: str
-    path: Path
+    path: RepairPath
     fencing_token: int
     affected_chunks: int
     lease_expires: float = 0.0  # DB-clock epoch seconds; renew before it passes
@@ -105,7 +105,7 @@ class DocumentRecord:
     dataset_id: str
     filename: str
     state: State
-    path: Path
+    path: RepairPath
     reason: str
     priority: float
     attempts: int
@@ -160,7 +160,7 @@ class AccessRecord:
     access_rank: float | None
     enqueued_at: float | None
     state: State | None  # None: no scan has recorded the document yet
-    path: Path | None
+    path: RepairPath | None
 
 
 @dataclass(frozen=True)
