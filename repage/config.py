@@ -38,8 +38,8 @@ class Matching(BaseModel):
     """pdf-path confidence threshold (docs/design.md §2.2); [matching] in repage.toml."""
 
     model_config = ConfigDict(extra="forbid")
-    max_hash_distance: int = Field(10, ge=0, le=64)
-    min_hash_margin: int = Field(8, ge=0, le=64)
+    max_hash_distance: int = Field(default=10, ge=0, le=64)
+    min_hash_margin: int = Field(default=8, ge=0, le=64)
 
 
 class Settings(BaseModel):

@@ -24,6 +24,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from repage.errors import ConfigError
 
@@ -49,7 +50,8 @@ class Decayed:
 
     def value(self, now: float, half_life_s: float) -> float:
         """The count at `now` (a moment before `at` gives the undecayed-back value)."""
-        return self.score * 2.0 ** min(-(now - self.at) / half_life_s, MAX_EXPONENT)
+        factor: float = 2.0 ** min(-(now - self.at) / half_life_s, MAX_EXPONENT)
+        return self.score * factor
 
     def add(self, weight: float, at: float, half_life_s: float) -> Decayed:
         """This count plus a hit of `weight` at `at`, kept as of the later of the two times."""
@@ -117,7 +119,7 @@ def parse_timestamp(text: object) -> float:
     return value / 1000.0 if value > 1e11 else value  # 1e11 s is year 5138: those are milliseconds
 
 
-def _first(record: dict, names: Iterable[str]) -> object:
+def _first(record: dict[str, Any], names: Iterable[str]) -> object:
     for name in names:
         value = record.get(name)
         if value not in (None, ""):
@@ -148,7 +150,7 @@ def _weight(value: object) -> float:
     return weight
 
 
-def row_from_record(record: dict, line: int, now: float | None = None) -> AccessRow:
+def row_from_record(record: dict[str, Any], line: int, now: float | None = None) -> AccessRow:
     """One parsed log record -> AccessRow; ValueError says what is wrong with it."""
     document_id = _identifier(record.get("document_id"), "document_id")
     dataset_id = _identifier(record.get("dataset_id"), "dataset_id")
@@ -247,6 +249,7 @@ def aggregate(rows: Iterable[AccessRow], half_life_s: float) -> Aggregate:
             if row.dataset_id is not None:
                 out.dataset_of[row.document_id] = row.dataset_id
         else:
+            assert row.dataset_id is not None  # row_from_record: a document_id or a dataset_id
             target, key = out.datasets, row.dataset_id
         known = target.get(key)
         target[key] = Decayed(row.weight, row.at) if known is None else known.add(row.weight, row.at, half_life_s)

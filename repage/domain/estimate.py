@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from repage.domain.states import RepairPath
 
@@ -95,7 +95,7 @@ class Estimate:
     def dollars(self) -> float:
         return sum(p.dollars for p in self.paths)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(total_seconds=self.seconds, total_dollars=self.dollars)
         return data

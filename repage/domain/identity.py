@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from repage.errors import SchemaError
 
@@ -44,25 +45,25 @@ class ChunkIdentity:
     def by_chunk_id(self) -> bool:
         return self.fields == BY_CHUNK_ID
 
-    def key(self, row: Mapping) -> tuple:
+    def key(self, row: Mapping[str, Any]) -> tuple[Any, ...]:
         """The row's identity; a field the row lacks reads None (as journals have recorded it)."""
         return tuple(row.get(f) for f in self.fields)
 
-    def text(self, row: Mapping) -> str:
+    def text(self, row: Mapping[str, Any]) -> str:
         """The row's identity as the chunk journal records it."""
         return self.as_text(self.key(row))
 
     @staticmethod
-    def as_text(key: Sequence) -> str:
+    def as_text(key: Sequence[Any]) -> str:
         """The chunk journal's form of a key: compact JSON, `["doc_3"]` or `["doc",3]`."""
         return json.dumps(list(key), separators=(",", ":"))
 
     @staticmethod
-    def from_text(text: str) -> tuple:
+    def from_text(text: str) -> tuple[Any, ...]:
         """The key a chunk journal's text names (the inverse of `as_text`)."""
         return tuple(json.loads(text))
 
-    def backup_text(self, row: Mapping) -> str:
+    def backup_text(self, row: Mapping[str, Any]) -> str:
         """The row's identity as a local reprocess backup keys its checksums: JSON with the
         default separators, `["doc", 3]`. Backups already in a bucket are read with it, so it stays."""
         return json.dumps(list(self.key(row)))

@@ -144,7 +144,7 @@ def _from_builtin(ds: str, doc: str, name: str) -> ParsedKey | str | None:
         v = _ints(m, "page", "index", *(() if m["sub"] == "full" else ("sub",)))
         if isinstance(v, str):
             return v
-        sub = v.get("sub", "full")
+        sub: int | Literal["full"] | None = v.get("sub", "full")
         return ParsedKey("legacy", ds, doc, v["index"], v["page"], m["ext"], m["basename"], sub)
     if m := _DOCLING.fullmatch(name):
         v = _ints(m, "index")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from repage.domain.keys import ParsedKey, parse_image_key
 from repage.domain.states import RepairPath, State
@@ -18,7 +19,7 @@ from repage.domain.states import RepairPath, State
 AFFECTED_TYPES = frozenset({"ocr", "image"})
 
 
-def is_affected(row: Mapping) -> bool:
+def is_affected(row: Mapping[str, Any]) -> bool:
     """The affected-chunk predicate of docs/design.md §1.3, in Python (mirrors the Milvus filter)."""
     if row.get("page", 0) != 0:
         return False
@@ -29,7 +30,7 @@ def is_affected(row: Mapping) -> bool:
 class ChunkPage:
     """Where one affected chunk's page comes from."""
 
-    identity: tuple
+    identity: tuple[Any, ...]
     page: int | None
     image_index: int | None
     current_key: str | None  # the chunk's image_r2_key as stored ('' -> None)
@@ -57,21 +58,21 @@ class DocumentPlan:
         return sum(1 for c in self.chunks if c.page is not None)
 
 
-def _key_of(row: Mapping) -> str | None:
+def _key_of(row: Mapping[str, Any]) -> str | None:
     key = row.get("image_r2_key")
     return key or None
 
 
-def needs_listing(rows: Iterable[Mapping], patterns: Sequence[re.Pattern] = ()) -> bool:
+def needs_listing(rows: Iterable[Mapping[str, Any]], patterns: Sequence[re.Pattern[str]] = ()) -> bool:
     """True when some affected chunk's own key carries no page: then listing may find one."""
     return any(not _parse(_key_of(r), patterns).has_page for r in rows)
 
 
-def _parse(key: str | None, patterns: Sequence[re.Pattern]) -> ParsedKey:
+def _parse(key: str | None, patterns: Sequence[re.Pattern[str]]) -> ParsedKey:
     return parse_image_key(key or "", patterns=patterns)
 
 
-def index_listing(keys: Iterable[str], patterns: Sequence[re.Pattern] = ()) -> dict[int, tuple[str, ParsedKey]]:
+def index_listing(keys: Iterable[str], patterns: Sequence[re.Pattern[str]] = ()) -> dict[int, tuple[str, ParsedKey]]:
     """Listed image keys by image index; a page-bearing key wins over a page-less one."""
     by_index: dict[int, tuple[str, ParsedKey]] = {}
     for key in sorted(keys):  # sorted: the same listing always gives the same choice
@@ -85,11 +86,11 @@ def index_listing(keys: Iterable[str], patterns: Sequence[re.Pattern] = ()) -> d
 
 
 def resolve_chunk(
-    row: Mapping,
-    identity: tuple,
+    row: Mapping[str, Any],
+    identity: tuple[Any, ...],
     listing: Mapping[int, tuple[str, ParsedKey]] | None,
     listed_keys: frozenset[str],
-    patterns: Sequence[re.Pattern] = (),
+    patterns: Sequence[re.Pattern[str]] = (),
 ) -> ChunkPage:
     """The page of one chunk from its own key, else from a listed key with its image_index."""
     key = _key_of(row)
@@ -106,14 +107,14 @@ def resolve_chunk(
 
 def classify(
     document_id: str,
-    rows: Sequence[Mapping],
-    identities: Sequence[tuple],
+    rows: Sequence[Mapping[str, Any]],
+    identities: Sequence[tuple[Any, ...]],
     *,
     dataset_id: str,
     filename: str,
     listed_keys: Iterable[str] | None = None,
     source_exists: bool | None = None,
-    patterns: Sequence[re.Pattern] = (),
+    patterns: Sequence[re.Pattern[str]] = (),
 ) -> DocumentPlan:
     """Decide the path of one document. `rows` are its affected chunks only."""
     if not rows:
