@@ -11,9 +11,17 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from repage.config import Settings
-from repage.domain.access import AccessImportError, aggregate, format_of, half_life_seconds, parse_access_log, spread_datasets
+from repage.domain.access import (
+    AccessImportError,
+    aggregate,
+    format_of,
+    half_life_seconds,
+    parse_access_log,
+    spread_datasets,
+)
 from repage.errors import ConfigError, RepageError
 from repage.migration import probe
 from repage.migration.review import accept, list_reviews, reject
@@ -39,13 +47,19 @@ def doctor(settings: Settings) -> dict:
 
 def _doctor_vectors(settings: Settings) -> dict:
     if not settings.milvus_uri.startswith(("http://", "https://", "tcp://")) and not Path(settings.milvus_uri).exists():
-        raise RepageError(f"Milvus Lite file {settings.milvus_uri} does not exist (doctor creates nothing): "
-                          "run `repage demo` or set REPAGE_MILVUS_URI")
+        raise RepageError(
+            f"Milvus Lite file {settings.milvus_uri} does not exist (doctor creates nothing): "
+            "run `repage demo` or set REPAGE_MILVUS_URI"
+        )
     vectors = open_vectors(settings)
     try:
         info = vectors.info()
-        return {"uri": vectors.describe(), "schema": info.as_dict(),
-                "partial_update": vectors.supports_partial_update(), "rows": vectors.count()}
+        return {
+            "uri": vectors.describe(),
+            "schema": info.as_dict(),
+            "partial_update": vectors.supports_partial_update(),
+            "rows": vectors.count(),
+        }
     finally:
         vectors.close()
 
@@ -80,12 +94,15 @@ def scan(settings: Settings, *, dataset_id: str | None = None, progress: Progres
 def estimate(settings: Settings, *, sample: int = 20) -> dict:
     """Scan first when the ledger is empty, then measure latencies and apply the model."""
     with open_stores(settings) as stores:
+        assert stores.ledger is not None  # open_stores opened it
         if not stores.ledger.counts() or not scan_completed(stores.ledger):  # none, or a killed scan's part
             scan_store(stores)
         return probe.estimate_store(stores, sample=sample).as_report()
 
 
-def demo(settings: Settings, *, data_dir: Path, pk: str, log: Log | None = None, progress: Progress | None = None) -> dict:
+def demo(
+    settings: Settings, *, data_dir: Path, pk: str, log: Log | None = None, progress: Progress | None = None
+) -> dict:
     """Build the broken demo store under data_dir, scan, estimate, migrate and verify it.
 
     The before/after figures compare Milvus with the demo's ground truth: the report
@@ -98,7 +115,10 @@ def demo(settings: Settings, *, data_dir: Path, pk: str, log: Log | None = None,
     log = log or (lambda message: None)
     started = time.perf_counter()
     summary = build_demo(data_dir, settings=settings, pk=pk, log=log)
-    report = {"build": _build_summary(summary), "build_seconds": round(time.perf_counter() - started, 1)}
+    report: dict[str, Any] = {
+        "build": _build_summary(summary),
+        "build_seconds": round(time.perf_counter() - started, 1),
+    }
     truth = json.loads(Path(summary.ground_truth).read_text())
     report["before"] = page_accuracy(settings, truth)
     report["scan"] = scan(settings, progress=progress)
@@ -107,23 +127,36 @@ def demo(settings: Settings, *, data_dir: Path, pk: str, log: Log | None = None,
     from repage.domain.states import RepairPath
 
     log("migrating the keys and pdf paths ...")
-    report["run"] = run(settings, RunOptions(), RunLimits(batch_size=settings.batch_size,
-                                                          concurrency=settings.concurrency),
-                        Selection(paths=frozenset({RepairPath.KEYS, RepairPath.PDF})))
+    report["run"] = run(
+        settings,
+        RunOptions(),
+        RunLimits(batch_size=settings.batch_size, concurrency=settings.concurrency),
+        Selection(paths=frozenset({RepairPath.KEYS, RepairPath.PDF})),
+    )
     report["verify"] = verify(settings)
     report["after"] = page_accuracy(settings, truth)
     return report
 
 
 def _build_summary(summary) -> dict:
-    keep = ("data_dir", "documents", "pages", "chunks", "images", "images_in_bucket", "affected_chunks",
-            "embedding_model", "packages")
+    keep = (
+        "data_dir",
+        "documents",
+        "pages",
+        "chunks",
+        "images",
+        "images_in_bucket",
+        "affected_chunks",
+        "embedding_model",
+        "packages",
+    )
     return {k: v for k, v in summary.as_dict().items() if k in keep}
 
 
 def page_accuracy(settings: Settings, truth: dict) -> dict:
     """Per expected path: affected chunks whose page equals the true page, still 0, or wrong."""
     with open_stores(settings, objects=False, ledger=False) as stores:
+        assert stores.vectors is not None  # open_stores opened it
         docs = [d["document_id"] for d in truth["documents"]]
         rows = stores.vectors.fetch_documents(docs, fields=["chunk_id", "page"], with_vectors=False)
     pages = {r["chunk_id"]: r["page"] for r in rows}
@@ -200,14 +233,21 @@ def import_access_file(settings: Settings, path: Path, fmt: str | None = None) -
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
     with open_stores(settings, vectors=False, objects=False) as stores:
+        assert stores.ledger is not None  # open_stores opened it
         members = stores.ledger.document_ids_by_dataset(agg.datasets)
         documents = spread_datasets(agg, members, half_life)
-        stores.ledger.record_accesses({d: (agg.dataset_of.get(d), hits) for d, hits in documents.items()},
-                                      half_life)
+        stores.ledger.record_accesses({d: (agg.dataset_of.get(d), hits) for d, hits in documents.items()}, half_life)
     unmatched = sorted(ds for ds in agg.datasets if ds not in members)
-    return {"file": str(path), "format": fmt, "rows": agg.rows, "documents": len(agg.documents),
-            "datasets": len(agg.datasets), "documents_updated": len(documents),
-            "unmatched_datasets": unmatched[:20], "unmatched_dataset_count": len(unmatched)}
+    return {
+        "file": str(path),
+        "format": fmt,
+        "rows": agg.rows,
+        "documents": len(agg.documents),
+        "datasets": len(agg.datasets),
+        "documents_updated": len(documents),
+        "unmatched_datasets": unmatched[:20],
+        "unmatched_dataset_count": len(unmatched),
+    }
 
 
 def access_top(settings: Settings, limit: int = 20) -> dict:

@@ -7,16 +7,31 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from repage import api
 from repage.cli import render
-from repage.cli.common import (EngineFlag, Exit, JsonFlag, RayAddressFlag, app, emit, engine_from, err, out,
-                               parse_duration, run_command, settings_from)
+from repage.cli.common import (
+    EngineFlag,
+    Exit,
+    JsonFlag,
+    RayAddressFlag,
+    app,
+    emit,
+    engine_from,
+    err,
+    out,
+    parse_duration,
+    run_command,
+    settings_from,
+)
 from repage.config import DEFAULT_DATA_DIR, demo_settings
 from repage.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 
 @app.command()
@@ -25,11 +40,13 @@ def doctor(ctx: typer.Context, as_json: JsonFlag = False) -> None:
 
     Example: repage doctor --json
     """
+
     def body():
         report = api.doctor(settings_from(ctx))
         emit(report, as_json, render.render_doctor(out))
         if not report["ok"]:
             raise typer.Exit(Exit.USAGE)
+
     run_command(body)
 
 
@@ -43,9 +60,15 @@ def scan(
 
     Example: repage scan --dataset-id 3f2a... --json
     """
+
     def body():
-        report = api.scan(settings_from(ctx), dataset_id=dataset_id, progress=None if as_json else render.progress_printer(err, "scan"))
+        report = api.scan(
+            settings_from(ctx),
+            dataset_id=dataset_id,
+            progress=None if as_json else render.progress_printer(err, "scan"),
+        )
         emit(report, as_json, render.render_scan(out))
+
     run_command(body)
 
 
@@ -60,18 +83,22 @@ def estimate(
 
     Example: repage estimate --sample 50 --concurrency 8
     """
+
     def body():
         settings = settings_from(ctx)
         if concurrency:
             settings = settings.model_copy(update={"concurrency": concurrency})
         report = api.estimate(settings, sample=sample)
         emit(report, as_json, render.render_estimate(out))
+
     run_command(body)
 
 
 @app.command()
 def demo(
-    data_dir: Annotated[Path, typer.Option(help="Where the demo store is built (wiped first).")] = Path(DEFAULT_DATA_DIR),
+    data_dir: Annotated[Path, typer.Option(help="Where the demo store is built (wiped first).")] = Path(
+        DEFAULT_DATA_DIR
+    ),
     pk: Annotated[str, typer.Option(help="Primary-key variant: auto or chunk_id.")] = "auto",
     as_json: JsonFlag = False,
 ) -> None:
@@ -80,13 +107,20 @@ def demo(
     Never reads the app's MILVUS_*/R2_* variables: a demo never touches production.
     Example: repage demo --pk chunk_id
     """
+
     def body():
         if pk not in {"auto", "chunk_id"}:
             raise ConfigError(f"--pk {pk!r}: use auto or chunk_id")
         console = None if as_json else err
-        report = api.demo(demo_settings(data_dir), data_dir=data_dir, pk=pk, log=render.log_printer(console),
-                          progress=render.progress_printer(console, "scan"))
+        report = api.demo(
+            demo_settings(data_dir),
+            data_dir=data_dir,
+            pk=pk,
+            log=render.log_printer(console),
+            progress=render.progress_printer(console, "scan"),
+        )
         emit(report, as_json, render.render_demo(out))
+
     run_command(body)
 
 
@@ -102,17 +136,35 @@ def run(
     dry_run: Annotated[bool, typer.Option(help="Print the exact changes; write nothing anywhere.")] = False,
     document_id: Annotated[list[str] | None, typer.Option(help="Only this document (repeatable).")] = None,
     dataset_id: Annotated[str | None, typer.Option(help="Only this dataset.")] = None,
-    path: Annotated[str, typer.Option(help="auto (keys, pdf, then reprocess with --allow-reprocess), keys, pdf or reprocess.")] = "auto",
-    allow_reprocess: Annotated[bool, typer.Option("--allow-reprocess", help="auto: reprocess what keys and pdf cannot fix (else deferred); costs dollars, see --budget.")] = False,
-    reprocess_concurrency: Annotated[int | None, typer.Option(min=1, help="Reprocess jobs in flight (default reprocess_concurrency).")] = None,
+    path: Annotated[
+        str, typer.Option(help="auto (keys, pdf, then reprocess with --allow-reprocess), keys, pdf or reprocess.")
+    ] = "auto",
+    allow_reprocess: Annotated[
+        bool,
+        typer.Option(
+            "--allow-reprocess",
+            help="auto: reprocess what keys and pdf cannot fix (else deferred); costs dollars, see --budget.",
+        ),
+    ] = False,
+    reprocess_concurrency: Annotated[
+        int | None, typer.Option(min=1, help="Reprocess jobs in flight (default reprocess_concurrency).")
+    ] = None,
     order: Annotated[str, typer.Option(help="oldest, random or priority.")] = "oldest",
-    move_images: Annotated[bool, typer.Option(help="Copy images to canonical keys (--no-move-images: pages only).")] = True,
+    move_images: Annotated[
+        bool, typer.Option(help="Copy images to canonical keys (--no-move-images: pages only).")
+    ] = True,
     max_failures: Annotated[int | None, typer.Option(min=0, help="Stop cleanly after more failures than this.")] = None,
-    max_error_rate: Annotated[float | None, typer.Option(min=0, max=1, help="Stop cleanly above this failure ratio.")] = None,
+    max_error_rate: Annotated[
+        float | None, typer.Option(min=0, max=1, help="Stop cleanly above this failure ratio.")
+    ] = None,
     max_duration: Annotated[str | None, typer.Option(help="Stop cleanly after this long (30m, 2h).")] = None,
     budget: Annotated[float | None, typer.Option(min=0, help="Stop cleanly once this many dollars are spent.")] = None,
-    min_accesses: Annotated[float | None, typer.Option(min=0, help="Only documents with this many decayed accesses.")] = None,
-    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Retry failed documents (failed -> pending first).")] = False,
+    min_accesses: Annotated[
+        float | None, typer.Option(min=0, help="Only documents with this many decayed accesses.")
+    ] = None,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Retry failed documents (failed -> pending first).")
+    ] = False,
     engine: EngineFlag = "local",
     ray_address: RayAddressFlag = None,
     as_json: JsonFlag = False,
@@ -121,32 +173,49 @@ def run(
 
     Example: repage run --limit 100 --batch-size 50 --object-ops-per-second 200 --no-move-images
     """
+    from repage.domain.states import RepairPath
     from repage.migration.migrate import RunOptions
     from repage.migration.runner import RunLimits, Selection
-    from repage.domain.states import RepairPath
 
     def body():
         # auto claims reprocess documents too: reprocessed with --allow-reprocess, else deferred with the reason
-        paths = {"auto": {RepairPath.KEYS, RepairPath.PDF, RepairPath.REPROCESS}, "keys": {RepairPath.KEYS},
-                 "pdf": {RepairPath.PDF}, "reprocess": {RepairPath.REPROCESS}}
+        paths = {
+            "auto": {RepairPath.KEYS, RepairPath.PDF, RepairPath.REPROCESS},
+            "keys": {RepairPath.KEYS},
+            "pdf": {RepairPath.PDF},
+            "reprocess": {RepairPath.REPROCESS},
+        }
         if path not in paths:
             raise ConfigError(f"--path {path!r}: use auto, keys, pdf or reprocess")
         if order not in {"oldest", "random", "priority"}:
             raise ConfigError(f"--order {order!r}: use oldest, random or priority")
         settings = settings_from(ctx)
-        limits = RunLimits(limit=limit, batch_size=batch_size or settings.batch_size,
-                           concurrency=concurrency or settings.concurrency,
-                           object_ops_per_second=object_ops_per_second,
-                           milvus_writes_per_second=milvus_writes_per_second, pause_seconds=pause,
-                           max_failures=max_failures, max_error_rate=max_error_rate,
-                           max_duration_seconds=parse_duration(max_duration), budget_dollars=budget,
-                           reprocess_concurrency=reprocess_concurrency or settings.reprocess_concurrency)
+        limits = RunLimits(
+            limit=limit,
+            batch_size=batch_size or settings.batch_size,
+            concurrency=concurrency or settings.concurrency,
+            object_ops_per_second=object_ops_per_second,
+            milvus_writes_per_second=milvus_writes_per_second,
+            pause_seconds=pause,
+            max_failures=max_failures,
+            max_error_rate=max_error_rate,
+            max_duration_seconds=parse_duration(max_duration),
+            budget_dollars=budget,
+            reprocess_concurrency=reprocess_concurrency or settings.reprocess_concurrency,
+        )
         cpu = engine_from(engine, ray_address)
-        options = RunOptions(move_images=move_images, dry_run=dry_run, failpoint=os.environ.get("REPAGE_FAILPOINT"),
-                             engine=cpu)
-        selection = Selection(paths=frozenset(paths[path]), document_ids=tuple(document_id) if document_id else None,
-                              dataset_id=dataset_id, order=order, min_accesses=min_accesses or None,
-                              retry_failed=retry_failed, allow_reprocess=allow_reprocess or path == "reprocess")
+        options = RunOptions(
+            move_images=move_images, dry_run=dry_run, failpoint=os.environ.get("REPAGE_FAILPOINT"), engine=cpu
+        )
+        selection = Selection(
+            paths=frozenset(paths[path]),
+            document_ids=tuple(document_id) if document_id else None,
+            dataset_id=dataset_id,
+            order=order,
+            min_accesses=min_accesses or None,
+            retry_failed=retry_failed,
+            allow_reprocess=allow_reprocess or path == "reprocess",
+        )
         try:
             with _RunProgress(enabled=not as_json) as progress:
                 report = api.run(settings, options, limits, selection, on_batch=progress.update)
@@ -155,6 +224,7 @@ def run(
         emit(report, as_json, render.render_run(out))
         if report["failed"] or report.get("unavailable"):  # an outage left work undone
             raise typer.Exit(Exit.FAILURES)
+
     run_command(body)
 
 
@@ -164,11 +234,17 @@ class _RunProgress:
     def __init__(self, enabled: bool):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.progress = Progress(TextColumn("run"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[rate]:.1f} docs/s"), TimeRemainingColumn(),
-                                 TextColumn("${task.fields[dollars]:.4f}  {task.fields[failed]} failed"),
-                                 console=err, disable=not enabled)
-        self.task = None
+        self.progress = Progress(
+            TextColumn("run"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:.1f} docs/s"),
+            TimeRemainingColumn(),
+            TextColumn("${task.fields[dollars]:.4f}  {task.fields[failed]} failed"),
+            console=err,
+            disable=not enabled,
+        )
+        self.task: TaskID | None = None
 
     def __enter__(self) -> _RunProgress:
         self.progress.start()
@@ -179,11 +255,13 @@ class _RunProgress:
 
     def update(self, summary) -> None:
         if self.task is None:
-            self.task = self.progress.add_task("run", total=summary.pending_at_start or None,
-                                               rate=0.0, dollars=0.0, failed=0)
+            self.task = self.progress.add_task(
+                "run", total=summary.pending_at_start or None, rate=0.0, dollars=0.0, failed=0
+            )
         rate = summary.documents / summary.seconds if summary.seconds else 0.0
-        self.progress.update(self.task, completed=summary.documents, rate=rate, dollars=summary.dollars,
-                             failed=summary.failed)
+        self.progress.update(
+            self.task, completed=summary.documents, rate=rate, dollars=summary.dollars, failed=summary.failed
+        )
 
 
 @app.command()
@@ -205,6 +283,7 @@ def status(
             if not watch:
                 return
             time.sleep(watch)
+
     run_command(body)
 
 
@@ -218,11 +297,13 @@ def verify(
 
     Example: repage verify --json
     """
+
     def body():
         report = api.verify(settings_from(ctx), document_id or None)
         emit(report, as_json, render.render_check(out, "verify"))
         if report["failed"]:
             raise typer.Exit(Exit.FAILURES)
+
     run_command(body)
 
 
@@ -237,6 +318,7 @@ def rollback(
 
     Example: repage rollback --document-id 5b1c...
     """
+
     def body():
         if bool(document_id) == all_documents:
             raise ConfigError("rollback needs exactly one of --document-id ID or --all")
@@ -244,6 +326,7 @@ def rollback(
         emit(report, as_json, render.render_check(out, "rollback"))
         if report["failed"]:
             raise typer.Exit(Exit.FAILURES)
+
     run_command(body)
 
 
@@ -257,8 +340,13 @@ def gc(
 
     Example: repage gc --grace 7d
     """
+
     def body():
         report = api.gc(settings_from(ctx), parse_duration(grace))
-        emit(report, as_json, lambda r: out.print(f"deleted {r['deleted']} superseded images; kept {len(r['kept'])}",
-                                                    markup=False))
+        emit(
+            report,
+            as_json,
+            lambda r: out.print(f"deleted {r['deleted']} superseded images; kept {len(r['kept'])}", markup=False),
+        )
+
     run_command(body)

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, overload
 
 import typer
 from rich.console import Console
@@ -118,6 +118,12 @@ def emit(data: dict, as_json: bool, render: Callable[[dict], None]) -> None:
         render(data)
 
 
+@overload
+def parse_duration(text: str) -> float: ...
+@overload
+def parse_duration(text: None) -> None: ...
+@overload
+def parse_duration(text: str | None) -> float | None: ...
 def parse_duration(text: str | None) -> float | None:
     """'90', '90s', '15m', '2h', '7d' -> seconds."""
     if text is None:

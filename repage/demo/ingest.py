@@ -138,6 +138,7 @@ def extract_images(pdf_bytes: bytes, *, full_pages: bool = False) -> list[PageIm
 
 def split_text(text: str, limit: int = CHUNK_CHARS) -> list[str]:
     """~limit-char chunks on line boundaries (a longer line is cut hard)."""
+    chunks: list[str]
     chunks, current = [], ""
     for line in text.splitlines():
         while len(line) > limit:

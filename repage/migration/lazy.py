@@ -223,6 +223,7 @@ class LazyRepair:
     def _write(self, batch: OrderedDict[str, _Pending]) -> bool:
         accesses = {doc: (p.dataset_id, Decayed(float(p.hits), p.at)) for doc, p in batch.items()}
         enqueue = [doc for doc, p in batch.items() if p.enqueue]
+        assert self.sink is not None  # flush() writes only when there is a sink
         try:
             self.sink.record(accesses, enqueue)
         except Exception as exc:  # noqa: BLE001 - the ledger may be down: keep the notes, never raise
@@ -240,6 +241,7 @@ class LazyRepair:
         with self._lock:
             self.stats.flush_errors += 1
             newer, self._buffer = self._buffer, OrderedDict()
+            old: _Pending | None
             for doc, old in batch.items():
                 self._make_room()
                 self._buffer[doc] = old

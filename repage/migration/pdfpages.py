@@ -19,6 +19,7 @@ import os
 import threading
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import imagehash
 import pypdfium2 as pdfium
@@ -356,12 +357,13 @@ def _match(
 def _by_hash(
     ref: Reference, prints: Sequence[Fingerprint], at_index: Fingerprint | None, max_distance: int, min_margin: int
 ) -> Match:
+    assert ref.phash is not None  # the only caller checks it
     ranked = _by_page(ref.phash, prints)
     if not ranked:
         return Match(ref.index, None, None, "none", reason="the source PDF yields no images")
     (d1, best), rest = ranked[0], ranked[1:]
     margin = (rest[0][0] - d1) if rest else HASH_BITS - d1
-    evidence = dict(
+    evidence: dict[str, Any] = dict(
         distance=d1,
         margin=margin,
         candidates=tuple((fp.page, d) for d, fp in ranked[:MAX_CANDIDATES]),

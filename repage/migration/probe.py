@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from typing import TypeVar
 
 from repage.domain.estimate import Estimate, Latencies, PathLoad, estimate
 from repage.domain.keys import image_prefix, source_key_candidates
@@ -22,6 +23,8 @@ from repage.domain.plan import is_affected
 from repage.domain.states import RepairPath, State
 from repage.errors import BadInput, ObjectNotFound
 from repage.migration.pdfpages import iter_page_images
+
+T = TypeVar("T")
 
 ASSUMPTIONS = (
     "batch query time = measured fetch of a full batch of documents, on the store as it is now "
@@ -45,7 +48,7 @@ class EstimateReport:
         return report
 
 
-def timed(call: Callable[[], object]) -> tuple[float, object]:
+def timed(call: Callable[..., T]) -> tuple[float, T]:  # `...`: lambdas that bind loop values as defaults
     started = time.perf_counter()
     value = call()
     return time.perf_counter() - started, value
@@ -146,10 +149,10 @@ def _time_sources(stores, records: Sequence) -> tuple[float, float, float]:
     """GET throughput of source PDFs, local extraction seconds per MB, mean PDF size."""
     total_bytes, get_s, cpu_s, count = 0, 0.0, 0.0, 0
     for record in records:
-        data = _get_source(stores, record)
-        if data is None:
+        fetched = _get_source(stores, record)
+        if fetched is None:
             continue
-        seconds, data = data
+        seconds, data = fetched
         total_bytes, get_s, count = total_bytes + len(data), get_s + seconds, count + 1
         try:
             cpu_s += timed(lambda d=data, name=record.filename: sum(1 for _ in iter_page_images(d, name)))[0]

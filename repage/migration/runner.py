@@ -13,13 +13,13 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 
 from repage.domain.estimate import request_dollars
 from repage.domain.keys import compile_patterns
-from repage.domain.records import Claim
+from repage.domain.records import Claim, DocumentRecord
 from repage.domain.states import RepairPath, State
 from repage.errors import IllegalTransition, RepageError, StaleLease, StoreUnavailable
 from repage.migration.migrate import BatchMigrator, BatchResult, DocumentWork, RunOptions
@@ -131,7 +131,7 @@ class Runner:
             patterns=compile_patterns(stores.settings.key_patterns),
         )
         self.summary = RunSummary()
-        self._dry_records = None  # dry run: one pass over the pending documents
+        self._dry_records: Iterator[DocumentRecord] | None = None  # dry run: one pass over the pending documents
         from repage.reprocess.stage import ReprocessStage
 
         prices = stores.settings.prices

@@ -12,21 +12,32 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from repage.errors import ObjectNotFound
 from repage.domain.identity import ChunkIdentity
 from repage.domain.keys import compile_patterns, image_prefix, source_key_candidates
 from repage.domain.plan import DocumentPlan, classify, needs_listing
 from repage.domain.records import ScanRecord
 from repage.domain.states import DONE, RepairPath, State
+from repage.errors import ObjectNotFound
 from repage.stores.throttle import AdaptiveLimiter, call_with_backoff
 
 T = TypeVar("T")
 
 # Light fields the scan needs per affected chunk (those the collection has).
-SCAN_FIELDS = ("document_id", "dataset_id", "filename", "chunk_type", "page", "image_index",
-               "ocr_confidence", "image_r2_key", "image_size", "chunk_index", "chunk_id")
+SCAN_FIELDS = (
+    "document_id",
+    "dataset_id",
+    "filename",
+    "chunk_type",
+    "page",
+    "image_index",
+    "ocr_confidence",
+    "image_r2_key",
+    "image_size",
+    "chunk_index",
+    "chunk_id",
+)
 FLUSH_EVERY = 500  # ledger rows per upsert
 SCAN_COMPLETE = "scan-complete"  # ledger event written when a scan has recorded every document
 
@@ -51,20 +62,39 @@ class ScanReport:
         self.by_path[label] += 1
         self.by_dataset[plan.dataset_id][label] += 1
         self.affected_chunks += plan.affected
-        self.documents.append({"document_id": plan.document_id, "dataset_id": plan.dataset_id,
-                               "path": plan.path.value, "state": plan.state.value,
-                               "affected_chunks": plan.affected, "reason": plan.reason})
+        self.documents.append(
+            {
+                "document_id": plan.document_id,
+                "dataset_id": plan.dataset_id,
+                "path": plan.path.value,
+                "state": plan.state.value,
+                "affected_chunks": plan.affected,
+                "reason": plan.reason,
+            }
+        )
 
     def add_done(self, document_id: str, dataset_id: str, state: str) -> None:
         self.by_path["done"] += 1
         self.by_dataset[dataset_id]["done"] += 1
-        self.documents.append({"document_id": document_id, "dataset_id": dataset_id, "path": None,
-                               "state": state, "affected_chunks": 0, "reason": "already done in the ledger"})
+        self.documents.append(
+            {
+                "document_id": document_id,
+                "dataset_id": dataset_id,
+                "path": None,
+                "state": state,
+                "affected_chunks": 0,
+                "reason": "already done in the ledger",
+            }
+        )
 
     def as_dict(self) -> dict:
-        return {"totals": dict(self.by_path), "affected_chunks": self.affected_chunks,
-                "datasets": {k: dict(v) for k, v in sorted(self.by_dataset.items())},
-                "object_requests": self.object_requests, "documents": self.documents}
+        return {
+            "totals": dict(self.by_path),
+            "affected_chunks": self.affected_chunks,
+            "datasets": {k: dict(v) for k, v in sorted(self.by_dataset.items())},
+            "object_requests": self.object_requests,
+            "documents": self.documents,
+        }
 
 
 def collect_documents(vectors, dataset_id: str | None) -> dict[str, DocumentSummary]:
@@ -95,8 +125,7 @@ def _summary(documents: dict[str, DocumentSummary], row: Mapping) -> DocumentSum
 class Classifier:
     """Classifies one document, calling the bucket only when the keys leave pages open."""
 
-    def __init__(self, objects, identity: ChunkIdentity, source_template: str,
-                 patterns: Sequence[re.Pattern]):
+    def __init__(self, objects, identity: ChunkIdentity, source_template: str, patterns: Sequence[re.Pattern]):
         self.objects = objects
         self.identity = identity
         self.source_template = source_template
@@ -114,13 +143,20 @@ class Classifier:
             return self._classify(document_id, summary)
         except ValueError as exc:  # the document's own data (an empty dataset_id, an id or key no store takes)
             # recorded, never fatal to the scan: pending, so the run records the error on the document
-            return DocumentPlan(document_id, summary.dataset_id, summary.filename, RepairPath.KEYS, State.PENDING,
-                                f"cannot classify: {exc}", ())
+            return DocumentPlan(
+                document_id,
+                summary.dataset_id,
+                summary.filename,
+                RepairPath.KEYS,
+                State.PENDING,
+                f"cannot classify: {exc}",
+                (),
+            )
 
     def _classify(self, document_id: str, summary: DocumentSummary) -> DocumentPlan:
         rows = summary.affected
         identities = [self.identity.key(r) for r in rows]
-        args = dict(dataset_id=summary.dataset_id, filename=summary.filename, patterns=self.patterns)
+        args: dict[str, Any] = dict(dataset_id=summary.dataset_id, filename=summary.filename, patterns=self.patterns)
         listed = None
         if rows and needs_listing(rows, self.patterns):
             listed = self.list_images(summary.dataset_id, document_id)
@@ -149,13 +185,15 @@ class Classifier:
         return False
 
 
-def scan_store(stores, *, dataset_id: str | None = None,
-               progress: Callable[[int, int], None] | None = None) -> ScanReport:
+def scan_store(
+    stores, *, dataset_id: str | None = None, progress: Callable[[int, int], None] | None = None
+) -> ScanReport:
     """Scan the collection, record every document in the ledger, return the report."""
     settings, ledger = stores.settings, stores.ledger
     info = stores.vectors.info()
-    classifier = Classifier(stores.objects, info.identity, settings.source_key_template,
-                            compile_patterns(settings.key_patterns))
+    classifier = Classifier(
+        stores.objects, info.identity, settings.source_key_template, compile_patterns(settings.key_patterns)
+    )
     documents = collect_documents(stores.vectors, dataset_id)
     # Done (and running) documents are never re-counted as affected, even when a true page is 0.
     settled = {r.document_id: r.state for r in ledger.documents(states=DONE | {State.RUNNING}, dataset_id=dataset_id)}
@@ -188,6 +226,13 @@ def scan_completed(ledger) -> bool:
 
 def _scan_record(plan: DocumentPlan, summary: DocumentSummary) -> ScanRecord:
     moves = {c.found_key for c in plan.chunks if c.found_key and c.fmt not in ("canonical", "unknown")}
-    return ScanRecord(document_id=plan.document_id, dataset_id=plan.dataset_id, filename=plan.filename,
-                      path=plan.path, state=plan.state, reason=plan.reason, affected_chunks=plan.affected,
-                      images_to_move=len(moves))
+    return ScanRecord(
+        document_id=plan.document_id,
+        dataset_id=plan.dataset_id,
+        filename=plan.filename,
+        path=plan.path,
+        state=plan.state,
+        reason=plan.reason,
+        affected_chunks=plan.affected,
+        images_to_move=len(moves),
+    )

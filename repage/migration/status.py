@@ -53,7 +53,8 @@ def usage_by_path(ledger, prices) -> dict:
 
 def migration_status(ledger, prices) -> dict:
     counts = ledger.counts()
-    by_state, by_path = Counter(), Counter()
+    by_state: Counter[str] = Counter()
+    by_path: Counter[str] = Counter()
     for (state, path), n in counts.items():
         by_state[state] += n
         by_path[path] += n

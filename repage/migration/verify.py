@@ -15,11 +15,11 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from repage.errors import ObjectNotFound, RepageError
 from repage.domain.identity import ChunkIdentity
 from repage.domain.keys import is_pdf_image_ref
 from repage.domain.records import ChunkChange, ObjectState
 from repage.domain.states import RepairPath, State
+from repage.errors import ObjectNotFound, RepageError
 from repage.stores.milvus import eq_filter, in_filter
 
 
@@ -30,8 +30,7 @@ class CheckReport:
     failed: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {"checked": self.checked, "passed": len(self.passed), "failed": self.failed,
-                "ok": not self.failed}
+        return {"checked": self.checked, "passed": len(self.passed), "failed": self.failed, "ok": not self.failed}
 
 
 def _sha256(data: bytes) -> str:
@@ -39,6 +38,7 @@ def _sha256(data: bytes) -> str:
 
 
 # ---- verify
+
 
 def verify_document(stores, record) -> str | None:
     """None when the document checks out, else the first problem found."""
@@ -111,6 +111,7 @@ def _records(ledger, states: set[State], document_ids: Iterable[str] | None):
 
 # ---- rollback
 
+
 def rollback_document(stores, record) -> None:
     """Restore the journal's old values exactly, then drop the copies repage made."""
     if record.path == RepairPath.REPROCESS:  # whole rows were replaced: back from the local pipeline's backup
@@ -128,8 +129,15 @@ def rollback_document(stores, record) -> None:
         if not objects.exists(move.old_key) and objects.exists(move.new_key):
             objects.copy(move.new_key, move.old_key)
     found = vectors.find_by_identity([ChunkIdentity.from_text(c.identity) for c in journal])
-    changes = [ChunkChange(ChunkIdentity.from_text(c.identity), _current_pk(vectors, found, c), c.old_page,
-                           (c.old_key or "") if c.new_key is not None else None) for c in journal]
+    changes = [
+        ChunkChange(
+            ChunkIdentity.from_text(c.identity),
+            _current_pk(vectors, found, c),
+            c.old_page,
+            (c.old_key or "") if c.new_key is not None else None,
+        )
+        for c in journal
+    ]
     vectors.write_changes(changes)
     vectors.persist()  # on Milvus Lite, flushed before the ledger says rolled back (docs/milvus-lite-durability.md)
     referenced = _referenced_keys(vectors, [move.new_key for move in moves])
@@ -158,9 +166,10 @@ def _referenced_keys(vectors, keys: list[str], batch: int = 500) -> set[str]:
     """The keys some chunk points at: one count per `batch` keys, one per key only where any is."""
     if "image_r2_key" not in vectors.info().fields:
         return set()
+    found: set[str]
     keys, found = list(dict.fromkeys(keys)), set()
     for start in range(0, len(keys), batch):
-        group = keys[start:start + batch]
+        group = keys[start : start + batch]
         if vectors.count(in_filter("image_r2_key", group)) > 0:
             found.update(k for k in group if _referenced(vectors, k))
     return found
@@ -179,6 +188,7 @@ def rollback_documents(stores, document_ids: Iterable[str] | None = None) -> Che
 
 
 # ---- gc
+
 
 def gc_objects(stores, grace_seconds: float) -> dict:
     """Delete originals superseded more than `grace_seconds` ago that no chunk references."""

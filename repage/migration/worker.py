@@ -25,15 +25,17 @@ import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, time as dtime, timedelta, tzinfo
+from datetime import datetime, timedelta, tzinfo
+from datetime import time as dtime
+from typing import cast
 
-from repage.errors import ConfigError, InvalidFilterValue, RepageError
 from repage.domain.keys import compile_patterns
-from repage.migration.migrate import RunOptions
 from repage.domain.plan import is_affected
+from repage.domain.states import RepairPath
+from repage.errors import ConfigError, InvalidFilterValue, RepageError
+from repage.migration.migrate import RunOptions
 from repage.migration.runner import RunLimits, Runner, RunSummary, Selection
 from repage.migration.scan import SCAN_FIELDS, Classifier, DocumentSummary, _scan_record, scan_completed, scan_store
-from repage.domain.states import RepairPath
 
 log = logging.getLogger("repage.migration.worker")
 
@@ -68,7 +70,7 @@ class QuietHours:
         matches = [_HHMM.fullmatch(p.strip()) for p in parts] if len(parts) == 2 else []
         if len(matches) != 2 or not all(matches):
             raise ConfigError(f"--quiet-hours {text!r}: use HH:MM-HH:MM, e.g. 08:00-20:00")
-        start, end = (dtime(int(m[1]), int(m[2])) for m in matches)
+        start, end = (dtime(int(m[1]), int(m[2])) for m in cast("list[re.Match[str]]", matches))  # all(matches)
         if start == end:
             raise ConfigError(f"--quiet-hours {text!r}: start and end are equal")
         return cls(start, end)
@@ -159,12 +161,14 @@ def scan_documents(stores, document_ids) -> list[str]:
     rows = stores.vectors.fetch_documents(list(document_ids), fields=fields, with_vectors=False)
     documents: dict[str, DocumentSummary] = {}
     for row in rows:
-        summary = documents.setdefault(row["document_id"], DocumentSummary(
-            str(row.get("dataset_id") or ""), str(row.get("filename") or "")))
+        summary = documents.setdefault(
+            row["document_id"], DocumentSummary(str(row.get("dataset_id") or ""), str(row.get("filename") or ""))
+        )
         if is_affected(row):
             summary.affected.append(row)
-    classify = Classifier(stores.objects, info.identity, settings.source_key_template,
-                          compile_patterns(settings.key_patterns))
+    classify = Classifier(
+        stores.objects, info.identity, settings.source_key_template, compile_patterns(settings.key_patterns)
+    )
     stores.ledger.upsert_scan([_scan_record(classify(doc, s), s) for doc, s in sorted(documents.items())])
     return list(documents)
 
@@ -175,9 +179,17 @@ def scan_documents(stores, document_ids) -> list[str]:
 class Worker:
     """Lazy requests first, then the trickle. `cycle()` is one pass; `run_forever()` loops."""
 
-    def __init__(self, stores, *, config: WorkerConfig = WorkerConfig(), limits: RunLimits = RunLimits(),
-                 options: RunOptions = RunOptions(), clock=None, stop_event: threading.Event | None = None,
-                 on_cycle=None):
+    def __init__(
+        self,
+        stores,
+        *,
+        config: WorkerConfig = WorkerConfig(),
+        limits: RunLimits = RunLimits(),
+        options: RunOptions = RunOptions(),
+        clock=None,
+        stop_event: threading.Event | None = None,
+        on_cycle=None,
+    ):
         self.stores, self.config, self.limits, self.options = stores, config, limits, options
         self.on_cycle = on_cycle  # called with each CycleReport (the CLI prints them)
         self.clock = clock or WallClock()
@@ -204,8 +216,9 @@ class Worker:
             report.backed_off = self._too_slow(report.read_latency_p95)
         if report.paused or report.backed_off:
             self._backoffs = self._backoffs + 1 if report.backed_off else 0
-            report.wait_seconds = min(self.config.poll_seconds * 2 ** max(self._backoffs - 1, 0),
-                                      self.config.backoff_max_s)
+            report.wait_seconds = min(
+                self.config.poll_seconds * 2 ** max(self._backoffs - 1, 0), self.config.backoff_max_s
+            )
             return report
         self._backoffs = 0
         report.lazy = self._lazy()
@@ -256,9 +269,12 @@ class Worker:
             scan_store(self.stores)
         size = self.limits.batch_size if left is None else min(self.limits.batch_size, left)
         until_quiet = quiet.seconds_until_start(moment) if quiet is not None else None
-        limits = replace(self.limits, limit=size, max_duration_seconds=_min(until_quiet, self.limits.max_duration_seconds))
-        selection = Selection(paths=PATHS, order="priority", min_accesses=self.config.min_accesses,
-                              access_now=self.clock.now())
+        limits = replace(
+            self.limits, limit=size, max_duration_seconds=_min(until_quiet, self.limits.max_duration_seconds)
+        )
+        selection = Selection(
+            paths=PATHS, order="priority", min_accesses=self.config.min_accesses, access_now=self.clock.now()
+        )
         summary = self._run(selection, limits, quota_day=moment.date().isoformat())
         return self._count(summary, "trickle"), None, None if left is None else left - summary.documents
 
@@ -285,8 +301,9 @@ class Worker:
 
         if self.stop_event.is_set():
             run_stop.set()
-        return Runner(self.stores, self.options, limits, selection, clock=self.clock, on_batch=on_batch,
-                      stop=run_stop).run()
+        return Runner(
+            self.stores, self.options, limits, selection, clock=self.clock, on_batch=on_batch, stop=run_stop
+        ).run()
 
     def _interrupted(self) -> bool:
         if self.stop_event.is_set():
@@ -300,8 +317,12 @@ class Worker:
         self.totals[phase] += summary.documents
         self.totals["migrated"] += summary.migrated
         self.totals["failed"] += summary.failed
-        return {"documents": summary.documents, "migrated": summary.migrated, "failed": summary.failed,
-                "stopped_because": summary.stopped_because}
+        return {
+            "documents": summary.documents,
+            "migrated": summary.migrated,
+            "failed": summary.failed,
+            "stopped_because": summary.stopped_because,
+        }
 
     # ---- the loop
 
@@ -314,7 +335,7 @@ class Worker:
             except RepageError as exc:  # a store is down: say so in one line, try again later
                 log.warning("repage worker: cycle failed: %s", exc)
                 self._backoffs += 1
-                wait = min(self.config.poll_seconds * 2 ** self._backoffs, self.config.backoff_max_s)
+                wait = min(self.config.poll_seconds * 2**self._backoffs, self.config.backoff_max_s)
                 if once:
                     raise
             if once:
@@ -323,8 +344,12 @@ class Worker:
                 self.stop_event.wait(wait)
 
     def state(self) -> dict:
-        return {"cycles": self.cycles, "stopping": self.stop_event.is_set(), "totals": dict(self.totals),
-                "last_cycle": self.last.as_dict() if self.last else None}
+        return {
+            "cycles": self.cycles,
+            "stopping": self.stop_event.is_set(),
+            "totals": dict(self.totals),
+            "last_cycle": self.last.as_dict() if self.last else None,
+        }
 
 
 def _min(a: float | None, b: float | None) -> float | None:
@@ -335,8 +360,9 @@ def _min(a: float | None, b: float | None) -> float | None:
 class WorkerThread:
     """The worker inside the service process (`repage serve --with-worker`), with its own stores."""
 
-    def __init__(self, settings, *, config: WorkerConfig, limits: RunLimits, options: RunOptions = RunOptions(),
-                 shared=None):
+    def __init__(
+        self, settings, *, config: WorkerConfig, limits: RunLimits, options: RunOptions = RunOptions(), shared=None
+    ):
         self.settings, self.config, self.limits, self.options = settings, config, limits, options
         self.shared = shared  # the service's stores: one Milvus client and ledger per process
         self.stop_event = threading.Event()
@@ -359,8 +385,9 @@ class WorkerThread:
             else:
                 stores = open_stores(self.settings)
             with stores:
-                self.worker = Worker(stores, config=self.config, limits=self.limits, options=self.options,
-                                     stop_event=self.stop_event)
+                self.worker = Worker(
+                    stores, config=self.config, limits=self.limits, options=self.options, stop_event=self.stop_event
+                )
                 self.worker.run_forever()
         except Exception as exc:  # noqa: BLE001 - the service stays up and reports the dead worker
             self.error = f"{type(exc).__name__}: {exc}"
@@ -376,13 +403,20 @@ class WorkerThread:
         return {**base, "alive": self._thread.is_alive(), "error": self.error}
 
 
-def run_worker(settings, *, config: WorkerConfig, limits: RunLimits, options: RunOptions = RunOptions(),
-               stop_event: threading.Event | None = None, once: bool = False, on_cycle=None) -> dict:
+def run_worker(
+    settings,
+    *,
+    config: WorkerConfig,
+    limits: RunLimits,
+    options: RunOptions = RunOptions(),
+    stop_event: threading.Event | None = None,
+    once: bool = False,
+    on_cycle=None,
+) -> dict:
     """`repage worker`: cycle until `stop_event` is set (SIGTERM), or once; the totals."""
     from repage.stores.open import open_stores
 
     with open_stores(settings) as stores:
-        worker = Worker(stores, config=config, limits=limits, options=options, stop_event=stop_event,
-                        on_cycle=on_cycle)
+        worker = Worker(stores, config=config, limits=limits, options=options, stop_event=stop_event, on_cycle=on_cycle)
         worker.run_forever(once=once)
         return worker.state()

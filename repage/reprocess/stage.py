@@ -17,21 +17,32 @@ The runner hands this stage the claims of a batch whose path is `reprocess`:
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from repage.domain.states import State
 from repage.errors import IllegalTransition, RepageError, StaleLease
 from repage.reprocess import backend_name, open_reprocessor
 from repage.reprocess.base import JobStatus, ReprocessDocument, estimated_dollars
-from repage.domain.states import State
 
-DEFER_REASON = ("only the reprocess path can fix it and reprocessing is not enabled for this run: "
-                "run with --allow-reprocess (or --path reprocess)")
+DEFER_REASON = (
+    "only the reprocess path can fix it and reprocessing is not enabled for this run: "
+    "run with --allow-reprocess (or --path reprocess)"
+)
 
 
 class ReprocessStage:
-    def __init__(self, stores, *, enabled: bool, budget_dollars: float | None, concurrency: int,
-                 clock, spent: callable, reprocessor=None):
+    def __init__(
+        self,
+        stores,
+        *,
+        enabled: bool,
+        budget_dollars: float | None,
+        concurrency: int,
+        clock,
+        spent: Callable[[], float],
+        reprocessor=None,
+    ):
         self.stores, self.enabled, self.budget = stores, enabled, budget_dollars
         self.concurrency, self.clock = concurrency, clock
         self.spent = spent  # dollars the run's bucket requests cost so far
@@ -60,9 +71,18 @@ class ReprocessStage:
         if dry_run:
             for claim in claims:
                 estimate = estimated_dollars(self.stores.settings.prices, claim.affected_chunks)
-                result.changes.append({"document_id": claim.document_id, "chunks": [], "copies": [],
-                                       "reprocess": {"enabled": self.enabled, "backend": backend_name(self.stores.settings),
-                                                     "estimated_dollars": round(estimate, 6)}})
+                result.changes.append(
+                    {
+                        "document_id": claim.document_id,
+                        "chunks": [],
+                        "copies": [],
+                        "reprocess": {
+                            "enabled": self.enabled,
+                            "backend": backend_name(self.stores.settings),
+                            "estimated_dollars": round(estimate, 6),
+                        },
+                    }
+                )
             return result
         works = [DocumentWork(claim, []) for claim in claims]
         if not self.enabled:
@@ -87,8 +107,10 @@ class ReprocessStage:
                 return True
             left = self.budget - self.spent() - self.total_dollars - self._reserved
             if estimate > left + 1e-12:
-                self.stopped_because = (f"--budget ${self.budget}: the next reprocess is estimated at "
-                                        f"${estimate:.4f}, ${max(left, 0.0):.4f} left")
+                self.stopped_because = (
+                    f"--budget ${self.budget}: the next reprocess is estimated at "
+                    f"${estimate:.4f}, ${max(left, 0.0):.4f} left"
+                )
                 return False
             self._reserved += estimate
             return True
@@ -102,8 +124,9 @@ class ReprocessStage:
             return
         submitted, dollars = False, 0.0
         try:
-            doc = ReprocessDocument(claim.document_id, claim.dataset_id, claim.filename, claim.fencing_token,
-                                    claim.affected_chunks)
+            doc = ReprocessDocument(
+                claim.document_id, claim.dataset_id, claim.filename, claim.fencing_token, claim.affected_chunks
+            )
             job = self.reprocessor.submit(doc)
             submitted = True
             status = self._wait(work, job)
@@ -112,16 +135,22 @@ class ReprocessStage:
             if status == JobStatus.READY:
                 self._finish(work, job, dollars, result)
             else:
-                self._settle(work, State.FAILED, result, dollars=dollars,
-                             error=f"document {claim.document_id}: reprocess failed: {job.error}")
+                self._settle(
+                    work,
+                    State.FAILED,
+                    result,
+                    dollars=dollars,
+                    error=f"document {claim.document_id}: reprocess failed: {job.error}",
+                )
         except StaleLease as exc:
             result.other[claim.document_id] = State.PENDING
             work.error = str(exc)
         except RepageError as exc:
             if submitted and not dollars:
                 dollars = estimate
-            self._settle(work, State.FAILED, result, dollars=dollars,
-                         error=f"document {claim.document_id}: reprocess: {exc}")
+            self._settle(
+                work, State.FAILED, result, dollars=dollars, error=f"document {claim.document_id}: reprocess: {exc}"
+            )
         finally:
             with self._lock:
                 self._reserved -= estimate
@@ -135,9 +164,14 @@ class ReprocessStage:
                 raise StaleLease(work.error)
             waited = self.clock.now() - started
             if waited >= settings.reprocess_timeout_seconds:
-                job.status, job.error = JobStatus.FAILED, (
-                    f"timed out after {waited:.0f}s (reprocess_timeout_seconds = {settings.reprocess_timeout_seconds:g}); "
-                    "the app may still finish it: run again with --retry-failed")
+                job.status, job.error = (
+                    JobStatus.FAILED,
+                    (
+                        f"timed out after {waited:.0f}s "
+                        f"(reprocess_timeout_seconds = {settings.reprocess_timeout_seconds:g}); "
+                        "the app may still finish it: run again with --retry-failed"
+                    ),
+                )
                 return job.status
             self.clock.sleep(settings.reprocess_poll_seconds)
             status = self.reprocessor.poll(job)
@@ -145,25 +179,47 @@ class ReprocessStage:
 
     def _finish(self, work, job, dollars: float, result) -> None:
         vectors = self.stores.vectors
-        rows = vectors.fetch_documents([work.document_id], fields=["document_id", "page", "chunk_type"],
-                                       with_vectors=False)
+        rows = vectors.fetch_documents(
+            [work.document_id], fields=["document_id", "page", "chunk_type"], with_vectors=False
+        )
         if not rows:
-            self._settle(work, State.FAILED, result, dollars=dollars,
-                         error=f"document {work.document_id}: the backend reports it ready but it has no chunks")
+            self._settle(
+                work,
+                State.FAILED,
+                result,
+                dollars=dollars,
+                error=f"document {work.document_id}: the backend reports it ready but it has no chunks",
+            )
             return
         vectors.persist()  # what this process wrote (the local reprocessor) survives a Lite stop first
-        self._settle(work, State.MIGRATED, result, dollars=dollars, total_chunks=len(rows),
-                     reason=f"reprocessed ({job.backend}): {len(rows)} chunks")
+        self._settle(
+            work,
+            State.MIGRATED,
+            result,
+            dollars=dollars,
+            total_chunks=len(rows),
+            reason=f"reprocessed ({job.backend}): {len(rows)} chunks",
+        )
         result.chunks_written += len(rows)
 
-    def _settle(self, work, state: State, result, *, dollars: float = 0.0, reason: str | None = None,
-                error: str | None = None, **fields) -> None:
+    def _settle(
+        self,
+        work,
+        state: State,
+        result,
+        *,
+        dollars: float = 0.0,
+        reason: str | None = None,
+        error: str | None = None,
+        **fields,
+    ) -> None:
         """One ledger transition under the document's token; the batch result follows it."""
         doc = work.document_id
         extra = {"dollars": dollars} if dollars else {}
         try:
-            self.stores.ledger.transition(doc, state, token=work.claim.fencing_token, reason=reason, error=error,
-                                          **extra, **fields)
+            self.stores.ledger.transition(
+                doc, state, token=work.claim.fencing_token, reason=reason, error=error, **extra, **fields
+            )
         except (StaleLease, IllegalTransition) as exc:
             result.other[doc] = State.PENDING
             work.error = str(exc)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
 import obstore
@@ -34,13 +34,16 @@ from obstore.store import LocalStore, MemoryStore, S3Store
 from repage.errors import BadInput, ConfigError, ObjectNotFound, StoreError, StoreUnavailable, Throttled, Transient
 from repage.redact import Redactor, redact_url
 
+if TYPE_CHECKING:
+    from obstore.store import ClientConfig, RetryConfig, S3Config
+
 T = TypeVar("T")
 
 LIST_PAGE_SIZE = 1000  # S3/R2 return at most 1000 keys per ListObjectsV2 request
 DOWNLOAD_CHUNK = 1 << 20  # bytes per chunk a streamed download holds at a time
 CHECK_PREFIX = "__repage_check__"
-RETRY_CONFIG = {"max_retries": 0, "retry_timeout": timedelta(seconds=10)}
-CLIENT_OPTIONS = {"connect_timeout": timedelta(seconds=5), "timeout": timedelta(seconds=120)}
+RETRY_CONFIG: RetryConfig = {"max_retries": 0, "retry_timeout": timedelta(seconds=10)}
+CLIENT_OPTIONS: ClientConfig = {"connect_timeout": timedelta(seconds=5), "timeout": timedelta(seconds=120)}
 REQUEST_CLASS = {"list": "A", "put": "A", "copy": "A", "get": "B", "head": "B", "delete": "free"}
 URL_HELP = "use file:///abs/path, file://./relative, memory:// or s3://BUCKET"
 CREDENTIALS_HELP = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
@@ -140,18 +143,18 @@ class ObjectStore:
             )
         if not all(credentials):
             raise ConfigError(f"store URL {shown!r} needs credentials: {CREDENTIALS_HELP}")
-        options = dict(CLIENT_OPTIONS)
+        options: ClientConfig = CLIENT_OPTIONS.copy()
         if endpoint is not None:
             options["allow_http"] = check_endpoint(endpoint, allow_http, redact)
         elif allow_http is not None:
             options["allow_http"] = allow_http
         if endpoint is None and region == "auto":
             region = "us-east-1"  # 'auto' is R2's; plain AWS S3 needs a real region
-        config = {"region": region, "virtual_hosted_style_request": False}
+        config: S3Config = {"region": region, "virtual_hosted_style_request": False}
         if endpoint is not None:
             config["endpoint"] = endpoint.rstrip("/")
         try:
-            store = S3Store(
+            store = S3Store(  # type: ignore[misc]  # S3Config may hold "bucket"; this config never does
                 bucket,
                 access_key_id=credentials[0],
                 secret_access_key=credentials[1],

@@ -30,6 +30,7 @@ import tenacity
 from repage.errors import Throttled, Transient
 
 T = TypeVar("T")
+_Rate = TypeVar("_Rate", bound=float | None)  # check_rate returns what it is given
 
 
 class Clock(Protocol):
@@ -70,7 +71,7 @@ class FakeClock:
             self._now += seconds
 
 
-def check_rate(rate: float | None, name: str = "rate") -> float | None:
+def check_rate(rate: _Rate, name: str = "rate") -> _Rate:
     if rate is not None and not (rate > 0 and math.isfinite(rate)):
         raise ValueError(f"{name} must be a positive number of requests per second or None, not {rate!r}")
     return rate
@@ -355,6 +356,7 @@ def call_with_backoff(
         return result
 
     def wait(state: tenacity.RetryCallState) -> float:
+        assert state.outcome is not None  # tenacity waits only after an attempt
         retry_after = getattr(state.outcome.exception(), "retry_after", None) or 0.0
         return max(retry_after, jittered_backoff(state.attempt_number, backoff_initial, backoff_max, rng))
 

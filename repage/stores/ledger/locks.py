@@ -120,8 +120,10 @@ class SharedLock:
     def _pg(self) -> sa.Engine:
         with self._setup_lock:
             if self._engine is None:
-                engine = sa.create_engine(self._url, pool_pre_ping=True, isolation_level="AUTOCOMMIT",
-                                          connect_args={"connect_timeout": 10})
+                assert self._url is not None  # hold() ran _setup() first
+                engine = sa.create_engine(
+                    self._url, pool_pre_ping=True, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 10}
+                )
                 sa.event.listen(engine, "connect", _bounded_lock_wait)
                 self._engine = engine
             return self._engine
