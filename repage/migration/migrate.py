@@ -22,20 +22,27 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
-from repage.errors import (BadInput, ConfigError, InvalidFilterValue, ObjectNotFound, RepageError, StaleLease,
-                           StoreUnavailable)
 from repage.domain.identity import ChunkIdentity
 from repage.domain.keys import canonical_image_key, image_prefix, is_pdf_image_ref, parse_image_key
 from repage.domain.plan import DocumentPlan, classify, is_affected, needs_listing
 from repage.domain.records import ChunkChange, ChunkJournalEntry, Claim, JournalIntent, ObjectJournalEntry, ObjectState
 from repage.domain.states import RepairPath, State
+from repage.errors import (
+    BadInput,
+    ConfigError,
+    InvalidFilterValue,
+    ObjectNotFound,
+    RepageError,
+    StaleLease,
+    StoreUnavailable,
+)
 from repage.stores.milvus import quote_string
 
 # Protocol steps where a crash test can kill the process (REPAGE_FAILPOINT=NAME, or
 # hit:N for the N-th step reached whatever its name: random kills without timing).
-FAILPOINTS = ("after-journal", "after-object-copy", "after-copy", "after-write", "after-readback",
-              "after-transition")
+FAILPOINTS = ("after-journal", "after-object-copy", "after-copy", "after-write", "after-readback", "after-transition")
 
 
 @dataclass(frozen=True)
@@ -119,8 +126,17 @@ class Failpoints:
 class BatchMigrator:
     """Applies the protocol to one claimed batch. Stateless between batches."""
 
-    def __init__(self, stores, options: RunOptions, *, object_limiter=None, write_limiter=None,
-                 concurrency: int = 4, patterns: Sequence = (), lease_seconds: float = 300.0):
+    def __init__(
+        self,
+        stores,
+        options: RunOptions,
+        *,
+        object_limiter=None,
+        write_limiter=None,
+        concurrency: int = 4,
+        patterns: Sequence = (),
+        lease_seconds: float = 300.0,
+    ):
         self.vectors, self.objects, self.ledger = stores.vectors, stores.objects, stores.ledger
         self.settings = getattr(stores, "settings", None)  # the pdf path's thresholds and source key template
         self.lease_seconds = lease_seconds
@@ -181,13 +197,20 @@ class BatchMigrator:
         identity = self.identity
         # Chunks journalled before read page 0 again for planning: their pages are re-derived
         # from the keys and must agree with the journal; their old values stay the originals.
-        affected = [dict(r, page=0) if identity.text(r) in journal else r
-                    for r in work.rows]
+        affected = [dict(r, page=0) if identity.text(r) in journal else r for r in work.rows]
         affected = [r for r in affected if is_affected(r)]
         listed = self._list_images(work) if affected and needs_listing(affected, self.patterns) else None
-        plan = classify(work.document_id, affected, [identity.key(r) for r in affected],
-                        dataset_id=work.claim.dataset_id, filename=work.claim.filename,
-                        listed_keys=listed, source_exists=None, patterns=self.patterns)
+        plan: DocumentPlan | None  # None: the pdf path sent the document to review
+        plan = classify(
+            work.document_id,
+            affected,
+            [identity.key(r) for r in affected],
+            dataset_id=work.claim.dataset_id,
+            filename=work.claim.filename,
+            listed_keys=listed,
+            source_exists=None,
+            patterns=self.patterns,
+        )
         if not affected:
             work.outcome = State.MIGRATED  # nothing left to fix (fixed by another tool meanwhile)
             if not work.rows:
@@ -202,8 +225,10 @@ class BatchMigrator:
             if plan is None:  # review or unrecoverable: work.outcome says which
                 return
         elif plan.path != RepairPath.KEYS:
-            work.error = (f"document {work.document_id}: keys no longer tell every page "
-                          f"({plan.resolved}/{plan.affected}); run `repage scan` again")
+            work.error = (
+                f"document {work.document_id}: keys no longer tell every page "
+                f"({plan.resolved}/{plan.affected}); run `repage scan` again"
+            )
             return
         self._intend(work, plan, {identity.key(r): r for r in affected})
         if pdf is not None:
@@ -211,17 +236,24 @@ class BatchMigrator:
         if journal:
             work.chunks = [self._keep_originals(work, c, journal.get(c.identity)) for c in work.chunks]
 
-    def _keep_originals(self, work: DocumentWork, entry: ChunkJournalEntry,
-                        before: ChunkJournalEntry | None) -> ChunkJournalEntry:
+    def _keep_originals(
+        self, work: DocumentWork, entry: ChunkJournalEntry, before: ChunkJournalEntry | None
+    ) -> ChunkJournalEntry:
         """A re-planned chunk keeps the journal's original old values (rollback restores the store as built)."""
         if before is None:
             return entry
         if before.new_page != entry.new_page:
-            raise BadInput(f"chunk {entry.identity}: keys now say page {entry.new_page}, the journal "
-                           f"recorded {before.new_page}; resolve by hand")
+            raise BadInput(
+                f"chunk {entry.identity}: keys now say page {entry.new_page}, the journal "
+                f"recorded {before.new_page}; resolve by hand"
+            )
         new_key = entry.new_key if entry.new_key is not None else before.new_key
-        return replace(entry, old_page=before.old_page, old_key=before.old_key,
-                       new_key=new_key if new_key != before.old_key else None)
+        return replace(
+            entry,
+            old_page=before.old_page,
+            old_key=before.old_key,
+            new_key=new_key if new_key != before.old_key else None,
+        )
 
     def _list_images(self, work: DocumentWork) -> list[str]:
         prefix = image_prefix(work.claim.dataset_id, work.document_id)
@@ -235,8 +267,15 @@ class BatchMigrator:
 
     def _intend(self, work: DocumentWork, plan: DocumentPlan, rows: Mapping[tuple, dict]) -> None:
         targets = {c.identity: self._target_key(work, c) for c in plan.chunks}
-        wanted = {c.found_key: targets[c.identity] for c in plan.chunks
-                  if targets[c.identity] is not None and targets[c.identity] != c.found_key}
+        # a target is None whenever found_key is (_target_key): both are str here
+        wanted = cast(
+            "dict[str, str]",
+            {
+                c.found_key: targets[c.identity]
+                for c in plan.chunks
+                if targets[c.identity] is not None and targets[c.identity] != c.found_key
+            },
+        )
         work.moves = [m for m in (self._describe_move(work, old, new) for old, new in sorted(wanted.items())) if m]
         moved = {m.old_key for m in work.moves}
         for chunk in plan.chunks:
@@ -244,11 +283,17 @@ class BatchMigrator:
             if chunk.found_key in wanted and chunk.found_key not in moved:
                 target = None  # its image is missing: fix the page, leave the key as it is
             row = rows[chunk.identity]
-            work.chunks.append(ChunkJournalEntry(
-                identity=ChunkIdentity.as_text(chunk.identity), old_pk=str(row[self.info.pk_field]),
-                old_page=int(row.get("page") or 0), new_page=chunk.page, old_key=chunk.current_key,
-                new_key=target if target != chunk.current_key else None,
-                row_checksum=self.vectors.row_checksum(row)))
+            work.chunks.append(
+                ChunkJournalEntry(
+                    identity=ChunkIdentity.as_text(chunk.identity),
+                    old_pk=str(row[self.info.pk_field]),
+                    old_page=int(row.get("page") or 0),
+                    new_page=chunk.page,
+                    old_key=chunk.current_key,
+                    new_key=target if target != chunk.current_key else None,
+                    row_checksum=self.vectors.row_checksum(row),
+                )
+            )
 
     def _target_key(self, work: DocumentWork, chunk) -> str | None:
         """The key the chunk's image should end at (None: the chunk knows no image)."""
@@ -261,8 +306,9 @@ class BatchMigrator:
         if parsed.fmt == "canonical":
             return found
         index = chunk.image_index if chunk.image_index is not None else parsed.index
-        return canonical_image_key(work.claim.dataset_id, work.document_id, chunk.page, index,
-                                   (parsed.ext or "png").lower())
+        return canonical_image_key(
+            work.claim.dataset_id, work.document_id, chunk.page, index, (parsed.ext or "png").lower()
+        )
 
     def _describe_move(self, work: DocumentWork, old: str, new: str) -> ObjectJournalEntry | None:
         """Size and content hash of the legacy object, read before anything is written."""
@@ -334,12 +380,14 @@ class BatchMigrator:
         """Record the intents of the fresh plans (a resumed plan is its journal already)."""
         fresh = [w for w in works if w.chunks and w.chunks[0].id is None]
         refused = self.ledger.add_journals(
-            [JournalIntent(w.document_id, w.claim.fencing_token, w.moves, w.chunks) for w in fresh])
+            [JournalIntent(w.document_id, w.claim.fencing_token, w.moves, w.chunks) for w in fresh]
+        )
         return self._drop_lost(works, refused, result)
 
     @staticmethod
-    def _drop_lost(works: list[DocumentWork], refused: Mapping[str, str],
-                   result: BatchResult | None) -> list[DocumentWork]:
+    def _drop_lost(
+        works: list[DocumentWork], refused: Mapping[str, str], result: BatchResult | None
+    ) -> list[DocumentWork]:
         """The works whose lease still holds; the others go back to pending, untouched."""
         for work in works:
             if work.document_id in refused:
@@ -406,7 +454,8 @@ class BatchMigrator:
         done = [w for w in works if w.verified]
         refused = self.ledger.set_objects_state(
             {w.document_id: (w.claim.fencing_token, [(m.old_key, m.new_key) for m in w.verified]) for w in done},
-            ObjectState.VERIFIED)
+            ObjectState.VERIFIED,
+        )
         for work in done:
             if work.document_id in refused:
                 work.error = work.error or refused[work.document_id]
@@ -463,16 +512,23 @@ class BatchMigrator:
         except RepageError:
             return None
         missing = [i for i in identities if not found.get(i)]
-        return (f"{len(missing)} of its {len(identities)} chunks are no longer in the collection "
-                f"(deleted during the run), e.g. {list(missing[0])}") if missing else None
+        return (
+            (
+                f"{len(missing)} of its {len(identities)} chunks are no longer in the collection "
+                f"(deleted during the run), e.g. {list(missing[0])}"
+            )
+            if missing
+            else None
+        )
 
     def _fetch_written(self, works: Sequence[DocumentWork]) -> dict[tuple, list[dict]]:
         """The batch's written rows by stable identity, read back in as few queries as limits allow."""
         written = {ChunkIdentity.from_text(c.identity): c.old_pk for w in works for c in w.chunks}
         return self.vectors.find_written(written) if written else {}
 
-    def _read_back(self, works: list[DocumentWork], result: BatchResult,
-                   found: Mapping[tuple, list[dict]]) -> list[DocumentWork]:
+    def _read_back(
+        self, works: list[DocumentWork], result: BatchResult, found: Mapping[tuple, list[dict]]
+    ) -> list[DocumentWork]:
         """Check every written row; mark the chunks of the documents that pass applied."""
         passed: dict[str, DocumentWork] = {}
         for work in works:
@@ -481,8 +537,13 @@ class BatchMigrator:
             else:
                 passed[work.document_id] = work
         pk = self.info.pk_field  # the key each row has now: a server may have renumbered it (§5.4)
-        applied = {d: (w.claim.fencing_token, {c.identity: str(found[ChunkIdentity.from_text(c.identity)][0][pk])
-                                               for c in w.chunks}) for d, w in passed.items()}
+        applied = {
+            d: (
+                w.claim.fencing_token,
+                {c.identity: str(found[ChunkIdentity.from_text(c.identity)][0][pk]) for c in w.chunks},
+            )
+            for d, w in passed.items()
+        }
         # a lost lease mid-batch: that document only goes back to pending, the others go on
         return self._drop_lost(list(passed.values()), self.ledger.mark_chunks_applied_many(applied), result)
 
@@ -511,8 +572,14 @@ class BatchMigrator:
         # Distinct identities, not rows: rows fetched on a resume may include the duplicate a
         # crash mid-upsert left behind (the write just deleted it); verify compares with this.
         chunks = len({self.identity.key(r) for r in work.rows})
-        self._transition(work, State.MIGRATED, result, reason=f"{len(work.chunks)} chunks, {copied} images moved",
-                         total_chunks=chunks, images_to_move=self._images_left(work))
+        self._transition(
+            work,
+            State.MIGRATED,
+            result,
+            reason=f"{len(work.chunks)} chunks, {copied} images moved",
+            total_chunks=chunks,
+            images_to_move=self._images_left(work),
+        )
 
     def _images_left(self, work: DocumentWork) -> int:
         """Images still at a legacy key after this write (a pages-only run leaves them).
@@ -524,8 +591,11 @@ class BatchMigrator:
         if self.options.move_images and not resumed:
             return 0
         finals = {c.new_key if c.new_key is not None else c.old_key for c in work.chunks}
-        return sum(1 for key in finals if key and parse_image_key(key, patterns=self.patterns).fmt
-                   in ("legacy", "docling", "custom"))
+        return sum(
+            1
+            for key in finals
+            if key and parse_image_key(key, patterns=self.patterns).fmt in ("legacy", "docling", "custom")
+        )
 
     # ---- ledger helpers
 
@@ -536,9 +606,15 @@ class BatchMigrator:
     def _transition(self, work: DocumentWork, state: State, result: BatchResult, **fields) -> None:
         usage = work.usage
         try:
-            self.ledger.transition(work.document_id, state, token=work.claim.fencing_token,
-                                   object_requests_a=usage.class_a, object_requests_b=usage.class_b,
-                                   bytes_read=usage.bytes_read, **fields)
+            self.ledger.transition(
+                work.document_id,
+                state,
+                token=work.claim.fencing_token,
+                object_requests_a=usage.class_a,
+                object_requests_b=usage.class_b,
+                bytes_read=usage.bytes_read,
+                **fields,
+            )
         except StaleLease as exc:  # another worker owns it now: write nothing more
             result.other[work.document_id] = State.PENDING
             result.failed.pop(work.document_id, None)
@@ -567,9 +643,11 @@ class BatchMigrator:
 
     def download_object(self, key: str, dest: Path, *, max_bytes: int) -> int:
         """GET `key` into the file `dest`, as get_object does; bytes written."""
+
         def once() -> int:
             with open(dest, "wb") as out:  # "wb" again on a retry: never half of two attempts
                 return self.objects.download(key, out, max_bytes=max_bytes)
+
         return self._object_call(once)
 
     # ---- plumbing
@@ -593,8 +671,16 @@ class BatchMigrator:
     @staticmethod
     def _change_record(work: DocumentWork) -> dict:
         """One document's exact changes, as `run --dry-run` prints them."""
-        chunks = [{"chunk": list(ChunkIdentity.from_text(c.identity)), "page": [c.old_page, c.new_page],
-                   "image_r2_key": [c.old_key, c.new_key if c.new_key is not None else c.old_key]}
-                  for c in work.chunks]
-        return {"document_id": work.document_id, "chunks": chunks,
-                "copies": [[m.old_key, m.new_key] for m in work.moves]}
+        chunks = [
+            {
+                "chunk": list(ChunkIdentity.from_text(c.identity)),
+                "page": [c.old_page, c.new_page],
+                "image_r2_key": [c.old_key, c.new_key if c.new_key is not None else c.old_key],
+            }
+            for c in work.chunks
+        ]
+        return {
+            "document_id": work.document_id,
+            "chunks": chunks,
+            "copies": [[m.old_key, m.new_key] for m in work.moves],
+        }

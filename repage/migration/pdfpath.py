@@ -26,8 +26,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from repage.migration import pdfpages
-from repage.errors import BadInput, ObjectNotFound, StaleLease
 from repage.domain.identity import ChunkIdentity
 from repage.domain.keys import (
     canonical_image_key,
@@ -39,6 +37,8 @@ from repage.domain.keys import (
 from repage.domain.plan import ChunkPage, DocumentPlan, index_listing
 from repage.domain.records import ObjectJournalEntry, ObjectState
 from repage.domain.states import RepairPath, State
+from repage.errors import BadInput, ObjectNotFound, StaleLease
+from repage.migration import pdfpages
 
 if TYPE_CHECKING:
     from repage.migration.migrate import DocumentWork, RunOptions
@@ -108,10 +108,18 @@ class PdfPlanner:
             refs = self._references(plan)
             indexes = {r["image_index"] for r in self.work.rows if r.get("image_index") is not None}
             matching = self.m.settings.matching
-            prints, matches = self._on_engine(pdf, PdfJob(
-                "match", self._name(), hashes=any(r.phash is not None for r in refs.values()), refs=refs,
-                indexes=frozenset(indexes), max_distance=matching.max_hash_distance,
-                min_margin=matching.min_hash_margin))
+            prints, matches = self._on_engine(
+                pdf,
+                PdfJob(
+                    "match",
+                    self._name(),
+                    hashes=any(r.phash is not None for r in refs.values()),
+                    refs=refs,
+                    indexes=frozenset(indexes),
+                    max_distance=matching.max_hash_distance,
+                    min_margin=matching.min_hash_margin,
+                ),
+            )
             matches = self._accepted(matches)
             self._keep_lease()
             if not self._all_confident(plan, matches, prints, indexes):
@@ -128,9 +136,11 @@ class PdfPlanner:
         beyond = [c for c in plan.chunks if c.page is not None and c.page >= pages]
         if beyond:
             c = beyond[0]
-            raise BadInput(f"{self._name()}: chunk {list(c.identity)} gets page {c.page} (0-based, from "
-                           f"{c.found_key or c.current_key!r}), but the source PDF has {pages} pages: "
-                           "fix the key or reprocess the document")
+            raise BadInput(
+                f"{self._name()}: chunk {list(c.identity)} gets page {c.page} (0-based, from "
+                f"{c.found_key or c.current_key!r}), but the source PDF has {pages} pages: "
+                "fix the key or reprocess the document"
+            )
 
     def _on_engine(self, pdf: Path, job: PdfJob):
         """Run a CPU-heavy step on the run's engine (repage/engine.py): here on the downloaded
@@ -201,6 +211,7 @@ class PdfPlanner:
         return refs
 
     def _bucket_reference(self, image: _Image) -> pdfpages.Reference | None:
+        assert image.key is not None  # the only caller checks it
         try:
             data = self.m.get_object(image.key)
         except ObjectNotFound:  # listed a moment ago, gone now: treated as missing
@@ -223,12 +234,20 @@ class PdfPlanner:
         if review is None or review.status != "accepted":
             return matches
         proposed = {c["image_index"]: c["proposed"] for c in json.loads(review.evidence)["chunks"] if c["proposed"]}
-        return {i: m if m.confident or i not in proposed else
-                replace(m, page=proposed[i][0], n=proposed[i][1], method="accepted", reason="accepted in review")
-                for i, m in matches.items()}
+        return {
+            i: m
+            if m.confident or i not in proposed
+            else replace(m, page=proposed[i][0], n=proposed[i][1], method="accepted", reason="accepted in review")
+            for i, m in matches.items()
+        }
 
-    def _all_confident(self, plan: DocumentPlan, matches: Mapping[int, pdfpages.Match],
-                       prints: Sequence[pdfpages.Fingerprint], indexes: Collection[int]) -> bool:
+    def _all_confident(
+        self,
+        plan: DocumentPlan,
+        matches: Mapping[int, pdfpages.Match],
+        prints: Sequence[pdfpages.Fingerprint],
+        indexes: Collection[int],
+    ) -> bool:
         """True when every page-less chunk has a confident match; else record the review and say so."""
         weak = []
         for c in plan.chunks:
@@ -237,8 +256,16 @@ class PdfPlanner:
             index = self.images[c.identity].index
             match = matches.get(index) if index is not None else None
             if match is None or not match.confident:
-                evidence = match.evidence() if match else {"image_index": index, "page": None, "proposed": None,
-                                                           "reason": "the chunk has no image_index and no image"}
+                evidence = (
+                    match.evidence()
+                    if match
+                    else {
+                        "image_index": index,
+                        "page": None,
+                        "proposed": None,
+                        "reason": "the chunk has no image_index and no image",
+                    }
+                )
                 weak.append({"chunk": list(c.identity), **evidence})
         if not weak:
             return True
@@ -247,22 +274,36 @@ class PdfPlanner:
 
     def _to_review(self, plan: DocumentPlan, weak: list[dict], prints, indexes) -> None:
         settings = self.m.settings.matching
-        evidence = {"source_key": self.source_key, "images_in_pdf": len(prints),
-                    "distinct_image_indexes": len(set(indexes)), "index_allowed": pdfpages.index_allowed(prints, indexes),
-                    "thresholds": {"max_hash_distance": settings.max_hash_distance,
-                                   "min_hash_margin": settings.min_hash_margin},
-                    "confident": plan.affected - len(weak), "chunks": weak}
+        evidence = {
+            "source_key": self.source_key,
+            "images_in_pdf": len(prints),
+            "distinct_image_indexes": len(set(indexes)),
+            "index_allowed": pdfpages.index_allowed(prints, indexes),
+            "thresholds": {
+                "max_hash_distance": settings.max_hash_distance,
+                "min_hash_margin": settings.min_hash_margin,
+            },
+            "confident": plan.affected - len(weak),
+            "chunks": weak,
+        }
         if not self.m.options.dry_run:
             self.m.ledger.save_review(self.work.document_id, self.work.claim.fencing_token, json.dumps(evidence))
         self.work.outcome = State.REVIEW
-        self.work.reason = (f"{len(weak)} of {plan.affected} chunks matched below the threshold "
-                            f"(distance <= {settings.max_hash_distance}, margin >= {settings.min_hash_margin}): "
-                            "see `repage review`")
+        self.work.reason = (
+            f"{len(weak)} of {plan.affected} chunks matched below the threshold "
+            f"(distance <= {settings.max_hash_distance}, margin >= {settings.min_hash_margin}): "
+            "see `repage review`"
+        )
 
     # ---- the resolved plan and its uploads
 
-    def _resolved(self, plan: DocumentPlan, matches: Mapping[int, pdfpages.Match],
-                  prints: Sequence[pdfpages.Fingerprint], indexes: Collection[int]) -> DocumentPlan:
+    def _resolved(
+        self,
+        plan: DocumentPlan,
+        matches: Mapping[int, pdfpages.Match],
+        prints: Sequence[pdfpages.Fingerprint],
+        indexes: Collection[int],
+    ) -> DocumentPlan:
         at = {(fp.page, fp.n): fp for fp in prints}
         by_index = pdfpages.index_map(prints) if pdfpages.index_allowed(prints, indexes) else {}
         sizes = {identity: parse_size(row.get("image_size")) for identity, row in self._rows().items()}
@@ -275,12 +316,18 @@ class PdfPlanner:
                 source = self._source_image(c, match, by_index, at, sizes.get(c.identity))
                 if source is not None and source[0] == page and image.index is not None:
                     self.uploads[ChunkIdentity.as_text(c.identity)] = (*source, image.index)
-            chunks.append(replace(c, page=page, found_key=image.key, image_index=image.index,
-                                  evidence=c.evidence if match is None else f"pdf:{match.method}"))
+            chunks.append(
+                replace(
+                    c,
+                    page=page,
+                    found_key=image.key,
+                    image_index=image.index,
+                    evidence=c.evidence if match is None else f"pdf:{match.method}",
+                )
+            )
         return replace(plan, path=RepairPath.PDF, chunks=tuple(chunks))
 
-    def _source_image(self, c: ChunkPage, match: pdfpages.Match | None, by_index, at,
-                      size) -> tuple[int, int] | None:
+    def _source_image(self, c: ChunkPage, match: pdfpages.Match | None, by_index, at, size) -> tuple[int, int] | None:
         """(page, n) in the PDF of a chunk's missing image, when it is certain."""
         if match is not None:
             return (match.page, match.n) if match.n is not None else None
@@ -300,6 +347,7 @@ class PdfPlanner:
 
     def add_uploads(self) -> None:
         """After the migrator journalled its plan: link the chunks with missing images to uploads."""
+        moves: dict[str, ObjectJournalEntry]
         work, moves, chunks = self.work, {}, []
         for entry in work.chunks:
             if entry.identity not in self.uploads:
@@ -309,8 +357,9 @@ class PdfPlanner:
             old = pdf_image_ref(self.source_key, page, n)
             new = canonical_image_key(work.claim.dataset_id, work.document_id, entry.new_page, index, "png")
             data = work.blobs[old]
-            moves.setdefault(new, ObjectJournalEntry(old, new, len(data), hashlib.sha256(data).hexdigest(),
-                                                     ObjectState.INTENDED))
+            moves.setdefault(
+                new, ObjectJournalEntry(old, new, len(data), hashlib.sha256(data).hexdigest(), ObjectState.INTENDED)
+            )
             chunks.append(replace(entry, new_key=new if new != entry.old_key else None))
         work.chunks = chunks
         work.moves = [*work.moves, *sorted(moves.values(), key=lambda m: (m.old_key, m.new_key))]
@@ -360,8 +409,9 @@ def _pdf_step(job: PdfJob, pdf) -> object:
     if job.op != "match":
         raise ValueError(f"unknown pdf job {job.op!r}")
     prints = pdfpages.fingerprints(pdf, job.name, hashes=job.hashes)
-    matches = pdfpages.match_images(prints, job.refs or {}, job.indexes, max_distance=job.max_distance,
-                                    min_margin=job.min_margin)
+    matches = pdfpages.match_images(
+        prints, job.refs or {}, job.indexes, max_distance=job.max_distance, min_margin=job.min_margin
+    )
     return prints, matches
 
 
@@ -378,8 +428,10 @@ def upload_extracted(migrator: Migrator, work: DocumentWork, move: ObjectJournal
     if data is None:
         data = _extract_again(migrator, work, move)
     if hashlib.sha256(data).hexdigest() != move.content_hash:
-        raise BadInput(f"image {move.old_key} extracted again differs from the journal's (content hash): "
-                       "the source PDF changed; roll the document back and run it again")
+        raise BadInput(
+            f"image {move.old_key} extracted again differs from the journal's (content hash): "
+            "the source PDF changed; roll the document back and run it again"
+        )
     migrator.put_object(move.new_key, data)
 
 

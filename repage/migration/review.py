@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 
-from repage.errors import ConfigError
 from repage.domain.states import RepairPath, State
+from repage.errors import ConfigError
 
 
 def list_reviews(ledger) -> dict:
@@ -22,12 +22,17 @@ def list_reviews(ledger) -> dict:
     for review in ledger.reviews("pending"):
         record = ledger.get(review.document_id)
         evidence = json.loads(review.evidence)
-        items.append({"document_id": review.document_id,
-                      "dataset_id": record.dataset_id if record else None,
-                      "filename": record.filename if record else None,
-                      "state": str(record.state) if record else None,
-                      "reason": record.reason if record else None,
-                      "since": review.created_at, **evidence})
+        items.append(
+            {
+                "document_id": review.document_id,
+                "dataset_id": record.dataset_id if record else None,
+                "filename": record.filename if record else None,
+                "state": str(record.state) if record else None,
+                "reason": record.reason if record else None,
+                "since": review.created_at,
+                **evidence,
+            }
+        )
     return {"pending": len(items), "reviews": items}
 
 
@@ -44,22 +49,39 @@ def accept(ledger, document_id: str) -> dict:
     chunks = _pending_evidence(ledger, document_id)["chunks"]
     open_ = [c for c in chunks if not c.get("proposed")]
     if open_:
-        raise ConfigError(f"document {document_id}: {len(open_)} chunks have no proposed page "
-                          f"(e.g. image_index {open_[0].get('image_index')}: {open_[0].get('reason')}); "
-                          f"reject it instead: repage review reject {document_id}")
-    ledger.resolve_review(document_id, "accepted",
-                          reason=f"review accepted: the next run writes {len(chunks)} proposed pages")
-    return {"document_id": document_id, "decision": "accepted", "state": State.PENDING.value,
-            "path": RepairPath.PDF.value, "chunks": len(chunks)}
+        raise ConfigError(
+            f"document {document_id}: {len(open_)} chunks have no proposed page "
+            f"(e.g. image_index {open_[0].get('image_index')}: {open_[0].get('reason')}); "
+            f"reject it instead: repage review reject {document_id}"
+        )
+    ledger.resolve_review(
+        document_id, "accepted", reason=f"review accepted: the next run writes {len(chunks)} proposed pages"
+    )
+    return {
+        "document_id": document_id,
+        "decision": "accepted",
+        "state": State.PENDING.value,
+        "path": RepairPath.PDF.value,
+        "chunks": len(chunks),
+    }
 
 
 def reject(ledger, document_id: str) -> dict:
     """Reject the match: the document is left to the reprocess path."""
     chunks = _pending_evidence(ledger, document_id)["chunks"]
-    ledger.resolve_review(document_id, "rejected", path=RepairPath.REPROCESS,
-                          reason="review rejected: left to the reprocess path (run with reprocessing enabled)")
-    return {"document_id": document_id, "decision": "rejected", "state": State.PENDING.value,
-            "path": RepairPath.REPROCESS.value, "chunks": len(chunks)}
+    ledger.resolve_review(
+        document_id,
+        "rejected",
+        path=RepairPath.REPROCESS,
+        reason="review rejected: left to the reprocess path (run with reprocessing enabled)",
+    )
+    return {
+        "document_id": document_id,
+        "decision": "rejected",
+        "state": State.PENDING.value,
+        "path": RepairPath.REPROCESS.value,
+        "chunks": len(chunks),
+    }
 
 
 # ---- one entry point per command (the CLI and the service call these)

@@ -9,8 +9,8 @@ from repage.config import Settings
 
 if TYPE_CHECKING:  # the adapters import their SDKs; load them only when a store is opened
     from repage.stores.ledger import Ledger
-    from repage.stores.objects import ObjectStore
     from repage.stores.milvus import MilvusVectors
+    from repage.stores.objects import ObjectStore
 
 
 @dataclass
