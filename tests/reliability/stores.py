@@ -1,24 +1,29 @@
 """Stores for the reliability suite: the crash suite's synthetic FLTR store (tests/support/crash.py),
 cloned into a `milvus-lite server` collection and a moto bucket (or a folder), and the
-checks that nothing was lost: every chunk row exactly once with the fields a complete
-migration gives it, every original object still there with its bytes, every copy right.
+check that nothing was lost: the clone compared with its ground truth by
+tests/support/ground_truth.py (every chunk row exactly once with the fields a complete
+migration gives it, every original object still there with its bytes, every copy right).
 """
 
 from __future__ import annotations
 
-import hashlib
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from repage.stores.open import open_stores
 from repage.config import Settings, load_settings
-from repage.errors import StoreUnavailable
-from repage.stores.objects import ObjectStore
 from repage.stores.milvus import MilvusVectors
+from repage.stores.objects import ObjectStore
+from repage.stores.open import open_stores
 from tests.fixtures.s3 import create_bucket, unique_bucket_name
-from tests.support.crash import DIM, Schema, Template, diff_objects, diff_rows, object_hashes, snapshot
+from tests.support.crash import DIM, Schema, Template
+from tests.support.ground_truth import (
+    Comparison,
+    compare_store,
+    template_partial_truth,
+    template_truth,
+    with_retries,
+)
 from tests.support.reliability import MILVUS_TOKEN, S3_KEY_ID, S3_SECRET
 
 LEASE_SECONDS = 3.0
@@ -47,25 +52,6 @@ class Clone:
             with MilvusVectors(self.settings.milvus_uri, self.settings.collection) as vectors:
                 vectors.drop_collection()
         with_retries(drop)
-
-
-def with_retries(fn, attempts: int = 5):
-    """The test process's own Milvus calls, retried when the channel is refused for a moment.
-
-    This long-lived process keeps gRPC subchannels to the session's `milvus-lite server` idle
-    between tests; the server answers their keepalive pings with GOAWAY "too_many_pings", and a
-    new channel sharing such a subchannel can fail its first RPC with UNAVAILABLE. (A repage
-    process is fresh, and a run retries an unavailable Milvus: runner.UNAVAILABLE_WAITS.)"""
-    from pymilvus.exceptions import MilvusException
-
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except (StoreUnavailable, MilvusException):
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.5 * (attempt + 1))
-    return None
 
 
 def new_collection(template: Template, uri: str) -> str:
@@ -132,50 +118,22 @@ def make_template(uri: str, root: Path, *, keys_docs: int, seed: int = 11) -> Te
 # ---------------------------------------------------------------- nothing lost
 
 
-def lost_problems(clone: Clone, *, final: bool) -> list[str]:
-    """What is lost, duplicated or wrong. `final`: the store must equal a complete migration;
-    else (between a faulted run and the clean one) it must be a consistent partial one: every
-    row there exactly once, each either untouched or fully migrated, every original object there."""
-    template, syn = clone.template, clone.template.synthetic
+def check_clone(clone: Clone, *, final: bool, leave_out: str | None = None) -> Comparison:
+    """The clone against its ground truth (tests/support/ground_truth.py). `final`: a complete
+    migration, row by row and object by object, and the ledger's end states; else (between a
+    faulted run and the clean one) a consistent partial one: every chunk there exactly once,
+    untouched or fully migrated, every original object there, and no document left running.
+    `leave_out`: a document the test deleted; the ledger state of it is the test's to check."""
+    template = clone.template
+    truth = template_truth(template, leave_out=leave_out) if final else template_partial_truth(template)
+    comparison = compare_store(clone.settings, truth, final=final)
     with clone.open() as stores:
-        got = snapshot(stores, clone.doc_ids)
-    want_objects = object_hashes(syn.expected_objects())
+        states = {r.document_id: r.state.value for r in stores.ledger.documents()}
     if final:
-        problems = diff_rows(got.rows, template.expected_logical()) + diff_objects(got.objects, want_objects)
-        if got.states != syn.states:
-            bad = {d: (s, syn.states.get(d)) for d, s in got.states.items() if s != syn.states.get(d)}
-            problems.append(f"ledger states differ (got, want): {bad}")
+        want = template.synthetic.states
+        bad = {d: (states.get(d), want.get(d)) for d in states.keys() | want.keys()
+               if states.get(d) != want.get(d) and d != leave_out}
+        comparison.add([f"ledger states differ (got, want): {bad}"] if bad else [])
     else:
-        problems = _partial_problems(got, template)
-        originals = object_hashes(syn.objects)
-        problems += [f"original object {k} lost" for k in originals if k not in got.objects]
-        problems += [f"original object {k} changed" for k in originals if k in got.objects
-                     and got.objects[k] != originals[k]]
-        problems += [f"copy {k} has other bytes" for k in want_objects if k in got.objects
-                     and got.objects[k] != want_objects[k]]
-        problems += [f"document {d} left running" for d, s in got.states.items() if s == "running"]
-    if got.row_count != len(syn.rows):
-        problems.append(f"{got.row_count} rows in the collection, {len(syn.rows)} in the template")
-    return problems
-
-
-def _partial_problems(got, template: Template) -> list[str]:
-    before, after = template.logical, template.expected_logical()
-    problems = [f"lost chunk {i}" for i in sorted(before.keys() - got.rows.keys())]
-    problems += [f"unexpected chunk {i}" for i in sorted(got.rows.keys() - before.keys())]
-    for ident in sorted(got.rows.keys() & before.keys()):
-        rows = got.rows[ident]
-        if len(rows) != 1:
-            problems.append(f"chunk {ident}: {len(rows)} rows")
-        elif rows != before[ident] and rows != after[ident]:
-            problems.append(f"chunk {ident}: neither untouched nor migrated: {_differs(rows[0], after[ident][0])}")
-    return problems[:20]
-
-
-def _differs(got: dict, want: dict) -> dict:
-    return {k: (got.get(k), want.get(k)) for k in got.keys() | want.keys() if got.get(k) != want.get(k)
-            and k != "vector"}
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+        comparison.add(f"document {d} left running" for d, s in states.items() if s == "running")
+    return comparison

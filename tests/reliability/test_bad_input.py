@@ -1,12 +1,13 @@
-"""Bad input (issue 11, part 3): the corpus of tests/reliability/corpus.py in one collection and
+"""Bad input (docs/design.md §13): the corpus of tests/reliability/corpus.py in one collection and
 one moto bucket, driven through the real CLI (`scan`, `run`, `verify`, `status`).
 
 Each bad document ends with a clear record (failed: last_error naming the document and the
 culprit; unrecoverable / review / skipped: a reason) and its rows exactly as they were, or is
 migrated exactly as it should be. No other document is touched: every row of the collection is
-compared with the snapshot taken before the run, and only the fields a migration sets may
-differ, only on the documents that migrate. Every original object is still there, unchanged;
-the only new objects are the canonical copies of migrated documents.
+compared with its ground truth (the store read before the run, with the page and key a
+migration sets on the documents that migrate: tests/support/ground_truth.py). Every original
+object is still there, unchanged; the only new objects are the canonical copies of migrated
+documents.
 
 Also here: a run restricted by `--document-id` / `--dataset-id` values built to inject into a
 filter touches exactly what they name (nothing, for the dataset), and a document whose chunks
@@ -16,28 +17,25 @@ are deleted in the middle of a batch fails alone while the rest of its batch mig
 from __future__ import annotations
 
 import hashlib
-import math
+
 import pytest
 
 from repage.config import load_settings
+from repage.domain.states import State
 from repage.migration.migrate import RunOptions
 from repage.migration.runner import RunLimits, Runner, Selection
 from repage.migration.scan import scan_store
-from repage.domain.states import State
-from repage.stores.objects import ObjectStore
 from repage.stores.milvus import MilvusVectors
+from repage.stores.objects import ObjectStore
 from tests.fixtures.milvus import unique_name
 from tests.fixtures.s3 import create_bucket, unique_bucket_name
 from tests.reliability.corpus import DIM, DS, Case, build_corpus
-from tests.reliability.stores import clone_folder, make_template, with_retries, write_config
-from tests.support.crash import diff_objects, diff_rows, snapshot
-from tests.support.crash import object_hashes as hashes
-from tests.support.reliability import MILVUS_TOKEN, S3_KEY_ID, S3_SECRET, CliLog, assert_no_secret, record
-from tests.support.snapshot import milvus_rows, object_hashes
+from tests.reliability.stores import check_clone, clone_folder, make_template, with_retries, write_config
+from tests.support.ground_truth import StoreContent, Truth, compare_store, read_store
+from tests.support.reliability import MILVUS_TOKEN, S3_KEY_ID, S3_SECRET, CliLog, assert_no_secret
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
-MIGRATION_FIELDS = {"page", "image_r2_key"}
 INJECTED_DOCUMENT = 'inj" || true || "x'
 
 
@@ -76,23 +74,37 @@ def corpus(milvus_server_uri, moto_endpoint, tmp_path):
     with_retries(drop)
 
 
-def snap(settings) -> tuple[dict, dict]:
-    rows = {k: {f: "NaN" if isinstance(v, float) and math.isnan(v) else v for f, v in row.items()}
-            for k, row in with_retries(lambda: milvus_rows(settings))["rows"].items()}  # NaN != NaN: as a word
-    return rows, object_hashes(settings)
+def changed_documents(before: StoreContent, after: StoreContent) -> set[str]:
+    return {ident[0] for ident in before.rows.keys() | after.rows.keys()
+            if before.rows.get(ident) != after.rows.get(ident)}
 
 
-def doc_rows(rows: dict, document_id: str) -> dict:
-    return {k: r for k, r in rows.items() if r["document_id"] == document_id}
+def corpus_truth(cases: list[Case], before: StoreContent) -> Truth:
+    """The corpus after a complete run: the rows as they were after the scan (and the deletions
+    after it), with the page and key of `final` on the chunks of the documents that migrate, all
+    else unchanged; every object there before, unchanged, plus the canonical copy of each
+    migrated image holding its source's bytes."""
+    by_id = {c.document_id: c for c in cases}
+    rows: dict = {}
+    for (doc, index), got in before.rows.items():
+        assert len(got) == 1, f"chunk {(doc, index)!r} had {len(got)} rows before the run"
+        row, case = dict(got[0]), by_id.get(doc)
+        if case is not None and case.expect == "migrated" and index in case.final:
+            row["page"], row["image_r2_key"] = case.final[index]
+        rows[(doc, index)] = [row]
+    owners = {key: c.document_id for c in cases for key in c.objects}
+    copies = canonical_copies(cases)
+    owners.update({key: doc for key, (doc, _) in copies.items()})
+    objects = dict(before.objects) | {key: sha for key, (_, sha) in copies.items()}
+    return Truth(rows, objects, owners, documents=set(by_id))
 
 
-def changed_documents(before: dict, after: dict) -> set[str]:
-    docs = {r["document_id"] for k, r in before.items() if after.get(k) != r}
-    return docs | {r["document_id"] for k, r in after.items() if k not in before}
-
-
-def test_bad_input_gives_a_clear_record_and_touches_no_other_document(corpus, tmp_path):
+def test_bad_input_gives_a_clear_record_and_touches_no_other_document(trial, corpus, tmp_path):
     cases, env, settings = corpus
+    trial.name, trial.trials = "bad-input", len(cases)
+    trial.faults = sum(c.expect != "migrated" or c.after_scan is not None
+                       or c.name.startswith(("injection", "unicode", "long", "percent", "not-an-image", "index"))
+                       for c in cases if not c.name.startswith("good"))
     by_id = {c.document_id: c for c in cases}
     cli = CliLog()
     scan = cli.run("scan", "--json", env=env, cwd=tmp_path)
@@ -100,16 +112,16 @@ def test_bad_input_gives_a_clear_record_and_touches_no_other_document(corpus, tm
     scanned = {d["document_id"]: d for d in scan.json()["documents"]}
     assert set(scanned) == set(by_id), "every document is recorded by the scan, none aborts it"
     after_scan(cases, settings)
-    before_rows, before_objects = snap(settings)
+    before = read_store(settings)
 
     # a value built to inject into a filter touches exactly what it names
     one = cli.run("run", "--json", "--document-id", INJECTED_DOCUMENT, env=env, cwd=tmp_path)
     assert one.returncode == 0 and one.json()["documents"] == 1 and one.json()["migrated"] == 1, str(one)
-    rows, objects = snap(settings)
-    assert changed_documents(before_rows, rows) == {INJECTED_DOCUMENT}
+    one_run = read_store(settings)
+    assert changed_documents(before, one_run) == {INJECTED_DOCUMENT}
     none = cli.run("run", "--json", "--dataset-id", 'x" || true || "', env=env, cwd=tmp_path)
     assert none.returncode == 0 and none.json()["documents"] == 0, str(none)
-    assert snap(settings) == (rows, objects), "a run of an injected dataset id changed something"
+    assert read_store(settings) == one_run, "a run of an injected dataset id changed something"
 
     run = cli.run("run", "--json", env=env, cwd=tmp_path)
     assert run.returncode == 1, str(run)  # finished with failures: the bad documents
@@ -120,26 +132,17 @@ def test_bad_input_gives_a_clear_record_and_touches_no_other_document(corpus, tm
     with open_ledger(settings) as ledger:  # before verify, which records its own reason
         records = {r.document_id: r for r in ledger.documents()}
     verify = cli.run("verify", "--json", env=env, cwd=tmp_path)
+    trial.verified(verify)
     assert verify.returncode == 0 and verify.json()["ok"], str(verify)
     status = cli.run("status", "--json", env=env, cwd=tmp_path).json()
-    after_rows, after_objects = snap(settings)
+    # every row and object against the truth: bad documents untouched, migrated ones exactly right
+    final = trial.compared(compare_store(settings, corpus_truth(cases, before), final=True))
 
-    problems: list[str] = []
-    for case in cases:
-        problems += check_case(case, records.get(case.document_id), before_rows, after_rows)
-    problems += check_objects(cases, before_objects, after_objects)
-    migrating = {c.document_id for c in cases if c.expect == "migrated"}
-    strays = changed_documents(before_rows, after_rows) - migrating
-    problems += [f"document {d!r} changed though it was not to migrate" for d in sorted(strays)]
+    problems = [p for case in cases for p in check_record(case, records.get(case.document_id))]
     failed = {c.document_id for c in cases if c.expect == "failed"}
     shown = {e["document_id"] for e in status["last_errors"]}
     problems += [f"status does not list the error of {d!r}" for d in sorted(failed - shown) if len(failed) <= 10]
-    record("bad-input", trials=len(cases), faults=sum(c.expect != "migrated" or c.after_scan is not None
-                                                      or c.name.startswith(("injection", "unicode", "long", "percent",
-                                                                            "not-an-image", "index"))
-                                                      for c in cases if not c.name.startswith("good")),
-           documents_verified=len(cases), lost=len(problems))
-    assert not problems, "\n".join(problems)
+    assert final.ok and not problems, "\n".join([final.report(), *problems])
 
 
 def after_scan(cases: list[Case], settings) -> None:
@@ -159,25 +162,15 @@ def after_scan(cases: list[Case], settings) -> None:
                     objects.delete(key)
 
 
-def check_case(case: Case, rec, before_rows: dict, after_rows: dict) -> list[str]:
+def check_record(case: Case, rec) -> list[str]:
+    """The ledger's record of a case: the expected state, and for a failed or left-alone document
+    the reason naming the document and the culprit. (Its rows and objects: corpus_truth.)"""
     name = f"{case.name} ({case.document_id!r})"
     if rec is None:
         return [f"{name}: not in the ledger"]
-    before, after = doc_rows(before_rows, case.document_id), doc_rows(after_rows, case.document_id)
     if case.expect == "migrated":
         problems = [] if rec.state in (State.MIGRATED, State.VERIFIED) else \
             [f"{name}: {rec.state}, expected migrated ({rec.last_error or rec.reason})"]
-        if set(after) != set(before):
-            problems.append(f"{name}: rows appeared or disappeared")
-        for key, row in after.items():
-            old = before.get(key, {})
-            want = case.final.get(row["chunk_index"])
-            if want is not None and (row["page"], row["image_r2_key"] or None) != want:
-                problems.append(f"{name}: chunk {row['chunk_index']} has page {row['page']} key "
-                                f"{row['image_r2_key']!r}, expected {want}")
-            fields = MIGRATION_FIELDS if want is not None else set()
-            if {k: v for k, v in row.items() if k not in fields} != {k: v for k, v in old.items() if k not in fields}:
-                problems.append(f"{name}: chunk {row['chunk_index']} changed beyond page and key")
         if case.after_scan == "delete-chunks" and "deleted" not in rec.reason:
             problems.append(f"{name}: the reason does not say the document was deleted: {rec.reason!r}")
         return problems
@@ -187,16 +180,12 @@ def check_case(case: Case, rec, before_rows: dict, after_rows: dict) -> list[str
     if case.expect == "failed" and case.document_id not in told and repr(case.document_id) not in told:
         problems.append(f"{name}: last_error does not name the document: {told!r}")
     problems += [f"{name}: {w!r} not in {told!r}" for w in case.words if w not in told]
-    if after != before:
-        problems.append(f"{name}: its rows changed although it was not migrated")
     return problems
 
 
-def check_objects(cases: list[Case], before: dict, after: dict) -> list[str]:
-    """Originals unchanged and all there; new objects only canonical copies of migrated documents."""
-    problems = [f"object {k!r} lost" for k in before if k not in after]
-    problems += [f"object {k!r} changed" for k in before if k in after and after[k] != before[k]]
-    allowed: dict[str, str] = {}
+def canonical_copies(cases: list[Case]) -> dict[str, tuple[str, str]]:
+    """The new objects a complete run makes: canonical key -> (document, sha256 of its source's bytes)."""
+    copies: dict[str, tuple[str, str]] = {}
     for case in cases:
         if case.expect != "migrated" or case.after_scan:
             continue
@@ -205,19 +194,14 @@ def check_objects(cases: list[Case], before: dict, after: dict) -> list[str]:
             source = legacy.get(index) or next((k for k in case.objects if k.startswith(f"{DS}/{case.document_id}/")),
                                                None)
             if key and source in case.objects:
-                allowed[key] = hashlib.sha256(case.objects[source]).hexdigest()
-    for key in sorted(after.keys() - before.keys()):
-        if key not in allowed:
-            problems.append(f"unexpected new object {key!r}")
-        elif after[key] != allowed[key]:
-            problems.append(f"copy {key!r} does not hold its source's bytes")
-    problems += [f"canonical copy {k!r} missing" for k in allowed if k not in after]
-    return problems
+                copies[key] = (case.document_id, hashlib.sha256(case.objects[source]).hexdigest())
+    return copies
 
 
-def test_a_document_deleted_in_the_middle_of_a_batch_fails_alone(milvus_server_uri, tmp_path, caplog):
+def test_a_document_deleted_in_the_middle_of_a_batch_fails_alone(trial, milvus_server_uri, tmp_path, caplog):
     """Its chunks vanish between the batch's planning and its write: it fails, named, with the
     reason; the other documents of the batch are written and verified; nothing else changes."""
+    trial.name = "deleted-mid-batch"
     template = make_template(milvus_server_uri, tmp_path / "template", keys_docs=6, seed=3)
     workdir = tmp_path / "work"
     workdir.mkdir()
@@ -238,6 +222,7 @@ def test_a_document_deleted_in_the_middle_of_a_batch_fails_alone(milvus_server_u
 
             runner.migrator._write = deleting_write
             summary = runner.run()
+            trial.faults = len(victim)
             assert victim, "no batch of two or more documents was written"
             assert list(summary.errors) == victim, summary.errors
             error = summary.errors[victim[0]]
@@ -247,20 +232,13 @@ def test_a_document_deleted_in_the_middle_of_a_batch_fails_alone(milvus_server_u
             from repage.migration.verify import verify_documents
 
             report = verify_documents(stores)
+            trial.verified(report)
             assert not report.failed and len(report.passed) == summary.migrated == 5, report
-            got = snapshot(stores, clone.doc_ids)
         assert_no_secret(caplog.text, "log records")
-        # every other document is exactly as a complete migration leaves it; the victim's copies
-        # (made before its write failed) stay until gc, as any failed document's do
-        syn, doc = template.synthetic, victim[0]
-        want_rows = {k: v for k, v in template.expected_logical().items() if k[0] != doc}
-        copies = {new for old, new in syn.moves.items() if f"/{doc}/" in old}
-        want_objects = {k: v for k, v in hashes(syn.expected_objects()).items() if k not in copies}
-        problems = diff_rows(got.rows, want_rows)
-        problems += diff_objects({k: v for k, v in got.objects.items() if k not in copies}, want_objects)
-        problems += [f"{d}: {s}, expected {syn.states[d]}" for d, s in got.states.items()
-                     if d != doc and s != syn.states[d]]
-        record("deleted-mid-batch", faults=1, documents_verified=len(clone.doc_ids), lost=len(problems))
-        assert not problems, "\n".join(problems)
+        # every other document is exactly as a complete migration leaves it, in the ledger too; the
+        # victim has no chunk left, and its copies (made before its write failed) may stay until gc,
+        # as any failed document's do
+        final = trial.compared(check_clone(clone, final=True, leave_out=victim[0]))
+        assert final.ok, final.report()
     finally:
         clone.drop()

@@ -1,4 +1,4 @@
-"""Milvus outage (issue 11, part 2): the `milvus-lite server` process is SIGKILLed while
+"""Milvus outage (docs/design.md §11, §13): the `milvus-lite server` process is SIGKILLed while
 `repage run` migrates, and started again on the same data folder and port.
 
 The run either rides the outage out (backs off, resumes) or stops cleanly (failed documents,
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.milvus import MILVUS_LITE, _free_port, _wait_until_answers
-from tests.reliability.stores import clone_folder, lost_problems, make_template
+from tests.reliability.stores import check_clone, clone_folder, make_template
 from tests.support import wait_for
-from tests.support.reliability import CliLog, record
+from tests.support.reliability import CliLog
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
@@ -77,7 +77,8 @@ def ledger_states(path: Path) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("kill_when", ["first-migrated", "first-claim"])
-def test_milvus_killed_mid_run_and_restarted_loses_nothing(lite, tmp_path, kill_when):
+def test_milvus_killed_mid_run_and_restarted_loses_nothing(trial, lite, tmp_path, kill_when):
+    trial.name = f"milvus-outage-{kill_when}"
     template = make_template(lite.uri, tmp_path / "template", keys_docs=KEYS_DOCS)
     workdir = tmp_path / "work"
     workdir.mkdir()
@@ -90,22 +91,23 @@ def test_milvus_killed_mid_run_and_restarted_loses_nothing(lite, tmp_path, kill_
              f"a {state} document", every=0.02)  # the run must be caught mid-flight
     assert proc.poll() is None, "the run ended before the outage"
     lite.kill()
-    time.sleep(OUTAGE_SECONDS)
+    trial.faults = 1
+    time.sleep(OUTAGE_SECONDS)  # the outage itself: Milvus stays down this long, nothing waits on it
     lite.start()
     first = cli.finish(proc)
     outcome = describe(first)
+    trial.detail.update(first_run=outcome)
 
-    problems = lost_problems(clone, final=False)
-    assert not problems, f"after the outage ({outcome}):\n" + "\n".join(problems)
+    partial = trial.compared(check_clone(clone, final=False))
+    assert partial.ok, f"after the outage ({outcome}):\n" + partial.report()
     if outcome != "completed":
         rerun = cli.run("run", "--retry-failed", "--json", env=clone.env, cwd=workdir)
         assert rerun.returncode == 0 and rerun.json()["failed"] == 0, str(rerun)
     verified = cli.run("verify", "--json", env=clone.env, cwd=workdir)
+    trial.verified(verified)
     assert verified.returncode == 0 and verified.json()["ok"], str(verified)
-    problems = lost_problems(clone, final=True)
-    record(f"milvus-outage-{kill_when}", faults=1, documents_verified=len(clone.doc_ids), lost=len(problems),
-           first_run=outcome)
-    assert not problems, f"after the outage ({outcome}) and the re-run:\n" + "\n".join(problems)
+    final = trial.compared(check_clone(clone, final=True))
+    assert final.ok, f"after the outage ({outcome}) and the re-run:\n" + final.report()
 
 
 def describe(result) -> str:
@@ -122,9 +124,11 @@ def describe(result) -> str:
            f"{next(iter(summary['errors'].values()), '')[:160]}"
 
 
-def test_an_outage_longer_than_the_waits_stops_the_run_cleanly_and_fails_nothing(milvus_server_uri, tmp_path):
+def test_an_outage_longer_than_the_waits_stops_the_run_cleanly_and_fails_nothing(trial, milvus_server_uri,
+                                                                                  tmp_path):
     """Milvus stays down through every wait: the batch goes back to pending (no document failed,
     no attempt counted, nothing left running), the run says why, and the next run finishes."""
+    trial.name = "milvus-outage-longer-than-waits"
     from repage.errors import StoreUnavailable
     from repage.migration.migrate import RunOptions
     from repage.migration.runner import UNAVAILABLE_WAITS, RunLimits, Runner, Selection
@@ -148,6 +152,7 @@ def test_an_outage_longer_than_the_waits_stops_the_run_cleanly_and_fails_nothing
             stores.vectors.fetch_documents = unavailable
             clock = FakeClock()
             summary = Runner(stores, RunOptions(), RunLimits(batch_size=3), Selection(), clock=clock).run()
+            trial.faults = down["calls"]
             assert summary.stopped_because.startswith("a store is unavailable"), summary
             assert summary.failed == 0 and summary.unavailable, summary
             assert down["calls"] == len(UNAVAILABLE_WAITS) + 1 and clock.sleeps == list(UNAVAILABLE_WAITS)
@@ -161,10 +166,10 @@ def test_an_outage_longer_than_the_waits_stops_the_run_cleanly_and_fails_nothing
         from repage.migration.verify import verify_documents
 
         with clone.open() as stores:
-            assert not verify_documents(stores).failed
-        problems = lost_problems(clone, final=True)
-        record("milvus-outage-longer-than-waits", faults=down["calls"], documents_verified=len(clone.doc_ids),
-               lost=len(problems))
-        assert not problems, "\n".join(problems)
+            report = verify_documents(stores)
+        trial.verified(report)
+        assert not report.failed, report
+        final = trial.compared(check_clone(clone, final=True))
+        assert final.ok, final.report()
     finally:
         clone.drop()

@@ -1,4 +1,4 @@
-"""Bucket faults (issue 11, part 1): `repage run` through a fault-injecting proxy in front of
+"""Bucket faults (docs/design.md §11, §13): `repage run` through a fault-injecting proxy in front of
 moto_server, at 5%, 20% and 50% of requests failing (500 InternalError, 503 SlowDown, 429,
 latency spikes, connection resets, replies cut short after the request took effect).
 
@@ -22,9 +22,9 @@ import pytest
 from repage.errors import StoreUnavailable, Throttled, Transient
 from repage.stores.throttle import AdaptiveLimiter, call_with_backoff
 from tests.fixtures.s3 import create_bucket, free_port, s3_store, unique_bucket_name
-from tests.reliability.stores import clone_s3, lost_problems, make_template
+from tests.reliability.stores import check_clone, clone_s3, make_template
 from tests.support.faults import FaultPlan, FaultProxy, is_copy
-from tests.support.reliability import CliLog, record
+from tests.support.reliability import CliLog
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
@@ -48,10 +48,11 @@ def proxy(moto_endpoint):
 
 @pytest.mark.parametrize("kind,error", [("500", Transient), ("503", Throttled), ("429", Throttled),
                                         ("reset", Transient), ("truncate", Transient), ("latency", None)])
-def test_each_fault_is_a_retryable_error_that_backoff_gets_through(proxy, moto_endpoint, kind, error):
+def test_each_fault_is_a_retryable_error_that_backoff_gets_through(trial, proxy, moto_endpoint, kind, error):
     """Per request kind: one fault is the right error (so repage's backoff retries it; obstore's own
     retries are off), and with backoff two faults in a row are ridden out. A refused connection
     (nothing listening) is StoreUnavailable and is not retried."""
+    trial.name = f"s3-fault-kind-{kind}"
     bucket = unique_bucket_name()
     create_bucket(moto_endpoint, bucket)
     store = s3_store(proxy.endpoint, bucket)
@@ -59,6 +60,7 @@ def test_each_fault_is_a_retryable_error_that_backoff_gets_through(proxy, moto_e
     ops = {"get": lambda: store.get("k/a.png"), "head": lambda: store.head("k/a.png"),
            "copy": lambda: store.copy("k/a.png", "k/b.png"), "put": lambda: store.put("k/c.png", b"y" * 100),
            "list": lambda: [i.key for page in store.list("k") for i in page]}
+    trial.trials = len(ops)
     for name, op in ops.items():
         proxy.set_plan(FaultPlan(rate=1.0, weights={kind: 1.0}, limit=1, latency_s=0.05))
         if error is None:
@@ -68,7 +70,8 @@ def test_each_fault_is_a_retryable_error_that_backoff_gets_through(proxy, moto_e
                 op()
         proxy.set_plan(FaultPlan(rate=1.0, weights={kind: 1.0}, limit=2, latency_s=0.05))
         call_with_backoff(op, AdaptiveLimiter(None, min_rate=100.0), backoff_initial=0.01, backoff_max=0.05)
-        assert proxy.fault_counts()[kind] > 0, name
+        trial.faults = proxy.fault_counts()[kind]
+        assert trial.faults > 0, name
     assert store.get("k/b.png") == b"x" * 3000
     dead = s3_store(f"http://127.0.0.1:{free_port()}", bucket)
     calls = []
@@ -80,12 +83,12 @@ def test_each_fault_is_a_retryable_error_that_backoff_gets_through(proxy, moto_e
     with pytest.raises(StoreUnavailable):
         call_with_backoff(refused, AdaptiveLimiter(None), backoff_initial=0.01)
     assert calls == [1]
-    record(f"s3-fault-kind-{kind}", trials=len(ops), faults=proxy.fault_counts()[kind])
 
 
 @pytest.mark.parametrize("rate", [0.05, 0.2, 0.5])
 def test_faulty_bucket_run_completes_or_stops_cleanly_and_a_clean_run_loses_nothing(
-        template, proxy, milvus_server_uri, moto_endpoint, tmp_path, rate):
+        trial, template, proxy, milvus_server_uri, moto_endpoint, tmp_path, rate):
+    trial.name = f"s3-faults-{rate:.0%}"
     clone = clone_s3(template, milvus_server_uri, moto_endpoint, proxy.endpoint, tmp_path)
     cli = CliLog()
     try:
@@ -94,22 +97,26 @@ def test_faulty_bucket_run_completes_or_stops_cleanly_and_a_clean_run_loses_noth
                           "--max-duration", MAX_DURATION, "--object-ops-per-second", "200", env=clone.env, cwd=tmp_path)
         injected = proxy.fault_counts()
         proxy.off()
+        trial.faults = sum(injected.values())
+        trial.detail.update(fault_kinds=dict(injected))
         outcome = check_clean_stop(faulted)
-        problems = lost_problems(clone, final=False)
-        assert not problems, f"after the faulted run ({outcome}):\n" + "\n".join(problems)
+        trial.detail.update(first_run=outcome)
+        partial = trial.compared(check_clone(clone, final=False))
+        assert partial.ok, f"after the faulted run ({outcome}):\n" + partial.report()
 
         clean = cli.run("run", "--retry-failed", "--json", env=clone.env, cwd=tmp_path)
         assert clean.returncode == 0, str(clean)
         summary = clean.json()
         assert summary["failed"] == 0 and summary["stopped_because"] == "no more pending documents", summary
         verified = cli.run("verify", "--json", env=clone.env, cwd=tmp_path)
+        trial.verified(verified)
         assert verified.returncode == 0 and verified.json()["ok"], str(verified)
-        problems = lost_problems(clone, final=True)
-        record(f"s3-faults-{rate:.0%}", faults=sum(injected.values()), documents_verified=len(clone.doc_ids),
-               lost=len(problems), fault_kinds=dict(injected), first_run=outcome, cli_calls=len(cli.calls))
-        assert not problems, "after the clean run:\n" + "\n".join(problems)
-        assert sum(injected.values()) > 0, "the proxy injected no fault"
+        final = trial.compared(check_clone(clone, final=True))
+        trial.detail.update(cli_calls=len(cli.calls))
+        assert final.ok, "after the clean run:\n" + final.report()
+        assert trial.faults > 0, "the proxy injected no fault"
     finally:
+        trial.faults = sum(proxy.fault_counts().values())  # also when the faulted run itself failed
         clone.drop()
 
 
@@ -135,18 +142,20 @@ def check_clean_stop(result) -> str:
 
 
 def test_a_bucket_that_fails_every_copy_trips_the_breaker_and_loses_nothing(
-        template, proxy, milvus_server_uri, moto_endpoint, tmp_path):
+        trial, template, proxy, milvus_server_uri, moto_endpoint, tmp_path):
     """Every CopyObject answers 500 (after its retries): the first batch fails, --max-failures
     stops the run between batches, the rest stays pending; the clean run finishes everything."""
+    trial.name = "s3-breaker"
     clone = clone_s3(template, milvus_server_uri, moto_endpoint, proxy.endpoint, tmp_path)
     cli = CliLog()
     try:
         proxy.set_plan(FaultPlan(rate=1.0, seed=7, weights={"500": 1.0}, when=is_copy))
         faulted = cli.run("run", "--json", "--max-failures", "1", env=clone.env, cwd=tmp_path)
-        injected = proxy.fault_counts()
+        trial.faults = sum(proxy.fault_counts().values())
         proxy.off()
         assert faulted.returncode == 1, str(faulted)
         summary = faulted.json()
+        trial.detail.update(first_run=summary["stopped_because"])
         assert summary["stopped_because"].startswith("--max-failures 1 exceeded"), summary
         assert summary["failed"] >= 2 and summary["migrated"] == 0, summary
         assert all("InternalError" in e and "copy" in e for e in summary["errors"].values()), summary["errors"]
@@ -156,16 +165,16 @@ def test_a_bucket_that_fails_every_copy_trips_the_breaker_and_loses_nothing(
         pending = sum(n for (state, _), n in counts.items() if state == "pending")
         assert pending >= len(clone.doc_ids) - 2 - summary["documents"], counts  # the rest was never claimed
         assert all(doc in (last[doc] or "") for doc in summary["errors"]), "last_error names the document"
-        problems = lost_problems(clone, final=False)
-        assert not problems, "after the breaker stopped the run:\n" + "\n".join(problems)
+        partial = trial.compared(check_clone(clone, final=False))
+        assert partial.ok, "after the breaker stopped the run:\n" + partial.report()
 
         clean = cli.run("run", "--retry-failed", "--json", env=clone.env, cwd=tmp_path)
         assert clean.returncode == 0 and clean.json()["failed"] == 0, str(clean)
         verified = cli.run("verify", "--json", env=clone.env, cwd=tmp_path)
+        trial.verified(verified)
         assert verified.returncode == 0 and verified.json()["ok"], str(verified)
-        problems = lost_problems(clone, final=True)
-        record("s3-breaker", faults=sum(injected.values()), documents_verified=len(clone.doc_ids),
-               lost=len(problems), first_run=summary["stopped_because"])
-        assert not problems, "after the clean run:\n" + "\n".join(problems)
+        final = trial.compared(check_clone(clone, final=True))
+        assert final.ok, "after the clean run:\n" + final.report()
     finally:
+        trial.faults = sum(proxy.fault_counts().values())  # also when the faulted run itself failed
         clone.drop()

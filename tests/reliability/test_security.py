@@ -1,4 +1,4 @@
-"""Security (issue 11, part 4): service auth, secrets kept out of every output, owner-only
+"""Security (docs/design.md §6.1, §6.5, §13): service auth, secrets kept out of every output, owner-only
 files, and a local bucket that keys cannot escape.
 
 - Auth: every endpoint but /healthz needs a bearer token; missing, wrong, near-miss (prefix,
@@ -26,11 +26,11 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 
-from repage.web import service as service_module
 from repage.errors import RepageError
-from repage.web.service import create_app
 from repage.stores.ledger import Ledger
 from repage.stores.objects import ObjectStore
+from repage.web import auth as auth_module
+from repage.web.service import create_app
 from tests.support.reliability import (
     ADMIN_TOKEN,
     LEDGER_PASSWORD,
@@ -42,7 +42,6 @@ from tests.support.reliability import (
     CliLog,
     assert_no_secret,
     leaked,
-    record,
 )
 from tests.support.service_store import fltr_rows, settings_for
 
@@ -81,7 +80,8 @@ def near_misses(token: str) -> list[str]:
     return [token[:-1], token + "x", token.upper(), token[1:], " " + token + "x", token.replace("-", "_")]
 
 
-def test_service_auth_missing_wrong_read_and_admin(client, caplog):
+def test_service_auth_missing_wrong_read_and_admin(trial, client, caplog):
+    trial.name = "security-auth"
     caplog.set_level(logging.DEBUG)
     attempts, problems = 0, []
     assert client.get("/healthz").status_code == 200
@@ -108,13 +108,14 @@ def test_service_auth_missing_wrong_read_and_admin(client, caplog):
         if (status := getattr(client, method)(url, headers=bearer(ADMIN_TOKEN)).status_code) not in (200, 202):
             problems.append(f"{method} {url} with the admin token: {status}")
     problems += [f"log records show {s}" for s in leaked(caplog.text)]
-    record("security-auth", trials=attempts, faults=attempts)
+    trial.trials = trial.faults = attempts
     assert not problems, "\n".join(problems)
 
 
-def test_tokens_are_compared_in_constant_time_both_every_time(client, monkeypatch):
+def test_tokens_are_compared_in_constant_time_both_every_time(trial, client, monkeypatch):
     """`secrets.compare_digest` on both tokens for every request, and no `==` on a token anywhere."""
-    source = inspect.getsource(service_module.BearerAuth)
+    trial.name, trial.trials = "security-constant-time", 4
+    source = inspect.getsource(auth_module.BearerAuth)
     tree = ast.parse(source)
     for node in ast.walk(tree):
         if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops):
@@ -123,18 +124,18 @@ def test_tokens_are_compared_in_constant_time_both_every_time(client, monkeypatc
             assert not names & {"given", "token", "_read", "_admin"}, f"== on a token: {ast.unparse(node)}"
     assert "compare_digest" in source
     calls = []
-    real = service_module.secrets.compare_digest
+    real = auth_module.secrets.compare_digest
 
     def counting(a, b):
         calls.append((len(a), len(b)))
         return real(a, b)
 
-    monkeypatch.setattr(service_module.secrets, "compare_digest", counting)
+    monkeypatch.setattr(auth_module.secrets, "compare_digest", counting)
     for token in ("wrong", READ_TOKEN, ADMIN_TOKEN, READ_TOKEN[:-1]):
         calls.clear()
         client.get("/migration/status", headers=bearer(token))
+        trial.faults += 1
         assert len(calls) == 2, f"token {token[:4]}...: {len(calls)} comparisons, expected both tokens compared"
-    record("security-constant-time", trials=4, faults=4)
 
 
 # ---------------------------------------------------------------- secrets in outputs
@@ -169,8 +170,9 @@ COMMANDS = {
 }
 
 
-def test_no_secret_in_any_output_of_failing_commands(tmp_path, moto_endpoint):
+def test_no_secret_in_any_output_of_failing_commands(trial, tmp_path, moto_endpoint):
     """CliLog checks stdout and stderr of each call; here every store is unreachable in turn."""
+    trial.name = "security-outputs"
     cli = CliLog()
     envs = {"everything down": hostile_env(tmp_path),
             # the bucket answers (moto) but Milvus and the ledger do not
@@ -187,20 +189,21 @@ def test_no_secret_in_any_output_of_failing_commands(tmp_path, moto_endpoint):
         running = [cli.start(*command, env=env, cwd=cwd) for command, env, cwd in calls[start:start + 4]]
         for proc in running:
             result = cli.finish(proc, timeout=60)
+            trial.trials = trial.faults = len(cli.calls)
             assert result.returncode != 0, str(result)
-    record("security-outputs", trials=len(cli.calls), faults=len(cli.calls))
 
 
 def chain_text(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc)) + repr(exc)
 
 
-def test_no_secret_in_exception_text_or_log_records(tmp_path, moto_endpoint, caplog):
+def test_no_secret_in_exception_text_or_log_records(trial, tmp_path, moto_endpoint, caplog):
     """Every error repage raises while opening or using stores with secrets: its text, repr and the
     whole chain of causes (what REPAGE_DEBUG=1 would print); and every log record meanwhile."""
-    from repage.stores.open import open_stores
+    trial.name = "security-exceptions"
     from repage.config import load_settings
     from repage.stores.milvus import MilvusVectors
+    from repage.stores.open import open_stores
 
     caplog.set_level(logging.DEBUG)
     texts: list[tuple[str, str]] = []
@@ -237,8 +240,8 @@ def test_no_secret_in_exception_text_or_log_records(tmp_path, moto_endpoint, cap
     texts.append(("settings repr", repr(settings) + str(settings) + str(settings.redacted())))
     problems = [f"{what}: {s}" for what, text in texts for s in leaked(text)]
     problems += [f"log records: {s}" for s in leaked(caplog.text)]
+    trial.trials = trial.faults = len(texts)
     assert sum(1 for _, text in texts if text) >= 9, texts
-    record("security-exceptions", trials=len(texts), faults=len(texts))
     assert not problems, "\n".join(problems)
 
 
@@ -337,8 +340,10 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def test_ledger_and_data_files_are_owner_only(tmp_path, monkeypatch):
+def test_ledger_and_data_files_are_owner_only(trial, tmp_path, monkeypatch):
     from repage.stores.milvus import normalize_uri
+
+    trial.name, trial.trials = "security-permissions", 6
 
     problems = []
     ledger = Ledger(f"sqlite:///{tmp_path / 'data' / 'ledger.db'}")
@@ -370,7 +375,6 @@ def test_ledger_and_data_files_are_owner_only(tmp_path, monkeypatch):
         demo_build.build_demo(tmp_path / "demo" / "repage-data")
     if mode(tmp_path / "demo" / "repage-data") != 0o700:
         problems.append(f"the demo data folder: {oct(mode(tmp_path / 'demo' / 'repage-data'))}, expected 0o700")
-    record("security-permissions", trials=6, faults=0, lost=0)
     assert not problems, "\n".join(problems)
 
 
@@ -382,7 +386,8 @@ ESCAPES = ["../outside.txt", "a/../../outside.txt", "./../outside.txt", "..", "a
            "a/%2E%2E/%2E%2E/outside.txt"]
 
 
-def test_local_bucket_keys_cannot_escape_the_bucket(tmp_path):
+def test_local_bucket_keys_cannot_escape_the_bucket(trial, tmp_path):
+    trial.name = "security-confinement"
     root = tmp_path / "root"
     bucket = root / "bucket"
     outside = root / "outside.txt"
@@ -396,6 +401,7 @@ def test_local_bucket_keys_cannot_escape_the_bucket(tmp_path):
     def attack(what: str, fn) -> object:
         nonlocal attempts
         attempts += 1
+        trial.trials = trial.faults = attempts
         try:
             return fn()
         except RepageError as exc:
@@ -427,5 +433,4 @@ def test_local_bucket_keys_cannot_escape_the_bucket(tmp_path):
     if Path(absolute).exists():
         problems.append(f"the absolute key {absolute!r} wrote outside the bucket")
     store.close()
-    record("security-confinement", trials=attempts, faults=attempts, lost=len(problems))
     assert not problems, "\n".join(problems)

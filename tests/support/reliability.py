@@ -1,14 +1,17 @@
-"""Shared parts of the reliability suite (issue 11): the figures every test records, the test
+"""Shared parts of the reliability suite (docs/design.md §13): the figures every test records, the test
 secrets and the CLI runner that checks each output for them, and a summariser.
 
 Figures: each test appends one JSON line to the file named by REPAGE_RELIABILITY_RESULTS
-(`make reliability` sets it; without it nothing is written). Lines are appended with one
-`write` on an O_APPEND descriptor, so pytest-xdist workers never interleave them.
+(`make reliability` and `make test` set it; without it nothing is written), also when it
+failed (see `Trial`). Lines are appended with one `write` on an O_APPEND descriptor, so
+pytest-xdist workers never interleave them.
 
     python -m tests.support.reliability FILE
 
-prints the one summary line (trials, faults injected, documents verified, lost) and exits
-non-zero when the file is empty or anything was lost.
+prints the failed tests (stderr) and the one summary line: trials (tests, failed), faults
+injected, documents `verify` passed, and lost: documents (and chunks) whose store differs
+from the ground truth. It exits non-zero when the file is empty, a test failed, or anything
+was lost.
 """
 
 from __future__ import annotations
@@ -118,14 +121,70 @@ class CliLog:
 # ---------------------------------------------------------------- figures
 
 
-def record(test: str, *, trials: int = 1, faults: int = 0, documents_verified: int = 0, lost: int = 0,
-           **detail) -> None:
-    """Append this test's figures to the results file (when `make reliability` asked for one)."""
+@dataclass
+class Trial:
+    """One test's figures, written as one line when the test ends, whatever happened: a test
+    that failed (an assert, an error, a timeout) still adds its line, flagged `failed` with the
+    error, so the sum counts it. tests/reliability/conftest.py makes one per test (the `trial`
+    fixture) and writes it in its teardown.
+
+    Set the figures as they are measured, before asserting on them: `compared` with each
+    comparison against the ground truth (tests/support/ground_truth.py), `verified` with each
+    `verify` report."""
+
+    name: str
+    trials: int = 1
+    faults: int = 0
+    documents_verified: int = 0
+    documents_compared: int = 0
+    chunks_compared: int = 0
+    lost_documents: set[str] = field(default_factory=set)
+    lost_chunks: set[tuple] = field(default_factory=set)
+    comparisons: int = 0
+    detail: dict = field(default_factory=dict)
+
+    def compared(self, comparison):
+        """Count what a comparison found lost (a document lost at any point of the trial stays lost)."""
+        self.comparisons += 1
+        self.documents_compared = max(self.documents_compared, comparison.documents)
+        self.chunks_compared = max(self.chunks_compared, comparison.chunks)
+        self.lost_documents |= set(comparison.lost_documents)
+        self.lost_chunks |= set(comparison.lost_chunks)
+        return comparison
+
+    def verified(self, report) -> dict | None:
+        """The documents `verify` passed, from its report: a `repage verify --json` CliResult, its
+        JSON document, or verify_documents' CheckReport. A report that cannot be read counts none."""
+        if isinstance(report, CliResult):
+            try:
+                report = report.json()
+            except AssertionError:
+                self.documents_verified = 0
+                return None
+        if isinstance(report, Mapping):
+            self.documents_verified = int(report.get("passed") or 0)
+            return dict(report)
+        self.documents_verified = len(report.passed)
+        return report.as_dict()
+
+    def line(self, *, failed: bool = False, error: str | None = None, skipped: bool = False) -> dict:
+        return {"test": self.name, "trials": self.trials, "faults": self.faults,
+                "documents_verified": self.documents_verified, "documents_compared": self.documents_compared,
+                "chunks_compared": self.chunks_compared, "comparisons": self.comparisons,
+                "lost": len(self.lost_documents), "lost_chunks": len(self.lost_chunks),
+                "lost_examples": sorted(self.lost_documents, key=repr)[:5], "failed": failed, "skipped": skipped,
+                "error": error, **self.detail}
+
+    def write(self, **outcome) -> None:
+        write_line(self.line(**outcome))
+
+
+def write_line(row: Mapping) -> None:
+    """Append one line to the results file (when `make reliability` or `make test` asked for one)."""
     path = os.environ.get(RESULTS_ENV)
     if not path:
         return
-    line = json.dumps({"test": test, "trials": trials, "faults": faults, "documents_verified": documents_verified,
-                       "lost": lost, **detail}, default=str, sort_keys=True) + "\n"
+    line = json.dumps(row, default=str, sort_keys=True) + "\n"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         os.write(fd, line.encode("utf-8"))
@@ -133,21 +192,29 @@ def record(test: str, *, trials: int = 1, faults: int = 0, documents_verified: i
         os.close(fd)
 
 
+FIGURES = ("trials", "faults", "documents_verified", "documents_compared", "chunks_compared", "lost", "lost_chunks")
+
+
 def summarise(lines: Iterable[str]) -> dict:
-    totals = {"tests": 0, "trials": 0, "faults": 0, "documents_verified": 0, "lost": 0}
+    totals: dict = {"tests": 0, "failed": 0, **dict.fromkeys(FIGURES, 0), "failures": []}
     for line in lines:
         if not line.strip():
             continue
         row = json.loads(line)
         totals["tests"] += 1
-        for name in ("trials", "faults", "documents_verified", "lost"):
+        for name in FIGURES:
             totals[name] += int(row.get(name) or 0)
+        if row.get("failed"):
+            totals["failed"] += 1
+            totals["failures"].append((row.get("test"), row.get("error") or ""))
     return totals
 
 
-def summary_line(totals: Mapping[str, int]) -> str:
-    return (f"reliability: {totals['trials']} trials run, {totals['faults']} faults injected, "
-            f"{totals['documents_verified']} documents verified, lost = {totals['lost']}")
+def summary_line(totals: Mapping) -> str:
+    return (f"reliability: {totals['trials']} trials run ({totals['tests']} tests, {totals['failed']} failed), "
+            f"{totals['faults']} faults injected, {totals['documents_verified']} documents verified, "
+            f"lost = {totals['lost']} of {totals['documents_compared']} documents compared "
+            f"({totals['lost_chunks']} of {totals['chunks_compared']} chunks)")
 
 
 def main(argv: list[str]) -> int:
@@ -156,11 +223,14 @@ def main(argv: list[str]) -> int:
         return 2
     path = Path(argv[0])
     totals = summarise(path.read_text(encoding="utf-8").splitlines() if path.exists() else [])
+    for test, error in totals["failures"]:
+        head = " / ".join([line.strip() for line in error.splitlines() if line.strip()][:2])  # with "lost = ..."
+        print(f"reliability: FAILED {test}: {head[:300]}", file=sys.stderr)
     print(summary_line(totals))
     if not totals["tests"]:
         print("reliability: no test recorded any figures", file=sys.stderr)
         return 1
-    return 1 if totals["lost"] else 0
+    return 1 if totals["lost"] or totals["lost_chunks"] or totals["failed"] else 0
 
 
 if __name__ == "__main__":
