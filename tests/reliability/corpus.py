@@ -1,5 +1,5 @@
-"""The bad-input corpus (issue 11, part 3): one FLTR collection and one moto bucket holding
-well-formed control documents next to documents built to break things.
+"""The bad-input corpus of the reliability suite (docs/design.md §11, §13): one FLTR collection and
+one moto bucket holding well-formed control documents next to documents built to break things.
 
 Every document is a `Case`: its rows (primary key left to Milvus), its objects, and what a run
 must do with it: `migrated` (the exact pages and keys it ends with), or a recorded outcome
@@ -197,7 +197,7 @@ def build_corpus() -> list[Case]:
     )
     cases.append(docling_case("zero-byte-pdf", "zero-byte-pdf-3d", b"", "failed", ("corrupt",)))
     cases.append(docling_case("zero-page-pdf", "zero-page-pdf-4c", zero_page_pdf(), "failed", ("no pages",)))
-    # the bucket's image 0 cannot be decoded: nothing to compare, so the index alone decides (DESIGN §2:
+    # the bucket's image 0 cannot be decoded: nothing to compare, so the index alone decides (docs/design.md §2.2:
     # the PDF has as many images as the document has indexes); image 1 matches by its hash
     pdf = make_pdf([[], [picture(11, 80, 60)], [], [picture(12, 60, 80)]])
     c = docling_case(
