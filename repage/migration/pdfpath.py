@@ -41,6 +41,7 @@ from repage.errors import BadInput, ObjectNotFound, StaleLease
 from repage.migration import pdfpages
 
 if TYPE_CHECKING:
+    from repage.config import Settings
     from repage.migration.migrate import DocumentWork, RunOptions
 
 # Far above any real document; it only keeps a broken or hostile object off the temp disk.
@@ -342,6 +343,7 @@ class PdfPlanner:
     def _extract(self, pdf: Path) -> None:
         wanted = {(page, n) for page, n, _ in self.uploads.values()}
         pngs = self._on_engine(pdf, PdfJob("extract", self._name(), wanted=frozenset(wanted)))
+        assert self.source_key is not None  # resolve() found the source before extracting
         for page, n in wanted:
             self.work.blobs[pdf_image_ref(self.source_key, page, n)] = pngs[(page, n)]
 
@@ -354,6 +356,7 @@ class PdfPlanner:
                 chunks.append(entry)
                 continue
             page, n, index = self.uploads[entry.identity]
+            assert self.source_key is not None  # uploads exist only once resolve() found the source
             old = pdf_image_ref(self.source_key, page, n)
             new = canonical_image_key(work.claim.dataset_id, work.document_id, entry.new_page, index, "png")
             data = work.blobs[old]
@@ -382,7 +385,7 @@ class PdfJob:
     min_margin: int = 8
     wanted: frozenset[tuple[int, int]] = frozenset()
     path: str | None = None
-    settings: object | None = None
+    settings: Settings | None = None
     source_key: str | None = None
 
 
@@ -392,6 +395,8 @@ def run_pdf_job(job: PdfJob) -> tuple[object, int]:
         return _pdf_step(job, job.path), 0
     from repage.stores.open import open_objects
 
+    # no path: _on_engine gave the task the settings and the source key
+    assert job.settings is not None and job.source_key is not None
     objects = open_objects(job.settings, check=False)  # created here, in the task's process
     try:
         with tempfile.TemporaryDirectory(prefix="repage-pdf-task-") as tmp:
