@@ -33,13 +33,18 @@ def _timed(fn) -> tuple[float, object]:
 
 
 def measure(vectors: MilvusVectors, pks: list[int], rounds: int, page: int) -> dict:
-    steps: dict[str, list[float]] = {"write": [], "read_back_before_flush": [], "flush": [],
-                                     "read_back_after_flush": []}
+    steps: dict[str, list[float]] = {
+        "write": [],
+        "read_back_before_flush": [],
+        "flush": [],
+        "read_back_after_flush": [],
+    }
     info = vectors.info()
     for r in range(rounds):
-        batch = pks[r * len(pks) // rounds:(r + 1) * len(pks) // rounds]
+        batch = pks[r * len(pks) // rounds : (r + 1) * len(pks) // rounds]
         rows = [{info.pk_field: pk, "page": page} for pk in batch]
         expr = in_filter(info.pk_field, batch)
+
         def read(expr: str = expr) -> list[dict]:
             return vectors._query(expr, ["*"])  # noqa: SLF001 (the read-back's query)
 
@@ -66,7 +71,7 @@ def main() -> int:
                 start = 0
                 for docs in (int(b) for b in args.batches.split(",")):
                     size = docs * 6 * args.rounds
-                    pks, start = affected[start:start + size], start + size
+                    pks, start = affected[start : start + size], start + size
                     report["batches"][f"{docs} documents ({docs * 6} rows)"] = measure(vectors, pks, args.rounds, 7)
                 report["affected_left"] = vectors.count(AFFECTED_FILTER)
     print(json.dumps(report, indent=2))

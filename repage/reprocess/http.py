@@ -38,10 +38,19 @@ class _Retryable(Exception):
 class HttpReprocessor:
     name = "http"
 
-    def __init__(self, base_url: str, token: str | None, *, concurrency: int = 4, attempts: int = 5,
-                 timeout: httpx.Timeout | float = httpx.Timeout(30.0, connect=5.0),
-                 backoff_initial: float = 0.5, backoff_max: float = 30.0, clock: Clock | None = None,
-                 transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None,
+        *,
+        concurrency: int = 4,
+        attempts: int = 5,
+        timeout: httpx.Timeout | float = httpx.Timeout(30.0, connect=5.0),
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+        clock: Clock | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ):
         if not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"REPAGE_REPROCESS_URL {redact_url(base_url)!r} must start with http:// or https://")
         self.base_url = base_url.rstrip("/")
@@ -52,8 +61,9 @@ class HttpReprocessor:
         self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
         self._slots = threading.BoundedSemaphore(concurrency)
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
-        self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout,
-                                    transport=transport, follow_redirects=False)
+        self._client = httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport, follow_redirects=False
+        )
         self.requests = 0  # sent, retries included (tests, and the cost of a run)
 
     def __repr__(self) -> str:
@@ -102,7 +112,9 @@ class HttpReprocessor:
             stop=tenacity.stop_after_attempt(self.attempts),
             wait=tenacity.wait_exponential_jitter(initial=self.backoff_initial, max=self.backoff_max),
             retry=tenacity.retry_if_exception_type(_Retryable),
-            sleep=self.clock.sleep, reraise=True)
+            sleep=self.clock.sleep,
+            reraise=True,
+        )
         try:
             for attempt in retrying:
                 with attempt:

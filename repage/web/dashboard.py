@@ -60,8 +60,18 @@ TABLE_ROWS = 10
 MIGRATED, OBJECT_REQUESTS, READ_LATENCY = "migrated", "object-requests", "read-latency"
 
 # Display order: done first, then work in flight, then what waits, then what needs a person.
-STATE_ORDER = ("verified", "migrated", "skipped", "unrecoverable", "running", "pending", "deferred",
-               "review", "failed", "rolled_back")
+STATE_ORDER = (
+    "verified",
+    "migrated",
+    "skipped",
+    "unrecoverable",
+    "running",
+    "pending",
+    "deferred",
+    "review",
+    "failed",
+    "rolled_back",
+)
 PATH_ORDER = ("keys", "pdf", "reprocess", "none")
 DONE_STATES = (State.MIGRATED, State.VERIFIED, State.SKIPPED, State.UNRECOVERABLE)  # as `done` in repage status
 UPLOT = "vendor/uPlot-1.6.32"  # vendored from npm, see static/vendor/README.md
@@ -69,9 +79,11 @@ ASSETS = ("dashboard.js", "dashboard.css", f"{UPLOT}.iife.min.js", f"{UPLOT}.min
 CONTENT_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 IMMUTABLE = "private, max-age=31536000, immutable"  # private: assets need a session like the rest
 PAGE_HEADERS = {
-    "Content-Security-Policy": ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-                                "img-src 'self' data:; connect-src 'self'; form-action 'self'; "
-                                "frame-ancestors 'none'; base-uri 'none'"),
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data:; connect-src 'self'; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    ),
     "X-Frame-Options": "DENY",  # the pause button must not be clickjacked
     "Referrer-Policy": "same-origin",  # no-referrer would make the browser send `Origin: null` on our own forms
     "X-Content-Type-Options": "nosniff",
@@ -97,9 +109,12 @@ class Assets:
         if name not in self.files:
             raise HTTPException(404, "no such asset")
         current = digest == self.digests[name]  # an old page asking for an old digest gets today's file
-        headers = {"Cache-Control": IMMUTABLE if current else "no-cache", "X-Content-Type-Options": "nosniff",
-                   "ETag": f'"{self.digests[name]}"'}
-        suffix = name[name.rindex("."):]
+        headers = {
+            "Cache-Control": IMMUTABLE if current else "no-cache",
+            "X-Content-Type-Options": "nosniff",
+            "ETag": f'"{self.digests[name]}"',
+        }
+        suffix = name[name.rindex(".") :]
         return Response(self.files[name], media_type=CONTENT_TYPES[suffix], headers=headers)
 
 
@@ -145,9 +160,15 @@ def series(events: dict[str, list], now: float, window: float) -> dict:
     for e in events.get(READ_LATENCY, ()):
         if (i := slot(e.at)) is not None and (p95 := _p95(e.detail)) is not None:
             latency[i] = max(latency[i] or 0.0, p95 * 1000.0)
-    return {"window_seconds": window, "bin_seconds": size, "t": [start + i * size for i in range(n)],
-            "documents_per_s": [v / size for v in docs], "chunks_per_s": [v / size for v in chunks],
-            "object_requests_per_s": [v / size for v in requests], "read_p95_ms": latency}
+    return {
+        "window_seconds": window,
+        "bin_seconds": size,
+        "t": [start + i * size for i in range(n)],
+        "documents_per_s": [v / size for v in docs],
+        "chunks_per_s": [v / size for v in chunks],
+        "object_requests_per_s": [v / size for v in requests],
+        "read_p95_ms": latency,
+    }
 
 
 def _int(text: str | None) -> int:
@@ -190,8 +211,10 @@ def dashboard_data(parts: ServiceParts, window: float | None = None) -> dict:
     migrated = events[MIGRATED]
     if window is None:
         window = choose_window(migrated[0].at if migrated else None, now)
-    reviews = [{"document_id": r.document_id, "dataset_id": r.dataset_id, "reason": r.reason, "since": r.updated_at}
-               for r in ledger.documents(states={State.REVIEW}, limit=TABLE_ROWS)]
+    reviews = [
+        {"document_id": r.document_id, "dataset_id": r.dataset_id, "reason": r.reason, "since": r.updated_at}
+        for r in ledger.documents(states={State.REVIEW}, limit=TABLE_ROWS)
+    ]
     return {
         "now": now,
         "paused": is_paused(ledger),
@@ -215,8 +238,13 @@ def read_latency(parts: ServiceParts, events: list, now: float) -> dict:
     local, samples = parts.metrics.window.p95()
     worker = parts.worker
     limit = worker.config.max_read_latency_s if worker is not None else None
-    return {"p95_seconds": max(latest.values()) if latest else local, "services": len(latest),
-            "local_p95_seconds": local, "local_samples": samples, "max_read_latency_s": limit}
+    return {
+        "p95_seconds": max(latest.values()) if latest else local,
+        "services": len(latest),
+        "local_p95_seconds": local,
+        "local_samples": samples,
+        "max_read_latency_s": limit,
+    }
 
 
 # --------------------------------------------------------------------------- formatting (as dashboard.js)
@@ -266,10 +294,25 @@ def environment() -> Environment:
     """Jinja2 over the package's templates/. Autoescaped: document ids, errors and reasons come from
     the ledger and reach the page as text. StrictUndefined: a misspelt name fails the render rather
     than leaving a hole in the page."""
-    env = Environment(loader=PackageLoader("repage.web", "templates"), autoescape=True, undefined=StrictUndefined,
-                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-    env.filters.update(count=fmt_count, rate=fmt_rate, dollars=fmt_dollars, eta=fmt_eta, ms=fmt_ms, pct=fmt_pct,
-                       time=fmt_time, human=human_seconds, data_value=data_value)
+    env = Environment(
+        loader=PackageLoader("repage.web", "templates"),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters.update(
+        count=fmt_count,
+        rate=fmt_rate,
+        dollars=fmt_dollars,
+        eta=fmt_eta,
+        ms=fmt_ms,
+        pct=fmt_pct,
+        time=fmt_time,
+        human=human_seconds,
+        data_value=data_value,
+    )
     env.policies["json.dumps_kwargs"] = {"separators": (",", ":")}  # |tojson: the initial data, compact
     return env
 
@@ -288,18 +331,26 @@ def progress_bars(status: dict[str, Any]) -> list[dict[str, Any]]:
     for row in status["by_state_and_path"]:
         per_path.setdefault(row["path"], {})[row["state"]] = row["documents"]
     rows += [(f"path {p}", per_path[p], sum(per_path[p].values())) for p in ordered(per_path, PATH_ORDER)]
-    return [{"label": label, "total": total, "done": sum(counts.get(s.value, 0) for s in DONE_STATES),
-             "segments": [{"state": s, "count": counts[s], "width": 100.0 * counts[s] / total}
-                          for s in ordered(counts, STATE_ORDER) if counts[s] and total]}
-            for label, counts, total in rows]
+    return [
+        {
+            "label": label,
+            "total": total,
+            "done": sum(counts.get(s.value, 0) for s in DONE_STATES),
+            "segments": [
+                {"state": s, "count": counts[s], "width": 100.0 * counts[s] / total}
+                for s in ordered(counts, STATE_ORDER)
+                if counts[s] and total
+            ],
+        }
+        for label, counts, total in rows
+    ]
 
 
 def state_matrix(status: dict[str, Any], states: list[str]) -> dict[str, Any]:
     """The state x path counts, as `repage status` prints them: (path, count) per cell."""
     paths = ordered(status["by_path"], PATH_ORDER)
     cells = {(r["state"], r["path"]): r["documents"] for r in status["by_state_and_path"]}
-    return {"paths": paths, "rows": [{"state": s, "cells": [(p, cells.get((s, p), 0)) for p in paths]}
-                                     for s in states]}
+    return {"paths": paths, "rows": [{"state": s, "cells": [(p, cells.get((s, p), 0)) for p in paths]} for s in states]}
 
 
 def failure_rows(status: dict[str, Any]) -> list[list[str]]:
@@ -311,8 +362,16 @@ def review_rows(data: dict[str, Any]) -> list[list[str]]:
 
 
 def hot_rows(data: dict[str, Any]) -> list[list[str]]:
-    return [[h["document_id"], h["dataset_id"] or "", f"{h['accesses']:.2f}", h["state"] or "not scanned",
-             "yes" if h["enqueued"] else ""] for h in data["hot"]]
+    return [
+        [
+            h["document_id"],
+            h["dataset_id"] or "",
+            f"{h['accesses']:.2f}",
+            h["state"] or "not scanned",
+            "yes" if h["enqueued"] else "",
+        ]
+        for h in data["hot"]
+    ]
 
 
 def static_chart(t: list[float], lines: list[tuple[str, list[float | None], str]], unit: str) -> dict[str, Any]:
@@ -323,20 +382,38 @@ def static_chart(t: list[float], lines: list[tuple[str, list[float | None], str]
     step = (width - 2 * pad) / max(len(t) - 1, 1)
 
     def points(values: list[float | None]) -> str:
-        return " ".join(f"{pad + i * step:.1f},{height - pad - (v or 0.0) * scale:.1f}"
-                        for i, v in enumerate(values) if v is not None)
+        return " ".join(
+            f"{pad + i * step:.1f},{height - pad - (v or 0.0) * scale:.1f}"
+            for i, v in enumerate(values)
+            if v is not None
+        )
 
-    return {"width": width, "height": height, "pad": pad, "peak": peak, "unit": unit, "t": t,
-            "lines": [{"name": name, "color": color, "points": points(values)} for name, values, color in lines]}
+    return {
+        "width": width,
+        "height": height,
+        "pad": pad,
+        "peak": peak,
+        "unit": unit,
+        "t": t,
+        "lines": [{"name": name, "color": color, "points": points(values)} for name, values, color in lines],
+    }
 
 
 def static_charts(series_: dict[str, Any]) -> dict[str, Any]:
     """The colours are dashboard.js's, so the page keeps its look when uPlot takes over."""
     t = series_["t"]
-    return {"throughput": static_chart(t, [("documents/s", series_["documents_per_s"], "#2f7d32"),
-                                           ("chunks/s", series_["chunks_per_s"], "#1f5fbf"),
-                                           ("object requests/s", series_["object_requests_per_s"], "#b3541e")], "/s"),
-            "latency": static_chart(t, [("read p95", series_["read_p95_ms"], "#7b3fb0")], "ms")}
+    return {
+        "throughput": static_chart(
+            t,
+            [
+                ("documents/s", series_["documents_per_s"], "#2f7d32"),
+                ("chunks/s", series_["chunks_per_s"], "#1f5fbf"),
+                ("object requests/s", series_["object_requests_per_s"], "#b3541e"),
+            ],
+            "/s",
+        ),
+        "latency": static_chart(t, [("read p95", series_["read_p95_ms"], "#7b3fb0")], "ms"),
+    }
 
 
 def worker_text(data: dict[str, Any]) -> tuple[str, str]:
@@ -357,25 +434,49 @@ def worker_text(data: dict[str, Any]) -> tuple[str, str]:
 def spend(spent: float, projected: float, budget: float | None) -> dict[str, Any]:
     """The budget bar: widths in % of the largest of budget, projection and spend."""
     top = max(budget or 0.0, projected, spent) or 1.0
-    return {"projected": 100.0 * projected / top, "spent": 100.0 * spent / top,
-            "mark": None if budget is None else 100.0 * budget / top,
-            "over": budget is not None and projected > budget}
+    return {
+        "projected": 100.0 * projected / top,
+        "spent": 100.0 * spent / top,
+        "mark": None if budget is None else 100.0 * budget / top,
+        "over": budget is not None and projected > budget,
+    }
 
 
-def render_page(parts: ServiceParts, assets: Assets, sessions: Sessions, request: Request, role: str,
-                status: dict[str, Any], data: dict[str, Any]) -> str:
+def render_page(
+    parts: ServiceParts,
+    assets: Assets,
+    sessions: Sessions,
+    request: Request,
+    role: str,
+    status: dict[str, Any],
+    data: dict[str, Any],
+) -> str:
     admin = role == "admin"
     badge_class, badge = worker_text(data)
     states = ordered(status["by_state"], STATE_ORDER)
     return TEMPLATES.get_template("dashboard.html").render(
-        s=status, d=data, collection=parts.settings.collection, role=role, admin=admin,
-        csrf=sessions.csrf_token(request) if admin else "", logout=not parts.auth.open,
-        asset=assets.url, uplot=UPLOT, refresh_ms=REFRESH_SECONDS * 1000, recent_seconds=RECENT_SECONDS,
-        badge_class=badge_class, badge=badge, spend=spend(status["dollars_spent"], status["dollars_projected"],
-                                                          data["budget_dollars"]),
-        progress=progress_bars(status), states=states, matrix=state_matrix(status, states),
-        charts=static_charts(data["series"]), failures=failure_rows(status), reviews=review_rows(data),
-        hot=hot_rows(data))
+        s=status,
+        d=data,
+        collection=parts.settings.collection,
+        role=role,
+        admin=admin,
+        csrf=sessions.csrf_token(request) if admin else "",
+        logout=not parts.auth.open,
+        asset=assets.url,
+        uplot=UPLOT,
+        refresh_ms=REFRESH_SECONDS * 1000,
+        recent_seconds=RECENT_SECONDS,
+        badge_class=badge_class,
+        badge=badge,
+        spend=spend(status["dollars_spent"], status["dollars_projected"], data["budget_dollars"]),
+        progress=progress_bars(status),
+        states=states,
+        matrix=state_matrix(status, states),
+        charts=static_charts(data["series"]),
+        failures=failure_rows(status),
+        reviews=review_rows(data),
+        hot=hot_rows(data),
+    )
 
 
 def render_login(error: str = "") -> str:
@@ -394,8 +495,9 @@ def create_dashboard_router(parts: ServiceParts) -> APIRouter:
     def page(request: Request, window: int | None = Query(None, ge=60, le=7 * 86400)) -> Response:
         role = sessions.role(request)
         if role is None:
-            response = HTMLResponse(render_login(), status_code=401,
-                                    headers={**PAGE_HEADERS, "WWW-Authenticate": "Bearer"})
+            response = HTMLResponse(
+                render_login(), status_code=401, headers={**PAGE_HEADERS, "WWW-Authenticate": "Bearer"}
+            )
             if SESSION_COOKIE in request.cookies:  # a stale cookie (token rotated): drop it
                 response.delete_cookie(SESSION_COOKIE, path=cookie_path(request))
             return response
@@ -408,18 +510,33 @@ def create_dashboard_router(parts: ServiceParts) -> APIRouter:
             raise HTTPException(403, "cross-site request refused")
         token = (await read_form(request)).get("token", "").strip()
         if not token or parts.auth.role_of(token) is None:
-            return HTMLResponse(render_login("That token is not valid here."), status_code=401,
-                                headers={**PAGE_HEADERS, "WWW-Authenticate": "Bearer"})
+            return HTMLResponse(
+                render_login("That token is not valid here."),
+                status_code=401,
+                headers={**PAGE_HEADERS, "WWW-Authenticate": "Bearer"},
+            )
         response = RedirectResponse(request.url_for("dashboard"), status_code=303)
-        response.set_cookie(SESSION_COOKIE, token, max_age=SESSION_SECONDS, path=cookie_path(request),
-                            secure=request.url.scheme == "https", httponly=True, samesite="strict")
+        response.set_cookie(
+            SESSION_COOKIE,
+            token,
+            max_age=SESSION_SECONDS,
+            path=cookie_path(request),
+            secure=request.url.scheme == "https",
+            httponly=True,
+            samesite="strict",
+        )
         return response
 
     @router.post("/logout")
     def logout(request: Request) -> Response:
         response = RedirectResponse(request.url_for("dashboard"), status_code=303)
-        response.delete_cookie(SESSION_COOKIE, path=cookie_path(request), secure=request.url.scheme == "https",
-                               httponly=True, samesite="strict")
+        response.delete_cookie(
+            SESSION_COOKIE,
+            path=cookie_path(request),
+            secure=request.url.scheme == "https",
+            httponly=True,
+            samesite="strict",
+        )
         return response
 
     @router.get("/dashboard/data", dependencies=[read])

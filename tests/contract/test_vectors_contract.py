@@ -56,13 +56,18 @@ def _by_identity(store, rows):
 def _changes(store, rows, page=5, key=True):
     info = store.info()
     return [
-        ChunkChange(identity_of(info, r), r[info.pk_field], page,
-                    f"{r['dataset_id']}/{r['document_id']}/images/{page}_{r['chunk_index']}.png" if key else None)
+        ChunkChange(
+            identity_of(info, r),
+            r[info.pk_field],
+            page,
+            f"{r['dataset_id']}/{r['document_id']}/images/{page}_{r['chunk_index']}.png" if key else None,
+        )
         for r in rows
     ]
 
 
 # ------------------------------------------------------------------ schema
+
 
 def test_schema_detection(vectors):
     spec, info = BACKENDS[vectors.backend_id], vectors.info()
@@ -90,6 +95,7 @@ def test_affected_filter_uses_only_existing_fields():
 
 
 # ------------------------------------------------------------------ reads
+
 
 def test_iter_affected_exact_and_paged(vectors):
     rows = insert_sample(vectors, ["d1", "d2", "d3"]) + insert_sample(vectors, ["e1"], dataset_id="ds2")
@@ -147,14 +153,20 @@ def test_find_written_reads_rows_back_by_identity_whatever_the_path(vectors):
     rows = insert_sample(vectors, ["w1", "w2"])
     info = vectors.info()
     image = [r for r in rows if r["chunk_type"] in ("ocr", "image")]
-    vectors.write_changes([ChunkChange(identity_of(info, r), r[info.pk_field], 7, "ds1/w/images/7_0.png")
-                           for r in image], rows_before={identity_of(info, r): r for r in image})
+    vectors.write_changes(
+        [ChunkChange(identity_of(info, r), r[info.pk_field], 7, "ds1/w/images/7_0.png") for r in image],
+        rows_before={identity_of(info, r): r for r in image},
+    )
     written = {identity_of(info, r): str(r[info.pk_field]) for r in image}
-    found = vectors.find_written({**written, ("w9", 99) if "chunk_index" in info.identity_fields else ("w9_99",): "12345"})
+    found = vectors.find_written(
+        {**written, ("w9", 99) if "chunk_index" in info.identity_fields else ("w9_99",): "12345"}
+    )
     assert {i: len(found[i]) for i in written} == {i: 1 for i in written}
     assert {r["page"] for i in written for r in found[i]} == {7}
     for i in written:  # vectors and every other field come back unchanged
-        assert vectors.row_checksum(found[i][0]) == vectors.row_checksum(next(r for r in image if identity_of(info, r) == i))
+        assert vectors.row_checksum(found[i][0]) == vectors.row_checksum(
+            next(r for r in image if identity_of(info, r) == i)
+        )
     assert [len(v) for i, v in found.items() if i not in written] == [0]  # a key with no row: none found
 
 
@@ -186,6 +198,7 @@ def test_find_by_identity(vectors):
 
 # ------------------------------------------------------------------ writes
 
+
 def _write_and_check(store, rows, *, rows_before):
     info = store.info()
     affected = [r for r in rows if is_affected(r)]
@@ -199,8 +212,9 @@ def _write_and_check(store, rows, *, rows_before):
     for r in affected:
         new = after[identity_of(info, r)][0]
         assert new["page"] == 5 and new["image_r2_key"].endswith(f"/5_{r['chunk_index']}.png")
-        assert np.array_equal(np.asarray(new["vector"], np.float32).view(np.uint32),
-                              np.asarray(r["vector"], np.float32).view(np.uint32))
+        assert np.array_equal(
+            np.asarray(new["vector"], np.float32).view(np.uint32), np.asarray(r["vector"], np.float32).view(np.uint32)
+        )
     for r in untouched:
         same = after[identity_of(info, r)][0]
         assert (same["page"], same["image_r2_key"]) == (r["page"], r["image_r2_key"])
@@ -294,6 +308,7 @@ def test_differing_duplicates_are_not_deleted(renumbering):
 
 # ------------------------------------------------------------------ injection and bad values
 
+
 def test_injection_values_match_literally(vectors):
     insert_sample(vectors, ["plain"])
     insert_sample(vectors, EVIL_IDS, chunks=2, dataset_id='ds" || page >= 0 || "x')
@@ -308,8 +323,9 @@ def test_injection_values_match_literally(vectors):
     assert all(is_affected(r) for p in pages for r in p)
     assert list(vectors.iter_affected('nothing" || page == 0 || dataset_id == "')) == []
     info = vectors.info()
-    found = vectors.find_by_identity([identity_of(info, {"chunk_id": f"{EVIL_IDS[0]}_1",
-                                                          "document_id": EVIL_IDS[0], "chunk_index": 1})])
+    found = vectors.find_by_identity(
+        [identity_of(info, {"chunk_id": f"{EVIL_IDS[0]}_1", "document_id": EVIL_IDS[0], "chunk_index": 1})]
+    )
     assert [len(v) for v in found.values()] == [1]
 
 
@@ -346,6 +362,7 @@ def test_bad_ids_fail_before_any_io(vectors):
 
 # ------------------------------------------------------------------ errors and versions
 
+
 @pytest.mark.parametrize("backend", ["lite", "server"])
 def test_unknown_collection_is_a_config_error(request, backend):
     with pytest.raises(ConfigError, match="no_such_collection"):
@@ -361,12 +378,19 @@ def test_released_collection_is_loaded_on_open(vectors):
 
 def test_locked_lite_folder_is_unavailable(milvus_lite_uri):
     """Lite locks its folder per process: a second process gets a one-line StoreUnavailable."""
-    code = ("import sys; from repage.stores.milvus import MilvusVectors; from repage.errors import StoreUnavailable\n"
-            "try: MilvusVectors(sys.argv[1], 'x', timeout=5)\n"
-            "except StoreUnavailable as e: print(e); sys.exit(3)")
+    code = (
+        "import sys; from repage.stores.milvus import MilvusVectors; from repage.errors import StoreUnavailable\n"
+        "try: MilvusVectors(sys.argv[1], 'x', timeout=5)\n"
+        "except StoreUnavailable as e: print(e); sys.exit(3)"
+    )
     MilvusVectors.create_collection(milvus_lite_uri, unique_name("lock"), dim=8).close()  # folder in use here
-    done = subprocess.run([sys.executable, "-c", code, milvus_lite_uri], capture_output=True, text=True,
-                          timeout=60, cwd=Path(__file__).parents[2])
+    done = subprocess.run(
+        [sys.executable, "-c", code, milvus_lite_uri],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parents[2],
+    )
     assert done.returncode == 3, done.stderr[-2000:]
     assert "milvus-lite server" in done.stdout and done.stdout.count("\n") == 1
 
@@ -400,8 +424,9 @@ def test_rate_limit_is_not_retried_by_pymilvus(vectors):
 
         def Query(self, *args, **kwargs):
             calls.append(1)
-            status = common_pb2.Status(code=ErrorCode.RATE_LIMIT, error_code=common_pb2.RateLimit,
-                                       reason="rate limit exceeded")
+            status = common_pb2.Status(
+                code=ErrorCode.RATE_LIMIT, error_code=common_pb2.RateLimit, reason="rate limit exceeded"
+            )
             return milvus_pb2.QueryResults(status=status)
 
     real = handler._stub
@@ -423,11 +448,18 @@ def test_vendor_errors_are_translated(vectors, monkeypatch):
         vectors.count()
 
 
-@pytest.mark.parametrize("version, expected", [
-    ("milvus_lite-3.2.2", True), ("milvus_lite-2.5.1", False), ("v2.6.0", True),
-    ("v2.5.14", False), ("2.6.3", True), ("Zilliz Cloud Vector Database(Compatible with Milvus 2.5)", False),
-    ("", False),
-])
+@pytest.mark.parametrize(
+    "version, expected",
+    [
+        ("milvus_lite-3.2.2", True),
+        ("milvus_lite-2.5.1", False),
+        ("v2.6.0", True),
+        ("v2.5.14", False),
+        ("2.6.3", True),
+        ("Zilliz Cloud Vector Database(Compatible with Milvus 2.5)", False),
+        ("", False),
+    ],
+)
 def test_partial_update_support_by_version(version, expected):
     assert supports_partial_update_version(version) is expected
 

@@ -25,11 +25,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from repage.web import dashboard as dash
 from repage.domain.keys import canonical_image_key
 from repage.domain.states import RepairPath, State
-from repage.stores.ledger import Ledger
 from repage.migration.worker import is_paused
+from repage.stores.ledger import Ledger
+from repage.web import dashboard as dash
 from tests.fixtures.milvus import _free_port, unique_name
 from tests.support import wait_for
 from tests.support.service_store import create_store, env_for, fltr_rows, server_answers, write_images
@@ -37,8 +37,16 @@ from tests.support.service_store import create_store, env_for, fltr_rows, server
 pytestmark = pytest.mark.slow
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 READ, ADMIN = "read-5b0e1c9d77", "admin-e24f8a3c61"
 DOCS = [f"d{i:02d}" for i in range(40)]  # at ~2 s a document, the worker is still busy when paused
 BROKEN, REVIEW = "d01", "r0"  # BROKEN cannot be copied (fails); REVIEW waits for a person
@@ -47,8 +55,9 @@ BUDGET = 0.002  # dollars: the projection of this small store is a visible part 
 
 
 def cli(env: dict, cwd: Path, *args: str, ok=(0,)) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "repage.cli", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "repage.cli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode in ok, f"repage {' '.join(args)}: {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc
 
@@ -67,8 +76,12 @@ def migration(milvus_server_uri, tmp_path_factory):
     ledger_url = f"sqlite:///{root}/ledger.db"
     (root / "repage.toml").write_text(f"[repage]\nbudget_dollars = {BUDGET}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("REPAGE_")}
-    env.update(env_for(milvus_server_uri, collection, f"file://{bucket}", ledger_url),
-               REPAGE_READ_TOKEN=READ, REPAGE_ADMIN_TOKEN=ADMIN, PYTHONUNBUFFERED="1")
+    env.update(
+        env_for(milvus_server_uri, collection, f"file://{bucket}", ledger_url),
+        REPAGE_READ_TOKEN=READ,
+        REPAGE_ADMIN_TOKEN=ADMIN,
+        PYTHONUNBUFFERED="1",
+    )
 
     cli(env, root, "scan", "--json")
     with Ledger(ledger_url) as ledger:
@@ -84,9 +97,27 @@ def migration(milvus_server_uri, tmp_path_factory):
     with log_path.open("w") as log:
         # One document per batch, few bucket requests per second: the worker is still busy when
         # the browser looks, and a pause lands between two small batches.
-        proc = subprocess.Popen([sys.executable, "-m", "repage.cli", "serve", "--port", str(port), "--with-worker",
-                                 "--poll", "0.2", "--batch-size", "1", "--object-ops-per-second", "4"],
-                                env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "repage.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--with-worker",
+                "--poll",
+                "0.2",
+                "--batch-size",
+                "1",
+                "--object-ops-per-second",
+                "4",
+            ],
+            env=env,
+            cwd=root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: server_answers(base, proc, log_path), "the server to answer")
@@ -105,12 +136,19 @@ def migration(milvus_server_uri, tmp_path_factory):
 def _put_in_review(ledger: Ledger, doc: str) -> None:
     """What the pdf path does with a weak match (repage/pdfpath.py): evidence, then running -> review."""
     (claim,) = ledger.claim_batch("pdf-path", 1, 300, document_ids=[doc])
-    evidence = {"threshold": {"max_hash_distance": 10, "min_hash_margin": 8}, "confident": 0,
-                "chunks": [{"image_index": 0, "distance": 17, "margin": 2, "candidates": [3, 4], "proposed": 3}]}
+    evidence = {
+        "threshold": {"max_hash_distance": 10, "min_hash_margin": 8},
+        "confident": 0,
+        "chunks": [{"image_index": 0, "distance": 17, "margin": 2, "candidates": [3, 4], "proposed": 3}],
+    }
     ledger.save_review(doc, claim.fencing_token, json.dumps(evidence))
-    ledger.transition(doc, State.REVIEW, token=claim.fencing_token, path=RepairPath.PDF,
-                      reason="1 of 2 chunks matched below the threshold (distance <= 10, margin >= 8): "
-                             "see `repage review`")
+    ledger.transition(
+        doc,
+        State.REVIEW,
+        token=claim.fencing_token,
+        path=RepairPath.PDF,
+        reason="1 of 2 chunks matched below the threshold (distance <= 10, margin >= 8): see `repage review`",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -161,12 +199,20 @@ TIME_DEPENDENT = ("status.throughput.", "status.eta_seconds")  # recomputed agai
 def assert_shows_status(fields: dict[str, tuple[str, str]], status: dict) -> None:
     """Every status figure on the page equals `repage status --json`: the raw value, and the text."""
     shown = {f: v for f, v in fields.items() if f.startswith("status.")}
-    expected_paths = ({"status.documents", "status.done", "status.todo", "status.dollars_spent",
-                       "status.dollars_projected", "status.eta_seconds"}
-                      | {f"status.by_state.{s}" for s in status["by_state"]}
-                      | {f"status.by_path.{p}" for p in status["by_path"]}
-                      | {f"status.by_state_and_path.{r['state']}.{r['path']}" for r in status["by_state_and_path"]}
-                      | {f"status.throughput.{k}" for k in status["throughput"]})
+    expected_paths = (
+        {
+            "status.documents",
+            "status.done",
+            "status.todo",
+            "status.dollars_spent",
+            "status.dollars_projected",
+            "status.eta_seconds",
+        }
+        | {f"status.by_state.{s}" for s in status["by_state"]}
+        | {f"status.by_path.{p}" for p in status["by_path"]}
+        | {f"status.by_state_and_path.{r['state']}.{r['path']}" for r in status["by_state_and_path"]}
+        | {f"status.throughput.{k}" for k in status["throughput"]}
+    )
     assert expected_paths <= set(shown), sorted(expected_paths - set(shown))
     for path, (raw, text) in shown.items():
         want = status_value(status, path)
@@ -186,8 +232,12 @@ def test_the_dashboard_in_chromium(migration, browser, tmp_path):
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.on("console", lambda msg: errors.append(msg.text)  # the login form's own 401 is no error
-            if msg.type == "error" and not msg.text.startswith("Failed to load resource") else None)
+    page.on(
+        "console",
+        lambda msg: errors.append(msg.text)  # the login form's own 401 is no error
+        if msg.type == "error" and not msg.text.startswith("Failed to load resource")
+        else None,
+    )
 
     # ---- log in through the form: an HttpOnly, SameSite=Strict cookie holds the session
     reply = page.goto(f"{base}/")
@@ -221,8 +271,11 @@ def test_the_dashboard_in_chromium(migration, browser, tmp_path):
         assert is_paused(ledger)
         pause_event = ledger.events(kinds=["pause"])[-1]
         assert pause_event.detail == "dashboard"
-        worker = lambda: httpx.get(f"{base}/migration/status", headers={"Authorization": f"Bearer {READ}"},  # noqa: E731
-                                   timeout=10).json()["service"]["worker"]
+        worker = lambda: httpx.get(  # noqa: E731
+            f"{base}/migration/status",
+            headers={"Authorization": f"Bearer {READ}"},
+            timeout=10,
+        ).json()["service"]["worker"]
         wait_for(lambda: (worker()["last_cycle"] or {}).get("paused"), "the worker to see the pause")
         cycles, migrated = worker()["cycles"], len(ledger.events(kinds=["migrated"]))
         counts = ledger.counts()
@@ -238,8 +291,9 @@ def test_the_dashboard_in_chromium(migration, browser, tmp_path):
     assert status["by_state"]["migrated"] >= 7 and status["by_state"]["pending"] > 0  # mid-migration
     assert status["by_state"]["failed"] == 1 and status["by_state"]["review"] == 1
     assert_shows_status(fields, status)
-    assert page.locator("#failures tbody tr td:first-child").all_inner_texts() == \
-        [e["document_id"] for e in status["last_errors"]]
+    assert page.locator("#failures tbody tr td:first-child").all_inner_texts() == [
+        e["document_id"] for e in status["last_errors"]
+    ]
     assert fields["data.budget_dollars"] == [json.dumps(BUDGET), dash.fmt_dollars(BUDGET)]
     paused_shot = tmp_path / "dashboard-paused.png"
     page.screenshot(path=str(paused_shot), full_page=True)
@@ -248,10 +302,13 @@ def test_the_dashboard_in_chromium(migration, browser, tmp_path):
     plain = httpx.get(f"{base}/", headers={"Authorization": f"Bearer {READ}"}, timeout=30)
     assert plain.status_code == 200 and plain.headers["cache-control"] == "no-store"
     assert "pause-button" not in plain.text  # the read token sees no admin controls
-    assert "<svg class=\"static-chart\"" in plain.text and f">{BROKEN}</td>" in plain.text
+    assert '<svg class="static-chart"' in plain.text and f">{BROKEN}</td>" in plain.text
     assert_shows_status(html_fields(plain.text), status)
-    nojs = browser.new_context(java_script_enabled=False, viewport={"width": 1400, "height": 1000},
-                               extra_http_headers={"Authorization": f"Bearer {READ}"})
+    nojs = browser.new_context(
+        java_script_enabled=False,
+        viewport={"width": 1400, "height": 1000},
+        extra_http_headers={"Authorization": f"Bearer {READ}"},
+    )
     static_page = nojs.new_page()
     static_page.goto(f"{base}/")
     static_shot = tmp_path / "dashboard-no-js.png"

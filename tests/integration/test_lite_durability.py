@@ -37,8 +37,9 @@ from tests.fixtures.milvus import _free_port, _wait_until_answers
 from tests.support.crash import DIM, Schema, Template, build_synthetic, child_env, scenario_settings, write_config
 
 FORKSERVER = multiprocessing.get_context("forkserver")
-FORKSERVER.set_forkserver_preload(["repage.cli", "repage.cli.commands", "milvus_lite.cmdline",
-                                   "milvus_lite.adapter.grpc.server"])
+FORKSERVER.set_forkserver_preload(
+    ["repage.cli", "repage.cli.commands", "milvus_lite.cmdline", "milvus_lite.adapter.grpc.server"]
+)
 
 pytestmark = pytest.mark.slow
 
@@ -54,8 +55,12 @@ WITHOUT_TURNS = os.environ.get("REPAGE_TEST_LITE_WITHOUT_TURNS") == "1"
 
 @pytest.fixture(scope="module")
 def template(milvus_server_uri, tmp_path_factory):
-    return Template(milvus_server_uri, tmp_path_factory.mktemp("lite-durability-template"),
-                    build_synthetic(keys_docs=KEYS_DOCS), Schema())
+    return Template(
+        milvus_server_uri,
+        tmp_path_factory.mktemp("lite-durability-template"),
+        build_synthetic(keys_docs=KEYS_DOCS),
+        Schema(),
+    )
 
 
 def _command(kind: str, argv: list[str], env: dict, cwd: str, out: str, err: str) -> None:
@@ -80,8 +85,11 @@ def _command(kind: str, argv: list[str], env: dict, cwd: str, out: str, err: str
 
 
 def start(kind: str, argv: list[str], env: dict, cwd: Path, name: str):
-    proc = FORKSERVER.Process(target=_command, args=(kind, argv, env, str(cwd), str(cwd / f"{name}.out"),
-                                                     str(cwd / f"{name}.err")), daemon=True)
+    proc = FORKSERVER.Process(
+        target=_command,
+        args=(kind, argv, env, str(cwd), str(cwd / f"{name}.out"), str(cwd / f"{name}.err")),
+        daemon=True,
+    )
     proc.start()
     return proc
 
@@ -104,8 +112,13 @@ class _Polled:
 def lite_server(data_dir: Path, workdir: Path):
     """A `milvus-lite server` on `data_dir`; stopped with SIGTERM (as a service manager does)."""
     port = _free_port()
-    proc = start("milvus-lite", ["server", "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port)],
-                 dict(os.environ), workdir, "server")
+    proc = start(
+        "milvus-lite",
+        ["server", "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port)],
+        dict(os.environ),
+        workdir,
+        "server",
+    )
     try:
         uri = f"http://127.0.0.1:{port}"
         _wait_until_answers(uri, _Polled(proc))
@@ -143,13 +156,15 @@ def trial(template: Template, workdir: Path, k: int) -> dict:
     data = workdir / "milvus.db"
     with ledger_for(k, workdir) as ledger_url:
         with lite_server(data, workdir) as uri:
-            with MilvusVectors.create_collection(uri, COLLECTION, dim=DIM, pk=template.schema.pk,
-                                                 chunk_id_field=template.schema.chunk_id_field) as store:
+            with MilvusVectors.create_collection(
+                uri, COLLECTION, dim=DIM, pk=template.schema.pk, chunk_id_field=template.schema.chunk_id_field
+            ) as store:
                 store.insert(template.rows)
                 store.flush()  # a sealed store, as one in production: only repage's fixes are unflushed
             shutil.copytree(template.bucket, workdir / "bucket")
             settings = scenario_settings(uri, COLLECTION, workdir, 30.0).model_copy(
-                update={"ledger_url": ledger_url, "batch_size": 1})
+                update={"ledger_url": ledger_url, "batch_size": 1}
+            )
             with open_stores(settings) as stores:
                 scan_store(stores)  # once, before the runners (each would scan an empty ledger first)
             config = write_config(workdir, settings)
@@ -164,8 +179,10 @@ def trial(template: Template, workdir: Path, k: int) -> dict:
                     proc.kill()
                     proc.join()
                     hung += 1
-            outputs = [((workdir / f"runner-{i}.out").read_text(), (workdir / f"runner-{i}.err").read_text())
-                       for i in range(RUNNERS)]
+            outputs = [
+                ((workdir / f"runner-{i}.out").read_text(), (workdir / f"runner-{i}.err").read_text())
+                for i in range(RUNNERS)
+            ]
             with MilvusVectors(uri, COLLECTION) as vectors:
                 before = missing_fixes(vectors, template)
         # the server is gone (SIGTERM); what did it keep?
@@ -174,11 +191,16 @@ def trial(template: Template, workdir: Path, k: int) -> dict:
     summaries = [json.loads(out) if out.strip().startswith("{") else {} for out, _ in outputs]
     if hung and any(not s for s in summaries):
         raise AssertionError(f"trial {k}: a runner hung before it finished its run: {outputs}")
-    return {"trial": k, "ledger": "sqlite" if k % 2 == 0 else "postgresql",
-            "exit_codes": [p.exitcode for p in procs], "hung_at_exit": hung,
-            "migrated": [s.get("migrated") for s in summaries],
-            "errors": [err[-500:] for (_, err), p in zip(outputs, procs) if p.exitcode != 0],
-            "missing_before_sigterm": len(before), "missing_after_restart": len(after)}
+    return {
+        "trial": k,
+        "ledger": "sqlite" if k % 2 == 0 else "postgresql",
+        "exit_codes": [p.exitcode for p in procs],
+        "hung_at_exit": hung,
+        "migrated": [s.get("migrated") for s in summaries],
+        "errors": [err[-500:] for (_, err), p in zip(outputs, procs) if p.exitcode != 0],
+        "missing_before_sigterm": len(before),
+        "missing_after_restart": len(after),
+    }
 
 
 def test_fixes_survive_a_sigterm_of_the_shared_lite_server(template, tmp_path, record_property):
@@ -189,12 +211,15 @@ def test_fixes_survive_a_sigterm_of_the_shared_lite_server(template, tmp_path, r
             workdir.mkdir()
             results.append(trial(template, workdir, k))
     finally:  # record first, assert after: the figures are the point of this test, pass or fail
-        figures = {"trials": len(results), "documents_per_trial": len(template.synthetic.doc_ids),
-                   "trials_losing_fixes": sum(1 for r in results if r["missing_after_restart"]),
-                   "documents_lost": sum(r["missing_after_restart"] for r in results),
-                   "runners_hung_at_exit": sum(r["hung_at_exit"] for r in results),
-                   "runners_failed": sum(1 for r in results for code in r["exit_codes"] if code != 0)
-                   - sum(r["hung_at_exit"] for r in results)}
+        figures = {
+            "trials": len(results),
+            "documents_per_trial": len(template.synthetic.doc_ids),
+            "trials_losing_fixes": sum(1 for r in results if r["missing_after_restart"]),
+            "documents_lost": sum(r["missing_after_restart"] for r in results),
+            "runners_hung_at_exit": sum(r["hung_at_exit"] for r in results),
+            "runners_failed": sum(1 for r in results for code in r["exit_codes"] if code != 0)
+            - sum(r["hung_at_exit"] for r in results),
+        }
         print("lite durability:", json.dumps(figures))
         for r in results:
             print("  ", json.dumps(r))

@@ -37,5 +37,8 @@ def trial(request):
     reports = request.node.stash.get(REPORTS, {})
     phases = [(when, *reports[when]) for when in ("setup", "call") if when in reports]
     errors = [f"{when}: {_error(report, excinfo)}" for when, report, excinfo in phases if report.failed]
-    trial.write(failed=bool(errors), error="\n".join(errors)[:4000] or None,
-                skipped=any(report.skipped for _, report, _ in phases))
+    trial.write(
+        failed=bool(errors),
+        error="\n".join(errors)[:4000] or None,
+        skipped=any(report.skipped for _, report, _ in phases),
+    )

@@ -51,6 +51,7 @@ class Clone:
         def drop() -> None:
             with MilvusVectors(self.settings.milvus_uri, self.settings.collection) as vectors:
                 vectors.drop_collection()
+
         with_retries(drop)
 
 
@@ -59,9 +60,11 @@ def new_collection(template: Template, uri: str) -> str:
     s = template.schema
 
     def create() -> None:
-        with MilvusVectors.create_collection(uri, name, dim=DIM, pk=s.pk, dynamic=s.dynamic,
-                                             chunk_id_field=s.chunk_id_field) as store:
+        with MilvusVectors.create_collection(
+            uri, name, dim=DIM, pk=s.pk, dynamic=s.dynamic, chunk_id_field=s.chunk_id_field
+        ) as store:
             store.insert(template.rows)
+
     with_retries(create)
     return name
 
@@ -69,7 +72,8 @@ def new_collection(template: Template, uri: str) -> str:
 def write_config(workdir: Path) -> None:
     (workdir / "repage.toml").write_text(
         f"[repage]\nlease_seconds = {LEASE_SECONDS}\nbatch_size = {BATCH_SIZE}\nconcurrency = {CONCURRENCY}\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
 
 
 def clone_s3(template: Template, uri: str, moto_endpoint: str, endpoint: str, workdir: Path) -> Clone:
@@ -77,17 +81,34 @@ def clone_s3(template: Template, uri: str, moto_endpoint: str, endpoint: str, wo
     collection = new_collection(template, uri)
     bucket = unique_bucket_name()
     create_bucket(moto_endpoint, bucket)
-    with ObjectStore.from_url(f"s3://{bucket}", endpoint=moto_endpoint, access_key_id=S3_KEY_ID,
-                              secret_access_key=S3_SECRET) as objects:
+    with ObjectStore.from_url(
+        f"s3://{bucket}", endpoint=moto_endpoint, access_key_id=S3_KEY_ID, secret_access_key=S3_SECRET
+    ) as objects:
         for key, data in template.synthetic.objects.items():
             objects.put(key, data)
     ledger = f"sqlite:///{workdir / 'ledger.db'}"
-    flags = dict(milvus_uri=uri, collection=collection, store_url=f"s3://{bucket}", s3_endpoint=moto_endpoint,
-                 aws_access_key_id=S3_KEY_ID, aws_secret_access_key=S3_SECRET, ledger_url=ledger,
-                 lease_seconds=LEASE_SECONDS, batch_size=BATCH_SIZE, concurrency=CONCURRENCY)
-    env = {"REPAGE_MILVUS_URI": uri, "REPAGE_MILVUS_TOKEN": MILVUS_TOKEN, "REPAGE_COLLECTION": collection,
-           "REPAGE_STORE_URL": f"s3://{bucket}", "REPAGE_S3_ENDPOINT": endpoint, "AWS_ACCESS_KEY_ID": S3_KEY_ID,
-           "AWS_SECRET_ACCESS_KEY": S3_SECRET, "REPAGE_LEDGER_URL": ledger}
+    flags = dict(
+        milvus_uri=uri,
+        collection=collection,
+        store_url=f"s3://{bucket}",
+        s3_endpoint=moto_endpoint,
+        aws_access_key_id=S3_KEY_ID,
+        aws_secret_access_key=S3_SECRET,
+        ledger_url=ledger,
+        lease_seconds=LEASE_SECONDS,
+        batch_size=BATCH_SIZE,
+        concurrency=CONCURRENCY,
+    )
+    env = {
+        "REPAGE_MILVUS_URI": uri,
+        "REPAGE_MILVUS_TOKEN": MILVUS_TOKEN,
+        "REPAGE_COLLECTION": collection,
+        "REPAGE_STORE_URL": f"s3://{bucket}",
+        "REPAGE_S3_ENDPOINT": endpoint,
+        "AWS_ACCESS_KEY_ID": S3_KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "REPAGE_LEDGER_URL": ledger,
+    }
     write_config(workdir)
     return Clone(template, workdir, load_settings({}, flags=flags, app_fallbacks=False), env)
 
@@ -100,10 +121,21 @@ def clone_folder(template: Template, uri: str, workdir: Path) -> Clone:
     shutil.copytree(template.bucket, workdir / "bucket")
     ledger = f"sqlite:///{workdir / 'ledger.db'}"
     store_url = (workdir / "bucket").as_uri()
-    flags = dict(milvus_uri=uri, collection=collection, store_url=store_url, ledger_url=ledger,
-                 lease_seconds=LEASE_SECONDS, batch_size=BATCH_SIZE, concurrency=CONCURRENCY)
-    env = {"REPAGE_MILVUS_URI": uri, "REPAGE_COLLECTION": collection, "REPAGE_STORE_URL": store_url,
-           "REPAGE_LEDGER_URL": ledger}
+    flags = dict(
+        milvus_uri=uri,
+        collection=collection,
+        store_url=store_url,
+        ledger_url=ledger,
+        lease_seconds=LEASE_SECONDS,
+        batch_size=BATCH_SIZE,
+        concurrency=CONCURRENCY,
+    )
+    env = {
+        "REPAGE_MILVUS_URI": uri,
+        "REPAGE_COLLECTION": collection,
+        "REPAGE_STORE_URL": store_url,
+        "REPAGE_LEDGER_URL": ledger,
+    }
     write_config(workdir)
     return Clone(template, workdir, load_settings({}, flags=flags, app_fallbacks=False), env)
 
@@ -111,8 +143,14 @@ def clone_folder(template: Template, uri: str, workdir: Path) -> Clone:
 def make_template(uri: str, root: Path, *, keys_docs: int, seed: int = 11) -> Template:
     from tests.support.crash import build_synthetic
 
-    return with_retries(lambda: Template(uri, root, build_synthetic(seed=seed, keys_docs=keys_docs),
-                                         Schema(pk="auto", chunk_id_field=True, dynamic=False)))
+    return with_retries(
+        lambda: Template(
+            uri,
+            root,
+            build_synthetic(seed=seed, keys_docs=keys_docs),
+            Schema(pk="auto", chunk_id_field=True, dynamic=False),
+        )
+    )
 
 
 # ---------------------------------------------------------------- nothing lost
@@ -131,8 +169,11 @@ def check_clone(clone: Clone, *, final: bool, leave_out: str | None = None) -> C
         states = {r.document_id: r.state.value for r in stores.ledger.documents()}
     if final:
         want = template.synthetic.states
-        bad = {d: (states.get(d), want.get(d)) for d in states.keys() | want.keys()
-               if states.get(d) != want.get(d) and d != leave_out}
+        bad = {
+            d: (states.get(d), want.get(d))
+            for d in states.keys() | want.keys()
+            if states.get(d) != want.get(d) and d != leave_out
+        }
         comparison.add([f"ledger states differ (got, want): {bad}"] if bad else [])
     else:
         comparison.add(f"document {d} left running" for d, s in states.items() if s == "running")

@@ -45,38 +45,58 @@ def corpus(milvus_server_uri, moto_endpoint, tmp_path):
     collection = unique_name("bad")
 
     def create() -> None:
-        with MilvusVectors.create_collection(milvus_server_uri, collection, dim=DIM, pk="auto",
-                                             chunk_id_field=True) as vectors:
+        with MilvusVectors.create_collection(
+            milvus_server_uri, collection, dim=DIM, pk="auto", chunk_id_field=True
+        ) as vectors:
             vectors.insert([row for case in cases for row in case.rows])
+
     with_retries(create)
     bucket = unique_bucket_name()
     create_bucket(moto_endpoint, bucket)
-    with ObjectStore.from_url(f"s3://{bucket}", endpoint=moto_endpoint, access_key_id=S3_KEY_ID,
-                              secret_access_key=S3_SECRET) as objects:
+    with ObjectStore.from_url(
+        f"s3://{bucket}", endpoint=moto_endpoint, access_key_id=S3_KEY_ID, secret_access_key=S3_SECRET
+    ) as objects:
         for case in cases:
             for key, data in case.objects.items():
                 objects.put(key, data)
     ledger = f"sqlite:///{tmp_path / 'ledger.db'}"
-    env = {"REPAGE_MILVUS_URI": milvus_server_uri, "REPAGE_MILVUS_TOKEN": MILVUS_TOKEN,
-           "REPAGE_COLLECTION": collection, "REPAGE_STORE_URL": f"s3://{bucket}",
-           "REPAGE_S3_ENDPOINT": moto_endpoint, "AWS_ACCESS_KEY_ID": S3_KEY_ID,
-           "AWS_SECRET_ACCESS_KEY": S3_SECRET, "REPAGE_LEDGER_URL": ledger}
+    env = {
+        "REPAGE_MILVUS_URI": milvus_server_uri,
+        "REPAGE_MILVUS_TOKEN": MILVUS_TOKEN,
+        "REPAGE_COLLECTION": collection,
+        "REPAGE_STORE_URL": f"s3://{bucket}",
+        "REPAGE_S3_ENDPOINT": moto_endpoint,
+        "AWS_ACCESS_KEY_ID": S3_KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "REPAGE_LEDGER_URL": ledger,
+    }
     write_config(tmp_path)
-    settings = load_settings({}, flags=dict(milvus_uri=milvus_server_uri, collection=collection,
-                                            store_url=f"s3://{bucket}", s3_endpoint=moto_endpoint,
-                                            aws_access_key_id=S3_KEY_ID, aws_secret_access_key=S3_SECRET,
-                                            ledger_url=ledger), app_fallbacks=False)
+    settings = load_settings(
+        {},
+        flags=dict(
+            milvus_uri=milvus_server_uri,
+            collection=collection,
+            store_url=f"s3://{bucket}",
+            s3_endpoint=moto_endpoint,
+            aws_access_key_id=S3_KEY_ID,
+            aws_secret_access_key=S3_SECRET,
+            ledger_url=ledger,
+        ),
+        app_fallbacks=False,
+    )
     yield cases, env, settings
 
     def drop() -> None:
         with MilvusVectors(milvus_server_uri, collection) as vectors:
             vectors.drop_collection()
+
     with_retries(drop)
 
 
 def changed_documents(before: StoreContent, after: StoreContent) -> set[str]:
-    return {ident[0] for ident in before.rows.keys() | after.rows.keys()
-            if before.rows.get(ident) != after.rows.get(ident)}
+    return {
+        ident[0] for ident in before.rows.keys() | after.rows.keys() if before.rows.get(ident) != after.rows.get(ident)
+    }
 
 
 def corpus_truth(cases: list[Case], before: StoreContent) -> Truth:
@@ -102,9 +122,13 @@ def corpus_truth(cases: list[Case], before: StoreContent) -> Truth:
 def test_bad_input_gives_a_clear_record_and_touches_no_other_document(trial, corpus, tmp_path):
     cases, env, settings = corpus
     trial.name, trial.trials = "bad-input", len(cases)
-    trial.faults = sum(c.expect != "migrated" or c.after_scan is not None
-                       or c.name.startswith(("injection", "unicode", "long", "percent", "not-an-image", "index"))
-                       for c in cases if not c.name.startswith("good"))
+    trial.faults = sum(
+        c.expect != "migrated"
+        or c.after_scan is not None
+        or c.name.startswith(("injection", "unicode", "long", "percent", "not-an-image", "index"))
+        for c in cases
+        if not c.name.startswith("good")
+    )
     by_id = {c.document_id: c for c in cases}
     cli = CliLog()
     scan = cli.run("scan", "--json", env=env, cwd=tmp_path)
@@ -149,10 +173,12 @@ def after_scan(cases: list[Case], settings) -> None:
     """Documents deleted mid-run: chunks gone from Milvus, or images gone from the bucket."""
     for case in cases:
         if case.after_scan == "delete-chunks":
+
             def delete(document_id=case.document_id) -> None:
                 with MilvusVectors(settings.milvus_uri, settings.collection) as vectors:
                     rows = vectors.fetch_documents([document_id], with_vectors=False)
                     vectors.delete_by_pks([r[vectors.info().pk_field] for r in rows])
+
             with_retries(delete)
         elif case.after_scan == "delete-images":
             from repage.stores.open import open_objects
@@ -169,13 +195,19 @@ def check_record(case: Case, rec) -> list[str]:
     if rec is None:
         return [f"{name}: not in the ledger"]
     if case.expect == "migrated":
-        problems = [] if rec.state in (State.MIGRATED, State.VERIFIED) else \
-            [f"{name}: {rec.state}, expected migrated ({rec.last_error or rec.reason})"]
+        problems = (
+            []
+            if rec.state in (State.MIGRATED, State.VERIFIED)
+            else [f"{name}: {rec.state}, expected migrated ({rec.last_error or rec.reason})"]
+        )
         if case.after_scan == "delete-chunks" and "deleted" not in rec.reason:
             problems.append(f"{name}: the reason does not say the document was deleted: {rec.reason!r}")
         return problems
-    problems = [] if rec.state == State(case.expect) else \
-        [f"{name}: {rec.state}, expected {case.expect} ({rec.last_error or rec.reason})"]
+    problems = (
+        []
+        if rec.state == State(case.expect)
+        else [f"{name}: {rec.state}, expected {case.expect} ({rec.last_error or rec.reason})"]
+    )
     told = (rec.last_error or "") if case.expect == "failed" else rec.reason
     if case.expect == "failed" and case.document_id not in told and repr(case.document_id) not in told:
         problems.append(f"{name}: last_error does not name the document: {told!r}")
@@ -191,8 +223,9 @@ def canonical_copies(cases: list[Case]) -> dict[str, tuple[str, str]]:
             continue
         legacy = {r["chunk_index"]: r["image_r2_key"] for r in case.rows}
         for index, (_, key) in case.final.items():
-            source = legacy.get(index) or next((k for k in case.objects if k.startswith(f"{DS}/{case.document_id}/")),
-                                               None)
+            source = legacy.get(index) or next(
+                (k for k in case.objects if k.startswith(f"{DS}/{case.document_id}/")), None
+            )
             if key and source in case.objects:
                 copies[key] = (case.document_id, hashlib.sha256(case.objects[source]).hexdigest())
     return copies

@@ -27,19 +27,36 @@ from tests.support.reliability import RESULTS_ENV
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-TRIAL = ("tests/reliability/test_milvus_outage.py::"
-         "test_an_outage_longer_than_the_waits_stops_the_run_cleanly_and_fails_nothing")
+TRIAL = (
+    "tests/reliability/test_milvus_outage.py::"
+    "test_an_outage_longer_than_the_waits_stops_the_run_cleanly_and_fails_nothing"
+)
 LOST = re.compile(r"lost = (\d+) of (\d+) documents compared \((\d+) of (\d+) chunks\)")
 
 
 def summary(path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tests.support.reliability", str(path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "tests.support.reliability", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def line(**figures) -> str:
-    row = {"test": "t", "trials": 1, "faults": 1, "documents_verified": 3, "documents_compared": 3,
-           "chunks_compared": 9, "lost": 0, "lost_chunks": 0, "failed": False, "error": None}
+    row = {
+        "test": "t",
+        "trials": 1,
+        "faults": 1,
+        "documents_verified": 3,
+        "documents_compared": 3,
+        "chunks_compared": 9,
+        "lost": 0,
+        "lost_chunks": 0,
+        "failed": False,
+        "error": None,
+    }
     return json.dumps(row | figures) + "\n"
 
 
@@ -49,11 +66,12 @@ def test_the_summary_fails_on_a_failed_trial_a_loss_or_no_figures(trial, tmp_pat
     results.write_text(line() + line(test="u"), encoding="utf-8")
     ok = summary(results)
     assert ok.returncode == 0, ok
-    assert ok.stdout.strip() == ("reliability: 2 trials run (2 tests, 0 failed), 2 faults injected, 6 documents "
-                                 "verified, lost = 0 of 6 documents compared (0 of 18 chunks)"), ok.stdout
+    assert ok.stdout.strip() == (
+        "reliability: 2 trials run (2 tests, 0 failed), 2 faults injected, 6 documents "
+        "verified, lost = 0 of 6 documents compared (0 of 18 chunks)"
+    ), ok.stdout
 
-    results.write_text(line() + line(test="broken", failed=True, error="AssertionError: boom\nmore"),
-                       encoding="utf-8")
+    results.write_text(line() + line(test="broken", failed=True, error="AssertionError: boom\nmore"), encoding="utf-8")
     failed = summary(results)
     assert failed.returncode == 1 and "(2 tests, 1 failed)" in failed.stdout, failed
     assert "FAILED broken: AssertionError: boom" in failed.stderr, failed.stderr
@@ -73,8 +91,14 @@ def test_an_injected_loss_is_recorded_by_the_failing_trial_and_fails_the_summary
     results = tmp_path / "results.jsonl"
     env = {k: v for k, v in os.environ.items() if k not in (RESULTS_ENV, INJECT_ENV)}
     env.update({RESULTS_ENV: str(results), INJECT_ENV: "1"})
-    inner = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", TRIAL],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    inner = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", TRIAL],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert inner.returncode == 1, f"the trial should fail on the injected loss:\n{inner.stdout[-3000:]}"
 
     rows = [json.loads(x) for x in results.read_text(encoding="utf-8").splitlines() if x.strip()]

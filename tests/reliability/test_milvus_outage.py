@@ -41,8 +41,19 @@ class LiteServer:
     def start(self) -> LiteServer:
         with self.log.open("a") as log:
             self.proc = subprocess.Popen(
-                [str(MILVUS_LITE), "server", "--data-dir", str(self.data_dir), "--host", "127.0.0.1",
-                 "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT)
+                [
+                    str(MILVUS_LITE),
+                    "server",
+                    "--data-dir",
+                    str(self.data_dir),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         _wait_until_answers(self.uri, self.proc)
         self.starts += 1
         return self
@@ -87,8 +98,11 @@ def test_milvus_killed_mid_run_and_restarted_loses_nothing(trial, lite, tmp_path
     # --pause: the run takes a few seconds, so the kill lands in its middle
     proc = cli.start("run", "--json", "--pause", "0.3", env=clone.env, cwd=workdir)
     state = "migrated" if kill_when == "first-migrated" else "running"
-    wait_for(lambda: proc.poll() is not None or ledger_states(workdir / "ledger.db").get(state),
-             f"a {state} document", every=0.02)  # the run must be caught mid-flight
+    wait_for(
+        lambda: proc.poll() is not None or ledger_states(workdir / "ledger.db").get(state),
+        f"a {state} document",
+        every=0.02,
+    )  # the run must be caught mid-flight
     assert proc.poll() is None, "the run ended before the outage"
     lite.kill()
     trial.faults = 1
@@ -120,12 +134,13 @@ def describe(result) -> str:
     if not result.stdout.strip():
         return f"stopped: {result.stderr.strip().splitlines()[-1][:160]}"
     summary = result.json()
-    return f"stopped ({summary['stopped_because']}) with {summary['failed']} failed: " \
-           f"{next(iter(summary['errors'].values()), '')[:160]}"
+    return (
+        f"stopped ({summary['stopped_because']}) with {summary['failed']} failed: "
+        f"{next(iter(summary['errors'].values()), '')[:160]}"
+    )
 
 
-def test_an_outage_longer_than_the_waits_stops_the_run_cleanly_and_fails_nothing(trial, milvus_server_uri,
-                                                                                  tmp_path):
+def test_an_outage_longer_than_the_waits_stops_the_run_cleanly_and_fails_nothing(trial, milvus_server_uri, tmp_path):
     """Milvus stays down through every wait: the batch goes back to pending (no document failed,
     no attempt counted, nothing left running), the run says why, and the next run finishes."""
     trial.name = "milvus-outage-longer-than-waits"

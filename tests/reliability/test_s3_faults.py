@@ -46,8 +46,17 @@ def proxy(moto_endpoint):
     proxy.stop()
 
 
-@pytest.mark.parametrize("kind,error", [("500", Transient), ("503", Throttled), ("429", Throttled),
-                                        ("reset", Transient), ("truncate", Transient), ("latency", None)])
+@pytest.mark.parametrize(
+    "kind,error",
+    [
+        ("500", Transient),
+        ("503", Throttled),
+        ("429", Throttled),
+        ("reset", Transient),
+        ("truncate", Transient),
+        ("latency", None),
+    ],
+)
 def test_each_fault_is_a_retryable_error_that_backoff_gets_through(trial, proxy, moto_endpoint, kind, error):
     """Per request kind: one fault is the right error (so repage's backoff retries it; obstore's own
     retries are off), and with backoff two faults in a row are ridden out. A refused connection
@@ -57,9 +66,13 @@ def test_each_fault_is_a_retryable_error_that_backoff_gets_through(trial, proxy,
     create_bucket(moto_endpoint, bucket)
     store = s3_store(proxy.endpoint, bucket)
     s3_store(moto_endpoint, bucket).put("k/a.png", b"x" * 3000)
-    ops = {"get": lambda: store.get("k/a.png"), "head": lambda: store.head("k/a.png"),
-           "copy": lambda: store.copy("k/a.png", "k/b.png"), "put": lambda: store.put("k/c.png", b"y" * 100),
-           "list": lambda: [i.key for page in store.list("k") for i in page]}
+    ops = {
+        "get": lambda: store.get("k/a.png"),
+        "head": lambda: store.head("k/a.png"),
+        "copy": lambda: store.copy("k/a.png", "k/b.png"),
+        "put": lambda: store.put("k/c.png", b"y" * 100),
+        "list": lambda: [i.key for page in store.list("k") for i in page],
+    }
     trial.trials = len(ops)
     for name, op in ops.items():
         proxy.set_plan(FaultPlan(rate=1.0, weights={kind: 1.0}, limit=1, latency_s=0.05))
@@ -87,14 +100,27 @@ def test_each_fault_is_a_retryable_error_that_backoff_gets_through(trial, proxy,
 
 @pytest.mark.parametrize("rate", [0.05, 0.2, 0.5])
 def test_faulty_bucket_run_completes_or_stops_cleanly_and_a_clean_run_loses_nothing(
-        trial, template, proxy, milvus_server_uri, moto_endpoint, tmp_path, rate):
+    trial, template, proxy, milvus_server_uri, moto_endpoint, tmp_path, rate
+):
     trial.name = f"s3-faults-{rate:.0%}"
     clone = clone_s3(template, milvus_server_uri, moto_endpoint, proxy.endpoint, tmp_path)
     cli = CliLog()
     try:
         proxy.set_plan(FaultPlan(rate=rate, seed=int(rate * 1000)))
-        faulted = cli.run("run", "--json", "--max-error-rate", MAX_ERROR_RATE, "--max-failures", MAX_FAILURES,
-                          "--max-duration", MAX_DURATION, "--object-ops-per-second", "200", env=clone.env, cwd=tmp_path)
+        faulted = cli.run(
+            "run",
+            "--json",
+            "--max-error-rate",
+            MAX_ERROR_RATE,
+            "--max-failures",
+            MAX_FAILURES,
+            "--max-duration",
+            MAX_DURATION,
+            "--object-ops-per-second",
+            "200",
+            env=clone.env,
+            cwd=tmp_path,
+        )
         injected = proxy.fault_counts()
         proxy.off()
         trial.faults = sum(injected.values())
@@ -142,7 +168,8 @@ def check_clean_stop(result) -> str:
 
 
 def test_a_bucket_that_fails_every_copy_trips_the_breaker_and_loses_nothing(
-        trial, template, proxy, milvus_server_uri, moto_endpoint, tmp_path):
+    trial, template, proxy, milvus_server_uri, moto_endpoint, tmp_path
+):
     """Every CopyObject answers 500 (after its retries): the first batch fails, --max-failures
     stops the run between batches, the rest stays pending; the clean run finishes everything."""
     trial.name = "s3-breaker"

@@ -48,8 +48,7 @@ from tests.support.service_store import fltr_rows, settings_for
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 READ_ENDPOINTS = [("get", "/documents/doc-1/chunks"), ("get", "/migration/status"), ("get", "/metrics")]
-ADMIN_ENDPOINTS = [("post", "/migration/documents/doc-1"), ("post", "/migration/pause"),
-                   ("post", "/migration/resume")]
+ADMIN_ENDPOINTS = [("post", "/migration/documents/doc-1"), ("post", "/migration/pause"), ("post", "/migration/resume")]
 
 
 class StandInVectors:
@@ -62,11 +61,20 @@ class StandInVectors:
 
 @pytest.fixture
 def client(tmp_path):
-    settings = settings_for(str(tmp_path / "m.db"), "fltr_documents", "memory://", f"sqlite:///{tmp_path}/l.db",
-                            read_token=READ_TOKEN, admin_token=ADMIN_TOKEN)
+    settings = settings_for(
+        str(tmp_path / "m.db"),
+        "fltr_documents",
+        "memory://",
+        f"sqlite:///{tmp_path}/l.db",
+        read_token=READ_TOKEN,
+        admin_token=ADMIN_TOKEN,
+    )
     ledger = Ledger(settings.ledger_url)
-    app = create_app(settings, stores=SimpleNamespace(vectors=StandInVectors(fltr_rows(["doc-1"])), ledger=ledger),
-                     flush_seconds=0.05)
+    app = create_app(
+        settings,
+        stores=SimpleNamespace(vectors=StandInVectors(fltr_rows(["doc-1"])), ledger=ledger),
+        flush_seconds=0.05,
+    )
     with TestClient(app) as test_client:
         yield test_client
     ledger.close()
@@ -85,9 +93,16 @@ def test_service_auth_missing_wrong_read_and_admin(trial, client, caplog):
     caplog.set_level(logging.DEBUG)
     attempts, problems = 0, []
     assert client.get("/healthz").status_code == 200
-    wrong = [{}, {"Authorization": "Bearer "}, {"Authorization": f"Basic {ADMIN_TOKEN}"},
-             {"Authorization": ADMIN_TOKEN}, bearer("nope"), *(bearer(t) for t in near_misses(READ_TOKEN)),
-             *(bearer(t) for t in near_misses(ADMIN_TOKEN)), bearer(READ_TOKEN + ADMIN_TOKEN)]
+    wrong = [
+        {},
+        {"Authorization": "Bearer "},
+        {"Authorization": f"Basic {ADMIN_TOKEN}"},
+        {"Authorization": ADMIN_TOKEN},
+        bearer("nope"),
+        *(bearer(t) for t in near_misses(READ_TOKEN)),
+        *(bearer(t) for t in near_misses(ADMIN_TOKEN)),
+        bearer(READ_TOKEN + ADMIN_TOKEN),
+    ]
     for method, url in READ_ENDPOINTS + ADMIN_ENDPOINTS:
         for headers in wrong:
             attempts += 1
@@ -119,8 +134,9 @@ def test_tokens_are_compared_in_constant_time_both_every_time(trial, client, mon
     tree = ast.parse(source)
     for node in ast.walk(tree):
         if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops):
-            names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} | \
-                    {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+            names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} | {
+                n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)
+            }
             assert not names & {"given", "token", "_read", "_admin"}, f"== on a token: {ast.unparse(node)}"
     assert "compare_digest" in source
     calls = []
@@ -163,8 +179,13 @@ def hostile_env(tmp_path: Path, **extra) -> dict[str, str]:
 # Which store is down decides which error each command meets first: every command runs once,
 # against the set of stores that lets it get furthest.
 COMMANDS = {
-    "everything down": [("doctor", "--json"), ("doctor",), ("run", "--json"), ("status",),
-                        ("serve", "--host", "0.0.0.0", "--port", "9")],
+    "everything down": [
+        ("doctor", "--json"),
+        ("doctor",),
+        ("run", "--json"),
+        ("status",),
+        ("serve", "--host", "0.0.0.0", "--port", "9"),
+    ],
     "bucket up": [("scan", "--json"), ("estimate", "--json"), ("verify", "--json"), ("rollback", "--all", "--json")],
     "ledger down": [("run", "--dry-run", "--json"), ("status", "--json"), ("gc", "--json"), ("review", "--json")],
 }
@@ -174,19 +195,29 @@ def test_no_secret_in_any_output_of_failing_commands(trial, tmp_path, moto_endpo
     """CliLog checks stdout and stderr of each call; here every store is unreachable in turn."""
     trial.name = "security-outputs"
     cli = CliLog()
-    envs = {"everything down": hostile_env(tmp_path),
-            # the bucket answers (moto) but Milvus and the ledger do not
-            "bucket up": hostile_env(tmp_path, REPAGE_S3_ENDPOINT=moto_endpoint),
-            # Milvus and the bucket local, the ledger a PostgreSQL URL with a password that does not answer
-            "ledger down": hostile_env(tmp_path, REPAGE_MILVUS_URI=str(tmp_path / "nothing" / "milvus.db"),
-                                       REPAGE_STORE_URL=(tmp_path / "bucket").as_uri())}
+    envs = {
+        "everything down": hostile_env(tmp_path),
+        # the bucket answers (moto) but Milvus and the ledger do not
+        "bucket up": hostile_env(tmp_path, REPAGE_S3_ENDPOINT=moto_endpoint),
+        # Milvus and the bucket local, the ledger a PostgreSQL URL with a password that does not answer
+        "ledger down": hostile_env(
+            tmp_path,
+            REPAGE_MILVUS_URI=str(tmp_path / "nothing" / "milvus.db"),
+            REPAGE_STORE_URL=(tmp_path / "bucket").as_uri(),
+        ),
+    }
     (tmp_path / "toml").mkdir()  # secrets from repage.toml too
     (tmp_path / "toml" / "repage.toml").write_text(f'[repage]\nread_token = "{READ_TOKEN}"\n', encoding="utf-8")
     calls = [(command, env, tmp_path) for name, env in envs.items() for command in COMMANDS[name]]
-    calls.append((("doctor", "--json"), {k: v for k, v in envs["everything down"].items() if k != "REPAGE_READ_TOKEN"},
-                  tmp_path / "toml"))
+    calls.append(
+        (
+            ("doctor", "--json"),
+            {k: v for k, v in envs["everything down"].items() if k != "REPAGE_READ_TOKEN"},
+            tmp_path / "toml",
+        )
+    )
     for start in range(0, len(calls), 4):  # four at a time: most of each call is waiting on a refused store
-        running = [cli.start(*command, env=env, cwd=cwd) for command, env, cwd in calls[start:start + 4]]
+        running = [cli.start(*command, env=env, cwd=cwd) for command, env, cwd in calls[start : start + 4]]
         for proc in running:
             result = cli.finish(proc, timeout=60)
             trial.trials = trial.faults = len(cli.calls)
@@ -217,25 +248,48 @@ def test_no_secret_in_exception_text_or_log_records(trial, tmp_path, moto_endpoi
             texts.append((what, ""))
 
     creds = dict(access_key_id=S3_KEY_ID, secret_access_key=S3_SECRET)
-    attempt("bucket, unreachable endpoint",
-            lambda: ObjectStore.from_url("s3://rel-bucket", endpoint="http://127.0.0.1:9", **creds).check())
-    attempt("bucket, endpoint with userinfo", lambda: ObjectStore.from_url(
-        "s3://rel-bucket", endpoint=f"http://u:{S3_SECRET}@127.0.0.1:9", **creds).check())
-    attempt("bucket, no such bucket", lambda: ObjectStore.from_url(
-        "s3://rel-missing-bucket", endpoint=moto_endpoint, **creds).get("k"))
+    attempt(
+        "bucket, unreachable endpoint",
+        lambda: ObjectStore.from_url("s3://rel-bucket", endpoint="http://127.0.0.1:9", **creds).check(),
+    )
+    attempt(
+        "bucket, endpoint with userinfo",
+        lambda: ObjectStore.from_url("s3://rel-bucket", endpoint=f"http://u:{S3_SECRET}@127.0.0.1:9", **creds).check(),
+    )
+    attempt(
+        "bucket, no such bucket",
+        lambda: ObjectStore.from_url("s3://rel-missing-bucket", endpoint=moto_endpoint, **creds).get("k"),
+    )
     attempt("bucket, bad URL", lambda: ObjectStore.from_url(f"s3://{S3_SECRET}/x", **creds))
-    attempt("milvus, unreachable", lambda: MilvusVectors(f"http://root:{MILVUS_TOKEN}@127.0.0.1:9", "c",
-                                                         token=MILVUS_TOKEN, timeout=2))
-    attempt("ledger, unreachable", lambda: Ledger(
-        f"postgresql://repage:{LEDGER_PASSWORD}@127.0.0.1:9/repage?connect_timeout=2"))
+    attempt(
+        "milvus, unreachable",
+        lambda: MilvusVectors(f"http://root:{MILVUS_TOKEN}@127.0.0.1:9", "c", token=MILVUS_TOKEN, timeout=2),
+    )
+    attempt(
+        "ledger, unreachable",
+        lambda: Ledger(f"postgresql://repage:{LEDGER_PASSWORD}@127.0.0.1:9/repage?connect_timeout=2"),
+    )
     attempt("ledger, malformed", lambda: Ledger(f"postgresql://repage:{LEDGER_PASSWORD}@[::1"))
-    attempt("settings, bad ledger URL", lambda: load_settings(
-        {"REPAGE_LEDGER_URL": f"mysql://u:{LEDGER_PASSWORD}@h/db"}, app_fallbacks=False))
-    settings = load_settings({}, flags=dict(
-        milvus_uri=f"http://root:{MILVUS_TOKEN}@127.0.0.1:9", milvus_token=MILVUS_TOKEN, store_url="s3://rel-bucket",
-        s3_endpoint=moto_endpoint, aws_access_key_id=S3_KEY_ID, aws_secret_access_key=S3_SECRET,
-        ledger_url=f"sqlite:///{tmp_path}/l.db", read_token=READ_TOKEN, admin_token=ADMIN_TOKEN,
-        reprocess_token=REPROCESS_TOKEN), app_fallbacks=False)
+    attempt(
+        "settings, bad ledger URL",
+        lambda: load_settings({"REPAGE_LEDGER_URL": f"mysql://u:{LEDGER_PASSWORD}@h/db"}, app_fallbacks=False),
+    )
+    settings = load_settings(
+        {},
+        flags=dict(
+            milvus_uri=f"http://root:{MILVUS_TOKEN}@127.0.0.1:9",
+            milvus_token=MILVUS_TOKEN,
+            store_url="s3://rel-bucket",
+            s3_endpoint=moto_endpoint,
+            aws_access_key_id=S3_KEY_ID,
+            aws_secret_access_key=S3_SECRET,
+            ledger_url=f"sqlite:///{tmp_path}/l.db",
+            read_token=READ_TOKEN,
+            admin_token=ADMIN_TOKEN,
+            reprocess_token=REPROCESS_TOKEN,
+        ),
+        app_fallbacks=False,
+    )
     attempt("open_stores", lambda: open_stores(settings).close())
     texts.append(("settings repr", repr(settings) + str(settings) + str(settings.redacted())))
     problems = [f"{what}: {s}" for what, text in texts for s in leaked(text)]
@@ -295,10 +349,18 @@ HARD_RUNS = {  # name: (command, extra env, expected exit code, what the output 
     "doctor --json": (("doctor", "--json"), {}, 2, '"settings"'),
     # the endpoint without user info: the bucket check runs too, and a report gets printed
     "doctor, plain endpoint": (("doctor",), {"REPAGE_S3_ENDPOINT": "https://127.0.0.1:9"}, 2, "ledger_url"),
-    "config error": (("scan", "--json"), {"REPAGE_STORE_URL": f"ftp://u:{HARD_SECRETS['store_url_password']}@h/x"},
-                     2, "repage: error: configuration error in store_url"),
-    "internal error": (("doctor",), {"REPAGE_MILVUS_URI": f"https://root:{HARD_SECRETS['bad_milvus_uri_password']}"
-                                                          "@127.0.0.1:9"}, 1, "repage: internal error: ValueError"),
+    "config error": (
+        ("scan", "--json"),
+        {"REPAGE_STORE_URL": f"ftp://u:{HARD_SECRETS['store_url_password']}@h/x"},
+        2,
+        "repage: error: configuration error in store_url",
+    ),
+    "internal error": (
+        ("doctor",),
+        {"REPAGE_MILVUS_URI": f"https://root:{HARD_SECRETS['bad_milvus_uri_password']}@127.0.0.1:9"},
+        1,
+        "repage: internal error: ValueError",
+    ),
 }
 
 
@@ -381,9 +443,18 @@ def test_ledger_and_data_files_are_owner_only(trial, tmp_path, monkeypatch):
 # ---------------------------------------------------------------- a local bucket keeps its keys inside
 
 
-ESCAPES = ["../outside.txt", "a/../../outside.txt", "./../outside.txt", "..", "a/b/../../../outside.txt",
-           "/outside.txt", "a//../../outside.txt", "..\\outside.txt", "%2e%2e/outside.txt",
-           "a/%2E%2E/%2E%2E/outside.txt"]
+ESCAPES = [
+    "../outside.txt",
+    "a/../../outside.txt",
+    "./../outside.txt",
+    "..",
+    "a/b/../../../outside.txt",
+    "/outside.txt",
+    "a//../../outside.txt",
+    "..\\outside.txt",
+    "%2e%2e/outside.txt",
+    "a/%2E%2E/%2E%2E/outside.txt",
+]
 
 
 def test_local_bucket_keys_cannot_escape_the_bucket(trial, tmp_path):

@@ -63,8 +63,11 @@ def normal_row(row: Mapping[str, Any]) -> dict:
     out = {k: normal(v) for k, v in sorted(row.items()) if k != VECTOR_FIELD}
     if VECTOR_FIELD in row:
         vector = row[VECTOR_FIELD]
-        out[VECTOR_FIELD] = vector if isinstance(vector, str) else \
-            normal(vector if isinstance(vector, bytes) else np.asarray(vector, dtype=np.float32).tobytes())
+        out[VECTOR_FIELD] = (
+            vector
+            if isinstance(vector, str)
+            else normal(vector if isinstance(vector, bytes) else np.asarray(vector, dtype=np.float32).tobytes())
+        )
     return out
 
 
@@ -220,8 +223,11 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9_.-]+")
 def inject_loss(settings, truth: Truth) -> Ident:
     """Test-only: one image chunk's page, moved one on in Milvus, as a migration that wrote the
     wrong page would leave it. Returns the chunk's identity."""
-    candidates = [ident for ident, rows in sorted(truth.rows.items(), key=repr)
-                  if rows[-1].get("image_r2_key") and _SAFE_ID.fullmatch(ident[0])]
+    candidates = [
+        ident
+        for ident, rows in sorted(truth.rows.items(), key=repr)
+        if rows[-1].get("image_r2_key") and _SAFE_ID.fullmatch(ident[0])
+    ]
     if not candidates:
         raise AssertionError("no chunk to corrupt for the injected loss")
     doc, index = candidates[0]
@@ -233,8 +239,12 @@ def inject_loss(settings, truth: Truth) -> Ident:
             name = settings.collection
             desc = client.describe_collection(name)
             pk = next(f for f in desc["fields"] if f.get("is_primary"))
-            found = client.query(name, filter=f'document_id == "{doc}" and chunk_index == {index}',
-                                 output_fields=["*"], consistency_level="Strong")
+            found = client.query(
+                name,
+                filter=f'document_id == "{doc}" and chunk_index == {index}',
+                output_fields=["*"],
+                consistency_level="Strong",
+            )
             if not found:
                 raise AssertionError(f"the chunk to corrupt, {(doc, index)!r}, is not in the collection")
             row = dict(found[0])
@@ -270,8 +280,13 @@ def template_truth(template, *, leave_out: str | None = None) -> Truth:
     rows = {ident: rows for ident, rows in template.expected_logical().items() if ident[0] != leave_out}
     objects = _sha(syn.expected_objects())
     copies = {new for old, new in syn.moves.items() if _owner(old) == leave_out}
-    return Truth(rows, {k: v for k, v in objects.items() if k not in copies}, {k: _owner(k) for k in objects},
-                 optional={k: v for k, v in objects.items() if k in copies}, documents=set(syn.doc_ids))
+    return Truth(
+        rows,
+        {k: v for k, v in objects.items() if k not in copies},
+        {k: _owner(k) for k in objects},
+        optional={k: v for k, v in objects.items() if k in copies},
+        documents=set(syn.doc_ids),
+    )
 
 
 def template_partial_truth(template) -> Truth:
@@ -279,8 +294,15 @@ def template_partial_truth(template) -> Truth:
     migrated, every original object there, a copy either absent or right."""
     syn = template.synthetic
     after = template.expected_logical()
-    rows = {ident: [before[0]] if before == after[ident] else [before[0], after[ident][0]]
-            for ident, before in template.logical.items()}
+    rows = {
+        ident: [before[0]] if before == after[ident] else [before[0], after[ident][0]]
+        for ident, before in template.logical.items()
+    }
     originals, everything = _sha(syn.objects), _sha(syn.expected_objects())
-    return Truth(rows, originals, {k: _owner(k) for k in everything},
-                 optional={k: v for k, v in everything.items() if k not in originals}, documents=set(syn.doc_ids))
+    return Truth(
+        rows,
+        originals,
+        {k: _owner(k) for k in everything},
+        optional={k: v for k, v in everything.items() if k not in originals},
+        documents=set(syn.doc_ids),
+    )

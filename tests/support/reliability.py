@@ -40,8 +40,18 @@ REPROCESS_TOKEN = "rel-reprocess-token-Ls93Kd7w"
 LEDGER_PASSWORD = "rel-ledger-pw-Tx52Bn8e"
 SECRETS = (S3_KEY_ID, S3_SECRET, MILVUS_TOKEN, READ_TOKEN, ADMIN_TOKEN, REPROCESS_TOKEN, LEDGER_PASSWORD)
 # Variables a child must never inherit from the machine (a test never touches production).
-FOREIGN_ENV = ("MILVUS_URI", "MILVUS_TOKEN", "R2_ACCOUNT_ID", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY",
-               "R2_BUCKET_NAME", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "REPAGE_FAILPOINT", "REPAGE_DEBUG")
+FOREIGN_ENV = (
+    "MILVUS_URI",
+    "MILVUS_TOKEN",
+    "R2_ACCOUNT_ID",
+    "R2_ACCESS_KEY_ID",
+    "R2_SECRET_ACCESS_KEY",
+    "R2_BUCKET_NAME",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "REPAGE_FAILPOINT",
+    "REPAGE_DEBUG",
+)
 
 
 def leaked(text: str, secrets: Iterable[str] = SECRETS) -> list[str]:
@@ -71,12 +81,16 @@ class CliResult:
         try:
             return json.loads(self.stdout)
         except ValueError as exc:
-            raise AssertionError(f"repage {' '.join(self.args)} printed no JSON document: {self.stdout[:400]!r}\n"
-                                 f"stderr: {self.stderr[-1500:]}") from exc
+            raise AssertionError(
+                f"repage {' '.join(self.args)} printed no JSON document: {self.stdout[:400]!r}\n"
+                f"stderr: {self.stderr[-1500:]}"
+            ) from exc
 
     def __str__(self) -> str:
-        return (f"repage {' '.join(self.args)} exited {self.returncode} after {self.seconds:.1f}s\n"
-                f"stdout: {self.stdout[-1500:]}\nstderr: {self.stderr[-1500:]}")
+        return (
+            f"repage {' '.join(self.args)} exited {self.returncode} after {self.seconds:.1f}s\n"
+            f"stdout: {self.stdout[-1500:]}\nstderr: {self.stderr[-1500:]}"
+        )
 
 
 @dataclass
@@ -93,8 +107,9 @@ class CliLog:
         base = {k: v for k, v in os.environ.items() if not k.startswith("REPAGE_") and k not in FOREIGN_ENV}
         base.update(env)
         base.setdefault("PYTHONUNBUFFERED", "1")
-        proc = subprocess.Popen([*repage_command(), *args], cwd=cwd, env=base, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [*repage_command(), *args], cwd=cwd, env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         proc.repage_args, proc.repage_started = tuple(args), time.monotonic()
         return proc
 
@@ -104,8 +119,10 @@ class CliLog:
         except subprocess.TimeoutExpired:
             proc.kill()
             stdout, stderr = proc.communicate()
-            raise AssertionError(f"repage {' '.join(proc.repage_args)} still running after {timeout}s\n"
-                                 f"stdout: {stdout[-1500:]}\nstderr: {stderr[-1500:]}") from None
+            raise AssertionError(
+                f"repage {' '.join(proc.repage_args)} still running after {timeout}s\n"
+                f"stdout: {stdout[-1500:]}\nstderr: {stderr[-1500:]}"
+            ) from None
         args = proc.repage_args
         result = CliResult(args, proc.returncode, stdout, stderr, time.monotonic() - proc.repage_started)
         self.calls.append(result)
@@ -168,12 +185,22 @@ class Trial:
         return report.as_dict()
 
     def line(self, *, failed: bool = False, error: str | None = None, skipped: bool = False) -> dict:
-        return {"test": self.name, "trials": self.trials, "faults": self.faults,
-                "documents_verified": self.documents_verified, "documents_compared": self.documents_compared,
-                "chunks_compared": self.chunks_compared, "comparisons": self.comparisons,
-                "lost": len(self.lost_documents), "lost_chunks": len(self.lost_chunks),
-                "lost_examples": sorted(self.lost_documents, key=repr)[:5], "failed": failed, "skipped": skipped,
-                "error": error, **self.detail}
+        return {
+            "test": self.name,
+            "trials": self.trials,
+            "faults": self.faults,
+            "documents_verified": self.documents_verified,
+            "documents_compared": self.documents_compared,
+            "chunks_compared": self.chunks_compared,
+            "comparisons": self.comparisons,
+            "lost": len(self.lost_documents),
+            "lost_chunks": len(self.lost_chunks),
+            "lost_examples": sorted(self.lost_documents, key=repr)[:5],
+            "failed": failed,
+            "skipped": skipped,
+            "error": error,
+            **self.detail,
+        }
 
     def write(self, **outcome) -> None:
         write_line(self.line(**outcome))
@@ -211,10 +238,12 @@ def summarise(lines: Iterable[str]) -> dict:
 
 
 def summary_line(totals: Mapping) -> str:
-    return (f"reliability: {totals['trials']} trials run ({totals['tests']} tests, {totals['failed']} failed), "
-            f"{totals['faults']} faults injected, {totals['documents_verified']} documents verified, "
-            f"lost = {totals['lost']} of {totals['documents_compared']} documents compared "
-            f"({totals['lost_chunks']} of {totals['chunks_compared']} chunks)")
+    return (
+        f"reliability: {totals['trials']} trials run ({totals['tests']} tests, {totals['failed']} failed), "
+        f"{totals['faults']} faults injected, {totals['documents_verified']} documents verified, "
+        f"lost = {totals['lost']} of {totals['documents_compared']} documents compared "
+        f"({totals['lost_chunks']} of {totals['chunks_compared']} chunks)"
+    )
 
 
 def main(argv: list[str]) -> int:

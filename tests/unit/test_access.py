@@ -11,7 +11,13 @@ import sys
 import pytest
 
 from repage.domain.access import (
-    AccessImportError, Decayed, aggregate, format_of, parse_access_log, parse_timestamp, rank_threshold,
+    AccessImportError,
+    Decayed,
+    aggregate,
+    format_of,
+    parse_access_log,
+    parse_timestamp,
+    rank_threshold,
     spread_datasets,
 )
 from repage.domain.records import ScanRecord
@@ -46,8 +52,8 @@ def test_adding_hits_is_order_independent():
 
 
 def test_rank_orders_by_decayed_count_at_any_moment():
-    old_popular = Decayed(100.0, T0)        # 100 hits, long ago
-    recent = Decayed(3.0, T0 + 6 * H)       # 3 hits, 6 half-lives later: 100/64 < 3
+    old_popular = Decayed(100.0, T0)  # 100 hits, long ago
+    recent = Decayed(3.0, T0 + 6 * H)  # 3 hits, 6 half-lives later: 100/64 < 3
     assert recent.rank(H) > old_popular.rank(H)
     for now in (T0 + 6 * H, T0 + 50 * H):
         assert (recent.value(now, H) > old_popular.value(now, H)) == (recent.rank(H) > old_popular.rank(H))
@@ -71,11 +77,19 @@ def test_extreme_times_do_not_overflow():
 # --------------------------------------------------------------------------- parsing
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("1700000000", T0), ("1700000000.5", T0 + 0.5), ("1700000000000", T0), (T0, T0),
-    ("2023-11-14T22:13:20Z", T0), ("2023-11-14T22:13:20+00:00", T0), ("2023-11-14 22:13:20", T0),
-    ("2023-11-14T23:13:20+01:00", T0),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("1700000000", T0),
+        ("1700000000.5", T0 + 0.5),
+        ("1700000000000", T0),
+        (T0, T0),
+        ("2023-11-14T22:13:20Z", T0),
+        ("2023-11-14T22:13:20+00:00", T0),
+        ("2023-11-14 22:13:20", T0),
+        ("2023-11-14T23:13:20+01:00", T0),
+    ],
+)
 def test_timestamps(text, expected):
     assert parse_timestamp(text) == pytest.approx(expected)
 
@@ -93,28 +107,39 @@ def rows(text: str, fmt: str, now: float | None = None):
 def test_csv_rows():
     got = rows("document_id,dataset_id,timestamp,count\nd1,ds,1700000000,\n,ds,2023-11-14T22:13:20Z,3\n", "csv")
     assert [(r.line, r.document_id, r.dataset_id, r.at, r.weight) for r in got] == [
-        (2, "d1", "ds", T0, 1.0), (3, None, "ds", T0, 3.0)]
+        (2, "d1", "ds", T0, 1.0),
+        (3, None, "ds", T0, 3.0),
+    ]
 
 
 def test_jsonl_rows_skip_blank_lines_and_accept_aliases():
-    text = '{"document_id": "d1", "at": 1700000000}\n\n{"dataset_id": "ds", "created_at": "2023-11-14T22:13:20Z", "weight": 2}\n'
+    text = (
+        '{"document_id": "d1", "at": 1700000000}\n\n'
+        '{"dataset_id": "ds", "created_at": "2023-11-14T22:13:20Z", "weight": 2}\n'
+    )
     got = rows(text, "jsonl")
-    assert [(r.line, r.document_id, r.dataset_id, r.weight) for r in got] == [(1, "d1", None, 1.0), (3, None, "ds", 2.0)]
+    assert [(r.line, r.document_id, r.dataset_id, r.weight) for r in got] == [
+        (1, "d1", None, 1.0),
+        (3, None, "ds", 2.0),
+    ]
 
 
-@pytest.mark.parametrize("fmt,text,where,needle", [
-    ("csv", "document_id,timestamp\nd1,1700000000\nd2,soon\n", "log.csv:3:", "timestamp 'soon'"),
-    ("csv", "document_id,timestamp\n,1700000000\n", "log.csv:2:", "document_id or a dataset_id"),
-    ("csv", "document_id\nd1\n", "log.csv:2:", "needs a timestamp"),
-    ("csv", "user,timestamp\nu,1\n", "log.csv:1:", "header needs a document_id"),
-    ("csv", "document_id,timestamp\nd1,1700000000,extra\n", "log.csv:2:", "more cells"),
-    ("csv", "document_id,timestamp,count\nd1,1700000000,-2\n", "log.csv:2:", "positive"),
-    ("jsonl", '{"document_id": "d1", "timestamp": 1700000000}\n{"document_id": \n', "log.jsonl:2:", "not JSON"),
-    ("jsonl", '["d1", 1700000000]\n', "log.jsonl:1:", "JSON object"),
-    ("jsonl", '{"document_id": 5.5, "timestamp": 1700000000}\n', "log.jsonl:1:", "document_id must be a string"),
-    ("jsonl", '{"document_id": "a\\u0000b", "timestamp": 1700000000}\n', "log.jsonl:1:", "control"),
-    ("jsonl", '{"document_id": "d", "timestamp": 4000000000}\n', "log.jsonl:1:", "future"),
-])
+@pytest.mark.parametrize(
+    "fmt,text,where,needle",
+    [
+        ("csv", "document_id,timestamp\nd1,1700000000\nd2,soon\n", "log.csv:3:", "timestamp 'soon'"),
+        ("csv", "document_id,timestamp\n,1700000000\n", "log.csv:2:", "document_id or a dataset_id"),
+        ("csv", "document_id\nd1\n", "log.csv:2:", "needs a timestamp"),
+        ("csv", "user,timestamp\nu,1\n", "log.csv:1:", "header needs a document_id"),
+        ("csv", "document_id,timestamp\nd1,1700000000,extra\n", "log.csv:2:", "more cells"),
+        ("csv", "document_id,timestamp,count\nd1,1700000000,-2\n", "log.csv:2:", "positive"),
+        ("jsonl", '{"document_id": "d1", "timestamp": 1700000000}\n{"document_id": \n', "log.jsonl:2:", "not JSON"),
+        ("jsonl", '["d1", 1700000000]\n', "log.jsonl:1:", "JSON object"),
+        ("jsonl", '{"document_id": 5.5, "timestamp": 1700000000}\n', "log.jsonl:1:", "document_id must be a string"),
+        ("jsonl", '{"document_id": "a\\u0000b", "timestamp": 1700000000}\n', "log.jsonl:1:", "control"),
+        ("jsonl", '{"document_id": "d", "timestamp": 4000000000}\n', "log.jsonl:1:", "future"),
+    ],
+)
 def test_bad_rows_give_one_line_naming_the_line(fmt, text, where, needle):
     with pytest.raises(AccessImportError) as info:
         rows(text, fmt, now=T0)
@@ -129,10 +154,12 @@ def test_format_of():
 
 
 def test_aggregate_and_dataset_spread():
-    text = ('{"document_id": "a", "dataset_id": "ds", "timestamp": 1700000000}\n'
-            '{"document_id": "a", "timestamp": 1700003600}\n'
-            '{"dataset_id": "ds", "timestamp": 1700003600, "count": 2}\n'
-            '{"dataset_id": "empty", "timestamp": 1700003600}\n')
+    text = (
+        '{"document_id": "a", "dataset_id": "ds", "timestamp": 1700000000}\n'
+        '{"document_id": "a", "timestamp": 1700003600}\n'
+        '{"dataset_id": "ds", "timestamp": 1700003600, "count": 2}\n'
+        '{"dataset_id": "empty", "timestamp": 1700003600}\n'
+    )
     agg = aggregate(rows(text, "jsonl"), H)
     assert agg.rows == 4 and agg.dataset_of == {"a": "ds"}
     assert agg.documents["a"].value(T0 + H, H) == pytest.approx(1.5)
@@ -143,7 +170,10 @@ def test_aggregate_and_dataset_spread():
 
 
 def test_access_and_lazy_modules_import_no_vendor_sdk():
-    code = "import sys, repage.domain.access, repage.migration.lazy; print([m for m in ('pymilvus', 'obstore', 'sqlalchemy') if m in sys.modules])"
+    code = (
+        "import sys, repage.domain.access, repage.migration.lazy; "
+        "print([m for m in ('pymilvus', 'obstore', 'sqlalchemy') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -32,7 +32,12 @@ def test_repage_env_beats_app_fallback():
 
 
 def test_r2_fallbacks():
-    env = {"R2_ACCOUNT_ID": "acc", "R2_BUCKET_NAME": "fltr-datasets", "R2_ACCESS_KEY_ID": "AK", "R2_SECRET_ACCESS_KEY": "SK"}
+    env = {
+        "R2_ACCOUNT_ID": "acc",
+        "R2_BUCKET_NAME": "fltr-datasets",
+        "R2_ACCESS_KEY_ID": "AK",
+        "R2_SECRET_ACCESS_KEY": "SK",
+    }
     s = load_settings(env)
     assert s.store_url == "s3://fltr-datasets"
     assert s.s3_endpoint == "https://acc.r2.cloudflarestorage.com"
@@ -48,14 +53,17 @@ def test_demo_never_reads_app_env(tmp_path, monkeypatch):
     assert s.store_url == f"file://{tmp_path / 'bucket'}"
 
 
-@pytest.mark.parametrize("env,needle", [
-    ({"REPAGE_MILVUS_URI": "ftp://x"}, "REPAGE_MILVUS_URI"),
-    ({"REPAGE_MILVUS_URI": "http://"}, "no host"),
-    ({"REPAGE_STORE_URL": "gs://bucket"}, "REPAGE_STORE_URL"),
-    ({"REPAGE_STORE_URL": "s3://"}, "names no bucket"),
-    ({"REPAGE_LEDGER_URL": "mysql://x"}, "REPAGE_LEDGER_URL"),
-    ({"REPAGE_COLLECTION": "bad name;drop"}, "REPAGE_COLLECTION"),
-])
+@pytest.mark.parametrize(
+    "env,needle",
+    [
+        ({"REPAGE_MILVUS_URI": "ftp://x"}, "REPAGE_MILVUS_URI"),
+        ({"REPAGE_MILVUS_URI": "http://"}, "no host"),
+        ({"REPAGE_STORE_URL": "gs://bucket"}, "REPAGE_STORE_URL"),
+        ({"REPAGE_STORE_URL": "s3://"}, "names no bucket"),
+        ({"REPAGE_LEDGER_URL": "mysql://x"}, "REPAGE_LEDGER_URL"),
+        ({"REPAGE_COLLECTION": "bad name;drop"}, "REPAGE_COLLECTION"),
+    ],
+)
 def test_bad_values_give_one_line(env, needle):
     with pytest.raises(ConfigError) as info:
         load_settings(env)
@@ -77,8 +85,12 @@ def test_broken_toml(tmp_path):
 
 
 def test_secrets_redacted():
-    env = {"REPAGE_MILVUS_TOKEN": "tok-SECRET", "AWS_SECRET_ACCESS_KEY": "SK-SECRET",
-           "REPAGE_LEDGER_URL": "postgresql://u:pw-SECRET@db/x", "REPAGE_ADMIN_TOKEN": "adm-SECRET"}
+    env = {
+        "REPAGE_MILVUS_TOKEN": "tok-SECRET",
+        "AWS_SECRET_ACCESS_KEY": "SK-SECRET",
+        "REPAGE_LEDGER_URL": "postgresql://u:pw-SECRET@db/x",
+        "REPAGE_ADMIN_TOKEN": "adm-SECRET",
+    }
     s = load_settings(env)
     shown = str(s.redacted()) + repr(s) + str(s)
     assert "SECRET" not in shown

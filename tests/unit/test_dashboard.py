@@ -12,40 +12,49 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 
-from repage.web import dashboard as dash
-from repage.domain.access import Decayed
 from repage.config import load_settings
-from repage.errors import ConfigError
-from repage.web.auth import SESSION_COOKIE, Sessions
-from repage.web.service import create_app
+from repage.domain.access import Decayed
 from repage.domain.records import Event, ScanRecord
 from repage.domain.states import RepairPath, State
+from repage.errors import ConfigError
 from repage.migration.status import migration_status
-from repage.stores.ledger import Ledger
 from repage.migration.worker import is_paused
+from repage.stores.ledger import Ledger
+from repage.web import dashboard as dash
+from repage.web.auth import SESSION_COOKIE, Sessions
+from repage.web.service import create_app
 from tests.support.service_store import settings_for
 
 READ, ADMIN = "read-tok/+=9c", "admin-tok-5e11"  # / + = : a cookie value that needs quoting
 
 
 def settings(tmp_path, **extra):
-    return settings_for(str(tmp_path / "m.db"), "fltr_documents", "memory://", f"sqlite:///{tmp_path}/ledger.db",
-                        **extra)
+    return settings_for(
+        str(tmp_path / "m.db"), "fltr_documents", "memory://", f"sqlite:///{tmp_path}/ledger.db", **extra
+    )
 
 
 def populate(ledger: Ledger) -> None:
     """Mid-migration: 2 migrated, 1 failed (with markup in its error), 1 review, 2 pending."""
     docs = ["a", "b", "c", "f", "r"]
-    ledger.upsert_scan([ScanRecord(d, "ds", f"{d}.pdf", RepairPath.KEYS, State.PENDING, "page 0", 2) for d in docs]
-                       + [ScanRecord("p", "ds", "p.pdf", RepairPath.PDF, State.PENDING, "source", 2)])
+    ledger.upsert_scan(
+        [ScanRecord(d, "ds", f"{d}.pdf", RepairPath.KEYS, State.PENDING, "page 0", 2) for d in docs]
+        + [ScanRecord("p", "ds", "p.pdf", RepairPath.PDF, State.PENDING, "source", 2)]
+    )
     claims = {c.document_id: c for c in ledger.claim_batch("t", 10, 60, document_ids=["a", "b", "f", "r"])}
     for doc in ("a", "b"):
-        ledger.transition(doc, State.MIGRATED, token=claims[doc].fencing_token, object_requests_a=3,
-                          object_requests_b=5)
+        ledger.transition(
+            doc, State.MIGRATED, token=claims[doc].fencing_token, object_requests_a=3, object_requests_b=5
+        )
     ledger.transition("f", State.FAILED, token=claims["f"].fencing_token, error="copy failed: <script>x</script>")
     ledger.save_review("r", claims["r"].fencing_token, json.dumps({"chunks": []}))
-    ledger.transition("r", State.REVIEW, token=claims["r"].fencing_token, path=RepairPath.PDF,
-                      reason="1 of 2 chunks below the threshold")
+    ledger.transition(
+        "r",
+        State.REVIEW,
+        token=claims["r"].fencing_token,
+        path=RepairPath.PDF,
+        reason="1 of 2 chunks below the threshold",
+    )
     ledger.add_event("migrated", count=2, detail="4")
     ledger.add_event("object-requests", count=16, detail="6 10")
     ledger.record_accesses({"c": ("ds", Decayed(3.0, 1.7e9))}, 72 * 3600.0)
@@ -116,8 +125,9 @@ def test_logout_clears_the_cookie(service):
 
 
 def test_the_login_form_refuses_cross_site_posts(service):
-    reply = service.client.post("/login", data={"token": ADMIN}, headers={"Sec-Fetch-Site": "cross-site"},
-                                follow_redirects=False)
+    reply = service.client.post(
+        "/login", data={"token": ADMIN}, headers={"Sec-Fetch-Site": "cross-site"}, follow_redirects=False
+    )
     assert reply.status_code == 403 and "set-cookie" not in reply.headers
 
 
@@ -132,19 +142,26 @@ def test_read_sessions_get_no_buttons_and_cannot_pause(service):
     assert forged.status_code == 403 and not is_paused(service.ledger)
 
 
-@pytest.mark.parametrize("headers,form", [
-    ({}, {}),                                                    # no CSRF token
-    ({}, {"csrf_token": "f" * 64}),                              # a wrong one
-    ({"Sec-Fetch-Site": "cross-site"}, None),                    # the right one, from another site
-    ({"Sec-Fetch-Site": "same-site"}, None),                     # a sibling subdomain is not us either
-    ({"Origin": "https://evil.example"}, None),                  # an older browser: Origin decides
-    ({"Origin": "null"}, None),                                  # sandboxed frame / file: page
-])
+@pytest.mark.parametrize(
+    "headers,form",
+    [
+        ({}, {}),  # no CSRF token
+        ({}, {"csrf_token": "f" * 64}),  # a wrong one
+        ({"Sec-Fetch-Site": "cross-site"}, None),  # the right one, from another site
+        ({"Sec-Fetch-Site": "same-site"}, None),  # a sibling subdomain is not us either
+        ({"Origin": "https://evil.example"}, None),  # an older browser: Origin decides
+        ({"Origin": "null"}, None),  # sandboxed frame / file: page
+    ],
+)
 def test_admin_cookie_without_a_valid_same_origin_csrf_token_is_refused(service, headers, form):
     login(service.client, ADMIN)
     token = csrf_of(service.client.get("/").text)
-    reply = service.client.post("/dashboard/pause", data={"csrf_token": token} if form is None else form,
-                                headers=headers, follow_redirects=False)
+    reply = service.client.post(
+        "/dashboard/pause",
+        data={"csrf_token": token} if form is None else form,
+        headers=headers,
+        follow_redirects=False,
+    )
     assert reply.status_code == 403 and not is_paused(service.ledger)
 
 
@@ -155,9 +172,12 @@ def test_admin_cookie_with_csrf_pauses_and_resumes(service):
     assert 'id="pause-button"' in page and re.search(r'id="resume-form"\s*hidden', page)
     token = csrf_of(page)
     # a form post without JavaScript: 303 back to the page
-    reply = client.post("/dashboard/pause", data={"csrf_token": token},
-                        headers={"Sec-Fetch-Site": "same-origin", "Origin": "http://127.0.0.1:8080"},
-                        follow_redirects=False)
+    reply = client.post(
+        "/dashboard/pause",
+        data={"csrf_token": token},
+        headers={"Sec-Fetch-Site": "same-origin", "Origin": "http://127.0.0.1:8080"},
+        follow_redirects=False,
+    )
     assert reply.status_code == 303 and is_paused(service.ledger)
     assert service.ledger.events(kinds=["pause"])[-1].detail == "dashboard"
     assert re.search(r'id="pause-form"\s*hidden', client.get("/").text)
@@ -170,8 +190,9 @@ def test_admin_cookie_with_csrf_pauses_and_resumes(service):
 def test_bearer_admin_needs_no_csrf_and_bearer_read_is_refused(service):
     c = service.client
     assert c.post("/dashboard/pause", headers={"Authorization": f"Bearer {READ}"}).status_code == 403
-    assert c.post("/dashboard/pause", headers={"Authorization": f"Bearer {ADMIN}", "Accept": "application/json"}
-                  ).json() == {"paused": True}
+    assert c.post(
+        "/dashboard/pause", headers={"Authorization": f"Bearer {ADMIN}", "Accept": "application/json"}
+    ).json() == {"paused": True}
     assert c.post("/dashboard/pause").status_code == 401
 
 
@@ -217,7 +238,6 @@ def test_package_data_lists_every_asset_and_template():
     import tomllib
     from fnmatch import fnmatch
     from importlib import resources
-
     from pathlib import Path
 
     with open(Path(__file__).resolve().parents[2] / "pyproject.toml", "rb") as f:
@@ -265,8 +285,9 @@ def test_ledger_text_reaches_the_page_as_text(tmp_path):
     s = settings(tmp_path, read_token=READ, admin_token=ADMIN)
     ledger = Ledger(s.ledger_url)
     failed, review = f"f{MARKUP}", f"r{MARKUP}"
-    ledger.upsert_scan([ScanRecord(d, "ds", "d.pdf", RepairPath.KEYS, State.PENDING, "page 0", 2)
-                        for d in (failed, review)])
+    ledger.upsert_scan(
+        [ScanRecord(d, "ds", "d.pdf", RepairPath.KEYS, State.PENDING, "page 0", 2) for d in (failed, review)]
+    )
     claims = {c.document_id: c for c in ledger.claim_batch("t", 10, 60, document_ids=[failed, review])}
     ledger.transition(failed, State.FAILED, token=claims[failed].fencing_token, error=f"copy failed: {MARKUP}")
     ledger.save_review(review, claims[review].fencing_token, json.dumps({"chunks": []}))
@@ -296,8 +317,9 @@ def test_data_endpoint(service):
     assert [h["document_id"] for h in data["hot"]] == ["c"]
     s = data["series"]
     assert s["window_seconds"] == 900 and s["bin_seconds"] == 15 and len(s["t"]) == 60
-    assert service.client.get("/dashboard/data?window=5", headers={"Authorization": f"Bearer {READ}"}
-                              ).status_code == 422
+    assert (
+        service.client.get("/dashboard/data?window=5", headers={"Authorization": f"Bearer {READ}"}).status_code == 422
+    )
 
 
 def test_series_bins_rates_and_leaves_the_partial_bin_out():
@@ -305,12 +327,20 @@ def test_series_bins_rates_and_leaves_the_partial_bin_out():
         return Event(0, at, kind, None, count, detail)
 
     now = 1000.0 + 2.5  # bins of 5 s (window 300): the bin [1000, 1005) is partial, not shown
-    events = {"migrated": [ev(990.0, "migrated", 10, "40"), ev(994.9, "migrated", 5, "5"),
-                           ev(1001.0, "migrated", 99, "99"), ev(600.0, "migrated", 7, "7")],
-              "object-requests": [ev(996.0, "object-requests", 50, "20 30")],
-              "read-latency": [ev(991.0, "read-latency", 3, json.dumps({"p95": 0.02, "source": "a"})),
-                               ev(992.0, "read-latency", 3, json.dumps({"p95": 0.05, "source": "b"})),
-                               ev(993.0, "read-latency", 3, "not json")]}
+    events = {
+        "migrated": [
+            ev(990.0, "migrated", 10, "40"),
+            ev(994.9, "migrated", 5, "5"),
+            ev(1001.0, "migrated", 99, "99"),
+            ev(600.0, "migrated", 7, "7"),
+        ],
+        "object-requests": [ev(996.0, "object-requests", 50, "20 30")],
+        "read-latency": [
+            ev(991.0, "read-latency", 3, json.dumps({"p95": 0.02, "source": "a"})),
+            ev(992.0, "read-latency", 3, json.dumps({"p95": 0.05, "source": "b"})),
+            ev(993.0, "read-latency", 3, "not json"),
+        ],
+    }
     s = dash.series(events, now, 300)
     assert s["bin_seconds"] == 5 and len(s["t"]) == 60 and s["t"][-1] == 995
     by_t = dict(zip(s["t"], zip(s["documents_per_s"], s["chunks_per_s"], s["object_requests_per_s"], s["read_p95_ms"])))

@@ -10,18 +10,33 @@ import pytest
 
 from repage.domain.access import Decayed
 from repage.domain.keys import compile_patterns
-from repage.migration.lazy import LazyRepair, LedgerSink
 from repage.domain.records import ScanRecord
 from repage.domain.states import RepairPath, State
+from repage.migration.lazy import LazyRepair, LedgerSink
 from repage.stores.ledger import Ledger
 
 
-def chunk(doc: str, index: int, *, kind: str = "image", page: int = 0, key: str | None = "legacy",
-          confidence: float | None = None, dataset: str = "ds") -> dict:
+def chunk(
+    doc: str,
+    index: int,
+    *,
+    kind: str = "image",
+    page: int = 0,
+    key: str | None = "legacy",
+    confidence: float | None = None,
+    dataset: str = "ds",
+) -> dict:
     if key == "legacy":
         key = f"{dataset}/{doc}/images/{index}_report-v2_final.pdf-{index + 4}-0.png"
-    return {"document_id": doc, "dataset_id": dataset, "chunk_index": index, "chunk_type": kind, "page": page,
-            "image_r2_key": key, "ocr_confidence": confidence}
+    return {
+        "document_id": doc,
+        "dataset_id": dataset,
+        "chunk_index": index,
+        "chunk_type": kind,
+        "page": page,
+        "image_r2_key": key,
+        "ocr_confidence": confidence,
+    }
 
 
 class RecordingSink:
@@ -45,14 +60,14 @@ def wait_until(predicate, timeout: float = 10.0) -> None:
 
 def test_pages_come_from_keys_for_affected_chunks_only():
     rows = [
-        chunk("d", 0),                                           # legacy key: page 4
-        chunk("d", 1, kind="ocr", key="ds/d/images/7_1.png"),    # canonical key: page 7
-        chunk("d", 2, kind="text", confidence=0.9),              # OCR text: affected, page 6
-        chunk("d", 3, kind="text", key=None),                    # plain text: untouched
-        chunk("d", 4, page=2),                                   # already has a page
-        chunk("d", 5, key="ds/d/images/5_docling_image.png"),    # Docling: key has no page
-        chunk("d", 6, key=None),                                 # no key: a listing would be I/O
-        chunk("d", 7, key="ds/d/images/0_x.pdf-0-full.png"),    # true page 0: stays 0
+        chunk("d", 0),  # legacy key: page 4
+        chunk("d", 1, kind="ocr", key="ds/d/images/7_1.png"),  # canonical key: page 7
+        chunk("d", 2, kind="text", confidence=0.9),  # OCR text: affected, page 6
+        chunk("d", 3, kind="text", key=None),  # plain text: untouched
+        chunk("d", 4, page=2),  # already has a page
+        chunk("d", 5, key="ds/d/images/5_docling_image.png"),  # Docling: key has no page
+        chunk("d", 6, key=None),  # no key: a listing would be I/O
+        chunk("d", 7, key="ds/d/images/0_x.pdf-0-full.png"),  # true page 0: stays 0
     ]
     lazy = LazyRepair()
     assert lazy.repair(rows) == 3
@@ -61,7 +76,9 @@ def test_pages_come_from_keys_for_affected_chunks_only():
 
 
 def test_user_patterns_are_used():
-    lazy = LazyRepair(patterns=compile_patterns([r"^(?P<dataset_id>[^/]+)/(?P<document_id>[^/]+)/img/p(?P<page>[0-9]+)\.png$"]))
+    lazy = LazyRepair(
+        patterns=compile_patterns([r"^(?P<dataset_id>[^/]+)/(?P<document_id>[^/]+)/img/p(?P<page>[0-9]+)\.png$"])
+    )
     rows = [chunk("d", 0, key="ds/d/img/p012.png")]
     assert lazy.repair(rows) == 1 and rows[0]["page"] == 12
 
@@ -73,7 +90,7 @@ def test_accesses_and_enqueues_are_noted_per_document_and_flushed():
     lazy.repair([chunk("a", 1)])
     assert lazy.buffered() == 2
     assert lazy.flush()
-    (accesses, enqueue), = sink.calls
+    ((accesses, enqueue),) = sink.calls
     assert accesses == {"a": ("ds", Decayed(2.0, 1000.0)), "b": ("ds", Decayed(1.0, 1000.0))}
     assert enqueue == ["a"]  # b has nothing to fix
     assert lazy.buffered() == 0 and lazy.stats.flushed_enqueues == 1
@@ -106,7 +123,7 @@ def test_concurrent_reads_of_one_document_enqueue_it_once():
         t.join()
     assert lazy.stats.enqueue_requests == 1 and lazy.stats.reads == 100
     lazy.flush()
-    (accesses, enqueue), = sink.calls
+    ((accesses, enqueue),) = sink.calls
     assert enqueue == ["hot"] and accesses["hot"][1].score == 100.0
 
 
@@ -122,7 +139,7 @@ def test_a_ledger_that_is_down_never_fails_the_request_and_loses_nothing():
     lazy.repair([chunk("b", 0, kind="text", key=None)])
     sink.fail = False
     assert lazy.flush()
-    (accesses, enqueue), = sink.calls
+    ((accesses, enqueue),) = sink.calls
     assert accesses["a"][1].score == 2.0 and enqueue == ["a"] and set(accesses) == {"a", "b"}
 
 
@@ -188,7 +205,9 @@ def _timed(lazy: LazyRepair, rows: list[dict]) -> float:
 
 # ---- the hot-path key parser must agree with keys.py exactly
 
-from hypothesis import given, settings as hyp_settings, strategies as st  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import settings as hyp_settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from repage.domain.keys import parse_image_key  # noqa: E402
 from repage.migration.lazy import page_from_key  # noqa: E402
@@ -206,7 +225,8 @@ def image_keys(draw) -> str:
         name = f"{draw(_NUMBERS)}_{draw(_NUMBERS)}.{draw(_EXTS)}"
     elif kind == "legacy":
         sub = draw(st.one_of(_NUMBERS, st.just("full")))
-        name = f"{draw(_NUMBERS)}_{draw(st.lists(_PARTS, min_size=1, max_size=4).map(''.join))}-{draw(_NUMBERS)}-{sub}.{draw(_EXTS)}"
+        base = draw(st.lists(_PARTS, min_size=1, max_size=4).map("".join))
+        name = f"{draw(_NUMBERS)}_{base}-{draw(_NUMBERS)}-{sub}.{draw(_EXTS)}"
     elif kind == "docling":
         name = f"{draw(_NUMBERS)}_docling_image.{draw(_EXTS)}"
     else:

@@ -53,8 +53,15 @@ def test_docling_with_source_is_pdf_path():
 
 
 def test_non_pdf_source_is_reprocess():
-    p = classify(DOC, [row("", None, "ocr", conf=0.9)], [(0,)], dataset_id=DS, filename="scan.png",
-                 listed_keys=[], source_exists=True)
+    p = classify(
+        DOC,
+        [row("", None, "ocr", conf=0.9)],
+        [(0,)],
+        dataset_id=DS,
+        filename="scan.png",
+        listed_keys=[],
+        source_exists=True,
+    )
     assert p.path == RepairPath.REPROCESS
 
 

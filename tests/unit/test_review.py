@@ -6,19 +6,35 @@ import json
 
 import pytest
 
-from repage.errors import ConfigError, IllegalTransition, StaleLease
-from repage.migration.review import accept, list_reviews, reject
 from repage.domain.records import ScanRecord
 from repage.domain.states import RepairPath, State
+from repage.errors import ConfigError, IllegalTransition, StaleLease
+from repage.migration.review import accept, list_reviews, reject
 from repage.stores.ledger import Ledger
 
 
 def evidence(proposed=(3, 0)) -> dict:
-    chunk = {"chunk": ["d_5"], "image_index": 2, "page": None, "method": "none", "distance": 14, "margin": 10,
-             "candidate_pages": [{"page": 3, "distance": 14}, {"page": 7, "distance": 24}], "index_page": None,
-             "proposed": list(proposed) if proposed else None, "reason": "below the match threshold: distance 14 > 10"}
-    return {"source_key": "ds/d.pdf", "images_in_pdf": 4, "distinct_image_indexes": 3, "index_allowed": False,
-            "thresholds": {"max_hash_distance": 10, "min_hash_margin": 8}, "confident": 2, "chunks": [chunk]}
+    chunk = {
+        "chunk": ["d_5"],
+        "image_index": 2,
+        "page": None,
+        "method": "none",
+        "distance": 14,
+        "margin": 10,
+        "candidate_pages": [{"page": 3, "distance": 14}, {"page": 7, "distance": 24}],
+        "index_page": None,
+        "proposed": list(proposed) if proposed else None,
+        "reason": "below the match threshold: distance 14 > 10",
+    }
+    return {
+        "source_key": "ds/d.pdf",
+        "images_in_pdf": 4,
+        "distinct_image_indexes": 3,
+        "index_allowed": False,
+        "thresholds": {"max_hash_distance": 10, "min_hash_margin": 8},
+        "confident": 2,
+        "chunks": [chunk],
+    }
 
 
 @pytest.fixture
@@ -85,7 +101,18 @@ def test_unknown_documents_and_stale_tokens_are_refused(ledger):
 def test_usage_by_path_sums_requests_and_bytes(ledger):
     ledger.upsert_scan([ScanRecord(d, "ds", f"{d}.pdf", RepairPath.PDF, State.PENDING, "r", 1) for d in ("a", "b")])
     for claim in ledger.claim_batch("me", 2, 60):
-        ledger.transition(claim.document_id, State.MIGRATED, token=claim.fencing_token,
-                          object_requests_a=2, object_requests_b=3, bytes_read=1000)
-    assert ledger.usage_by_path()["pdf"] == {"documents": 2, "object_requests_a": 4, "object_requests_b": 6,
-                                             "bytes_read": 2000, "dollars": 0.0}
+        ledger.transition(
+            claim.document_id,
+            State.MIGRATED,
+            token=claim.fencing_token,
+            object_requests_a=2,
+            object_requests_b=3,
+            bytes_read=1000,
+        )
+    assert ledger.usage_by_path()["pdf"] == {
+        "documents": 2,
+        "object_requests_a": 4,
+        "object_requests_b": 6,
+        "bytes_read": 2000,
+        "dollars": 0.0,
+    }

@@ -78,17 +78,22 @@ class LedgerBase:
         try:
             url = sa.make_url(raw)
         except (sa_exc.ArgumentError, ValueError) as exc:
-            raise ConfigError(f"ledger URL {redact_url(raw)!r} is malformed: "
-                              "use sqlite:///PATH or postgresql://HOST/DB, USER:PASSWORD@ before HOST") from exc
+            raise ConfigError(
+                f"ledger URL {redact_url(raw)!r} is malformed: "
+                "use sqlite:///PATH or postgresql://HOST/DB, USER:PASSWORD@ before HOST"
+            ) from exc
         backend = url.get_backend_name()
         if backend in ("postgres", "postgresql"):
             return url.set(drivername="postgresql+psycopg")  # psycopg 3 is the driver we ship
         if backend != "sqlite":
-            raise ConfigError(f"ledger URL {redact_url(raw)!r}: unsupported scheme {url.drivername!r} "
-                              "(use sqlite:/// or postgresql://)")
+            raise ConfigError(
+                f"ledger URL {redact_url(raw)!r}: unsupported scheme {url.drivername!r} "
+                "(use sqlite:/// or postgresql://)"
+            )
         if url.database in (None, "", ":memory:"):
-            raise ConfigError("ledger URL must name a SQLite file (sqlite:///PATH): "
-                              "an in-memory ledger is neither kept nor shared")
+            raise ConfigError(
+                "ledger URL must name a SQLite file (sqlite:///PATH): an in-memory ledger is neither kept nor shared"
+            )
         return url
 
     def _make_engine(self) -> sa.Engine:
@@ -119,8 +124,9 @@ class LedgerBase:
             if not db.exists():
                 return {"url": shown, "exists": False, "note": "created by the first scan"}
             url = url.set(database=f"file:{db.resolve()}?mode=ro", query={"uri": "true"})
-        engine = sa.create_engine(url, connect_args={} if url.get_backend_name() == "sqlite"
-                                  else {"connect_timeout": 10})
+        engine = sa.create_engine(
+            url, connect_args={} if url.get_backend_name() == "sqlite" else {"connect_timeout": 10}
+        )
         try:
             with engine.connect() as conn:
                 version = stored_version(conn)
@@ -226,7 +232,7 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA busy_timeout = 30000")  # wait for the writer lock instead of failing
-    cur.execute("PRAGMA journal_mode = WAL")    # readers never block the writer, nor it them
+    cur.execute("PRAGMA journal_mode = WAL")  # readers never block the writer, nor it them
     cur.execute("PRAGMA foreign_keys = ON")
     cur.close()
 
