@@ -21,11 +21,11 @@ demo: $(STAMP)
 	  { echo "repage demo: apt has no package lists; run 'sudo apt-get update' once" >&2; exit 2; }
 	$(BIN)/repage demo
 
-# Everything: unit, contract (every store backend) and integration tests; the Ray test alone
+# Lint first, then everything: unit, contract (every store backend) and integration tests; the Ray test alone
 # at the end (its local cluster must start within Ray's fixed 30 s, see pyproject's markers).
 # First the Debian packages the tests need (chromium, tesseract): apt installs them as root,
 # else .ci/prerequisites names them and stops. With CI set, a skipped test fails the run.
-test: $(STAMP)
+test: $(STAMP) lint
 	@bash .ci/prerequisites
 	@results=$$(mktemp); \
 	REPAGE_RELIABILITY_RESULTS=$$results $(PYTEST) -n 2 -m "not ray" tests && $(PYTEST) -m ray tests; tests=$$?; \

@@ -23,10 +23,11 @@ import operator
 import re
 import threading
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -34,8 +35,8 @@ from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import ConnectionConfigException, ErrorCode, MilvusException
 from pymilvus.grpc_gen import common_pb2
 
-from repage.domain.records import ChunkChange
 from repage.domain.identity import ChunkIdentity
+from repage.domain.records import ChunkChange
 from repage.errors import ConfigError, InvalidFilterValue, SchemaError, StoreError, StoreUnavailable, Throttled
 from repage.redact import Redactor, redact_url
 
@@ -62,8 +63,16 @@ SIZE_MARGIN = 0.8  # estimates are rough: stay 20% under every limit
 TEXT_BYTES_GUESS = 4096  # a FLTR chunk is ~1k tokens before we have measured any row
 
 LIGHT_FIELDS = (
-    "document_id", "dataset_id", "filename", "chunk_type", "page", "image_index",
-    "ocr_confidence", "image_r2_key", "image_size", "chunk_index",
+    "document_id",
+    "dataset_id",
+    "filename",
+    "chunk_type",
+    "page",
+    "image_index",
+    "ocr_confidence",
+    "image_r2_key",
+    "image_size",
+    "chunk_index",
 )
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
@@ -71,6 +80,7 @@ _INT64 = (-(2**63), 2**63 - 1)
 
 
 # ---------------------------------------------------------------- filter safety (pure)
+
 
 def validate_identifier(name: Any) -> str:
     if not isinstance(name, str) or not _IDENT.fullmatch(name):
@@ -142,6 +152,7 @@ AFFECTED_FILTER = affected_filter(("page", "chunk_type", "ocr_confidence"))
 
 # ---------------------------------------------------------------- checksums (pure)
 
+
 def _canonical(value: Any, as_vector: bool) -> Any:
     if isinstance(value, np.ndarray) or as_vector:
         return np.asarray(value, dtype=np.float32).tobytes().hex()
@@ -150,8 +161,9 @@ def _canonical(value: Any, as_vector: bool) -> Any:
     return value
 
 
-def row_checksum(row: Mapping[str, Any], exclude: Sequence[str] = ("page", "image_r2_key"),
-                 *, vector_fields: Sequence[str] = ()) -> str:
+def row_checksum(
+    row: Mapping[str, Any], exclude: Sequence[str] = ("page", "image_r2_key"), *, vector_fields: Sequence[str] = ()
+) -> str:
     """sha256 of every field but `exclude`, vectors as float32 bytes, `$meta` flattened."""
     flat = {k: v for k, v in row.items() if k != "$meta"}
     flat.update(row.get("$meta") or {})
@@ -176,7 +188,8 @@ def _row_bytes(row: Mapping[str, Any]) -> int:
 
 def _batches(items: Sequence[Any], cost: Callable[[Any], int], max_items: int, max_cost: int):
     """Consecutive slices bounded by count and summed cost (at least one item each)."""
-    batch, spent = [], 0
+    batch: list[Any] = []
+    spent = 0
     for item in items:
         c = cost(item)
         if batch and (len(batch) >= max_items or spent + c > max_cost):
@@ -194,10 +207,11 @@ def supports_partial_update_version(version: str) -> bool:
     if lite:
         return int(lite.group(1)) >= 3
     server = re.search(r"(\d+)\.(\d+)", version or "")  # "v2.6.3", "... Milvus 2.5"
-    return bool(server) and (int(server.group(1)), int(server.group(2))) >= (2, 6)
+    return server is not None and (int(server.group(1)), int(server.group(2))) >= (2, 6)
 
 
 # ---------------------------------------------------------------- schema and changes
+
 
 @dataclass(frozen=True)
 class CollectionInfo:
@@ -233,16 +247,21 @@ def parse_schema(name: str, desc: Mapping[str, Any], version: str) -> Collection
         raise SchemaError(f"collection {name!r} has no FLOAT_VECTOR field 'vector'")
     varchar = {f["name"] for f in fields if f["type"] == DataType.VARCHAR}
     return CollectionInfo(
-        name=name, pk_field=pk["name"],
+        name=name,
+        pk_field=pk["name"],
         pk_type="varchar" if pk["type"] == DataType.VARCHAR else "int64",
         auto_id=bool(pk.get("auto_id") or desc.get("auto_id")),
-        vector_field=vec["name"], dim=int(vec["params"]["dim"]),
-        fields=tuple(by_name), dynamic=bool(desc.get("enable_dynamic_field")),
-        identity_fields=ChunkIdentity.of_collection(name, by_name, varchar).fields, server_version=version,
+        vector_field=vec["name"],
+        dim=int(vec["params"]["dim"]),
+        fields=tuple(by_name),
+        dynamic=bool(desc.get("enable_dynamic_field")),
+        identity_fields=ChunkIdentity.of_collection(name, by_name, varchar).fields,
+        server_version=version,
     )
 
 
 # ---------------------------------------------------------------- connection and errors
+
 
 def normalize_uri(uri: str) -> str:
     if re.match(r"(https?|tcp)://|unix:", uri):
@@ -258,8 +277,10 @@ def _is_rate_limit(exc: BaseException) -> bool:
     if isinstance(exc, grpc.RpcError):
         return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     return isinstance(exc, MilvusException) and (
-        exc.code == ErrorCode.RATE_LIMIT or exc.compatible_code == common_pb2.RateLimit
-        or "rate limit" in str(exc.message).lower())
+        exc.code == ErrorCode.RATE_LIMIT
+        or exc.compatible_code == common_pb2.RateLimit
+        or "rate limit" in str(exc.message).lower()
+    )
 
 
 def _is_released(exc: MilvusException) -> bool:
@@ -272,11 +293,16 @@ def _is_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, grpc.RpcError):
         return exc.code() in _UNAVAILABLE_CODES
     return isinstance(exc, ConnectionConfigException) or (
-        isinstance(exc, MilvusException) and exc.code == 2)  # 2 = CONNECT_FAILED
+        isinstance(exc, MilvusException) and exc.code == 2
+    )  # 2 = CONNECT_FAILED
 
 
-_UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                      grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+_UNAVAILABLE_CODES = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+)
 
 
 def _one_line(exc: BaseException, secret: str) -> str:
@@ -309,8 +335,7 @@ def connect(uri: str, token: str | None, timeout: float) -> MilvusClient:
         # which a forked worker would inherit with a dead channel.
         client = MilvusClient(uri, token=token or "", timeout=timeout, dedicated=True)
     except ConnectionConfigException as exc:
-        hint = ("" if "://" in uri else
-                " (another process may hold this Lite folder: share it via `milvus-lite server`)")
+        hint = "" if "://" in uri else " (another process may hold this Lite folder: share it via `milvus-lite server`)"
         raise StoreUnavailable(f"Milvus at {where} could not be opened{hint}") from exc
     except (MilvusException, grpc.RpcError) as exc:
         raise StoreUnavailable(f"Milvus at {where} does not answer: {_one_line(exc, token or '')}") from exc
@@ -334,12 +359,21 @@ def forget_schemas(client: MilvusClient) -> None:
 
 # ---------------------------------------------------------------- the adapter
 
+
 class MilvusVectors:
     """One collection in one Milvus (Lite file, Lite server, Milvus or Zilliz)."""
 
-    def __init__(self, uri: str, collection: str, token: str | None = None, *,
-                 timeout: float = 30.0, max_query_rows: int = MAX_QUERY_ROWS,
-                 max_request_bytes: int = MAX_REQUEST_BYTES, lite_lock: Any = None):
+    def __init__(
+        self,
+        uri: str,
+        collection: str,
+        token: str | None = None,
+        *,
+        timeout: float = 30.0,
+        max_query_rows: int = MAX_QUERY_ROWS,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        lite_lock: Any = None,
+    ):
         self.uri, self.collection = normalize_uri(uri), collection
         self._token, self._timeout = token or "", timeout
         self.max_query_rows, self.max_request_bytes = max_query_rows, max_request_bytes
@@ -360,6 +394,13 @@ class MilvusVectors:
             raise
 
     # -- plumbing
+    @property
+    def client(self) -> MilvusClient:
+        """The open pymilvus client; a closed store refuses every call."""
+        if self._client is None:
+            raise StoreError(f"the connection to collection {self.collection!r} is closed")
+        return self._client
+
     def _rpc(self, method: str, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("timeout", self._timeout)
         kwargs["retry_on_rate_limit"] = False  # repage's throttle, not pymilvus' 75 tries
@@ -368,19 +409,20 @@ class MilvusVectors:
             if method in _LITE_WRITES and method != "flush":
                 self._unflushed = True  # before the call: a failed write may have been applied
             try:
-                return getattr(self._client, method)(*args, **kwargs)
+                return getattr(self.client, method)(*args, **kwargs)
             except MilvusException as exc:
                 if not _is_released(exc) or method == "load_collection":
                     raise
             # A restarted Milvus (Lite) holds the collection released: load it, then try once more.
             self.ops["reload"] += 1
-            self._client.load_collection(self.collection, timeout=self._timeout)
-            return getattr(self._client, method)(*args, **kwargs)
+            self.client.load_collection(self.collection, timeout=self._timeout)
+            return getattr(self.client, method)(*args, **kwargs)
 
     def _open_collection(self) -> None:
         if not self._rpc("has_collection", self.collection):
-            raise ConfigError(f"collection {self.collection!r} does not exist at "
-                              f"{redact_url(self.uri)}; set REPAGE_COLLECTION")
+            raise ConfigError(
+                f"collection {self.collection!r} does not exist at {redact_url(self.uri)}; set REPAGE_COLLECTION"
+            )
         state = self._rpc("get_load_state", self.collection)
         if "Loaded" not in str(state.get("state")):  # a reopened Lite DB comes back released
             self._rpc("load_collection", self.collection)
@@ -419,7 +461,7 @@ class MilvusVectors:
         URI): it names itself "milvus_lite-<version>" to GetVersion, where a server says "v2.x"."""
         if self._lite is None:
             with vendor_errors("get_server_version", self._token):
-                version = str(self._client.get_server_version(timeout=self._timeout))
+                version = str(self.client.get_server_version(timeout=self._timeout))
             self._lite = version.startswith("milvus_lite-")
         return self._lite
 
@@ -494,20 +536,27 @@ class MilvusVectors:
         return row_checksum(row, exclude, vector_fields=(info.vector_field,))
 
     # -- reads
-    def _query(self, expr: str, output_fields: Sequence[str], limit: int | None = None,
-               **params: Any) -> list[dict]:
+    def _query(self, expr: str, output_fields: Sequence[str], limit: int | None = None, **params: Any) -> list[dict]:
         if limit:
             params["limit"] = limit
         # strict_float32: float vectors come back as float32 numpy views of one array per reply,
         # not as lists of Python floats (8x the memory, and ~30x the decoding time of a batch).
-        rows = self._rpc("query", self.collection, filter=expr, output_fields=list(output_fields),
-                         consistency_level="Strong", strict_float32=True, **params)
+        rows = self._rpc(
+            "query",
+            self.collection,
+            filter=expr,
+            output_fields=list(output_fields),
+            consistency_level="Strong",
+            strict_float32=True,
+            **params,
+        )
         return [dict(r) for r in rows]
 
     def count(self, filter: str = "") -> int:
         """count(*) of rows matching `filter`, which callers build with eq_filter/in_filter."""
-        rows = self._rpc("query", self.collection, filter=filter, output_fields=["count(*)"],
-                         consistency_level="Strong")
+        rows = self._rpc(
+            "query", self.collection, filter=filter, output_fields=["count(*)"], consistency_level="Strong"
+        )
         return int(rows[0]["count(*)"])
 
     def _iterate(self, expr: str, output_fields: Sequence[str], batch_rows: int) -> Iterator[list[dict]]:
@@ -520,29 +569,29 @@ class MilvusVectors:
             bound = None if cursor is None else f"{pk} > {literal(pk, cursor)}"
             page_expr = " && ".join(f"({e})" for e in (bound, expr) if e)
             # iterator=True asks the server for the lowest pks in pk order, as its own iterator does
-            rows = self._query(page_expr, output_fields, limit=batch, iterator="True",
-                               reduce_stop_for_best="True")
+            rows = self._query(page_expr, output_fields, limit=batch, iterator="True", reduce_stop_for_best="True")
             if rows:
                 yield rows
             if len(rows) < batch:
                 return
             cursor = max(r[pk] for r in rows)
 
-    def iter_affected(self, dataset_id: str | None = None, *, page_rows: int = 10_000,
-                      fields: Sequence[str] | None = None) -> Iterator[list[dict]]:
+    def iter_affected(
+        self, dataset_id: str | None = None, *, page_rows: int = 10_000, fields: Sequence[str] | None = None
+    ) -> Iterator[list[dict]]:
         """Affected chunks in pages of `page_rows`, in primary-key order (not by document)."""
         expr = affected_filter(self.info().fields)
         return self._pages(expr, dataset_id, page_rows, fields or self._light_fields())
 
-    def iter_documents(self, dataset_id: str | None = None, *, page_rows: int = 10_000,
-                       fields: Sequence[str] | None = None) -> Iterator[list[dict]]:
+    def iter_documents(
+        self, dataset_id: str | None = None, *, page_rows: int = 10_000, fields: Sequence[str] | None = None
+    ) -> Iterator[list[dict]]:
         """Every chunk, light fields only, so a scan also sees documents with nothing to fix."""
         wanted = fields or ("document_id", "dataset_id", "filename")
         out = [f for f in dict.fromkeys((self.info().pk_field, *wanted)) if f in self.info().fields]
         return self._pages("", dataset_id, page_rows, out)
 
-    def _pages(self, expr: str, dataset_id: str | None, page_rows: int,
-               fields: Sequence[str]) -> Iterator[list[dict]]:
+    def _pages(self, expr: str, dataset_id: str | None, page_rows: int, fields: Sequence[str]) -> Iterator[list[dict]]:
         if page_rows < 1:
             raise ConfigError(f"page_rows must be at least 1, not {page_rows}")
         if dataset_id is not None:
@@ -567,8 +616,7 @@ class MilvusVectors:
         by_bytes = int(self.max_request_bytes * SIZE_MARGIN // max(bytes_per_row, 1))
         return max(1, min(self.max_query_rows, by_bytes))
 
-    def _query_split(self, keys: list, make_filter: Callable[[list], str],
-                     out: Sequence[str], cap: int) -> list[dict]:
+    def _query_split(self, keys: list, make_filter: Callable[[list], str], out: Sequence[str], cap: int) -> list[dict]:
         """Query for `keys`; a full page may be truncated, so halve and retry."""
         rows = self._query(make_filter(keys), out, limit=cap)
         if len(rows) < cap:
@@ -578,8 +626,9 @@ class MilvusVectors:
             return [r for batch in self._iterate(make_filter(keys), out, cap) for r in batch]
         self.ops["split"] += 1
         mid = len(keys) // 2
-        return (self._query_split(keys[:mid], make_filter, out, cap)
-                + self._query_split(keys[mid:], make_filter, out, cap))
+        return self._query_split(keys[:mid], make_filter, out, cap) + self._query_split(
+            keys[mid:], make_filter, out, cap
+        )
 
     def fetch_for_repair(self, document_ids: Sequence[str]) -> list[dict]:
         """Every chunk of these documents; vectors only on image/OCR chunks, the ones repage writes.
@@ -592,27 +641,39 @@ class MilvusVectors:
         # The rest with light fields only (they are counted and classified, never written), and
         # not by the filter's negation: a NULL ocr_confidence makes both sides false.
         seen = {info.identity.key(r) for r in with_vectors}
-        rest = [r for r in self.fetch_documents(document_ids, fields=self._light_fields(), with_vectors=False)
-                if info.identity.key(r) not in seen]
+        rest = [
+            r
+            for r in self.fetch_documents(document_ids, fields=self._light_fields(), with_vectors=False)
+            if info.identity.key(r) not in seen
+        ]
         return with_vectors + rest
 
-    def fetch_documents(self, document_ids: Sequence[str], *, fields: Sequence[str] | None = None,
-                        with_vectors: bool = True, where: str | None = None) -> list[dict]:
+    def fetch_documents(
+        self,
+        document_ids: Sequence[str],
+        *,
+        fields: Sequence[str] | None = None,
+        with_vectors: bool = True,
+        where: str | None = None,
+    ) -> list[dict]:
         """Every chunk of these documents (and `where`, a filter built here from the schema),
         in as few queries as rows/bytes limits allow."""
         pending = list(dict.fromkeys(document_ids))
         for doc in pending:
             quote_string(doc, field="document_id")  # refuse bad ids before any I/O
         out = self._output_fields(fields, with_vectors)
-        make_filter = (lambda ks: in_filter("document_id", ks)) if where is None else (
-            lambda ks: f"{in_filter('document_id', ks)} && ({where})")
+        make_filter = (
+            (lambda ks: in_filter("document_id", ks))
+            if where is None
+            else (lambda ks: f"{in_filter('document_id', ks)} && ({where})")
+        )
         # kept across calls: the rows per document learnt by one batch size the next one's queries
         model = self._size_models.setdefault((where, tuple(out)), _SizeModel(self._bytes_per_row(with_vectors)))
         rows: list[dict] = []
         while pending:
             cap = self._row_cap(model.bytes_per_row)
             batch = next(_batches(pending, _identity_cost, model.ids_per_call(cap), MAX_FILTER_BYTES))
-            pending = pending[len(batch):]
+            pending = pending[len(batch) :]
             got = self._query_split(batch, make_filter, out, cap)
             model.observe(len(batch), got)
             rows.extend(got)
@@ -624,11 +685,11 @@ class MilvusVectors:
         by_doc: dict[str, list] = defaultdict(list)
         for doc, index in identities:
             by_doc[doc].append(index)
-        return " || ".join(f"({eq_filter('document_id', d)} && {in_filter('chunk_index', ix)})"
-                           for d, ix in by_doc.items())
+        return " || ".join(
+            f"({eq_filter('document_id', d)} && {in_filter('chunk_index', ix)})" for d, ix in by_doc.items()
+        )
 
-    def find_by_identity(self, identities: Sequence[tuple], *,
-                         with_vectors: bool = False) -> dict[tuple, list[dict]]:
+    def find_by_identity(self, identities: Sequence[tuple], *, with_vectors: bool = False) -> dict[tuple, list[dict]]:
         """Rows by stable identity (never by an old primary key); lists expose duplicates."""
         info = self.info()
         wanted = list(dict.fromkeys(tuple(i) for i in identities))
@@ -694,8 +755,9 @@ class MilvusVectors:
         """One upsert request; the seam a test double overrides to act like another server."""
         self._rpc("upsert", self.collection, rows, partial_update=partial)
 
-    def write_changes(self, changes: Sequence[ChunkChange], *,
-                      rows_before: Mapping[tuple, Mapping[str, Any]] | None = None) -> None:
+    def write_changes(
+        self, changes: Sequence[ChunkChange], *, rows_before: Mapping[tuple, Mapping[str, Any]] | None = None
+    ) -> None:
         """Set page (and image_r2_key) on these chunks; idempotent under a crash-retry."""
         changes = list({tuple(c.identity): c for c in changes}.values())  # last one wins
         if not changes:
@@ -703,6 +765,7 @@ class MilvusVectors:
         if any(c.image_r2_key is not None for c in changes) and "image_r2_key" not in self.info().fields:
             raise SchemaError(f"collection {self.collection!r} has no field 'image_r2_key'")
         partial = self.supports_partial_update()
+        extras: list[Any]
         if partial and self._keys_stable():
             rows, extras = [self._partial_row(c, c.pk) for c in changes], []
         else:
@@ -721,8 +784,9 @@ class MilvusVectors:
             row["image_r2_key"] = change.image_r2_key
         return row
 
-    def _resolve_rows(self, changes: list[ChunkChange], rows_before: Mapping[tuple, Mapping],
-                      partial: bool) -> tuple[list[dict], list]:
+    def _resolve_rows(
+        self, changes: list[ChunkChange], rows_before: Mapping[tuple, Mapping], partial: bool
+    ) -> tuple[list[dict], list]:
         """Rows to write, found by identity, and pks of crash duplicates to delete."""
         need_full = not partial and any(tuple(c.identity) not in rows_before for c in changes)
         current = self.find_by_identity([c.identity for c in changes], with_vectors=need_full)
@@ -745,8 +809,9 @@ class MilvusVectors:
         ordered = sorted(rows, key=lambda r: (_at_target(r, change), r[pk]), reverse=True)
         keep, dupes = ordered[0], ordered[1:]
         if any(self.row_checksum(d) != self.row_checksum(keep) for d in dupes):
-            raise StoreError(f"chunk {change.identity!r} has {len(rows)} rows that differ: "
-                             "not a retry duplicate, resolve by hand")
+            raise StoreError(
+                f"chunk {change.identity!r} has {len(rows)} rows that differ: not a retry duplicate, resolve by hand"
+            )
         return keep, [d[pk] for d in dupes]
 
     def _full_row(self, change: ChunkChange, pk: Any, base: Mapping[str, Any]) -> dict:
@@ -763,10 +828,20 @@ class MilvusVectors:
 
     # -- setup helpers (demo and tests)
     @classmethod
-    def create_collection(cls, uri: str, collection: str, token: str | None = None, *,
-                          pk: str = "auto", dim: int = 1536, dynamic: bool = False,
-                          chunk_id_field: bool = True, index_type: str = "FLAT",
-                          timeout: float = 30.0, **kwargs: Any) -> MilvusVectors:
+    def create_collection(
+        cls,
+        uri: str,
+        collection: str,
+        token: str | None = None,
+        *,
+        pk: str = "auto",
+        dim: int = 1536,
+        dynamic: bool = False,
+        chunk_id_field: bool = True,
+        index_type: str = "FLAT",
+        timeout: float = 30.0,
+        **kwargs: Any,
+    ) -> MilvusVectors:
         """Create the FLTR collection of DESIGN §1 and open it."""
         client = connect(uri, token, timeout)
         try:
@@ -832,7 +907,7 @@ def fltr_schema(client: MilvusClient, *, pk: str, dim: int, dynamic: bool, chunk
 
 
 _V = DataType.VARCHAR
-_FLTR_FIELDS = (
+_FLTR_FIELDS: tuple[tuple[str, DataType, dict[str, Any]], ...] = (
     ("text", _V, {"max_length": 65535}),
     ("dataset_id", _V, {"max_length": 128}),
     ("document_id", _V, {"max_length": 256}),
