@@ -109,8 +109,8 @@ def demo(
     reads it, the migration never does.
     """
     from repage.demo import build_demo
-    from repage.migration.migrate import RunOptions
     from repage.migration.runner import RunLimits, Selection
+    from repage.migration.work import RunOptions
 
     log = log or (lambda message: None)
     started = time.perf_counter()

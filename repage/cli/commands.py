@@ -174,8 +174,8 @@ def run(
     Example: repage run --limit 100 --batch-size 50 --object-ops-per-second 200 --no-move-images
     """
     from repage.domain.states import RepairPath
-    from repage.migration.migrate import RunOptions
     from repage.migration.runner import RunLimits, Selection
+    from repage.migration.work import RunOptions
 
     def body():
         # auto claims reprocess documents too: reprocessed with --allow-reprocess, else deferred with the reason

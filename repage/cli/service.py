@@ -79,8 +79,8 @@ def _worker_setup(
     write_rate,
     move_images,
 ):
-    from repage.migration.migrate import RunOptions
     from repage.migration.runner import RunLimits
+    from repage.migration.work import RunOptions
     from repage.migration.worker import QuietHours, WorkerConfig
 
     config = WorkerConfig(

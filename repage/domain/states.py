@@ -29,9 +29,6 @@ class RepairPath(StrEnum):
     NONE = "none"
 
 
-# The old name, for the modules that still import it; remove once none does.
-Path = RepairPath
-
 NEW = None  # the "from" of a document the ledger has never seen
 
 TRANSITIONS: dict[State | None, frozenset[State]] = {

@@ -42,7 +42,7 @@ from repage.migration import pdfpages
 
 if TYPE_CHECKING:
     from repage.config import Settings
-    from repage.migration.migrate import DocumentWork, RunOptions
+    from repage.migration.work import DocumentWork, RunOptions
 
 # Far above any real document; it only keeps a broken or hostile object off the temp disk.
 MAX_SOURCE_BYTES = 2 * 1024**3

@@ -33,9 +33,9 @@ from repage.domain.keys import compile_patterns
 from repage.domain.plan import is_affected
 from repage.domain.states import RepairPath
 from repage.errors import ConfigError, InvalidFilterValue, RepageError
-from repage.migration.migrate import RunOptions
 from repage.migration.runner import RunLimits, Runner, RunSummary, Selection
 from repage.migration.scan import SCAN_FIELDS, Classifier, DocumentSummary, _scan_record, scan_completed, scan_store
+from repage.migration.work import RunOptions
 
 log = logging.getLogger("repage.migration.worker")
 

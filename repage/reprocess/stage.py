@@ -65,7 +65,7 @@ class ReprocessStage:
     # ---- a batch
 
     def process(self, claims: Sequence, migrator, dry_run: bool = False):
-        from repage.migration.migrate import BatchResult, DocumentWork
+        from repage.migration.work import BatchResult, DocumentWork
 
         result = BatchResult()
         if dry_run:

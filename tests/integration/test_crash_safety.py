@@ -290,9 +290,9 @@ def test_a_batch_longer_than_its_lease_keeps_the_lease(plain, tmp_path):
     """A slow batch (throttled copies) renews its lease: claimed once, never redone by another claim."""
     from dataclasses import replace as dc_replace
 
-    from repage.migration.migrate import RunOptions
     from repage.migration.runner import Runner, Selection
     from repage.migration.scan import scan_store
+    from repage.migration.work import RunOptions
     from tests.support.crash import limits_for
 
     # 1.5 s: the heartbeat beats every 0.5 s, slack enough for a loaded 2-core CI machine

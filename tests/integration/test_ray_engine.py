@@ -14,8 +14,8 @@ import os
 import pytest
 
 from repage.domain.states import RepairPath
-from repage.migration.migrate import RunOptions
 from repage.migration.runner import RunLimits, Selection, run_migration
+from repage.migration.work import RunOptions
 from repage.stores.open import open_stores
 from tests.support import built_demo
 from tests.support.snapshot import diff

@@ -18,8 +18,8 @@ import pytest
 from repage.config import load_settings
 from repage.domain.records import ScanRecord
 from repage.domain.states import RepairPath, State
-from repage.migration.migrate import RunOptions
 from repage.migration.runner import RunLimits, Runner, Selection
+from repage.migration.work import RunOptions
 from repage.stores.ledger import Ledger
 from repage.stores.milvus import MilvusVectors
 from repage.stores.objects import ObjectStore

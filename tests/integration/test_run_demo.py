@@ -13,8 +13,8 @@ import json
 
 import pytest
 
-from repage.migration.migrate import RunOptions
 from repage.migration.runner import RunLimits, Selection, run_migration
+from repage.migration.work import RunOptions
 from repage.stores.open import open_stores
 from tests.support import Demo
 from tests.support.snapshot import changed, diff

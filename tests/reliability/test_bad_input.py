@@ -22,9 +22,9 @@ import pytest
 
 from repage.config import load_settings
 from repage.domain.states import State
-from repage.migration.migrate import RunOptions
 from repage.migration.runner import RunLimits, Runner, Selection
 from repage.migration.scan import scan_store
+from repage.migration.work import RunOptions
 from repage.stores.milvus import MilvusVectors
 from repage.stores.objects import ObjectStore
 from tests.fixtures.milvus import unique_name

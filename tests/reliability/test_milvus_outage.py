@@ -145,9 +145,9 @@ def test_an_outage_longer_than_the_waits_stops_the_run_cleanly_and_fails_nothing
     no attempt counted, nothing left running), the run says why, and the next run finishes."""
     trial.name = "milvus-outage-longer-than-waits"
     from repage.errors import StoreUnavailable
-    from repage.migration.migrate import RunOptions
     from repage.migration.runner import UNAVAILABLE_WAITS, RunLimits, Runner, Selection
     from repage.migration.scan import scan_store
+    from repage.migration.work import RunOptions
     from repage.stores.throttle import FakeClock
 
     template = make_template(milvus_server_uri, tmp_path / "template", keys_docs=4, seed=5)

@@ -31,9 +31,9 @@ import numpy as np
 from repage.config import ENV_NAMES, Settings, load_settings
 from repage.domain.keys import canonical_image_key, legacy_image_key, legacy_image_name, legacy_sort_index
 from repage.domain.states import State
-from repage.migration.migrate import RunOptions
 from repage.migration.runner import RunLimits, Runner, Selection, run_migration
 from repage.migration.scan import scan_store
+from repage.migration.work import RunOptions
 from repage.stores.milvus import MilvusVectors
 from repage.stores.objects import ObjectStore
 from repage.stores.open import Stores, open_ledger, open_objects, open_stores

@@ -16,9 +16,9 @@ import pytest
 from repage.domain.access import Decayed, half_life_seconds
 from repage.domain.states import State
 from repage.errors import ConfigError
-from repage.migration.migrate import RunOptions
 from repage.migration.runner import RunLimits
 from repage.migration.scan import scan_store
+from repage.migration.work import RunOptions
 from repage.migration.worker import QuietHours, Worker, WorkerConfig, publish_read_latency, set_paused
 from repage.stores.ledger import Ledger
 from repage.stores.open import open_stores

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from repage.domain.access import Decayed
 from repage.domain.records import AccessRecord
-from repage.domain.states import Path, State, check_transition
+from repage.domain.states import RepairPath, State, check_transition
 from repage.stores.ledger.connection import LedgerBase, batches
 from repage.stores.ledger.schema import accesses_t, docs_t, events_t
 
@@ -124,7 +124,9 @@ class Accesses(LedgerBase):
         with self._tx(write=False) as conn:
             return list(conn.scalars(q))
 
-    def clear_enqueued(self, document_ids: Sequence[str] | None = None, *, keep_paths: set[Path] | None = None) -> int:
+    def clear_enqueued(
+        self, document_ids: Sequence[str] | None = None, *, keep_paths: set[RepairPath] | None = None
+    ) -> int:
         """Drop enqueue requests: of `document_ids`; or else of every scanned document that a
         claim (of `keep_paths`) can no longer take. Running documents keep theirs."""
         a, c = accesses_t.c, docs_t.c
@@ -133,7 +135,7 @@ class Accesses(LedgerBase):
         else:
             claimable = c.state == State.PENDING.value
             if keep_paths is not None:
-                claimable = sa.and_(claimable, c.path.in_(sorted(Path(p).value for p in keep_paths)))
+                claimable = sa.and_(claimable, c.path.in_(sorted(RepairPath(p).value for p in keep_paths)))
             settled = sa.select(c.document_id).where(~sa.or_(claimable, c.state == State.RUNNING.value))
             wheres = [a.document_id.in_(settled)]
         cleared = 0
@@ -176,7 +178,7 @@ class Accesses(LedgerBase):
                 r.access_rank,
                 r.enqueued_at,
                 State(r.state) if r.state else None,
-                Path(r.path) if r.path else None,
+                RepairPath(r.path) if r.path else None,
             )
             for r in rows
         ]

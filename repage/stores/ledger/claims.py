@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import sqlalchemy as sa
 
 from repage.domain.records import Claim
-from repage.domain.states import Path, State
+from repage.domain.states import RepairPath, State
 from repage.errors import StaleLease
 from repage.stores.ledger.connection import batches
 from repage.stores.ledger.fencing import Fenced
@@ -26,7 +26,7 @@ class Claims(Fenced):
         limit: int,
         lease_seconds: float,
         *,
-        paths: set[Path] | None = None,
+        paths: set[RepairPath] | None = None,
         dataset_id: str | None = None,
         document_ids: Sequence[str] | None = None,
         order: str = "oldest",
@@ -71,7 +71,7 @@ class Claims(Fenced):
                 r.document_id,
                 r.dataset_id,
                 r.filename,
-                Path(r.path),
+                RepairPath(r.path),
                 r.fencing_token,
                 r.affected_chunks,
                 r.lease_expires,
@@ -84,7 +84,7 @@ class Claims(Fenced):
         self,
         conn: sa.Connection,
         limit: int,
-        paths: set[Path] | None,
+        paths: set[RepairPath] | None,
         dataset_id: str | None,
         document_ids: Sequence[str] | None,
         order: str,
@@ -94,7 +94,7 @@ class Claims(Fenced):
         c, a = docs_t.c, accesses_t.c
         q = sa.select(c.document_id).where(c.state == State.PENDING.value)
         if paths is not None:
-            q = q.where(c.path.in_(sorted(Path(p).value for p in paths)))
+            q = q.where(c.path.in_(sorted(RepairPath(p).value for p in paths)))
         if dataset_id is not None:
             q = q.where(c.dataset_id == dataset_id)
         if order == "priority" or min_access_rank is not None or enqueued_only:

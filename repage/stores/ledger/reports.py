@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from repage.domain.records import DocumentRecord
-from repage.domain.states import Path, State
+from repage.domain.states import RepairPath, State
 from repage.stores.ledger.connection import LedgerBase
 from repage.stores.ledger.schema import ADDITIVE, docs_t
 
@@ -17,7 +17,7 @@ _PAGE = 1000  # documents() rows per query
 
 def document_record(row: Any) -> DocumentRecord:
     data = dict(row._mapping)
-    data["state"], data["path"] = State(data["state"]), Path(data["path"])
+    data["state"], data["path"] = State(data["state"]), RepairPath(data["path"])
     return DocumentRecord(**data)
 
 

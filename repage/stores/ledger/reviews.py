@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from repage.domain.records import ReviewRecord
-from repage.domain.states import Path, State, check_transition
+from repage.domain.states import RepairPath, State, check_transition
 from repage.errors import IllegalTransition
 from repage.stores.ledger.connection import from_row
 from repage.stores.ledger.fencing import Fenced
@@ -44,7 +44,7 @@ class Reviews(Fenced):
             row = conn.execute(sa.select(reviews_t).where(reviews_t.c.document_id == document_id)).first()
         return None if row is None else from_row(ReviewRecord, row)
 
-    def resolve_review(self, document_id: str, decision: str, *, reason: str, path: Path | None = None) -> None:
+    def resolve_review(self, document_id: str, decision: str, *, reason: str, path: RepairPath | None = None) -> None:
         """accepted | rejected: the review's status and the document's review -> pending edge, atomically.
 
         `path` re-routes the document (a rejected match leaves it to reprocess).
@@ -66,7 +66,7 @@ class Reviews(Fenced):
             )
             values = edge_values(State.PENDING, reason, None, self._now())
             if path is not None:
-                values["path"] = Path(path).value
+                values["path"] = RepairPath(path).value
             conn.execute(
                 sa.update(docs_t).where(c.document_id == document_id, c.state == State.REVIEW.value).values(**values)
             )

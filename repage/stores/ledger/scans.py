@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from repage.domain.records import ScanRecord
-from repage.domain.states import Path, State, check_transition
+from repage.domain.states import RepairPath, State, check_transition
 from repage.stores.ledger.connection import LedgerBase, batches
 from repage.stores.ledger.schema import docs_t
 
@@ -49,7 +49,7 @@ class Scans(LedgerBase):
                         "dataset_id": r.dataset_id,
                         "filename": r.filename,
                         "state": State(r.state).value,
-                        "path": Path(r.path).value,
+                        "path": RepairPath(r.path).value,
                         "reason": r.reason,
                         "affected_chunks": r.affected_chunks,
                         "total_chunks": r.total_chunks,
@@ -70,7 +70,7 @@ class Scans(LedgerBase):
                             "b_id": r.document_id,
                             "b_dataset": r.dataset_id,
                             "b_filename": r.filename,
-                            "b_path": Path(r.path).value,
+                            "b_path": RepairPath(r.path).value,
                             "b_reason": r.reason,
                             "b_affected": r.affected_chunks,
                             "b_total": r.total_chunks,

@@ -8,7 +8,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from repage.domain.states import Path, State, check_transition
+from repage.domain.states import RepairPath, State, check_transition
 from repage.errors import IllegalTransition, StaleLease
 from repage.stores.ledger.connection import batches
 from repage.stores.ledger.fencing import Fenced
@@ -41,7 +41,7 @@ def field_values(fields: Mapping[str, Any]) -> dict[str, Any]:
         if name in ADDITIVE:
             values[name] = docs_t.c[name] + value
         else:
-            values[name] = Path(value).value if name == "path" else value
+            values[name] = RepairPath(value).value if name == "path" else value
     return values
 
 
