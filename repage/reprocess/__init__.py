@@ -26,7 +26,9 @@ def open_reprocessor(settings, stores=None, *, clock=None) -> Reprocessor:
         if not settings.reprocess_url:
             raise ConfigError('reprocess_backend = "http" needs REPAGE_REPROCESS_URL (the app\'s admin API)')
         token = settings.reprocess_token.get_secret_value() if settings.reprocess_token else None
-        return HttpReprocessor(settings.reprocess_url, token, concurrency=settings.reprocess_concurrency, clock=clock)
+        return HttpReprocessor(
+            settings.reprocess_url, token, concurrency=settings.reprocess_concurrency, clock=clock, stores=stores
+        )
     if name == "local":
         if stores is None:
             raise ConfigError("the local reprocess pipeline needs the stores (Milvus and the bucket)")

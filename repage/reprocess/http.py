@@ -9,7 +9,9 @@ may report what the job cost in `cost_dollars` (or `cost`); `error` explains a f
 - connection errors, timeouts, 429 and 5xx are retried with exponential backoff and jitter
   (tenacity; the clock's sleep is injectable so tests wait no wall time); other 4xx are not;
 - at most `concurrency` requests are in flight at once (a semaphore), whatever the callers do;
-- the token goes only in the Authorization header: never in a message, a repr or a log line.
+- the token goes only in the Authorization header: never in a message, a repr or a log line;
+- before the POST, given the stores, the document's rows (vectors included) are backed up in the
+  bucket (repage/reprocess/backup.py) so `repage rollback` restores them exactly (docs/design.md §2.4).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import tenacity
 
 from repage.errors import BadInput, ConfigError, Transient
 from repage.redact import Redactor, redact_url, url_secrets
+from repage.reprocess import backup
 from repage.reprocess.base import Job, JobStatus, ReprocessDocument
 from repage.stores.throttle import Clock, SystemClock
 
@@ -50,6 +53,7 @@ class HttpReprocessor:
         backoff_max: float = 30.0,
         clock: Clock | None = None,
         transport: httpx.BaseTransport | None = None,
+        stores=None,
     ):
         if not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"REPAGE_REPROCESS_URL {redact_url(base_url)!r} must start with http:// or https://")
@@ -57,6 +61,7 @@ class HttpReprocessor:
         self._token = token or ""
         self._redact = Redactor(self._token, *url_secrets(base_url))
         self.clock = clock or SystemClock()
+        self.stores = stores  # None: no backup, and `repage rollback` refuses the document
         self.attempts = attempts
         self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
         self._slots = threading.BoundedSemaphore(concurrency)
@@ -75,6 +80,8 @@ class HttpReprocessor:
     # ---- the protocol
 
     def submit(self, document: ReprocessDocument) -> Job:
+        if self.stores is not None:  # the rows as they were, before the app's pipeline rewrites them
+            backup.keep(self.stores, document.dataset_id, document.document_id)
         reply = self._call("POST", SUBMIT_PATH.format(document_id=quote(document.document_id, safe="")))
         job = Job(document, self.name, detail={"submitted": reply})
         self._read(job, reply)

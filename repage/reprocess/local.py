@@ -18,15 +18,14 @@ For the demo store and stores built with a model repage can compute. Per documen
    of old ones and are written over them in one upsert (each row replaced whole); extra new
    chunks are inserted; all are read back by identity and checked; only then are the old
    chunks left over deleted. The journal then records each chunk's read-back checksum and key.
-`restore_backup` (used by `repage rollback`) puts the backup's rows back the same way.
+The backup and the row replacement are repage/reprocess/backup.py's, shared with the HTTP backend;
+`backup.restore` (used by `repage rollback`) puts the backup's rows back the same way.
 """
 
 from __future__ import annotations
 
 import csv
-import gzip
 import io
-import json
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +36,10 @@ from PIL import Image
 from repage.domain.identity import ChunkIdentity
 from repage.domain.keys import canonical_image_key, source_key_candidates
 from repage.domain.records import ChunkJournalEntry
-from repage.errors import BadInput, ConfigError, ObjectNotFound, RepageError, StoreError
+from repage.errors import BadInput, ConfigError, ObjectNotFound, StoreError
+from repage.reprocess import backup
+from repage.reprocess.backup import backup_key as backup_key  # re-exported: its old home
+from repage.reprocess.backup import replace_rows
 from repage.reprocess.base import Job, JobStatus, ReprocessDocument, chunk_counts
 
 SUPPORTED_MODELS = ("repage-demo-hash-1536",)  # repage.demo.embed.MODEL_NAME
@@ -46,10 +48,6 @@ CHUNK_CHARS = 1000
 MIN_TEXT_CHARS = 20  # a page with less text than this is a scan: render and OCR it
 RENDER_SCALE = 200 / 72  # 200 dpi for OCR
 TESSERACT_TIMEOUT = 120
-
-
-def backup_key(dataset_id: str, document_id: str) -> str:
-    return f"{dataset_id}/{document_id}/repage-backup/reprocess-original.json.gz"
 
 
 def checkpoint_prefix(dataset_id: str, document_id: str) -> str:
@@ -249,17 +247,7 @@ class LocalReprocessor:
     def _backup_and_clean(self, doc: ReprocessDocument, old: Sequence[Mapping]) -> list[str]:
         prefix = checkpoint_prefix(doc.dataset_id, doc.document_id)
         stale = [info.key for page in self.objects.list(prefix) for info in page if info.key.endswith(".json.gz")]
-        key = backup_key(doc.dataset_id, doc.document_id)
-        if not self.objects.exists(key):  # the original only: a retry must not back up half-new rows
-            blob = {
-                "document_id": doc.document_id,
-                "pk_field": self.info.pk_field,
-                "identity_fields": list(self.info.identity_fields),
-                "rows": [_plain(r) for r in old],
-                "checksums": {self.info.identity.backup_text(r): self.vectors.row_checksum(r) for r in old},
-                "checkpoints_deleted": stale,
-            }
-            self.objects.put(key, gzip.compress(json.dumps(blob).encode("utf-8")))
+        backup.keep(self.stores, doc.dataset_id, doc.document_id, old, checkpoints_deleted=stale)
         for stale_key in stale:
             self.objects.delete(stale_key)
         return stale
@@ -394,13 +382,6 @@ class LocalReprocessor:
         self.ledger.mark_chunks_applied(doc.document_id, doc.fencing_token, list(new_pks), new_pks=new_pks)
 
 
-# ---------------------------------------------------------------- replacing a document's rows
-
-
-def _plain(row: Mapping) -> dict:
-    return json.loads(json.dumps(dict(row), default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
-
-
 def assign_identities(info, document_id: str, old: Sequence[Mapping], new: Sequence[dict]) -> list[dict]:
     """New rows with identities: the first ones take old chunks' identities (in chunk_index order)."""
     ordered = sorted(
@@ -424,80 +405,4 @@ def assign_identities(info, document_id: str, old: Sequence[Mapping], new: Seque
     return out
 
 
-def replace_rows(vectors, current: Sequence[Mapping], targets: Sequence[dict]) -> dict[tuple, dict]:
-    """Make the document's rows exactly `targets` (by identity) with no moment of zero or doubled chunks.
-
-    1. targets whose identity exists: one upsert over the existing row's primary key;
-    2. the other targets: inserted;  3. all read back by identity and checked;
-    4. only then, current rows whose identity is not a target: deleted.
-    Returns the read-back rows by identity.
-    """
-    info = vectors.info()
-    existing: dict[tuple, list[Mapping]] = {}
-    for row in current:
-        existing.setdefault(info.identity.key(row), []).append(row)
-    overwrite, insert = [], []
-    for row in targets:
-        here = existing.get(info.identity.key(row))
-        out = {k: v for k, v in row.items() if k in info.fields or info.dynamic}
-        if here:
-            out[info.pk_field] = here[0][info.pk_field]
-            overwrite.append(out)
-        else:
-            if info.auto_id:
-                out.pop(info.pk_field, None)
-            elif info.pk_field not in out or out[info.pk_field] is None:
-                raise RepageError(f"chunk {info.identity.key(row)}: no primary key to insert it under")
-            insert.append(out)
-    if overwrite:
-        vectors.upsert_rows(overwrite)
-    if insert:
-        vectors.insert(insert)
-    wanted = [info.identity.key(r) for r in targets]
-    found = vectors.find_by_identity(wanted, with_vectors=True)
-    checked: dict[tuple, dict] = {}
-    for row, identity in zip(targets, wanted, strict=True):
-        rows = found.get(identity, [])
-        if len(rows) != 1:
-            raise StoreError(
-                f"chunk {identity}: {len(rows)} rows after the write (expected 1); the old chunks are kept: run again"
-            )
-        back = rows[0]
-        if back.get("page") != row.get("page") or back.get("text") != row.get("text"):
-            raise StoreError(f"chunk {identity}: reads back with another page or text; the old chunks are kept")
-        checked[identity] = back
-    keep = set(wanted)
-    leftovers = [r[info.pk_field] for ident, rows in existing.items() if ident not in keep for r in rows]
-    leftovers += [r[info.pk_field] for ident, rows in existing.items() if ident in keep for r in rows[1:]]
-    # rows[1:]: duplicates a crash left behind; the upsert wrote over rows[0]'s key
-    if leftovers:
-        vectors.delete_by_pks(leftovers)
-    return checked
-
-
-def restore_backup(stores, record) -> int:
-    """`repage rollback` of a locally reprocessed document: its rows as they were before, exactly."""
-    key = backup_key(record.dataset_id, record.document_id)
-    try:
-        blob = json.loads(gzip.decompress(stores.objects.get(key)))
-    except ObjectNotFound:
-        raise RepageError(
-            f"document {record.document_id} was reprocessed without a local backup "
-            f"({key}): the app's pipeline rewrote it; repage cannot restore it"
-        ) from None
-    rows = blob["rows"]
-    if not rows:
-        raise RepageError(f"document {record.document_id}: the backup holds no rows; restore by hand")
-    vectors = stores.vectors
-    info = vectors.info()
-    current = vectors.fetch_documents([record.document_id], with_vectors=True)
-    replace_rows(vectors, current, rows)
-    after = vectors.find_by_identity([info.identity.key(r) for r in rows], with_vectors=True)
-    for row in rows:
-        got = after.get(info.identity.key(row)) or [{}]
-        if vectors.row_checksum(got[0]) != blob["checksums"][info.identity.backup_text(row)]:
-            raise RepageError(
-                f"document {record.document_id}: chunk {info.identity.key(row)} differs from the "
-                "backup after the restore"
-            )
-    return len(rows)
+restore_backup = backup.restore  # the name `repage rollback` first imported

@@ -10,12 +10,15 @@ The runner hands this stage the claims of a batch whose path is `reprocess`:
   left goes back to pending and the run stops cleanly after the batch.
 - dollars per document: what the backend reports for the job, else the price table's figure
   (for a job that was submitted and failed too: it ran); recorded on the ledger transition.
-- ready: the document's chunks are read back from Milvus (it must have some) and it becomes
-  migrated with its chunk count, so `verify` checks that count later.
+- ready: the document's chunks are read back from Milvus (it must have some) and checked
+  (repage/reprocess/checks.py): a page that contradicts its canonical image key fails the
+  document; image/OCR chunks all still at page 0 in a source of several pages send it to
+  `review`. Otherwise it becomes migrated with its chunk count, so `verify` checks that count later.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +27,7 @@ from repage.domain.states import State
 from repage.errors import IllegalTransition, RepageError, StaleLease
 from repage.reprocess import backend_name, open_reprocessor
 from repage.reprocess.base import JobStatus, ReprocessDocument, estimated_dollars
+from repage.reprocess.checks import check_result
 
 DEFER_REASON = (
     "only the reprocess path can fix it and reprocessing is not enabled for this run: "
@@ -179,9 +183,7 @@ class ReprocessStage:
 
     def _finish(self, work, job, dollars: float, result) -> None:
         vectors = self.stores.vectors
-        rows = vectors.fetch_documents(
-            [work.document_id], fields=["document_id", "page", "chunk_type"], with_vectors=False
-        )
+        rows = vectors.fetch_documents([work.document_id], with_vectors=False)
         if not rows:
             self._settle(
                 work,
@@ -190,6 +192,10 @@ class ReprocessStage:
                 dollars=dollars,
                 error=f"document {work.document_id}: the backend reports it ready but it has no chunks",
             )
+            return
+        verdict = check_result(self.stores, work.claim, rows)  # "ready" is not proof: docs/design.md §2.4
+        if verdict is not None:
+            self._refuse(work, verdict, dollars, result)
             return
         vectors.persist()  # what this process wrote (the local reprocessor) survives a Lite stop first
         self._settle(
@@ -201,6 +207,15 @@ class ReprocessStage:
             reason=f"reprocessed ({job.backend}): {len(rows)} chunks",
         )
         result.chunks_written += len(rows)
+
+    def _refuse(self, work, verdict, dollars: float, result) -> None:
+        """A result the checks refused: `review` with its evidence, or `failed` naming the chunk."""
+        if verdict.state == State.REVIEW:
+            evidence = json.dumps(verdict.evidence)
+            self.stores.ledger.save_review(work.document_id, work.claim.fencing_token, evidence)
+            self._settle(work, State.REVIEW, result, dollars=dollars, reason=verdict.reason)
+        else:
+            self._settle(work, verdict.state, result, dollars=dollars, error=verdict.reason)
 
     def _settle(
         self,
