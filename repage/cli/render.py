@@ -241,6 +241,9 @@ def render_review(console: Console) -> Callable[[dict], None]:
     def render(report: dict) -> None:
         console.print(f"{report['pending']} documents in review", markup=False)
         for item in report["reviews"]:
+            if item.get("check") == "reprocess-result":  # a refused reprocess result (docs/design.md §2.4)
+                console.print(f"{item['document_id']}  {item['filename']}: {item['reason']}", markup=False)
+                continue
             console.print(
                 f"{item['document_id']}  {item['filename']}: {len(item['chunks'])} chunks below the threshold "
                 f"(distance <= {item['thresholds']['max_hash_distance']}, margin >= "
