@@ -107,6 +107,17 @@ def serve(
     insecure_local: Annotated[
         bool, typer.Option("--insecure-local", help="Serve without tokens (loopback only).")
     ] = False,
+    secure_cookie: Annotated[
+        bool | None,
+        typer.Option(
+            "--secure-cookie/--no-secure-cookie",
+            help="Mark the dashboard's session cookie Secure (default: unless bound to loopback).",
+        ),
+    ] = None,
+    forwarded_allow_ips: Annotated[
+        str | None,
+        typer.Option(help="Addresses of a TLS proxy whose X-Forwarded-For/-Proto headers to trust."),
+    ] = None,
     daily_quota: Quota = None,
     quiet_hours: Quiet = None,
     min_accesses: MinAccesses = None,
@@ -120,7 +131,8 @@ def serve(
 ) -> None:
     """Serve chunks with lazy page repair, migration status, metrics and admin endpoints.
 
-    Needs REPAGE_READ_TOKEN and REPAGE_ADMIN_TOKEN, unless bound to loopback with --insecure-local.
+    Needs REPAGE_READ_TOKEN and REPAGE_ADMIN_TOKEN (32+ characters, different), unless bound to
+    loopback with --insecure-local.
     Example: repage serve --host 0.0.0.0 --port 8080 --with-worker --daily-quota 500
     """
     from repage.web.service import serve as run_server
@@ -148,6 +160,8 @@ def serve(
             with_worker=with_worker,
             worker_config=config,
             worker_limits=limits,
+            secure_cookie=secure_cookie,
+            forwarded_allow_ips=forwarded_allow_ips,
         )
 
     run_command(body)

@@ -1,11 +1,12 @@
-"""Who may call what: bearer tokens (read, admin), the dashboard's login cookie and its CSRF
-guard, and the rule that an unauthenticated service binds to loopback only (docs/design.md §6)."""
+"""Who may call what: bearer tokens (read, admin), throttled guessing, the dashboard's admin
+actions and their CSRF guard, the open mode's guards, and the rule that an unauthenticated
+service binds to loopback only (docs/design.md §6.5, §6.6)."""
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
+import logging
 import secrets
 from urllib.parse import parse_qs, urlsplit
 
@@ -14,13 +15,20 @@ from pydantic import SecretStr
 
 from repage.config import Settings
 from repage.errors import ConfigError
+from repage.web.guard import AuthThrottle, client_address
+from repage.web.sessions import Sessions
+
+log = logging.getLogger("repage.web.auth")
 
 MAX_FORM_BYTES = 4096
+MIN_TOKEN_CHARS = 32  # docs/design.md §6.6: a token is a key, not a password
 LOOPBACK_NAMES = frozenset({"localhost"})
-SESSION_COOKIE = "repage_session"  # the dashboard's login cookie: HttpOnly, SameSite=Strict, holds the token
+# What a cross-site <form> (or a no-cors fetch) can send without a CORS preflight.
+SIMPLE_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data", "text/plain")
+TOKEN_HINT = "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
-# --------------------------------------------------------------------------- auth
+# --------------------------------------------------------------------------- exposure and token strength
 
 
 def is_loopback(host: str) -> bool:
@@ -33,7 +41,9 @@ def is_loopback(host: str) -> bool:
 
 
 def check_exposure(settings: Settings, host: str, insecure_local: bool) -> None:
-    """Refuse to serve without both tokens unless bound to loopback with --insecure-local."""
+    """Refuse to serve without both tokens unless bound to loopback with --insecure-local, and
+    refuse weak tokens whenever tokens are given (docs/design.md §6.6)."""
+    check_token_strength(settings.read_token, settings.admin_token)
     if settings.read_token and settings.admin_token:
         return
     if not insecure_local:
@@ -45,13 +55,38 @@ def check_exposure(settings: Settings, host: str, insecure_local: bool) -> None:
         raise ConfigError(f"--insecure-local serves without tokens, so only on loopback: --host {host} is not")
 
 
-class BearerAuth:
-    """Read vs admin bearer tokens, compared in constant time."""
+def check_token_strength(read: SecretStr | None, admin: SecretStr | None) -> None:
+    """At least MIN_TOKEN_CHARS characters each, and two different tokens (else every reader is an admin)."""
+    for name, token in (("REPAGE_READ_TOKEN", read), ("REPAGE_ADMIN_TOKEN", admin)):
+        if token is not None and len(token.get_secret_value()) < MIN_TOKEN_CHARS:
+            raise ConfigError(f"{name} is shorter than {MIN_TOKEN_CHARS} characters: {TOKEN_HINT}")
+    if read is not None and admin is not None:
+        if secrets.compare_digest(read.get_secret_value().encode(), admin.get_secret_value().encode()):
+            raise ConfigError(
+                f"REPAGE_READ_TOKEN equals REPAGE_ADMIN_TOKEN: every reader would be an admin; {TOKEN_HINT}"
+            )
 
-    def __init__(self, read_token: SecretStr | None, admin_token: SecretStr | None, *, open_access: bool = False):
+
+# --------------------------------------------------------------------------- bearer tokens
+
+
+class BearerAuth:
+    """Read vs admin bearer tokens, compared in constant time; failures throttled per address."""
+
+    def __init__(
+        self,
+        read_token: SecretStr | None,
+        admin_token: SecretStr | None,
+        *,
+        open_access: bool = False,
+        throttle: AuthThrottle | None = None,
+        sessions: Sessions | None = None,
+    ):
         self._read = read_token.get_secret_value().encode() if read_token else None
         self._admin = admin_token.get_secret_value().encode() if admin_token else None
         self.open = open_access and not (self._read or self._admin)
+        self.throttle = throttle or AuthThrottle()
+        self.sessions = sessions or Sessions(read_token, admin_token)
 
     def role(self, request: Request) -> str:
         if self.open:
@@ -60,13 +95,24 @@ class BearerAuth:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-        role = self.role_of(token.strip())
+        role = self.checked_role(request, token.strip(), "bearer")
         if role is None:
             raise HTTPException(401, "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
         return role
 
+    def checked_role(self, request: Request, token: str, kind: str) -> str | None:
+        """role_of behind the per-address throttle: 429 once an address failed too often, and a
+        failure recorded (never the token) when the token is wrong."""
+        address = client_address(request)
+        self.throttle.check(address)
+        role = self.role_of(token)
+        if role is None:
+            self.throttle.failed(address, kind)
+            log.warning("failed %s authentication from %s", kind, address)
+        return role
+
     def role_of(self, token: str) -> str | None:
-        """The role a token grants (a bearer token or the dashboard's session cookie): admin, read or None."""
+        """The role a token grants: admin, read or None."""
         given = token.encode()
         # Both comparisons always run: the time taken does not tell which token was close.
         is_admin = self._admin is not None and secrets.compare_digest(given, self._admin)
@@ -74,54 +120,41 @@ class BearerAuth:
         return "admin" if is_admin else "read" if is_read else None
 
     def read(self, request: Request) -> str:
-        """Read endpoints also take the dashboard's session cookie (repage/dashboard.py); admin
+        """Read endpoints also take the dashboard's session cookie (repage/web/sessions.py); admin
         endpoints do not: a cookie is sent by the browser on its own, so it needs a CSRF check."""
-        cookie = request.cookies.get(SESSION_COOKIE)
+        cookie = self.sessions.cookie(request)
         if cookie and not self.open and "authorization" not in request.headers:
-            role = self.role_of(cookie)
+            role = self.sessions.role_of(cookie)
             if role is None:
-                raise HTTPException(401, "invalid session: log in again", headers={"WWW-Authenticate": "Bearer"})
+                raise HTTPException(
+                    401, "session expired or ended: log in again", headers={"WWW-Authenticate": "Bearer"}
+                )
             return role
         return self.role(request)
 
     def admin(self, request: Request) -> str:
+        if self.open:
+            refuse_cross_site(request)
+            return "admin"
         if self.role(request) != "admin":
             raise HTTPException(403, "this endpoint needs the admin token")
         return "admin"
 
-
-class Sessions:
-    """Login cookie and CSRF tokens on top of the service's BearerAuth."""
-
-    def __init__(self, auth: BearerAuth, admin: SecretStr | None):
-        self.auth = auth
-        # Derived from the admin token so that every service process issues and accepts the same
-        # tokens; a local trial without tokens gets a key of its own.
-        self._key = (
-            hashlib.sha256(b"repage-dashboard-csrf\0" + admin.get_secret_value().encode()).digest()
-            if admin
-            else secrets.token_bytes(32)
-        )
-
-    def role(self, request: Request) -> str | None:
+    def session_role(self, request: Request) -> str | None:
         """The caller's role (bearer token or cookie), None when it has neither."""
         try:
-            return self.auth.read(request)
+            return self.read(request)
         except HTTPException as exc:
             if exc.status_code == 401:
                 return None
             raise
 
-    def csrf_token(self, request: Request) -> str:
-        session = request.cookies.get(SESSION_COOKIE, "")
-        return hmac.new(self._key, b"csrf\0" + session.encode(), hashlib.sha256).hexdigest()
-
     def require_admin_action(self, request: Request, form: dict[str, str]) -> None:
         """Admin bearer token (not sent by a browser on its own: no CSRF), or the cookie + CSRF token."""
         if "authorization" in request.headers:
-            self.auth.admin(request)
+            self.admin(request)
             return
-        role = self.role(request)
+        role = self.session_role(request)
         if role is None:
             raise HTTPException(401, "log in first", headers={"WWW-Authenticate": "Bearer"})
         if role != "admin":
@@ -129,8 +162,18 @@ class Sessions:
         if not same_origin(request):
             raise HTTPException(403, "cross-site request refused")
         supplied = request.headers.get("x-csrf-token") or form.get("csrf_token", "")
-        if not hmac.compare_digest(supplied.encode(), self.csrf_token(request).encode()):
+        if not hmac.compare_digest(supplied.encode(), self.sessions.csrf_token(request).encode()):
             raise HTTPException(403, "missing or wrong CSRF token: reload the dashboard")
+
+
+def refuse_cross_site(request: Request) -> None:
+    """Open mode's admin JSON routes: no cross-site request, and no body type a cross-site form can
+    send (JSON or no body forces a CORS preflight, which this app never grants; docs/design.md §6.6)."""
+    if not same_origin(request):
+        raise HTTPException(403, "cross-site request refused")
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type in SIMPLE_TYPES:
+        raise HTTPException(415, "send no body or application/json: form posts are refused")
 
 
 def same_origin(request: Request) -> bool:
@@ -144,14 +187,28 @@ def same_origin(request: Request) -> bool:
     return origin is None or urlsplit(origin).netloc == request.headers.get("host")
 
 
-async def read_form(request: Request) -> dict[str, str]:
-    """A small urlencoded form (login, buttons): first value per field; no multipart."""
-    body = await request.body()
-    if len(body) > MAX_FORM_BYTES:
-        raise HTTPException(413, "form too large")
+# --------------------------------------------------------------------------- bounded forms
+
+
+async def read_form(request: Request, limit: int = MAX_FORM_BYTES) -> dict[str, str]:
+    """A small urlencoded form (login, buttons): first value per field; no multipart. The body is
+    refused by its Content-Length, else cut off while streaming, before it is all read (§6.6)."""
+    body = await read_body(request, limit)
     if not request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
         return {}
     try:
         return {k: v[0] for k, v in parse_qs(body.decode("utf-8"), keep_blank_values=True).items()}
     except UnicodeDecodeError:
         raise HTTPException(400, "form is not UTF-8") from None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise HTTPException(413, f"request body over {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPException(413, f"request body over {limit} bytes")
+    return bytes(body)

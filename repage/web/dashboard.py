@@ -11,13 +11,15 @@ Routes (create_app mounts them; an existing app calls `mount_dashboard(app, part
   POST /dashboard/pause|resume   admin  what the page's buttons post (303 back, or JSON for fetch)
   GET  /static/{digest}/{name}   read   the page's script and styles, vendored uPlot included
 
-Sessions: the cookie (`repage_session`: HttpOnly, SameSite=Strict, Secure over https) holds the
-token itself, so it grants exactly what the token grants on read endpoints
-(`service.BearerAuth.read`). Admin endpoints never take the cookie: the buttons post to
+Sessions (repage/web/sessions.py, docs/design.md §6.6): the cookie (`repage_session`: HttpOnly,
+SameSite=Strict, Secure behind TLS) holds a signed, expiring session id, never the token; it
+grants what the token granted on read endpoints (`auth.BearerAuth.read`) until its 12 h run out
+or logout revokes it. Failed logins count against the address like wrong bearer tokens (429
+with Retry-After past the limit). Admin endpoints never take the cookie: the buttons post to
 /dashboard/pause|resume, which take the admin bearer token, or the cookie plus a CSRF token
-(HMAC of the session under a key derived from the admin token, so every service process
-agrees) in the form field `csrf_token` or the `X-CSRF-Token` header, from a same-origin page
-(`Sec-Fetch-Site` and `Origin` checked when the browser sends them).
+(HMAC of the session id, under the sessions' key) in the form field `csrf_token` or the
+`X-CSRF-Token` header, from a same-origin page (`Sec-Fetch-Site` and `Origin` checked when the
+browser sends them).
 
 Caching: assets are served under their content digest with `immutable`; every other
 response of the app (the page, its data, the JSON endpoints) gets `no-store` unless it set
@@ -47,11 +49,11 @@ from repage.domain.estimate import human_seconds
 from repage.domain.states import State
 from repage.errors import RepageError
 from repage.migration.status import RECENT_SECONDS
-from repage.web.auth import SESSION_COOKIE, Sessions, read_form, same_origin
+from repage.web.auth import read_form, same_origin
 from repage.web.parts import ServiceParts
+from repage.web.sessions import SESSION_COOKIE, Sessions
 
 REFRESH_SECONDS = 5
-SESSION_SECONDS = 12 * 3600
 WINDOWS = (300, 900, 3600, 6 * 3600, 24 * 3600)  # chart windows (s); "auto" is the smallest covering the run
 BIN_SIZES = (5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600)
 BINS = 60
@@ -488,55 +490,39 @@ def render_login(error: str = "") -> str:
 
 def create_dashboard_router(parts: ServiceParts) -> APIRouter:
     router = APIRouter()
-    assets, sessions = Assets(), Sessions(parts.auth, parts.settings.admin_token)
-    read = Depends(parts.auth.read)
+    assets, sessions, auth = Assets(), parts.auth.sessions, parts.auth
+    read = Depends(auth.read)
 
     @router.get("/", response_class=HTMLResponse, name="dashboard")
     def page(request: Request, window: int | None = Query(None, ge=60, le=7 * 86400)) -> Response:
-        role = sessions.role(request)
+        role = auth.session_role(request)
         if role is None:
-            response = HTMLResponse(
-                render_login(), status_code=401, headers={**PAGE_HEADERS, "WWW-Authenticate": "Bearer"}
-            )
-            if SESSION_COOKIE in request.cookies:  # a stale cookie (token rotated): drop it
-                response.delete_cookie(SESSION_COOKIE, path=cookie_path(request))
+            response = login_page("")
+            if SESSION_COOKIE in request.cookies:  # expired, revoked or from rotated tokens: drop it
+                sessions.clear_cookie(response, request)
             return response
         status, data = _guard(lambda: (status_report(parts), dashboard_data(parts, window)))
         return HTMLResponse(render_page(parts, assets, sessions, request, role, status, data), headers=PAGE_HEADERS)
 
     @router.post("/login")
     async def login(request: Request) -> Response:
+        form = await read_form(request)  # bounded, before anything else (§6.6)
         if not same_origin(request):
             raise HTTPException(403, "cross-site request refused")
-        token = (await read_form(request)).get("token", "").strip()
-        if not token or parts.auth.role_of(token) is None:
-            return HTMLResponse(
-                render_login("That token is not valid here."),
-                status_code=401,
-                headers={**PAGE_HEADERS, "WWW-Authenticate": "Bearer"},
-            )
+        token = form.get("token", "").strip()
+        role = auth.checked_role(request, token, "login") if token else None  # 429 past the limit
+        if role is None:
+            return login_page("That token is not valid here.")
         response = RedirectResponse(request.url_for("dashboard"), status_code=303)
-        response.set_cookie(
-            SESSION_COOKIE,
-            token,
-            max_age=SESSION_SECONDS,
-            path=cookie_path(request),
-            secure=request.url.scheme == "https",
-            httponly=True,
-            samesite="strict",
-        )
+        sessions.set_cookie(response, request, sessions.issue(role))
         return response
 
     @router.post("/logout")
     def logout(request: Request) -> Response:
+        if (cookie := sessions.cookie(request)) is not None:
+            sessions.revoke(cookie)
         response = RedirectResponse(request.url_for("dashboard"), status_code=303)
-        response.delete_cookie(
-            SESSION_COOKIE,
-            path=cookie_path(request),
-            secure=request.url.scheme == "https",
-            httponly=True,
-            samesite="strict",
-        )
+        sessions.clear_cookie(response, request)
         return response
 
     @router.get("/dashboard/data", dependencies=[read])
@@ -546,7 +532,7 @@ def create_dashboard_router(parts: ServiceParts) -> APIRouter:
     async def set_paused(request: Request, paused: bool) -> Response:
         from repage.migration.worker import set_paused as write_pause
 
-        sessions.require_admin_action(request, await read_form(request))
+        auth.require_admin_action(request, await read_form(request))
         _guard(lambda: write_pause(parts.ledger, paused, who="dashboard"))
         if "application/json" in request.headers.get("accept", ""):
             return JSONResponse({"paused": paused}, headers={"Cache-Control": "no-store"})
@@ -567,8 +553,8 @@ def create_dashboard_router(parts: ServiceParts) -> APIRouter:
     return router
 
 
-def cookie_path(request: Request) -> str:
-    return request.scope.get("root_path") or "/"
+def login_page(error: str) -> HTMLResponse:
+    return HTMLResponse(render_login(error), status_code=401, headers={**PAGE_HEADERS, "WWW-Authenticate": "Bearer"})
 
 
 def _guard(action):

@@ -63,8 +63,8 @@ class LatencyWindow:
 class _StateCollector:
     """Exports LazyRepair's counters and the ledger's figures at scrape time."""
 
-    def __init__(self, lazy, ledger_figures: Callable[[], dict], window: LatencyWindow):
-        self.lazy, self.ledger_figures, self.window = lazy, ledger_figures, window
+    def __init__(self, lazy, ledger_figures: Callable[[], dict], window: LatencyWindow, throttle=None):
+        self.lazy, self.ledger_figures, self.window, self.throttle = lazy, ledger_figures, window, throttle
 
     def describe(self):
         return []  # no duplicate check against other collectors: names are all repage_*
@@ -82,7 +82,22 @@ class _StateCollector:
             "Read-path Milvus p95 over the last 30 s",
             value=p95 if p95 is not None else 0.0,
         )
+        yield from self._auth()
         yield from self._ledger()
+
+    def _auth(self):
+        """Failed authentications by kind (bearer, login) and requests refused by the throttle."""
+        if self.throttle is None:
+            return
+        failures = CounterMetricFamily("repage_auth_failures", "Failed authentications, by kind", labels=["kind"])
+        for kind in ("bearer", "login"):
+            failures.add_metric([kind], self.throttle.failures.get(kind, 0))
+        yield failures
+        yield CounterMetricFamily(
+            "repage_auth_throttled",
+            "Requests refused (429) after too many failed authentications",
+            value=self.throttle.refused,
+        )
 
     def _ledger(self):
         up = GaugeMetricFamily("repage_ledger_up", "Whether the ledger answered this scrape")
@@ -104,7 +119,7 @@ class _StateCollector:
 
 
 class ServiceMetrics:
-    def __init__(self, lazy, ledger_figures: Callable[[], dict]):
+    def __init__(self, lazy, ledger_figures: Callable[[], dict], throttle=None):
         self.registry = CollectorRegistry(auto_describe=False)
         self.window = LatencyWindow()
         self.reads = Counter("repage_reads", "Chunk reads served, by outcome", ["outcome"], registry=self.registry)
@@ -114,7 +129,7 @@ class ServiceMetrics:
             buckets=READ_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_StateCollector(lazy, ledger_figures, self.window))
+        self.registry.register(_StateCollector(lazy, ledger_figures, self.window, throttle))
 
     def observe_read(self, seconds: float, outcome: str) -> None:
         self.reads.labels(outcome=outcome).inc()

@@ -12,7 +12,9 @@ from repage.config import Settings
 from repage.domain.keys import compile_patterns
 from repage.migration.lazy import LazyRepair, LedgerSink
 from repage.web.auth import BearerAuth
+from repage.web.guard import AuthThrottle
 from repage.web.metrics import LatencyPublisher, ServiceMetrics
+from repage.web.sessions import Sessions
 
 
 @dataclass
@@ -37,18 +39,24 @@ def make_parts(
     lazy: LazyRepair | None = None,
     now: Callable[[], float] = time.time,
     flush_seconds: float = 1.0,
+    secure_cookie: bool = False,
 ) -> ServiceParts:
     """LazyRepair (yours, or a new one), metrics and auth over open stores. Start the lazy
-    flusher (`parts.lazy.start()`) when the app starts, close it when it stops."""
+    flusher (`parts.lazy.start()`) when the app starts, close it when it stops. `now` (epoch
+    seconds) also drives the auth throttle and session expiry (docs/design.md §6.6)."""
     lazy = lazy or LazyRepair(
         LedgerSink(ledger, settings.access_half_life_hours),
         patterns=compile_patterns(settings.key_patterns),
         now=now,
         flush_seconds=flush_seconds,
     )
-    metrics = ServiceMetrics(lazy, lambda: _ledger_figures(ledger))
+    throttle = AuthThrottle(now=now)
+    metrics = ServiceMetrics(lazy, lambda: _ledger_figures(ledger), throttle=throttle)
     lazy.add_periodic(LatencyPublisher(ledger, metrics.window))
-    auth = BearerAuth(settings.read_token, settings.admin_token, open_access=insecure_local)
+    sessions = Sessions(settings.read_token, settings.admin_token, now=now, ledger=ledger, secure=secure_cookie)
+    auth = BearerAuth(
+        settings.read_token, settings.admin_token, open_access=insecure_local, throttle=throttle, sessions=sessions
+    )
     return ServiceParts(settings, vectors, ledger, lazy, metrics, auth)
 
 

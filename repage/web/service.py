@@ -33,7 +33,8 @@ from fastapi.responses import JSONResponse, Response
 from repage import redact
 from repage.config import Settings
 from repage.errors import ConfigError, InvalidFilterValue, RepageError
-from repage.web.auth import check_exposure
+from repage.web.auth import check_exposure, is_loopback
+from repage.web.guard import LoopbackHostOnly
 from repage.web.parts import ServiceParts, make_parts
 
 log = logging.getLogger("repage.web.service")
@@ -147,9 +148,12 @@ def create_app(
     worker_config=None,
     worker_limits=None,
     flush_seconds: float = 1.0,
+    secure_cookie: bool = False,
 ) -> FastAPI:
     """The service app. `stores` (vectors + ledger) are opened here unless given (then the
-    caller closes them). `clock.now()` (epoch seconds) stamps accesses; tests inject one."""
+    caller closes them). `clock.now()` (epoch seconds) stamps accesses and drives the auth
+    throttle and session expiry; tests inject one. `secure_cookie`: the session cookie is
+    Secure even when the request is plain http (a TLS proxy in front, docs/design.md §6.6)."""
     # replies and log records go through the process's redactor (docs/design.md §6.1)
     redact.install(redact.Redactor.from_settings(settings))
     if not (settings.read_token and settings.admin_token) and not insecure_local:
@@ -166,6 +170,7 @@ def create_app(
         insecure_local=insecure_local,
         now=clock.now if clock is not None else time.time,
         flush_seconds=flush_seconds,
+        secure_cookie=secure_cookie,
     )
 
     @asynccontextmanager
@@ -190,6 +195,8 @@ def create_app(
     mount_dashboard(app, parts)  # GET / and its assets (repage/dashboard.py)
     app.state.repage = parts
     app.add_exception_handler(ConfigError, _config_error)
+    if insecure_local:  # no tokens: a rebound DNS name must not reach it (docs/design.md §6.6)
+        app.add_middleware(LoopbackHostOnly)
     return app
 
 
@@ -216,8 +223,14 @@ def serve(
     worker_config=None,
     worker_limits=None,
     log_level: str = "info",
+    secure_cookie: bool | None = None,
+    forwarded_allow_ips: str | None = None,
 ) -> None:
-    """`repage serve`: check the exposure rule, then run uvicorn until SIGTERM/SIGINT."""
+    """`repage serve`: check the exposure rule and the tokens, then run uvicorn until SIGTERM/SIGINT.
+
+    The session cookie is Secure unless bound to loopback (`secure_cookie` overrides);
+    `forwarded_allow_ips` names the TLS proxy whose X-Forwarded-For/-Proto uvicorn trusts, so the
+    auth throttle sees the real client (docs/design.md §6.6)."""
     import uvicorn
 
     check_exposure(settings, host, insecure_local)
@@ -227,6 +240,8 @@ def serve(
         insecure_local=insecure_local,
         worker_config=worker_config,
         worker_limits=worker_limits,
+        secure_cookie=not is_loopback(host) if secure_cookie is None else secure_cookie,
     )
+    proxy: dict[str, Any] = {"forwarded_allow_ips": forwarded_allow_ips} if forwarded_allow_ips else {}
     # uvicorn's access log line is `client - "METHOD /path HTTP/1.1" status`: no headers, so no token.
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=True, **proxy)

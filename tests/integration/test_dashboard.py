@@ -47,7 +47,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-READ, ADMIN = "read-5b0e1c9d77", "admin-e24f8a3c61"
+READ, ADMIN = "read-5b0e1c9d77-0c4a8e2f6b1d9e3a7c5b", "admin-e24f8a3c61-7b2d5f9e0a3c8e1b4d6a"
 DOCS = [f"d{i:02d}" for i in range(40)]  # at ~2 s a document, the worker is still busy when paused
 BROKEN, REVIEW = "d01", "r0"  # BROKEN cannot be copied (fails); REVIEW waits for a person
 HOT = {"d20": 5, "d21": 2}  # reads per document

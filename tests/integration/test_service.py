@@ -22,7 +22,7 @@ from tests.support.service_store import create_store, env_for, expected_pages, f
 
 pytestmark = pytest.mark.slow
 
-READ, ADMIN = "read-8c1d5e0f9b", "admin-2a7f4e61c3"
+READ, ADMIN = "read-8c1d5e0f9b-3a6e2c7d1f0b4e9a8c5d", "admin-2a7f4e61c3-d9b0e5a1c8f2e7b3a6d4"
 DOCS = ["a0", "hot", "p0", "x1", "x2"]
 
 

@@ -21,11 +21,11 @@ from repage.migration.status import migration_status
 from repage.migration.worker import is_paused
 from repage.stores.ledger import Ledger
 from repage.web import dashboard as dash
-from repage.web.auth import SESSION_COOKIE, Sessions
+from repage.web.sessions import SESSION_COOKIE, Sessions
 from repage.web.service import create_app
 from tests.support.service_store import settings_for
 
-READ, ADMIN = "read-tok/+=9c", "admin-tok-5e11"  # / + = : a cookie value that needs quoting
+READ, ADMIN = "read-tok/+=9c-4b7e2d1a0f9c8e3b6a5d", "admin-tok-5e11-9a3c7b0e2d4f1a8c6e5b"  # / + =: odd characters
 
 
 def settings(tmp_path, **extra):
@@ -196,14 +196,16 @@ def test_bearer_admin_needs_no_csrf_and_bearer_read_is_refused(service):
     assert c.post("/dashboard/pause").status_code == 401
 
 
-def test_csrf_tokens_agree_across_processes_and_differ_per_session(tmp_path):
+def test_sessions_and_csrf_tokens_agree_across_processes_and_differ_per_session(tmp_path):
     s = settings(tmp_path, read_token=READ, admin_token=ADMIN)
-    one, two = (Sessions(None, s.admin_token) for _ in range(2))
-    request = SimpleNamespace(cookies={SESSION_COOKIE: ADMIN})
-    assert one.csrf_token(request) == two.csrf_token(request)  # two service processes, one token
-    assert one.csrf_token(request) != one.csrf_token(SimpleNamespace(cookies={SESSION_COOKIE: READ}))
-    other = Sessions(None, settings(tmp_path, read_token=READ, admin_token="x" * 9).admin_token)
-    assert other.csrf_token(request) != one.csrf_token(request)
+    one, two = (Sessions(s.read_token, s.admin_token) for _ in range(2))
+    session, other_session = one.issue("admin"), one.issue("admin")
+    assert two.role_of(session) == "admin"  # another service process accepts it
+    request = SimpleNamespace(cookies={SESSION_COOKIE: session})
+    assert one.csrf_token(request) == two.csrf_token(request)  # two service processes, one key
+    assert one.csrf_token(request) != one.csrf_token(SimpleNamespace(cookies={SESSION_COOKIE: other_session}))
+    rotated = Sessions(s.read_token, settings(tmp_path, admin_token="y" * 40).admin_token)
+    assert rotated.csrf_token(request) != one.csrf_token(request) and rotated.role_of(session) is None
 
 
 # ---------------------------------------------------------------- assets and cache headers
@@ -378,7 +380,7 @@ def test_insecure_local_has_no_login_but_still_checks_csrf(tmp_path):
     ledger = Ledger(s.ledger_url)
     app = create_app(s, stores=SimpleNamespace(vectors=None, ledger=ledger), insecure_local=True)
     try:
-        with TestClient(app) as client:
+        with TestClient(app, base_url="http://127.0.0.1:8080") as client:
             page = client.get("/").text
             assert 'id="pause-button"' in page and "Log out" not in page
             assert client.post("/dashboard/pause", follow_redirects=False).status_code == 403  # a forged post

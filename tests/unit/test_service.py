@@ -18,7 +18,7 @@ from repage.stores.ledger import Ledger
 from repage.web.service import check_exposure, create_app, create_router, make_parts
 from tests.support.service_store import expected_pages, fltr_rows, settings_for
 
-READ, ADMIN = "read-tok-3f9a7c", "admin-tok-81be20"
+READ, ADMIN = "read-tok-3f9a7c-5d1e0b8a2c4f6e9d7b3a", "admin-tok-81be20-c7a94f3e1d0b6a2e58d9"
 DOCS = ["doc-1", "doc-2"]
 
 
@@ -201,7 +201,7 @@ def test_insecure_local_serves_without_tokens(tmp_path):
     app = create_app(
         s, stores=SimpleNamespace(vectors=StandInVectors(fltr_rows(DOCS)), ledger=ledger), insecure_local=True
     )
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost:8080") as client:
         assert client.get("/documents/doc-1/chunks").status_code == 200
         assert client.post("/migration/pause").status_code == 200
     ledger.close()
