@@ -20,7 +20,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pypdfium2 as pdfium
 import pytest
+from rich.console import Console
 
+from repage.cli.render import render_review
 from repage.config import load_settings
 from repage.domain.records import ScanRecord
 from repage.domain.states import RepairPath, State
@@ -202,6 +204,9 @@ def test_ready_with_pages_left_at_zero_goes_to_review_not_migrated(stores):
     assert [(r["document_id"], r["check"], r["source_pages"], len(r["chunks"])) for r in listed] == [
         ("stale", "reprocess-result", 3, 5)
     ]
+    printed = io.StringIO()
+    render_review(Console(file=printed, width=400))(review.list_reviews(stores.ledger))
+    assert "stale  stale.pdf: document stale: the backend reports it ready" in printed.getvalue()
     with pytest.raises(ConfigError, match="reject it instead"):  # no page to accept
         review.accept(stores.ledger, "stale")
     assert review.reject(stores.ledger, "stale")["path"] == RepairPath.REPROCESS.value
