@@ -18,6 +18,7 @@ class State(StrEnum):
     UNRECOVERABLE = "unrecoverable"
     FAILED = "failed"
     ROLLED_BACK = "rolled_back"
+    DRIFTED = "drifted"  # verify found the store no longer as journalled: queued for repair from the journal
 
 
 class RepairPath(StrEnum):
@@ -50,13 +51,24 @@ TRANSITIONS: dict[State | None, frozenset[State]] = {
     State.FAILED: frozenset({State.PENDING}),  # retry
     State.DEFERRED: frozenset({State.PENDING}),  # reprocess enabled
     State.REVIEW: frozenset({State.PENDING}),  # review accepted or rejected
-    # verify passed / rollback / images still to move after a pages-only run (--no-move-images)
-    State.MIGRATED: frozenset({State.VERIFIED, State.ROLLED_BACK, State.PENDING}),
-    # rollback after verify / images still to move after a pages-only run
-    State.VERIFIED: frozenset({State.ROLLED_BACK, State.PENDING}),
+    # verify passed / rollback / images still to move after a pages-only run (--no-move-images) /
+    # verify found the store changed since (docs/design.md §4.4: drift)
+    State.MIGRATED: frozenset({State.VERIFIED, State.ROLLED_BACK, State.PENDING, State.DRIFTED}),
+    # rollback after verify / images still to move after a pages-only run / drift found by verify
+    State.VERIFIED: frozenset({State.ROLLED_BACK, State.PENDING, State.DRIFTED}),
+    State.DRIFTED: frozenset(
+        {
+            State.RUNNING,  # claimed like pending: the run replays its journal (docs/design.md §4.4)
+            State.VERIFIED,  # verify passes again (the store was put right by other means)
+            State.ROLLED_BACK,  # rollback works from the journal as for a migrated document
+        }
+    ),
     State.ROLLED_BACK: frozenset({State.PENDING}),  # scanned again
     # skipped and unrecoverable are final: a scan never counts a done document as affected.
 }
+
+# the states a run claims: new work, and documents to repair from their journal
+CLAIMABLE = frozenset({State.PENDING, State.DRIFTED})
 
 DONE = frozenset({State.MIGRATED, State.VERIFIED, State.SKIPPED, State.UNRECOVERABLE})
 

@@ -140,6 +140,7 @@ class BatchMigrator:
             if journal and not all(c.applied for c in journal):  # resume: the journal is the plan
                 work.chunks = journal
                 work.moves = self.ledger.object_journal(work.document_id)
+                self._restore_kept(work)
             else:  # first run, or again after a pages-only run or a rollback
                 self._fresh_plan(work, {c.identity: c for c in journal})
         except (RepageError, ValueError) as exc:
@@ -187,6 +188,20 @@ class BatchMigrator:
             pdf.add_uploads()
         if journal:
             work.chunks = [self._keep_originals(work, c, journal.get(c.identity)) for c in work.chunks]
+
+    def _restore_kept(self, work: DocumentWork) -> None:
+        """A resumed (or drifted) document's kept canonical images that are gone come back from
+        the source PDF, as the pdf path restores missing images (docs/design.md §5.8)."""
+        from repage.migration.verify import kept_canonical_keys
+
+        kept = kept_canonical_keys(work.chunks, work.moves)
+        missing = [k for k in kept if not self._object_call(self.objects.exists, k)]
+        work.usage.class_b += len(kept)
+        if missing:
+            from repage.migration.pdfpath import PdfPlanner
+
+            work.restored = PdfPlanner(self, work).restore(missing)
+            work.moves = [*work.moves, *work.restored]
 
     def _keep_originals(
         self, work: DocumentWork, entry: ChunkJournalEntry, before: ChunkJournalEntry | None
@@ -336,9 +351,10 @@ class BatchMigrator:
     def _journal(self, works: list[DocumentWork], result: BatchResult) -> list[DocumentWork]:
         """Record the intents of the fresh plans (a resumed plan is its journal already)."""
         fresh = [w for w in works if w.chunks and w.chunks[0].id is None]
-        refused = self.ledger.add_journals(
-            [JournalIntent(w.document_id, w.claim.fencing_token, w.moves, w.chunks) for w in fresh]
-        )
+        intents = [JournalIntent(w.document_id, w.claim.fencing_token, w.moves, w.chunks) for w in fresh]
+        restoring = [w for w in works if w.restored and w.chunks[0].id is not None]
+        intents += [JournalIntent(w.document_id, w.claim.fencing_token, moves=w.restored) for w in restoring]
+        refused = self.ledger.add_journals(intents)
         return self._drop_lost(works, refused, result)
 
     @staticmethod

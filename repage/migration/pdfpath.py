@@ -131,6 +131,34 @@ class PdfPlanner:
                 self._extract(pdf)
         return resolved
 
+    def restore(self, keys: Sequence[str]) -> list[ObjectJournalEntry]:
+        """Uploads that bring back these canonical images from the source PDF (docs/design.md §5.8):
+        each key's image_index found among the PDF's images as the pipeline numbered them, on
+        the key's page. Sets the work's error when the source or an image cannot be found."""
+        work = self.work
+        with tempfile.TemporaryDirectory(prefix="repage-pdf-") as tmp:
+            pdf = Path(tmp) / "source.pdf"
+            self.source_key = self._fetch_source(pdf)
+            if self.source_key is None:
+                work.outcome, work.reason = None, None  # a drift repair fails; it is not unrecoverable
+                raise BadInput(f"images {', '.join(keys)} are missing and no source PDF can restore them")
+            by_index = pdfpages.index_map(pdfpages.fingerprints(pdf, self._name(), hashes=False))
+            wanted = {key: self._pdf_image(key, by_index) for key in keys}
+            pngs = pdfpages.extract_png(pdf, self._name(), set(wanted.values()))
+        restored = []
+        for key, (page, n) in wanted.items():
+            ref = pdf_image_ref(self.source_key, page, n)
+            data = work.blobs[ref] = pngs[(page, n)]
+            restored.append(ObjectJournalEntry(ref, key, len(data), hashlib.sha256(data).hexdigest()))
+        return restored
+
+    def _pdf_image(self, key: str, by_index: Mapping[int, pdfpages.Fingerprint]) -> tuple[int, int]:
+        parsed = parse_image_key(key, patterns=self.m.patterns)
+        found = by_index.get(parsed.index) if parsed.index is not None else None
+        if found is None or found.page != parsed.page:
+            raise BadInput(f"image {key} is missing and the source PDF has no image {parsed.index} on its page")
+        return found.page, found.n
+
     def _check_pages(self, plan: DocumentPlan, pdf: Path) -> None:
         """A page (from a key) past the source PDF's last page is bad input, never written."""
         pages = pdfpages.page_count(pdf, self._name())

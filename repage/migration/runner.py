@@ -20,7 +20,7 @@ from itertools import islice
 from repage.domain.estimate import request_dollars
 from repage.domain.keys import compile_patterns
 from repage.domain.records import Claim, DocumentRecord
-from repage.domain.states import RepairPath, State
+from repage.domain.states import CLAIMABLE, RepairPath, State
 from repage.errors import IllegalTransition, RepageError, StaleLease, StoreUnavailable
 from repage.migration.migrate import BatchMigrator, BatchResult, DocumentWork, RunOptions
 from repage.migration.scan import scan_completed, scan_store
@@ -187,7 +187,7 @@ class Runner:
         total = sum(
             n
             for (state, path), n in counts.items()
-            if state == State.PENDING.value and RepairPath(path) in self.selection.paths
+            if State(state) in CLAIMABLE and RepairPath(path) in self.selection.paths
         )
         if self.selection.document_ids is not None:
             total = min(total, len(self.selection.document_ids))
@@ -229,7 +229,7 @@ class Runner:
             sel = self.selection
             self._dry_records = (
                 r
-                for r in self.stores.ledger.documents(states={State.PENDING}, dataset_id=sel.dataset_id)
+                for r in self.stores.ledger.documents(states=set(CLAIMABLE), dataset_id=sel.dataset_id)
                 if r.path in sel.paths and (sel.document_ids is None or r.document_id in sel.document_ids)
             )
         return [

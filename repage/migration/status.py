@@ -11,7 +11,7 @@ from repage.domain.estimate import request_dollars
 from repage.domain.states import DONE, State
 
 RECENT_SECONDS = 300.0  # "recent" throughput: the last five minutes
-TODO = {State.PENDING, State.RUNNING, State.FAILED, State.REVIEW, State.DEFERRED}
+TODO = {State.PENDING, State.RUNNING, State.FAILED, State.REVIEW, State.DEFERRED, State.DRIFTED}
 
 
 def throughput(events, now: float, window: float) -> dict:

@@ -1,8 +1,11 @@
 """verify, rollback and gc: all three work from the journal, never from guesses.
 
-verify: chunk count unchanged; each journalled chunk is one row whose page and key are
-the journalled new values and whose other fields and vector match the journal checksum;
-every moved image resolves at its new key with the journalled size and content hash.
+verify (docs/design.md §5.8) checks the end state the app sees, a batch of documents at a time:
+the chunk count is unchanged; each journalled chunk is one row whose page and key are the
+journalled new values and whose other fields and vector match the journal checksum; every moved
+image resolves at its new key with the journalled size and content hash, and every canonical
+image an affected chunk kept exists. A document that fails becomes `drifted` with its journal
+reopened: the next run repairs it from the journal.
 rollback: writes the journal's old values back, removes the copies repage made, and
 copies an image back first if `gc` already deleted its original.
 gc: deletes a superseded object only after the grace period and only when no chunk
@@ -12,15 +15,21 @@ points at it.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from repage.domain.identity import ChunkIdentity
-from repage.domain.keys import is_pdf_image_ref
-from repage.domain.records import ChunkChange, ObjectState
+from repage.domain.keys import is_pdf_image_ref, parse_image_key
+from repage.domain.records import ChunkChange, ChunkJournalEntry, ObjectJournalEntry, ObjectState
 from repage.domain.states import RepairPath, State
 from repage.errors import ObjectNotFound, RepageError
 from repage.stores.milvus import eq_filter, in_filter
+
+VERIFIABLE = frozenset({State.MIGRATED, State.VERIFIED, State.DRIFTED})
+VERIFY_BATCH = 200  # documents per query, as a run's batch
+OBJECT_CHECKS = 8  # bucket requests in flight while verifying
 
 
 @dataclass
@@ -40,26 +49,79 @@ def _sha256(data: bytes) -> str:
 # ---- verify
 
 
+@dataclass
+class Finding:
+    """What verify found for one document: its problems, and the moves to copy again."""
+
+    problems: list[str] = field(default_factory=list)
+    redo: list[tuple[str, str]] = field(default_factory=list)
+    identities: list[str] = field(default_factory=list)
+
+    @property
+    def problem(self) -> str | None:
+        if not self.problems:
+            return None
+        more = f" (and {len(self.problems) - 1} more problems)" if len(self.problems) > 1 else ""
+        return self.problems[0] + more
+
+
+def verify_documents(
+    stores,
+    document_ids: Iterable[str] | None = None,
+    *,
+    sample: int | None = None,
+    batch_size: int = VERIFY_BATCH,
+    concurrency: int = OBJECT_CHECKS,
+) -> CheckReport:
+    """Check migrated, verified and drifted documents (or `sample` random done ones) batch by batch."""
+    ledger = stores.ledger
+    if sample is not None:
+        records = ledger.sample_documents({State.MIGRATED, State.VERIFIED}, sample)
+    else:
+        records = _records(ledger, set(VERIFIABLE), document_ids)
+    report = CheckReport()
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        findings = check_documents(stores, [r.document_id for r in batch], concurrency)
+        with ledger.transaction():
+            for record in batch:
+                _settle(ledger, record, findings[record.document_id], report)
+    return report
+
+
 def verify_document(stores, record) -> str | None:
-    """None when the document checks out, else the first problem found."""
-    vectors, ledger = stores.vectors, stores.ledger
-    journal = ledger.chunk_journal(record.document_id)
-    rows = vectors.fetch_documents([record.document_id])
-    if record.total_chunks is not None and len(rows) != record.total_chunks:
-        return f"{len(rows)} chunks now, {record.total_chunks} before the migration"
-    found = vectors.find_by_identity([ChunkIdentity.from_text(c.identity) for c in journal], with_vectors=True)
-    for entry in journal:
-        problem = _check_chunk(vectors, entry, found.get(ChunkIdentity.from_text(entry.identity), []))
-        if problem:
-            return f"chunk {entry.identity}: {problem}"
-    for move in ledger.object_journal(record.document_id):
-        problem = _check_object(stores.objects, move)
-        if problem:
-            return problem
-    return None
+    """None when the document checks out, else what is wrong (the ledger is not touched)."""
+    return check_documents(stores, [record.document_id])[record.document_id].problem
 
 
-def _check_chunk(vectors, entry, rows: list[dict]) -> str | None:
+def check_documents(stores, document_ids: Sequence[str], concurrency: int = OBJECT_CHECKS) -> dict[str, Finding]:
+    """One chunk count query and one journalled-rows query for the batch; object checks in parallel."""
+    ledger, vectors = stores.ledger, stores.vectors
+    records = {d: ledger.get(d) for d in document_ids}
+    journals, moves = ledger.chunk_journals(document_ids), ledger.object_journals(document_ids)
+    counts = _chunk_counts(vectors, document_ids)
+    identities = [ChunkIdentity.from_text(e.identity) for d in document_ids for e in journals[d]]
+    found = vectors.find_by_identity(identities, with_vectors=True)
+    findings = {d: Finding(identities=[e.identity for e in journals[d]]) for d in document_ids}
+    for doc, finding in findings.items():
+        total = records[doc].total_chunks if records[doc] is not None else None
+        if total is not None and counts[doc] != total:
+            finding.problems.append(f"{counts[doc]} chunks now, {total} before the migration")
+        for entry in journals[doc]:
+            if problem := _check_chunk(vectors, entry, found.get(ChunkIdentity.from_text(entry.identity), [])):
+                finding.problems.append(f"chunk {entry.identity}: {problem}")
+    _check_objects(stores.objects, journals, moves, findings, concurrency)
+    return findings
+
+
+def _chunk_counts(vectors, document_ids: Sequence[str]) -> Counter:
+    """Distinct chunk identities per document, light fields only."""
+    identity = vectors.info().identity
+    rows = vectors.fetch_documents(document_ids, fields=["document_id", *identity.fields], with_vectors=False)
+    return Counter(doc for doc, _ in {(r["document_id"], identity.key(r)) for r in rows})
+
+
+def _check_chunk(vectors, entry: ChunkJournalEntry, rows: list[dict]) -> str | None:
     if len(rows) != 1:
         return f"{len(rows)} rows (expected 1)"
     row = rows[0]
@@ -73,33 +135,54 @@ def _check_chunk(vectors, entry, rows: list[dict]) -> str | None:
     return None
 
 
-def _check_object(objects, move) -> str | None:
+def kept_canonical_keys(chunks: Sequence[ChunkJournalEntry], moves: Sequence[ObjectJournalEntry]) -> list[str]:
+    """Canonical keys the document's chunks point at that no move of its journal wrote."""
+    moved = {m.new_key for m in moves}
+    finals = {c.new_key if c.new_key is not None else c.old_key for c in chunks}
+    return sorted(k for k in finals if k and k not in moved and parse_image_key(k).fmt == "canonical")
+
+
+def _check_objects(objects, journals, moves, findings: dict[str, Finding], concurrency: int) -> None:
+    tasks = [(d, m) for d in findings for m in moves[d]]
+    tasks += [(d, key) for d in findings for key in kept_canonical_keys(journals[d], moves[d])]
+    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="repage-verify") as pool:
+        results = list(pool.map(lambda task: _check_object(objects, task[1]), tasks))
+    for (doc, target), problem in zip(tasks, results):
+        if problem is not None:
+            findings[doc].problems.append(problem)
+            if isinstance(target, ObjectJournalEntry):
+                findings[doc].redo.append((target.old_key, target.new_key))
+
+
+def _check_object(objects, target: ObjectJournalEntry | str) -> str | None:
+    """A moved image: at its new key with the journalled size and hash. A kept one: it exists."""
+    if isinstance(target, str):
+        return None if objects.exists(target) else f"image {target} (kept at its canonical key) does not exist"
     try:
-        head = objects.head(move.new_key)
-        data = objects.get(move.new_key)
+        data = objects.get(target.new_key)  # one GET: the size a HEAD would give, and the bytes to hash
     except ObjectNotFound:
-        return f"image {move.new_key} does not exist"
-    if head.size != move.size or _sha256(data) != move.content_hash:
-        return f"image {move.new_key} differs from {move.old_key} (size or content hash)"
+        return f"image {target.new_key} does not exist"
+    if len(data) != target.size or _sha256(data) != target.content_hash:
+        return f"image {target.new_key} differs from {target.old_key} (size or content hash)"
     return None
 
 
-def verify_documents(stores, document_ids: Iterable[str] | None = None) -> CheckReport:
-    report = CheckReport()
-    for record in _records(stores.ledger, {State.MIGRATED, State.VERIFIED}, document_ids):
-        report.checked += 1
-        try:
-            problem = verify_document(stores, record)
-        except RepageError as exc:
-            problem = str(exc)
-        if problem:
-            report.failed[record.document_id] = problem
-            stores.ledger.add_event("verify-failed", record.document_id, detail=problem)
-            continue
-        report.passed.append(record.document_id)
-        if record.state == State.MIGRATED:
-            stores.ledger.transition(record.document_id, State.VERIFIED, reason="verify passed")
-    return report
+def _settle(ledger, record, finding: Finding, report: CheckReport) -> None:
+    """Passed: verified. Failed: drifted, its journal reopened for the next run (docs/design.md §5.8)."""
+    doc = record.document_id
+    report.checked += 1
+    if finding.problem is None:
+        report.passed.append(doc)
+        if record.state == State.DRIFTED:  # put right meanwhile: the journal is applied again
+            ledger.mark_chunks_applied(doc, None, finding.identities)
+        if record.state != State.VERIFIED:
+            ledger.transition(doc, State.VERIFIED, reason="verify passed")
+        return
+    report.failed[doc] = finding.problem
+    ledger.add_event("verify-failed", doc, detail=finding.problem)
+    ledger.reopen_journal(doc, finding.redo)
+    if record.state != State.DRIFTED:
+        ledger.transition(doc, State.DRIFTED, reason="drift found by verify", error=finding.problem)
 
 
 def _records(ledger, states: set[State], document_ids: Iterable[str] | None):
@@ -177,7 +260,7 @@ def _referenced_keys(vectors, keys: list[str], batch: int = 500) -> set[str]:
 
 def rollback_documents(stores, document_ids: Iterable[str] | None = None) -> CheckReport:
     report = CheckReport()
-    for record in _records(stores.ledger, {State.MIGRATED, State.VERIFIED}, document_ids):
+    for record in _records(stores.ledger, set(VERIFIABLE), document_ids):
         report.checked += 1
         try:
             rollback_document(stores, record)

@@ -42,6 +42,7 @@ class DocumentWork:
     verified: list[ObjectJournalEntry] = field(default_factory=list)  # copies checked, not yet journalled
     lease_lost: bool = False  # another worker owns it now: no renewal, nothing more written
     journal: list[ChunkJournalEntry] = field(default_factory=list)  # an earlier attempt's, read by prepare
+    restored: list[ObjectJournalEntry] = field(default_factory=list)  # resumed: kept images to restore from the PDF
 
     @property
     def document_id(self) -> str:

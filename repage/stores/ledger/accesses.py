@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from repage.domain.access import Decayed
 from repage.domain.records import AccessRecord
-from repage.domain.states import RepairPath, State, check_transition
+from repage.domain.states import CLAIMABLE, RepairPath, State, check_transition
 from repage.stores.ledger.connection import LedgerBase, batches
 from repage.stores.ledger.schema import accesses_t, docs_t, events_t
 
@@ -133,7 +133,7 @@ class Accesses(LedgerBase):
         if document_ids is not None:
             wheres = [a.document_id.in_(batch) for batch in batches(dict.fromkeys(document_ids))]
         else:
-            claimable = c.state == State.PENDING.value
+            claimable: sa.ColumnElement[bool] = c.state.in_(sorted(s.value for s in CLAIMABLE))
             if keep_paths is not None:
                 claimable = sa.and_(claimable, c.path.in_(sorted(RepairPath(p).value for p in keep_paths)))
             settled = sa.select(c.document_id).where(~sa.or_(claimable, c.state == State.RUNNING.value))

@@ -8,13 +8,14 @@ from collections.abc import Mapping, Sequence
 import sqlalchemy as sa
 
 from repage.domain.records import Claim
-from repage.domain.states import RepairPath, State
+from repage.domain.states import CLAIMABLE, RepairPath, State
 from repage.errors import StaleLease
 from repage.stores.ledger.connection import batches
 from repage.stores.ledger.fencing import Fenced
 from repage.stores.ledger.schema import accesses_t, docs_t
 
 ORDERS = ("oldest", "random", "priority")
+_CLAIMABLE = sorted(s.value for s in CLAIMABLE)  # pending, and drifted documents to repair from their journal
 
 
 class Claims(Fenced):
@@ -51,7 +52,7 @@ class Claims(Fenced):
             now = self._now()
             rows = conn.execute(
                 sa.update(docs_t)
-                .where(c.document_id.in_(ids), c.state == State.PENDING.value)
+                .where(c.document_id.in_(ids), c.state.in_(_CLAIMABLE))
                 .values(
                     state=State.RUNNING.value,
                     lease_owner=owner,
@@ -92,7 +93,7 @@ class Claims(Fenced):
         enqueued_only: bool = False,
     ) -> list[str]:
         c, a = docs_t.c, accesses_t.c
-        q = sa.select(c.document_id).where(c.state == State.PENDING.value)
+        q = sa.select(c.document_id).where(c.state.in_(_CLAIMABLE))
         if paths is not None:
             q = q.where(c.path.in_(sorted(RepairPath(p).value for p in paths)))
         if dataset_id is not None:

@@ -24,6 +24,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from repage.errors import ConfigError, StoreError, StoreUnavailable
 from repage.redact import Redactor, redact_url, url_secrets
+from repage.stores.files import make_private_dirs
 from repage.stores.ledger.schema import create_or_upgrade, docs_t, stored_version
 
 BATCH = 500  # rows per executemany / IN list: well under SQLite's and libpq's parameter limits
@@ -102,7 +103,7 @@ class LedgerBase:
         db = pathlib.Path(self._url.database or "")  # _parse_url refused a URL without one
         try:
             # owner-only: the ledger holds the store's keys and errors (SQLite gives -wal/-shm the db's mode)
-            db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_private_dirs(db.parent)  # every level it creates (docs/design.md §6.6)
             os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         except FileExistsError:
             pass

@@ -146,6 +146,19 @@ class Journals(Fenced):
                 conn.execute(stmt, batch)
         return refused
 
+    def reopen_journal(self, document_id: str, redo: Sequence[tuple[str, str]] = ()) -> None:
+        """Mark the document's latest chunk entries unapplied and the `redo` moves intended, so
+        the next claim finishes it from its journal (docs/design.md §5.8: drift repair)."""
+        t = chunks_t
+        with self._tx() as conn:
+            self._require_lease(conn, document_id, None)
+            ids = list(_newest(conn, t, [document_id], t.c.identity).values())
+            for batch in batches(ids):
+                conn.execute(sa.update(t).where(t.c.id.in_(batch)).values(applied=False))
+        if redo:
+            refused = self.set_objects_state({document_id: (None, redo)}, ObjectState.INTENDED)
+            raise_refused(refused)
+
     # ----------------------------------------------------------------- reading
 
     def chunk_journal(self, document_id: str) -> list[ChunkJournalEntry]:
@@ -159,8 +172,15 @@ class Journals(Fenced):
 
     def object_journal(self, document_id: str) -> list[ObjectJournalEntry]:
         """The latest entry per (old_key, new_key), in key order."""
-        rows = self._latest_many(objects_t, [document_id], objects_t.c.old_key, objects_t.c.new_key)
-        return [replace(from_row(ObjectJournalEntry, r), state=ObjectState(r.state)) for r in rows[document_id]]
+        return self.object_journals([document_id])[document_id]
+
+    def object_journals(self, document_ids: Sequence[str]) -> dict[str, list[ObjectJournalEntry]]:
+        """object_journal of many documents, in one query per 500 ([] for those without)."""
+        rows = self._latest_many(objects_t, document_ids, objects_t.c.old_key, objects_t.c.new_key)
+        return {
+            d: [replace(from_row(ObjectJournalEntry, r), state=ObjectState(r.state)) for r in rows.get(d, [])]
+            for d in document_ids
+        }
 
     def _latest_many(
         self, table: sa.Table, document_ids: Sequence[str], *group: sa.Column[Any]

@@ -51,6 +51,13 @@ class Reports(LedgerBase):
                 return
             after, left = rows[-1].document_id, None if left is None else left - len(rows)
 
+    def sample_documents(self, states: set[State], size: int) -> list[DocumentRecord]:
+        """Up to `size` documents in these states, picked at random by the database."""
+        c = docs_t.c
+        q = sa.select(docs_t).where(c.state.in_([State(s).value for s in states])).order_by(sa.func.random())
+        with self._tx(write=False) as conn:
+            return [document_record(r) for r in conn.execute(q.limit(max(size, 0))).all()]
+
     def get(self, document_id: str) -> DocumentRecord | None:
         with self._tx(write=False) as conn:
             row = conn.execute(sa.select(docs_t).where(docs_t.c.document_id == document_id)).first()
