@@ -27,6 +27,7 @@ from repage.migration import probe
 from repage.migration.review import accept, list_reviews, reject
 from repage.migration.scan import scan_completed, scan_store
 from repage.migration.status import top_documents
+from repage.stores.files import permission_warnings
 from repage.stores.open import open_objects, open_stores, open_vectors
 
 Progress = Callable[[int, int], None]
@@ -42,6 +43,8 @@ def doctor(settings: Settings) -> dict:
         except RepageError as exc:
             report["stores"][name] = {"ok": False, "error": str(exc)}
     report["ok"] = all(s["ok"] for s in report["stores"].values())
+    # local files others can read: a warning each, not a failure (docs/design.md §6.6)
+    report["warnings"] = permission_warnings(settings.ledger_url, settings.store_url, settings.milvus_uri)
     return report
 
 
@@ -187,11 +190,11 @@ def status(settings: Settings) -> dict:
         return migration_status(stores.ledger, settings.prices)
 
 
-def verify(settings: Settings, document_ids=None) -> dict:
+def verify(settings: Settings, document_ids=None, *, sample: int | None = None) -> dict:
     from repage.migration.verify import verify_documents
 
     with open_stores(settings) as stores:
-        return verify_documents(stores, document_ids).as_dict()
+        return verify_documents(stores, document_ids, sample=sample).as_dict()
 
 
 def rollback(settings: Settings, document_ids=None) -> dict:

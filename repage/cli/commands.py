@@ -28,7 +28,7 @@ from repage.cli.common import (
     settings_from,
 )
 from repage.config import DEFAULT_DATA_DIR, demo_settings
-from repage.errors import ConfigError
+from repage.errors import BadInput, ConfigError
 
 if TYPE_CHECKING:
     from rich.progress import TaskID
@@ -44,6 +44,8 @@ def doctor(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     def body():
         report = api.doctor(settings_from(ctx))
         emit(report, as_json, render.render_doctor(out))
+        for warning in report["warnings"]:  # one line each, on stderr (docs/design.md §6.6)
+            err.print(f"repage: warning: {warning}", markup=False)
         if not report["ok"]:
             raise typer.Exit(Exit.USAGE)
 
@@ -291,15 +293,21 @@ def status(
 def verify(
     ctx: typer.Context,
     document_id: Annotated[list[str] | None, typer.Option(help="Only this document (repeatable).")] = None,
+    sample: Annotated[
+        int | None, typer.Option(min=1, help="Check this many random migrated/verified documents (an audit).")
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Check every migrated document against its journal; passing ones become verified.
+    """Check the store against the journal; passing documents become verified, failing ones drifted
+    (the next run repairs them from the journal).
 
-    Example: repage verify --json
+    Example: repage verify --sample 100 --json
     """
 
     def body():
-        report = api.verify(settings_from(ctx), document_id or None)
+        if document_id and sample is not None:
+            raise BadInput("give --document-id or --sample, not both")
+        report = api.verify(settings_from(ctx), document_id or None, sample=sample)
         emit(report, as_json, render.render_check(out, "verify"))
         if report["failed"]:
             raise typer.Exit(Exit.FAILURES)

@@ -23,6 +23,7 @@ from repage.demo import corpus as corpus_mod
 from repage.demo.embed import MODEL_NAME, embed_all
 from repage.demo.ingest import IngestedDoc, ingest_corpus
 from repage.errors import ConfigError, StoreError
+from repage.stores.files import make_private_dirs
 from repage.stores.milvus import AFFECTED_FILTER, MilvusVectors
 from repage.stores.objects import ObjectStore
 from repage.stores.open import open_objects
@@ -160,7 +161,7 @@ def _open_objects(settings: Settings, data_dir: Path) -> ObjectStore:
         folder = Path(url.removeprefix("file://")).expanduser().resolve()
         if _inside(folder, data_dir) and folder != data_dir:
             shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir(parents=True)
+            make_private_dirs(folder)
     return open_objects(settings)
 
 
@@ -256,7 +257,7 @@ def build_demo(
     if pk not in ("auto", "chunk_id"):
         raise ConfigError(f"pk must be 'auto' or 'chunk_id', not {pk!r}")
     data_dir = Path(data_dir).expanduser().resolve()
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # owner-only, as the ledger in it
+    make_private_dirs(data_dir)  # owner-only at every level, as the ledger in it
     settings = settings or demo_settings(data_dir)
     log = log or (lambda message: None)
     ledger = ledger_path or _sqlite_path(settings.ledger_url)

@@ -39,6 +39,7 @@ from repage.domain.identity import ChunkIdentity
 from repage.domain.records import ChunkChange
 from repage.errors import ConfigError, InvalidFilterValue, SchemaError, StoreError, StoreUnavailable, Throttled
 from repage.redact import Redactor, redact_url
+from repage.stores.files import make_private_dirs
 
 
 def _quiet_pymilvus_logging() -> None:
@@ -269,7 +270,7 @@ def normalize_uri(uri: str) -> str:
     if not uri.endswith(".db"):
         raise ConfigError(f"Milvus URI {uri!r}: give a Lite path ending in .db or http(s)://host:port")
     path = Path(uri).expanduser().resolve()
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # pymilvus refuses a missing parent; owner-only
+    make_private_dirs(path.parent)  # pymilvus refuses a missing parent; owner-only (docs/design.md §6.6)
     return str(path)
 
 

@@ -33,6 +33,7 @@ from obstore.store import LocalStore, MemoryStore, S3Store
 
 from repage.errors import BadInput, ConfigError, ObjectNotFound, StoreError, StoreUnavailable, Throttled, Transient
 from repage.redact import Redactor, redact_url
+from repage.stores.files import make_private_dirs
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig, S3Config
@@ -118,7 +119,7 @@ class ObjectStore:
             raise ConfigError(f"store URL {redact_url(url)!r} names no folder: {URL_HELP}")
         folder = Path(rest).expanduser().resolve()
         try:
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new bucket folder is owner-only
+            make_private_dirs(folder)  # a new bucket folder is owner-only (docs/design.md §6.6)
             store = LocalStore(folder)
         except (OSError, ValueError) as exc:
             raise ConfigError(
