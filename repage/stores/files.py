@@ -10,8 +10,8 @@ PRIVATE_DIR = 0o700
 
 
 def make_private_dirs(path: Path | str) -> Path:
-    """Create `path` and any missing parent, each 0700 whatever the umask; existing folders are
-    left as they are (the user chose their mode). Returns the path."""
+    """Create `path` and any missing parent, each 0700 (`mkdir(parents=True)` gives the parents
+    the umask's mode); existing folders are left as they are (their owner chose). Returns the path."""
     path = Path(path)
     missing = []
     for level in (path, *path.parents):
@@ -23,7 +23,6 @@ def make_private_dirs(path: Path | str) -> Path:
             level.mkdir(mode=PRIVATE_DIR)
         except FileExistsError:  # another process made it in between
             continue
-        level.chmod(PRIVATE_DIR)  # mkdir's mode is cut by the umask
     return path
 
 
