@@ -197,10 +197,10 @@ def _records(ledger, states: set[State], document_ids: Iterable[str] | None):
 
 def rollback_document(stores, record) -> None:
     """Restore the journal's old values exactly, then drop the copies repage made."""
-    if record.path == RepairPath.REPROCESS:  # whole rows were replaced: back from the local pipeline's backup
-        from repage.reprocess.local import restore_backup
+    if record.path == RepairPath.REPROCESS:  # whole rows were replaced: back from the backup (docs/design.md §2.4)
+        from repage.reprocess.backup import restore
 
-        restore_backup(stores, record)
+        restore(stores, record)
         stores.ledger.transition(record.document_id, State.ROLLED_BACK, reason="rolled back from the reprocess backup")
         return
     vectors, objects, ledger = stores.vectors, stores.objects, stores.ledger
