@@ -38,7 +38,6 @@ from repage.domain.keys import canonical_image_key, source_key_candidates
 from repage.domain.records import ChunkJournalEntry
 from repage.errors import BadInput, ConfigError, ObjectNotFound, StoreError
 from repage.reprocess import backup
-from repage.reprocess.backup import backup_key as backup_key  # re-exported: its old home
 from repage.reprocess.backup import replace_rows
 from repage.reprocess.base import Job, JobStatus, ReprocessDocument, chunk_counts
 
@@ -403,6 +402,3 @@ def assign_identities(info, document_id: str, old: Sequence[Mapping], new: Seque
                 row["chunk_id"] = f"{document_id}_{top}"
         out.append(row)
     return out
-
-
-restore_backup = backup.restore  # the name `repage rollback` first imported

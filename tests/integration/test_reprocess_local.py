@@ -27,7 +27,8 @@ from repage.errors import ConfigError
 from repage.migration.runner import RunLimits, Runner, Selection
 from repage.migration.verify import rollback_documents, verify_documents
 from repage.migration.work import RunOptions
-from repage.reprocess.local import LocalReprocessor, backup_key
+from repage.reprocess.backup import backup_key
+from repage.reprocess.local import LocalReprocessor
 from repage.stores.ledger import Ledger
 from repage.stores.milvus import MilvusVectors, eq_filter
 from repage.stores.objects import ObjectStore
