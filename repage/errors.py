@@ -56,3 +56,8 @@ class StaleLease(RepageError):
 
 class BadInput(RepageError):
     """A document's data cannot be processed (corrupt PDF, unparseable row); recorded in the ledger."""
+
+
+class InvalidDocumentId(BadInput, ValueError):
+    """A document id that cannot become an object key, a URL path segment or a file name
+    (`.`, `..`, a `/`, a control character); bad input of that one document."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import quote, unquote
 
+from repage.errors import InvalidDocumentId
+
 __all__ = [
     "EXTENSIONS",
     "MAX_INT",
@@ -236,11 +238,24 @@ def _check_name(what: str, value: str) -> str:
     return value
 
 
+def check_document_id(value: object) -> str:
+    """The one rule for a document id that becomes an object key, a URL path segment or a file name
+    (docs/design.md §6.6): not empty, not `.` or `..` (a path step, kept by `quote`), no `/` or
+    `\\`, no control character. Raises InvalidDocumentId (a BadInput and a ValueError)."""
+    if not isinstance(value, str) or not value or value in (".", ".."):
+        raise InvalidDocumentId(f"document id {value!r} cannot be used in a key or URL: it is empty, '.' or '..'")
+    if "/" in value or "\\" in value or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise InvalidDocumentId(
+            f"document id {value!r} cannot be used in a key or URL: it holds '/', '\\' or a control character"
+        )
+    return value
+
+
 def image_prefix(dataset_id: str, document_id: str) -> str:
     """The folder holding a document's images: `{dataset_id}/{document_id}/images/`."""
     if not isinstance(dataset_id, str) or not dataset_id:
         raise ValueError(f"dataset_id must be a non-empty string, got {dataset_id!r}")
-    return f"{dataset_id}/{_check_name('document_id', document_id)}{_IMAGES}"
+    return f"{dataset_id}/{check_document_id(document_id)}{_IMAGES}"
 
 
 def canonical_image_key(dataset_id: str, document_id: str, page: int, index: int, ext: str) -> str:

@@ -17,12 +17,13 @@ import gzip
 import json
 from collections.abc import Mapping, Sequence
 
+from repage.domain.keys import check_document_id
 from repage.errors import ObjectNotFound, RepageError, StoreError
 from repage.stores.milvus import row_checksum
 
 
 def backup_key(dataset_id: str, document_id: str) -> str:
-    return f"{dataset_id}/{document_id}/repage-backup/reprocess-original.json.gz"
+    return f"{dataset_id}/{check_document_id(document_id)}/repage-backup/reprocess-original.json.gz"
 
 
 def _plain(row: Mapping) -> dict:

@@ -23,6 +23,7 @@ from urllib.parse import quote
 import httpx
 import tenacity
 
+from repage.domain.keys import check_document_id
 from repage.errors import BadInput, ConfigError, Transient
 from repage.redact import Redactor, redact_url, url_secrets
 from repage.reprocess import backup
@@ -32,6 +33,11 @@ from repage.stores.throttle import Clock, SystemClock
 SUBMIT_PATH = "/api/v1/admin/documents/{document_id}/reprocess"
 STATUS_PATH = "/api/v1/admin/documents/{document_id}"
 READY, FAILED = frozenset({"ready"}), frozenset({"failed", "error"})
+
+
+def _segment(document_id: str) -> str:
+    """The id as one URL path segment: `quote` keeps `.` and `..`, which would climb the app's API."""
+    return quote(check_document_id(document_id), safe="")
 
 
 class _Retryable(Exception):
@@ -80,9 +86,10 @@ class HttpReprocessor:
     # ---- the protocol
 
     def submit(self, document: ReprocessDocument) -> Job:
+        _segment(document.document_id)  # refused before anything is written (docs/design.md §6.6)
         if self.stores is not None:  # the rows as they were, before the app's pipeline rewrites them
             backup.keep(self.stores, document.dataset_id, document.document_id)
-        reply = self._call("POST", SUBMIT_PATH.format(document_id=quote(document.document_id, safe="")))
+        reply = self._call("POST", SUBMIT_PATH.format(document_id=_segment(document.document_id)))
         job = Job(document, self.name, detail={"submitted": reply})
         self._read(job, reply)
         return job
@@ -90,7 +97,7 @@ class HttpReprocessor:
     def poll(self, job: Job) -> JobStatus:
         if job.status != JobStatus.RUNNING:
             return job.status
-        reply = self._call("GET", STATUS_PATH.format(document_id=quote(job.document_id, safe="")))
+        reply = self._call("GET", STATUS_PATH.format(document_id=_segment(job.document_id)))
         self._read(job, reply)
         return job.status
 
