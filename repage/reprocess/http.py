@@ -86,7 +86,6 @@ class HttpReprocessor:
     # ---- the protocol
 
     def submit(self, document: ReprocessDocument) -> Job:
-        _segment(document.document_id)  # refused before anything is written (docs/design.md §6.6)
         if self.stores is not None:  # the rows as they were, before the app's pipeline rewrites them
             backup.keep(self.stores, document.dataset_id, document.document_id)
         reply = self._call("POST", SUBMIT_PATH.format(document_id=_segment(document.document_id)))
