@@ -240,13 +240,13 @@ def _check_name(what: str, value: str) -> str:
 
 def check_document_id(value: object) -> str:
     """The one rule for a document id that becomes an object key, a URL path segment or a file name
-    (docs/design.md §6.6): not empty, not `.` or `..` (a path step, kept by `quote`), no `/` or
-    `\\`, no control character. Raises InvalidDocumentId (a BadInput and a ValueError)."""
+    (docs/design.md §6.6): not empty, not `.` or `..` (a path step, kept by `quote`), no `/`, no
+    control character. Raises InvalidDocumentId (a BadInput and a ValueError)."""
     if not isinstance(value, str) or not value or value in (".", ".."):
-        raise InvalidDocumentId(f"document id {value!r} cannot be used in a key or URL: it is empty, '.' or '..'")
-    if "/" in value or "\\" in value or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise InvalidDocumentId(f"document_id {value!r} cannot be used in a key or URL: it is empty, '.' or '..'")
+    if "/" in value or any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise InvalidDocumentId(
-            f"document id {value!r} cannot be used in a key or URL: it holds '/', '\\' or a control character"
+            f"document_id {value!r} cannot be used in a key or URL: it holds '/' or a control character"
         )
     return value
 

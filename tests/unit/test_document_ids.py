@@ -1,5 +1,5 @@
 """One document-id rule for every id that becomes a key, a URL path segment or a file name
-(docs/design.md §6.6): `.`, `..`, `/`, `\\` and control characters are refused, as bad input of
+(docs/design.md §6.6): `.`, `..`, `/` and control characters are refused, as bad input of
 that one document. The reprocess API is a stand-in http.server on 127.0.0.1 (real HTTP)."""
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from repage.reprocess.backup import backup_key
 from repage.reprocess.base import ReprocessDocument
 from repage.reprocess.http import HttpReprocessor
 
-BAD = [".", "..", "", "a/b", "../admin", "a\\b", "a\x00b", "line\nbreak", "tab\there", "del\x7f"]
-GOOD = ["doc-1", "a.b", "...", ".hidden", "x..y", "3f2a-uuid", "é-ü", "a b", "a%2Fb"]
+BAD = [".", "..", "", "a/b", "../admin", "a\x00b", "line\nbreak", "tab\there", "del\x7f"]
+# a backslash is no path step on a bucket or in a URL (quoted as %5C): the injection corpus keeps one
+GOOD = ["doc-1", "a.b", "...", ".hidden", "x..y", "3f2a-uuid", "é-ü", "a b", "a%2Fb", 'bs\\" || true']
 
 
 @pytest.mark.parametrize("bad", BAD)
