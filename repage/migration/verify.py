@@ -61,8 +61,8 @@ class Finding:
     def problem(self) -> str | None:
         if not self.problems:
             return None
-        more = f" (and {len(self.problems) - 1} more problems)" if len(self.problems) > 1 else ""
-        return self.problems[0] + more
+        more = f"; and {len(self.problems) - 3} more" if len(self.problems) > 3 else ""
+        return "; ".join(self.problems[:3]) + more
 
 
 def verify_documents(
