@@ -76,6 +76,9 @@ class Settings(BaseModel):
     batch_size: int = Field(200, ge=1, le=10_000)
     access_half_life_hours: float = Field(72.0, gt=0)
     lease_seconds: float = Field(300.0, gt=0)  # a dead worker's documents return to pending after this
+    # the largest object read whole into memory (a source for the local reprocess, an image to hash);
+    # a larger one is bad input of its document (docs/design.md §6.6)
+    max_object_bytes: int = Field(256 * 1024**2, ge=1024)
     budget_dollars: float | None = Field(None, gt=0)  # the whole migration's budget: the dashboard compares against it
     prices: Prices = Prices()
     matching: Matching = Matching()

@@ -42,6 +42,11 @@ MAX_CANDIDATES = 5  # candidate pages kept as review evidence
 # page digits differ first, and a `-full` page has a single image.)
 BASENAME = "source.pdf"
 PNG_LEVEL = 3  # fixed, so re-extracting an image after a crash gives the same bytes
+# Bounds on hostile sources (docs/design.md §6.6), checked before PDFium decodes anything: the
+# page count, and an image's pixels from its dictionary (PDFium gives width and height without
+# decoding). Pillow's own bomb limit (2 x Image.MAX_IMAGE_PIXELS, ~179 Mpx) is the same size.
+MAX_PAGES = 5000
+MAX_IMAGE_PIXELS = 2 * 89_478_485
 
 # PDFium is not thread-safe, not even across documents: every call into it holds this lock.
 _PDFIUM = threading.Lock()
@@ -157,14 +162,32 @@ def _pages(source: Source, name: str, pages: Collection[int] | None = None) -> I
     """The kept images of each page (of `pages` only, if given), one page at a time."""
     pdf = open_pdf(source, name)
     try:
-        with _PDFIUM:
-            count = len(pdf)
+        count = checked_page_count(pdf, name)
         for page_no in range(count):
             if pages is None or page_no in pages:
                 yield _page_images(pdf, page_no, name)
     finally:
         with _PDFIUM:
             pdf.close()
+
+
+def checked_page_count(pdf: pdfium.PdfDocument, name: str) -> int:
+    with _PDFIUM:
+        count = len(pdf)
+    if count > MAX_PAGES:
+        raise BadInput(
+            f"{name}: the source PDF has {count:,} pages, over the limit of {MAX_PAGES:,}: reprocess it by hand"
+        )
+    return count
+
+
+def check_pixels(width: int, height: int, name: str, where: str) -> None:
+    """An image too large to decode is bad input of its document, refused before decoding."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise BadInput(
+            f"{name}: {where} is {width:,}x{height:,} pixels, over the limit of {MAX_IMAGE_PIXELS:,}: "
+            "handle the document by hand"
+        )
 
 
 def _page_images(pdf: pdfium.PdfDocument, page_no: int, name: str) -> list[PageImage]:
@@ -175,6 +198,7 @@ def _page_images(pdf: pdfium.PdfDocument, page_no: int, name: str) -> list[PageI
             try:
                 for obj in page.get_objects(filter=[pdfium_c.FPDF_PAGEOBJ_IMAGE], max_depth=FORM_DEPTH):
                     width, height = obj.get_px_size()
+                    check_pixels(width, height, name, f"an image on page {page_no}")
                     if is_junk(width, height) or (image := _pixels(obj)) is None:
                         continue
                     found.append(PageImage(page_no, len(found), width, height, image))
@@ -210,8 +234,7 @@ def _pixels(obj) -> Image.Image | None:
 def page_count(source: Source, name: str) -> int:
     pdf = open_pdf(source, name)
     try:
-        with _PDFIUM:
-            return len(pdf)
+        return checked_page_count(pdf, name)
     finally:
         with _PDFIUM:
             pdf.close()

@@ -85,6 +85,9 @@ class ObjectStore:
         self._redact = redact or Redactor()
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
+        # the default cap of `get` (whole objects in memory); open_objects sets it from the
+        # settings' max_object_bytes (docs/design.md §6.6)
+        self.max_get_bytes: int | None = None
 
     # ---- construction ---------------------------------------------------------
 
@@ -217,9 +220,19 @@ class ObjectStore:
             return False
         return True
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        """The whole object in memory. One larger than `max_bytes` (default `max_get_bytes`) is
+        refused from its size, before its body is read: BadInput names the key and both sizes."""
         store = self._open()
-        return self._call("get", key, lambda: bytes(obstore.get(store, key).bytes()))
+        limit = max_bytes if max_bytes is not None else self.max_get_bytes
+
+        def read() -> bytes:
+            result = obstore.get(store, key)
+            if limit is not None:
+                _check_size(key, int(result.meta["size"]), limit)
+            return bytes(result.bytes())
+
+        return self._call("get", key, read)
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of the object; an `end` past the object's size is clamped."""
@@ -236,12 +249,8 @@ class ObjectStore:
         """
         store = self._open()
         result = self._call("get", key, lambda: obstore.get(store, key))
-        size = int(result.meta["size"])
-        if max_bytes is not None and size > max_bytes:
-            raise BadInput(
-                f"object {key!r} is {size:,} bytes, over the limit of {max_bytes:,}: "
-                "raise the limit or handle the document by hand"
-            )
+        if max_bytes is not None:
+            _check_size(key, int(result.meta["size"]), max_bytes)
         chunks = self._call("get", key, lambda: iter(result.stream(min_chunk_size=DOWNLOAD_CHUNK)), count=False)
         written = 0
         while (chunk := self._call("get", key, lambda: next(chunks, None), count=False)) is not None:
@@ -302,6 +311,14 @@ class ObjectStore:
             target = key if dst is None else f"{key} -> {dst}"
             error = translate_error(exc, op=op, key=key, target=target, where=self._description, redact=self._redact)
             raise error from exc
+
+
+def _check_size(key: str, size: int, limit: int) -> None:
+    if size > limit:
+        raise BadInput(
+            f"object {key!r} is {size:,} bytes, over the limit of {limit:,} (max_object_bytes): "
+            "raise the limit or handle the document by hand"
+        )
 
 
 # ---- error translation -------------------------------------------------------------

@@ -61,6 +61,7 @@ def open_objects(settings: Settings, *, check: bool = True) -> ObjectStore:
         access_key_id=secret(settings.aws_access_key_id),
         secret_access_key=secret(settings.aws_secret_access_key),
     )
+    store.max_get_bytes = settings.max_object_bytes  # docs/design.md §6.6
     if check:
         from repage.stores.throttle import AdaptiveLimiter, call_with_backoff
 

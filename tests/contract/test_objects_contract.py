@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from repage.errors import ConfigError, ObjectNotFound, StoreError, StoreUnavailable, Throttled
+from repage.errors import BadInput, ConfigError, ObjectNotFound, StoreError, StoreUnavailable, Throttled
 from repage.stores.objects import ObjectInfo, ObjectStore
 from tests.fixtures.s3 import create_bucket, free_port, s3_store, unique_bucket_name
 
@@ -43,6 +43,20 @@ def test_put_then_get_and_head_agree_on_bytes_and_size(object_store):
     assert info.size == 104
     assert isinstance(info.last_modified, datetime) and info.last_modified.tzinfo is not None
     assert info.etag is None or (info.etag and '"' not in info.etag)
+
+
+def test_get_refuses_an_object_over_its_cap_naming_the_key(object_store):
+    """docs/design.md §6.6: from the object's size, before its body; the cap per call or per store."""
+    key = "ds/doc/source big.pdf"
+    object_store.put(key, bytes(5000))
+    with pytest.raises(BadInput, match=r"'ds/doc/source big.pdf' is 5,000 bytes, over the limit of 4,999") as caught:
+        object_store.get(key, max_bytes=4999)
+    assert len(str(caught.value).splitlines()) == 1
+    assert object_store.get(key, max_bytes=5000) == bytes(5000)
+    object_store.max_get_bytes = 1024  # as open_objects sets it from max_object_bytes
+    with pytest.raises(BadInput, match="over the limit of 1,024"):
+        object_store.get(key)
+    assert object_store.get(key, max_bytes=10_000) == bytes(5000)  # a call's own cap wins
 
 
 def test_put_overwrites(object_store):
