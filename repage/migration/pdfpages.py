@@ -17,7 +17,7 @@ import io
 import math
 import os
 import threading
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,7 +158,7 @@ def _mentions_encrypt(source: Source, chunk: int = 1 << 20) -> bool:
     return False
 
 
-def _pages(source: Source, name: str, pages: Collection[int] | None = None) -> Iterator[list[PageImage]]:
+def _pages(source: Source, name: str, pages: Collection[int] | None = None) -> Generator[list[PageImage], None, None]:
     """The kept images of each page (of `pages` only, if given), one page at a time."""
     pdf = open_pdf(source, name)
     try:
@@ -238,6 +238,11 @@ def page_count(source: Source, name: str) -> int:
     finally:
         with _PDFIUM:
             pdf.close()
+
+
+def images_by_page(source: Source, name: str) -> Generator[list[PageImage], None, None]:
+    """The kept images of every page, one page at a time, in page order."""
+    return _pages(source, name)
 
 
 def iter_page_images(source: Source, name: str) -> Iterator[PageImage]:

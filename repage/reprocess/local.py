@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import subprocess
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -106,43 +109,63 @@ class SourcePage:
     scan: Image.Image | None = None  # whole page to OCR (no text layer, or an image source)
 
 
-def extract_pages(data: bytes, name: str) -> list[SourcePage]:
+def extract_pages(data: bytes, name: str) -> Iterator[SourcePage]:
+    """The source's pages one at a time: a page's render and images are dropped once the caller
+    moves on (docs/design.md §6.6: a long scanned PDF never sits in memory as pixels)."""
     if name.lower().endswith(IMAGE_EXTS) or not data.startswith(b"%PDF"):
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                return [SourcePage(0, scan=im.convert("RGB"))]
-        except OSError as exc:
-            raise BadInput(f"{name}: the source is neither a PDF nor an image this pipeline reads ({exc})") from exc
-    return _pdf_pages(data, name)
+        yield _image_page(data, name)
+        return
+    yield from _pdf_pages(data, name)
 
 
-def _pdf_pages(data: bytes, name: str) -> list[SourcePage]:
+def _image_page(data: bytes, name: str) -> SourcePage:
+    from repage.migration import pdfpages
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # the header only: the size is known before decoding
+            pdfpages.check_pixels(im.width, im.height, name, "the source image")
+            im.load()
+            return SourcePage(0, scan=im.convert("RGB"))
+    except Image.DecompressionBombError as exc:
+        raise BadInput(f"{name}: the source image is too large to decode ({exc})") from exc
+    except OSError as exc:
+        raise BadInput(f"{name}: the source is neither a PDF nor an image this pipeline reads ({exc})") from exc
+
+
+def _pdf_pages(data: bytes, name: str) -> Iterator[SourcePage]:
     from repage.migration import pdfpages
 
     pdf = pdfpages.open_pdf(data, name)
-    pages: list[SourcePage] = []
+    images = pdfpages.images_by_page(data, name)  # in step with the pages, one page at a time
     try:
-        with pdfpages._PDFIUM:  # PDFium is not thread-safe: every call holds the module's lock
-            for number in range(len(pdf)):
-                page = pdf[number]
-                try:
-                    textpage = page.get_textpage()
-                    text = textpage.get_text_range().replace("\r\n", "\n")
-                    textpage.close()
-                    scan = None
-                    if len(text.strip()) < MIN_TEXT_CHARS:
-                        scan = page.render(scale=RENDER_SCALE).to_pil().convert("RGB").copy()
-                finally:
-                    page.close()
-                pages.append(SourcePage(number, text=text, scan=scan))
+        for number in range(pdfpages.checked_page_count(pdf, name)):
+            text, scan = _text_or_scan(pdf, number, name)
+            found = next(images)
+            # a scanned page is OCRed whole, not per image
+            yield SourcePage(number, text=text, scan=scan, images=[] if scan is not None else [i.image for i in found])
     finally:
+        images.close()
         with pdfpages._PDFIUM:
             pdf.close()
-    for image in pdfpages.iter_page_images(data, name):  # page order, then content order
-        if pages[image.page].scan is None:  # a scanned page is OCRed whole, not per image
-            pages[image.page].images.append(image.image)
-    return pages
+
+
+def _text_or_scan(pdf, number: int, name: str) -> tuple[str, Image.Image | None]:
+    """The page's text layer, and its 200 dpi render when the text is too short (a scan)."""
+    from repage.migration import pdfpages
+
+    with pdfpages._PDFIUM:  # PDFium is not thread-safe: every call holds the module's lock
+        page = pdf[number]
+        try:
+            textpage = page.get_textpage()
+            text = textpage.get_text_range().replace("\r\n", "\n")
+            textpage.close()
+            if len(text.strip()) >= MIN_TEXT_CHARS:
+                return text, None
+            width, height = (math.ceil(side * RENDER_SCALE) for side in page.get_size())
+            pdfpages.check_pixels(width, height, name, f"page {number} at 200 dpi")
+            return text, page.render(scale=RENDER_SCALE).to_pil().convert("RGB").copy()
+        finally:
+            page.close()
 
 
 def split_text(text: str, size: int = CHUNK_CHARS) -> list[str]:
@@ -158,6 +181,24 @@ def split_text(text: str, size: int = CHUNK_CHARS) -> list[str]:
             para = para[size:]
         current = f"{current}\n\n{para}" if current else para
     return chunks + ([current] if current.strip() else [])
+
+
+class _Counted:
+    """Pages as they go by, counted (the report's `pages`): a generator has no len()."""
+
+    def __init__(self, pages: Iterable[SourcePage]):
+        self._pages, self.count = pages, 0
+
+    def __iter__(self) -> Iterator[SourcePage]:
+        for page in self._pages:
+            self.count += 1
+            yield page
+
+
+def _spooled(spool: Path, n: int, image: Image.Image) -> Path:
+    path = spool / f"{n}.png"
+    path.write_bytes(png(image))
+    return path
 
 
 def png(image: Image.Image) -> bytes:
@@ -210,25 +251,31 @@ class LocalReprocessor:
     def reprocess(self, doc: ReprocessDocument) -> dict:
         old = self.vectors.fetch_documents([doc.document_id], with_vectors=True)
         source_key, data = self._source(doc, old)
-        pages = extract_pages(data, doc.filename)
-        new, uploads = self._chunks(doc, pages, old)
-        deleted = self._backup_and_clean(doc, old)
-        for key, blob in uploads:
-            self.objects.put(key, blob)
-            if self.objects.head(key).size != len(blob):
-                raise StoreError(f"upload of {key} reads back with another size")
+        # rendered pages and images become PNG files in a spool folder, one page at a time (§6.6)
+        with tempfile.TemporaryDirectory(prefix="repage-reprocess-") as spool:
+            pages = _Counted(extract_pages(data, doc.filename))
+            new, uploads = self._chunks(doc, pages, old, Path(spool))
+            deleted = self._backup_and_clean(doc, old)
+            for key, path in uploads:
+                self._upload(key, path)
         targets = assign_identities(self.info, doc.document_id, old, new)
         self._journal(doc, old, targets)
         found = replace_rows(self.vectors, old, targets)
         self._journal_applied(doc, targets, found)
         return {
             "source_key": source_key,
-            "pages": len(pages),
+            "pages": pages.count,
             "chunks": len(targets),
             "by_type": chunk_counts(targets),
             "checkpoints_deleted": deleted,
             "images_uploaded": len(uploads),
         }
+
+    def _upload(self, key: str, path: Path) -> None:
+        blob = path.read_bytes()
+        self.objects.put(key, blob)
+        if self.objects.head(key).size != len(blob):
+            raise StoreError(f"upload of {key} reads back with another size")
 
     def _source(self, doc: ReprocessDocument, old: Sequence[Mapping]) -> tuple[str, bytes]:
         row = old[0] if old else {}
@@ -252,8 +299,8 @@ class LocalReprocessor:
         return stale
 
     def _chunks(
-        self, doc: ReprocessDocument, pages: Sequence[SourcePage], old: Sequence[Mapping]
-    ) -> tuple[list[dict], list[tuple[str, bytes]]]:
+        self, doc: ReprocessDocument, pages: Iterable[SourcePage], old: Sequence[Mapping], spool: Path
+    ) -> tuple[list[dict], list[tuple[str, Path]]]:
         fields = set(self.info.fields)
         template = dict(old[0]) if old else {}
         base = {
@@ -276,7 +323,9 @@ class LocalReprocessor:
             )
         }
         base.update(dataset_id=doc.dataset_id, document_id=doc.document_id, filename=doc.filename)
-        rows, uploads, index = [], [], 0
+        rows: list[dict] = []
+        uploads: list[tuple[str, Path]] = []
+        index = 0
 
         def add(kind: str, page: int, text: str, **extra) -> None:
             row = {
@@ -298,7 +347,7 @@ class LocalReprocessor:
                 add("text", page.page, piece)
             for image in page.images:
                 key = canonical_image_key(doc.dataset_id, doc.document_id, page.page, index, "png")
-                uploads.append((key, png(image)))
+                uploads.append((key, _spooled(spool, len(uploads), image)))
                 snippet = " ".join(page.text.split())[:240]
                 add(
                     "image",
@@ -313,7 +362,7 @@ class LocalReprocessor:
             if page.scan is not None:
                 text, confidence = ocr(page.scan)
                 key = canonical_image_key(doc.dataset_id, doc.document_id, page.page, index, "png")
-                uploads.append((key, png(page.scan)))
+                uploads.append((key, _spooled(spool, len(uploads), page.scan)))
                 add(
                     "ocr",
                     page.page,

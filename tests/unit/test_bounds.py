@@ -4,20 +4,22 @@ an object's size), before anything is decoded or read whole."""
 
 from __future__ import annotations
 
-import io
+import gc
 import json
 import os
 import resource
+import struct
 import subprocess
 import sys
+import weakref
 import zlib
 
 import pytest
-from PIL import Image
 
 from repage.config import load_settings
 from repage.errors import BadInput
 from repage.migration import pdfpages
+from repage.reprocess import local
 from repage.stores.open import open_objects
 from tests.unit.test_pdfpages import make_pdf, picture, raw_pdf
 
@@ -50,6 +52,7 @@ PROBE = """
 import json, resource, sys
 from repage.errors import BadInput
 from repage.migration import pdfpages
+from repage.reprocess import local
 outcome = {}
 for step in ("fingerprints", "extract_png"):
     try:
@@ -123,7 +126,42 @@ def test_open_objects_caps_whole_object_reads_from_the_settings(tmp_path):
     assert load_settings({}, app_fallbacks=False).max_object_bytes == 256 * 1024**2
 
 
-def png_of(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
+def bomb_png(side: int = SIDE) -> bytes:
+    """A valid 1-bit greyscale PNG of side x side zeros: ~450 KB, 3.6 Gpx once decoded."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    packer, row = zlib.compressobj(6), b"\0" + bytes((side + 7) // 8)  # filter byte, then the row
+    data = b"".join(packer.compress(row * 1000) for _ in range(side // 1000)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def test_the_local_pipeline_refuses_an_image_bomb_as_bad_input_of_its_document():
+    with pytest.raises(BadInput, match=r"^scan\.png: the source image is") as caught:
+        list(local.extract_pages(bomb_png(), "scan.png"))
+    assert "\n" not in str(caught.value)
+    with pytest.raises(BadInput, match="60,000x60,000 pixels"):  # a PDF source: the same cap as the pdf path
+        list(local.extract_pages(bomb_pdf(), "ds/bomb.pdf"))
+
+
+def test_the_local_pipeline_refuses_a_page_too_large_to_render(monkeypatch):
+    monkeypatch.setattr(pdfpages, "MAX_IMAGE_PIXELS", 1000 * 1000)  # a letter page at 200 dpi is 1700x2200
+    with pytest.raises(BadInput, match="page 0 at 200 dpi is 1,700x2,200 pixels"):
+        list(local.extract_pages(make_pdf([[]]), "ds/scan.pdf"))
+
+
+def test_the_local_pipeline_holds_one_rendered_page_at_a_time():
+    """Scanned pages (no text layer) are rendered at 200 dpi: the previous page's pixels are gone
+    by the time the next page is rendered."""
+    pages = iter(local.extract_pages(make_pdf([[picture(n)] for n in range(4)]), "ds/scan.pdf"))
+    seen = []
+    for number in range(4):
+        page = next(pages)
+        assert page.page == number and page.scan is not None and page.scan.size == (1700, 2200)
+        seen.append(weakref.ref(page.scan))
+        del page
+        gc.collect()
+        assert [ref() is None for ref in seen[:-1]] == [True] * number, f"page {number}: earlier renders kept"
+    assert next(pages, None) is None
