@@ -24,6 +24,7 @@ from repage.cli.common import (
     engine_from,
     err,
     out,
+    parse_duration,
     run_command,
     settings_from,
 )
@@ -63,6 +64,11 @@ WriteRate = Annotated[
     float | None, typer.Option("--milvus-writes-per-second", min=0.01, help="Milvus write rate limit.")
 ]
 MoveImages = Annotated[bool, typer.Option("--move-images/--no-move-images", help="Copy images to canonical keys.")]
+AuditEvery = Annotated[
+    str | None,
+    typer.Option("--audit-every", help="Verify a random sample of done documents this often (6h, 1d); off if unset."),
+]
+AuditSample = Annotated[int, typer.Option("--audit-sample", min=1, help="Documents per audit.")]
 
 
 def _worker_setup(
@@ -78,6 +84,8 @@ def _worker_setup(
     object_rate,
     write_rate,
     move_images,
+    audit_every=None,
+    audit_sample=100,
 ):
     from repage.migration.runner import RunLimits
     from repage.migration.work import RunOptions
@@ -89,6 +97,8 @@ def _worker_setup(
         min_accesses=min_accesses or None,
         max_read_latency_s=max_latency,
         poll_seconds=poll,
+        audit_every_s=parse_duration(audit_every),
+        audit_sample=audit_sample,
     )
     limits = RunLimits(
         batch_size=batch_size or settings.batch_size,
@@ -128,6 +138,8 @@ def serve(
     object_ops_per_second: ObjectRate = None,
     milvus_writes_per_second: WriteRate = None,
     move_images: MoveImages = True,
+    audit_every: AuditEvery = None,
+    audit_sample: AuditSample = 100,
 ) -> None:
     """Serve chunks with lazy page repair, migration status, metrics and admin endpoints.
 
@@ -151,6 +163,8 @@ def serve(
             object_rate=object_ops_per_second,
             write_rate=milvus_writes_per_second,
             move_images=move_images,
+            audit_every=audit_every,
+            audit_sample=audit_sample,
         )
         run_server(
             settings,
@@ -179,6 +193,8 @@ def worker(
     object_ops_per_second: ObjectRate = None,
     milvus_writes_per_second: WriteRate = None,
     move_images: MoveImages = True,
+    audit_every: AuditEvery = None,
+    audit_sample: AuditSample = 100,
     once: Annotated[bool, typer.Option("--once", help="Run one cycle and exit.")] = False,
     engine: EngineFlag = "local",
     ray_address: RayAddressFlag = None,
@@ -205,6 +221,8 @@ def worker(
             object_rate=object_ops_per_second,
             write_rate=milvus_writes_per_second,
             move_images=move_images,
+            audit_every=audit_every,
+            audit_sample=audit_sample,
         )
         cpu = engine_from(engine, ray_address)
         options = replace(options, engine=cpu)

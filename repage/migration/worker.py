@@ -102,6 +102,8 @@ class WorkerConfig:
     poll_seconds: float = 5.0  # wait when there is nothing to do
     backoff_max_s: float = 300.0
     tz: tzinfo | None = None  # for quiet hours and the quota day; None: the machine's zone
+    audit_every_s: float | None = None  # verify a random sample this often (docs/design.md §5.8); None: never
+    audit_sample: int = 100  # documents per audit
 
 
 @dataclass
@@ -115,6 +117,7 @@ class CycleReport:
     trickle: dict = field(default_factory=dict)
     trickle_skipped: str | None = None
     quota_left: int | None = None
+    audit: dict = field(default_factory=dict)  # the audit of this cycle, when one was due
     wait_seconds: float = 0.0
 
     @property
@@ -198,6 +201,7 @@ class Worker:
         self.last: CycleReport | None = None
         self.totals = {"lazy": 0, "trickle": 0, "migrated": 0, "failed": 0}
         self._backoffs = 0
+        self._next_audit: float | None = None  # the first cycle audits (when audits are on)
 
     # ---- one cycle
 
@@ -224,8 +228,21 @@ class Worker:
         report.lazy = self._lazy()
         if not self.stop_event.is_set():
             report.trickle, report.trickle_skipped, report.quota_left = self._trickle()
+        if not self.stop_event.is_set():
+            report.audit = self._audit()
         report.wait_seconds = 0.0 if report.documents else self.config.poll_seconds
         return report
+
+    def _audit(self) -> dict:
+        """Verify a random sample when due: drift found goes back to work (docs/design.md §5.8)."""
+        every, now = self.config.audit_every_s, self.clock.now()
+        if every is None or (self._next_audit is not None and now < self._next_audit):
+            return {}
+        self._next_audit = now + every
+        from repage.migration.verify import verify_documents
+
+        checked = verify_documents(self.stores, sample=self.config.audit_sample)
+        return {"checked": checked.checked, "drifted": sorted(checked.failed)}
 
     def _too_slow(self, p95: float | None) -> bool:
         return p95 is not None and p95 > self.config.max_read_latency_s

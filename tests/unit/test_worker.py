@@ -231,3 +231,37 @@ def test_an_enqueued_id_milvus_cannot_filter_on_is_dropped(stores):
     stores.ledger.enqueue(["d1", "bad\x00id"])
     report = make_worker(stores, FakeClock(TEN_AM), daily_quota=0).cycle()
     assert report.lazy["migrated"] == 1 and stores.ledger.enqueued() == []
+
+
+def reset_page(stores, chunk_id: str) -> None:
+    from repage.domain.records import ChunkChange
+
+    identity = (chunk_id,)
+    row = stores.vectors.find_by_identity([identity])[identity][0]
+    stores.vectors.write_changes([ChunkChange(identity, row["chunk_id"], 0, row["image_r2_key"])])
+
+
+def test_the_audit_runs_on_its_schedule_and_sends_drift_back_to_work(stores):
+    scan_store(stores)
+    clock = FakeClock(TEN_AM)
+    worker = make_worker(stores, clock, audit_every_s=3600.0, audit_sample=50)
+    first = worker.cycle()  # one batch, then the first audit
+    assert first.trickle["documents"] == 3 and first.audit == {"checked": 3, "drifted": []}
+    assert {d for d, s in states(stores).items() if s == State.VERIFIED} == {"d0", "d1", "d2"}
+    reset_page(stores, "d2_1")  # a re-ingest wrote page 0 again
+    assert worker.cycle().audit == {}  # the next batch; no audit due yet
+    assert states(stores)["d2"] == State.VERIFIED
+    clock.advance(3600)
+    assert worker.cycle().audit == {"checked": 6, "drifted": ["d2"]}
+    assert states(stores)["d2"] == State.DRIFTED
+    assert worker.cycle().trickle["documents"] == 1  # repaired from its journal
+    assert states(stores)["d2"] == State.MIGRATED
+    want = expected_pages(stores.rows)["d2_1"]
+    assert stores.vectors.find_by_identity([("d2_1",)])[("d2_1",)][0]["page"] == want
+
+
+def test_no_audit_unless_asked(stores):
+    scan_store(stores)
+    worker = make_worker(stores, FakeClock(TEN_AM))
+    assert worker.cycle().audit == {} and worker.cycle().audit == {}
+    assert State.VERIFIED not in states(stores).values()
