@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from repage.domain.identity import ChunkIdentity
-from repage.domain.keys import canonical_image_key, source_key_candidates
+from repage.domain.keys import canonical_image_key, check_document_id, source_key_candidates
 from repage.domain.records import ChunkJournalEntry
 from repage.errors import BadInput, ConfigError, ObjectNotFound, StoreError
 from repage.reprocess import backup
@@ -53,7 +53,7 @@ TESSERACT_TIMEOUT = 120
 
 
 def checkpoint_prefix(dataset_id: str, document_id: str) -> str:
-    return f"{dataset_id}/{document_id}/checkpoints/"
+    return f"{dataset_id}/{check_document_id(document_id)}/checkpoints/"
 
 
 # ---------------------------------------------------------------- OCR (tesseract, Debian's tesseract-ocr)

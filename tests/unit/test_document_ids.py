@@ -15,6 +15,7 @@ from repage.errors import BadInput, InvalidDocumentId
 from repage.reprocess.backup import backup_key
 from repage.reprocess.base import ReprocessDocument
 from repage.reprocess.http import HttpReprocessor
+from repage.reprocess.local import checkpoint_prefix
 
 BAD = [".", "..", "", "a/b", "../admin", "a\x00b", "line\nbreak", "tab\there", "del\x7f"]
 # a backslash is no path step on a bucket or in a URL (quoted as %5C): the injection corpus keeps one
@@ -28,6 +29,7 @@ def test_bad_ids_are_refused_everywhere_they_become_keys(bad):
         lambda: image_prefix("ds", bad),
         lambda: canonical_image_key("ds", bad, 1, 0, "png"),
         lambda: backup_key("ds", bad),
+        lambda: checkpoint_prefix("ds", bad),
     ):
         with pytest.raises(InvalidDocumentId) as caught:
             build()
