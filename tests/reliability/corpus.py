@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from repage.domain.keys import canonical_image_key, docling_image_key, legacy_image_key, legacy_image_name
+from tests.unit.test_bounds import bomb_pdf
 from tests.unit.test_pdfpages import encrypted_pdf, make_pdf, picture, raw_pdf
 
 DIM = 8
@@ -197,6 +198,8 @@ def build_corpus() -> list[Case]:
     )
     cases.append(docling_case("zero-byte-pdf", "zero-byte-pdf-3d", b"", "failed", ("corrupt",)))
     cases.append(docling_case("zero-page-pdf", "zero-page-pdf-4c", zero_page_pdf(), "failed", ("no pages",)))
+    # a 60000x60000 image (~450 KB compressed, 3.6 Gpx decoded): refused before PDFium decodes it (§6.6)
+    cases.append(docling_case("pixel-bomb-pdf", "pixel-bomb-pdf-5d", bomb_pdf(), "failed", ("60,000x60,000 pixels",)))
     # the bucket's image 0 cannot be decoded: nothing to compare, so the index alone decides (docs/design.md §2.2:
     # the PDF has as many images as the document has indexes); image 1 matches by its hash
     pdf = make_pdf([[], [picture(11, 80, 60)], [], [picture(12, 60, 80)]])
@@ -245,7 +248,8 @@ def build_corpus() -> list[Case]:
         cases.append(c)
     # a control character cannot go into a filter (nor into an object key): refused, named
     c = Case("control-character-id", 'tab\tand "" ) or (1 == 1', "inj.pdf", "failed", ("control character",))
-    c.legacy(0, 9, "inj.pdf", present=False)
+    # its legacy key by hand: the key builders refuse such an id (check_document_id, §6.6)
+    c.row("image", image_index=0, image_size="40x30", image_r2_key=f"{DS}/{c.document_id}/images/0_inj.pdf-9-0.png")
     c.final = {}
     cases.append(c)
     return cases
