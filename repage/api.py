@@ -198,14 +198,14 @@ def verify(settings: Settings, document_ids=None, *, sample: int | None = None) 
 
 
 def rollback(settings: Settings, document_ids=None) -> dict:
-    from repage.migration.verify import rollback_documents
+    from repage.migration.rollback import rollback_documents
 
     with open_stores(settings) as stores:
         return rollback_documents(stores, document_ids).as_dict()
 
 
 def gc(settings: Settings, grace_seconds: float) -> dict:
-    from repage.migration.verify import gc_objects
+    from repage.migration.rollback import gc_objects
 
     with open_stores(settings) as stores:
         return gc_objects(stores, grace_seconds)

@@ -28,8 +28,8 @@ from repage.domain.records import ScanRecord
 from repage.domain.states import RepairPath, State
 from repage.errors import ConfigError
 from repage.migration import review
+from repage.migration.rollback import rollback_documents
 from repage.migration.runner import RunLimits, Runner, Selection
-from repage.migration.verify import rollback_documents
 from repage.migration.work import RunOptions
 from repage.reprocess.backup import backup_key
 from repage.stores.ledger import Ledger

@@ -24,8 +24,9 @@ from repage.demo.corpus import DEFAULT_CACHE, fetch_sources
 from repage.domain.records import ScanRecord
 from repage.domain.states import RepairPath, State
 from repage.errors import ConfigError
+from repage.migration.rollback import rollback_documents
 from repage.migration.runner import RunLimits, Runner, Selection
-from repage.migration.verify import rollback_documents, verify_documents
+from repage.migration.verify import verify_documents
 from repage.migration.work import RunOptions
 from repage.reprocess.backup import backup_key
 from repage.reprocess.local import LocalReprocessor

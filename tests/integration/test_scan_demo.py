@@ -12,9 +12,10 @@ from urllib.parse import unquote
 
 import pytest
 
+from repage.migration.rollback import rollback_documents
 from repage.migration.runner import RunLimits, Selection, run_migration
 from repage.migration.scan import scan_store
-from repage.migration.verify import rollback_documents, verify_documents
+from repage.migration.verify import verify_documents
 from repage.migration.work import RunOptions
 from repage.stores.open import open_stores
 from tests.support import Demo
