@@ -195,7 +195,7 @@ def create_app(
     mount_dashboard(app, parts)  # GET / and its assets (repage/dashboard.py)
     app.state.repage = parts
     app.add_exception_handler(ConfigError, _config_error)
-    if insecure_local:  # no tokens: a rebound DNS name must not reach it (docs/design.md §6.6)
+    if parts.auth.open:  # no tokens: a rebound DNS name must not reach it (docs/design.md §6.6)
         app.add_middleware(LoopbackHostOnly)
     return app
 

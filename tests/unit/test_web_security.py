@@ -289,6 +289,19 @@ def test_open_mode_answers_loopback_hosts(open_server, host):
         assert client.get("/migration/status").status_code == 200
 
 
+def test_with_tokens_insecure_local_changes_nothing(tmp_path, clock, ledger):
+    """--insecure-local only matters without tokens: with both, the tokens guard every route."""
+    app = create_app(
+        settings(tmp_path, read_token=READ, admin_token=ADMIN),
+        stores=SimpleNamespace(vectors=StandInVectors(fltr_rows(["doc-1"])), ledger=ledger),
+        clock=clock,
+        insecure_local=True,
+    )
+    with Server(app) as running, httpx.Client(base_url=running.url, timeout=30) as client:
+        assert client.post("/migration/pause").status_code == 401
+        assert client.get("/migration/status", headers={**bearer(READ), "Host": "repage.example"}).status_code == 200
+
+
 CROSS_SITE = [
     ({"Content-Type": "application/x-www-form-urlencoded"}, "a=1"),  # a <form> on any page
     ({"Content-Type": "text/plain"}, "x"),
