@@ -182,6 +182,8 @@ def run_one(contender: str, spec: StoreSpec, master: Path, kind: str, args, moto
             entry.update(contender_figures(proc))
         if entry.get("complete"):
             entry["check"] = check_store(server.uri, dest / "bucket" if kind == "local" else None, objects)
+            if contender == "repage":  # after the check: rollback undoes the run
+                entry["after_run"] = verify_and_rollback(env, dest, server, entry)
         if objects is not None:
             objects.close()
     shutil.rmtree(dest / "lite", ignore_errors=True)  # GBs at 5,000 documents; logs and JSON stay
@@ -271,6 +273,32 @@ def run_repage(env: dict, dest: Path, server: LiteServer) -> dict:
     }
 
 
+def verify_and_rollback(env: dict, dest: Path, server: LiteServer, entry: dict) -> dict:
+    """`repage verify` and `repage rollback --all` on the repaired store: documents/s against the run's."""
+    repage = str(BIN / "repage")
+    run_rate = entry["documents_done"] / entry["run_seconds"] if entry.get("run_seconds") else None
+    out = {}
+    for step, command in (
+        ("verify", [repage, "verify", "--json"]),
+        ("rollback", [repage, "rollback", "--all", "--json"]),
+    ):
+        proc = measure(command, env, dest, server, step)
+        report = proc["output"] or {}
+        if proc["exit"] != 0 or not report.get("seconds"):
+            out[step] = {"error": proc.get("stderr") or f"exit {proc['exit']}"}
+            continue
+        rate = report["passed"] / report["seconds"]
+        out[step] = {
+            "documents": report["passed"],
+            "failed": len(report["failed"]),
+            "seconds": report["seconds"],
+            "documents_per_s": round(rate, 2),
+            "ratio_to_run": round(rate / run_rate, 3) if run_rate else None,
+            "peak_rss_mb": proc["peak_rss_mb"],
+        }
+    return out
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -320,6 +348,10 @@ def verdicts(results: list[dict], lazy: dict) -> dict:
             out["repage >= 0.8x floor (1,000 docs, local)"] = (rep1k["ratio_to_floor"], rep1k["ratio_to_floor"] >= 0.8)
         if "ratio_to_naive" in rep1k:
             out["repage >= 30x naive (1,000 docs, local)"] = (rep1k["ratio_to_naive"], rep1k["ratio_to_naive"] >= 30)
+        for step in ("verify", "rollback"):
+            ratio = rep1k.get("after_run", {}).get(step, {}).get("ratio_to_run")
+            if ratio is not None:
+                out[f"{step} >= run, documents/s (1,000 docs, local)"] = (ratio, ratio >= 1.0)
     rep5k = next((r for r in results if r["contender"] == "repage" and r["documents"] == 5000), None)
     if rep5k and rep5k.get("peak_rss_mb"):
         out["repage RSS <= 300 MB (5,000 docs)"] = (rep5k["peak_rss_mb"], rep5k["peak_rss_mb"] <= 300)
@@ -374,6 +406,14 @@ def render(report: dict) -> str:
                 f"measured run {e['measured_run_seconds']:.1f} s ({e['error']:+.0%}); "
                 f"scan {r['scan_seconds']:.1f} s = {r['scan_seconds_per_100k_chunks']:.1f} s per 100k chunks; "
                 f"RSS scan/estimate/run {r['peak_rss_mb_by_process']}"
+            )
+        for step, a in (r.get("after_run") or {}).items():
+            if "error" in a:
+                lines.append(f"{step} {r['documents']:,} {r['bucket']}: FAILED: {a['error'][:200]}")
+                continue
+            lines.append(
+                f"{step} {r['documents']:,} {r['bucket']}: {a['documents']} documents in {a['seconds']:.1f} s = "
+                f"{a['documents_per_s']:.1f} documents/s, {a['ratio_to_run']}x the run's; RSS {a['peak_rss_mb']:.0f} MB"
             )
     lazy = report.get("lazy", {})
     if "cold" in lazy:

@@ -9,6 +9,7 @@ gc: deletes a superseded original only after the grace period and only when no c
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -40,7 +41,7 @@ def rollback_documents(
     batch_size: int = VERIFY_BATCH,
     concurrency: int = OBJECT_CHECKS,
 ) -> CheckReport:
-    report = CheckReport()
+    report, started = CheckReport(), time.perf_counter()
     records = records_in(stores.ledger, set(VERIFIABLE), document_ids)
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
@@ -51,6 +52,7 @@ def rollback_documents(
         journalled = [r.document_id for r in batch if r.path != RepairPath.REPROCESS]
         if journalled:
             _rollback_journalled(stores, journalled, report, concurrency)
+    report.seconds = time.perf_counter() - started
     return report
 
 
