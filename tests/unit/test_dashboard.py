@@ -21,8 +21,8 @@ from repage.migration.status import migration_status
 from repage.migration.worker import is_paused
 from repage.stores.ledger import Ledger
 from repage.web import dashboard as dash
-from repage.web.sessions import SESSION_COOKIE, Sessions
 from repage.web.service import create_app
+from repage.web.sessions import SESSION_COOKIE, Sessions
 from tests.support.service_store import settings_for
 
 READ, ADMIN = "read-tok/+=9c-4b7e2d1a0f9c8e3b6a5d", "admin-tok-5e11-9a3c7b0e2d4f1a8c6e5b"  # / + =: odd characters
