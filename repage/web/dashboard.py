@@ -35,7 +35,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -510,7 +510,11 @@ def create_dashboard_router(parts: ServiceParts) -> APIRouter:
         if not same_origin(request):
             raise HTTPException(403, "cross-site request refused")
         token = form.get("token", "").strip()
-        role = auth.checked_role(request, token, "login") if token else None  # 429 past the limit
+        try:
+            role = auth.checked_role(request, token, "login") if token else None
+        except HTTPException as exc:  # 429 past the limit: the form again, saying so (§6.6)
+            wait = (exc.headers or {}).get("Retry-After", "60")
+            return login_page(f"Too many failed attempts: retry in {wait} s.", exc.status_code, exc.headers)
         if role is None:
             return login_page("That token is not valid here.")
         response = RedirectResponse(request.url_for("dashboard"), status_code=303)
@@ -553,8 +557,9 @@ def create_dashboard_router(parts: ServiceParts) -> APIRouter:
     return router
 
 
-def login_page(error: str) -> HTMLResponse:
-    return HTMLResponse(render_login(error), status_code=401, headers={**PAGE_HEADERS, "WWW-Authenticate": "Bearer"})
+def login_page(error: str, status: int = 401, headers: Mapping[str, str] | None = None) -> HTMLResponse:
+    extra = headers or {"WWW-Authenticate": "Bearer"}
+    return HTMLResponse(render_login(error), status_code=status, headers={**PAGE_HEADERS, **extra})
 
 
 def _guard(action):

@@ -190,6 +190,7 @@ def test_failed_logins_are_throttled(server, clock):
             assert client.post("/login", data={"token": WRONG}).status_code == 401
         refused = client.post("/login", data={"token": ADMIN}, follow_redirects=False)
         assert refused.status_code == 429 and "retry-after" in refused.headers and SESSION_COOKIE not in client.cookies
+        assert "Too many failed attempts: retry in" in refused.text and 'name="token"' in refused.text
         # wrong logins and wrong bearer tokens share the address's budget
         assert client.get("/migration/status", headers=bearer(READ)).status_code == 429
         clock.at += WINDOW_SECONDS + 1
