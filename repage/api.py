@@ -152,6 +152,7 @@ def _build_summary(summary) -> dict:
         "affected_chunks",
         "embedding_model",
         "packages",
+        "config",
     )
     return {k: v for k, v in summary.as_dict().items() if k in keep}
 

@@ -128,6 +128,11 @@ def render_demo(console: Console) -> Callable[[dict], None]:
                 path, str(before.get("right", 0)), str(after["right"]), str(after["still_0"]), str(after["wrong"])
             )
         console.print(table)
+        if b.get("config"):
+            console.print(
+                f"the reprocess documents: repage --config {b['config']} run --path reprocess (local pipeline)",
+                markup=False,
+            )
 
     return render
 

@@ -29,6 +29,7 @@ from repage.stores.objects import ObjectStore
 from repage.stores.open import open_objects
 
 GROUND_TRUTH = "ground-truth.json"
+CONFIG = "repage.toml"  # the demo's settings for later commands: `repage --config repage-data/repage.toml ...`
 COLLECTION = "fltr_documents"
 LEDGER_SIDECARS = ("", "-wal", "-shm", "-journal")
 
@@ -50,6 +51,7 @@ class DemoSummary:
     embedding_model: str
     seed: int
     packages: list[str]
+    config: str = ""  # data_dir/repage.toml: the demo's stores and embedding model, for later commands
     datasets: dict[str, str] = field(default_factory=dict)  # name -> dataset_id
     documents: int = 0
     pages: int = 0
@@ -209,6 +211,31 @@ def ground_truth(docs: Sequence[IngestedDoc], summary: DemoSummary) -> dict:
     }
 
 
+def demo_config(settings: Settings) -> dict[str, str]:
+    """What later commands need to work on the demo store: its local stores (never a server URL, which
+    may carry a password) and the embedding model its vectors come from, which the local reprocess
+    pipeline must compute (docs/design.md §2.4, §7.4)."""
+    local = {
+        "milvus_uri": settings.milvus_uri.endswith(".db") and "://" not in settings.milvus_uri,
+        "store_url": settings.store_url.startswith("file://"),
+        "ledger_url": settings.ledger_url.startswith("sqlite:///"),
+        "collection": True,
+    }
+    values = {name: getattr(settings, name) for name, ok in local.items() if ok}
+    return values | {"embedding_model": MODEL_NAME, "reprocess_backend": "local"}
+
+
+def write_config(path: Path, settings: Settings) -> Path:
+    """The demo's repage.toml (docs/design.md §6.2), owner-only like the rest of the data folder."""
+    lines = ["# written by `repage demo`: the demo store's settings", "[repage]"]
+    lines += [f"{name} = {json.dumps(value)}" for name, value in demo_config(settings).items()]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.chmod(0o600)
+    os.replace(tmp, path)
+    return path
+
+
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
@@ -294,6 +321,8 @@ def build_demo(
         log(f"demo: {summary.objects} objects ({summary.bytes_uploaded / 1e6:.1f} MB) in {summary.store}")
         _write_json(data_dir / GROUND_TRUTH, ground_truth(docs, summary))
         log(f"demo: ground truth in {summary.ground_truth}")
+        summary.config = str(write_config(data_dir / CONFIG, settings))
+        log(f"demo: settings in {summary.config} (repage --config {summary.config} ...)")
     summary.timings = timer.timings
     return summary
 
