@@ -105,6 +105,13 @@ def request_dollars(class_a: int, class_b: int, prices: Prices) -> float:
     return class_a * prices.class_a_per_million / 1e6 + class_b * prices.class_b_per_million / 1e6
 
 
+def worst_case_document_dollars(affected_chunks: int, prices: Prices) -> float:
+    """The most one keys/pdf-path document costs in bucket requests (a run reserves it against its
+    budget, docs/design.md §12): per affected chunk a GET of the original, a COPY or PUT and a GET
+    of the copy; plus a listing and the source PDF's GET."""
+    return request_dollars(affected_chunks + 1, 2 * affected_chunks + 1, prices)
+
+
 def _store_seconds(documents: int, batch_size: int, lat: Latencies) -> float:
     """Milvus (per batch: query, write, read back) and the ledger (per document)."""
     batches = -(-documents // batch_size)  # ceil

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 
-from repage.domain.estimate import request_dollars
+from repage.domain.estimate import request_dollars, worst_case_document_dollars
 from repage.domain.keys import compile_patterns
 from repage.domain.records import Claim, DocumentRecord
 from repage.domain.states import CLAIMABLE, RepairPath, State
@@ -46,7 +46,7 @@ class RunLimits:
     max_failures: int | None = None
     max_error_rate: float | None = None
     max_duration_seconds: float | None = None
-    budget_dollars: float | None = None
+    budget_dollars: float | None = None  # what this run may spend (--budget; else what budget_dollars has left)
     reprocess_concurrency: int = 2  # reprocess jobs in flight (the slow path's own concurrency)
 
 
@@ -131,6 +131,7 @@ class Runner:
             patterns=compile_patterns(stores.settings.key_patterns),
         )
         self.summary = RunSummary()
+        self._over_budget: str | None = None  # why the last claim was given back whole
         self._dry_records: Iterator[DocumentRecord] | None = None  # dry run: one pass over the pending documents
         from repage.reprocess.stage import ReprocessStage
 
@@ -157,6 +158,8 @@ class Runner:
         while (reason := self._stop_reason(started)) is None:
             claims = self._claim()
             if not claims:
+                if self._over_budget is not None:
+                    self.summary.stopped_because = self._over_budget
                 break
             self._account(self._migrate(claims))
             self.summary.seconds = self.clock.now() - started
@@ -202,7 +205,7 @@ class Runner:
             return self._peek(size)
         ledger.release_expired()
         sel = self.selection
-        return ledger.claim_batch(
+        claims = ledger.claim_batch(
             self.owner,
             size,
             self.stores.settings.lease_seconds,
@@ -213,6 +216,32 @@ class Runner:
             enqueued_only=sel.enqueued_only,
             min_access_rank=self._min_access_rank(),
         )
+        return self._within_budget(claims)
+
+    def _within_budget(self, claims: list) -> list:
+        """The claims whose worst-case cost fits in what is left of the budget; the rest go back to
+        pending, so a run overspends by nothing (docs/design.md §12). The reprocess stage reserves
+        its own jobs."""
+        budget = self.limits.budget_dollars
+        if budget is None or not claims:
+            return claims
+        left, reserved, keep = budget - self.summary.dollars, 0.0, list[Claim]()
+        for claim in claims:
+            cost = 0.0 if claim.path == RepairPath.REPROCESS else self._reservation(claim)
+            if reserved + cost > left:
+                if not keep:
+                    self._over_budget = (
+                        f"budget ${budget:g}: the next document may cost ${cost:.6f}, ${max(left, 0):.6f} left"
+                    )
+                break
+            keep.append(claim)
+            reserved += cost
+        if len(keep) < len(claims):
+            self._release_batch(claims[len(keep) :], "given back: over the budget")
+        return keep
+
+    def _reservation(self, claim) -> float:
+        return worst_case_document_dollars(claim.affected_chunks, self.stores.settings.prices)
 
     def _min_access_rank(self) -> float | None:
         from repage.domain.access import half_life_seconds, rank_threshold
@@ -354,12 +383,24 @@ class Runner:
         return None
 
 
+def with_migration_budget(stores, limits: RunLimits) -> RunLimits:
+    """Without --budget, a run may spend what `budget_dollars` (the whole migration's) has left."""
+    budget = stores.settings.budget_dollars
+    if limits.budget_dollars is not None or budget is None or stores.ledger is None:
+        return limits
+    from repage.migration.status import spent_dollars
+
+    left = max(0.0, budget - spent_dollars(stores.ledger, stores.settings.prices))
+    return replace(limits, budget_dollars=left)
+
+
 def run_migration(stores, options: RunOptions, limits: RunLimits, selection: Selection, **kwargs) -> RunSummary:
     """The one entry point for `repage run` and the service: scans first when the ledger is empty.
 
     A dry run on an empty ledger scans into a throw-away SQLite ledger, so the configured
     ledger stays untouched like every other store.
     """
+    limits = with_migration_budget(stores, limits)
     # None: a dry run with no ledger yet. A ledger with documents but no finished scan was left by
     # a run killed mid-scan: scan again (scans are idempotent and keep running/done documents).
     if stores.ledger is not None and stores.ledger.counts() and (options.dry_run or scan_completed(stores.ledger)):

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 from repage.domain.access import Decayed, half_life_seconds
 from repage.domain.estimate import request_dollars
+from repage.domain.progress import eta_seconds
 from repage.domain.states import DONE, State
 
 RECENT_SECONDS = 300.0  # "recent" throughput: the last five minutes
@@ -51,22 +52,26 @@ def usage_by_path(ledger, prices) -> dict:
     return out
 
 
-def migration_status(ledger, prices) -> dict:
+def spent_dollars(ledger, prices) -> float:
+    """What the whole migration has cost so far: bucket requests and reprocess jobs."""
+    totals = ledger.totals()
+    requests = request_dollars(int(totals.get("object_requests_a", 0)), int(totals.get("object_requests_b", 0)), prices)
+    return requests + float(totals.get("dollars", 0.0))
+
+
+def migration_status(ledger, prices, now: float | None = None) -> dict:
+    """`repage status --json`; `now` (epoch seconds, default the ledger's clock) dates the rates and the ETA."""
     counts = ledger.counts()
     by_state: Counter[str] = Counter()
     by_path: Counter[str] = Counter()
     for (state, path), n in counts.items():
         by_state[state] += n
         by_path[path] += n
-    now = ledger.db_now()
+    now = ledger.db_now() if now is None else now
     rates = throughput(ledger.events(kinds=["migrated"]), now, RECENT_SECONDS)
     todo = sum(by_state[s.value] for s in TODO)
     done = sum(by_state[s.value] for s in DONE)
-    totals = ledger.totals()
-    spent = request_dollars(
-        int(totals.get("object_requests_a", 0)), int(totals.get("object_requests_b", 0)), prices
-    ) + float(totals.get("dollars", 0.0))
-    rate = rates["recent_documents_per_s"] or rates["overall_documents_per_s"]
+    spent = spent_dollars(ledger, prices)
     migrated = by_state[State.MIGRATED.value] + by_state[State.VERIFIED.value]
     return {
         "documents": sum(by_state.values()),
@@ -76,7 +81,7 @@ def migration_status(ledger, prices) -> dict:
         "by_path": dict(by_path),
         "by_state_and_path": [{"state": s, "path": p, "documents": n} for (s, p), n in sorted(counts.items())],
         "throughput": rates,
-        "eta_seconds": todo / rate if rate and todo else (0.0 if not todo else None),
+        "eta_seconds": eta_seconds(todo, rates["recent_documents_per_s"], rates["overall_documents_per_s"]),
         "dollars_spent": spent,
         "dollars_projected": spent + (spent / migrated * todo if migrated else 0.0),
         "usage_by_path": usage_by_path(ledger, prices),

@@ -57,6 +57,7 @@ ROUTES: dict[State, list[State | None]] = {
     State.FAILED: [None, State.FAILED],
     State.UNRECOVERABLE: [None, State.UNRECOVERABLE],
     State.SKIPPED: [],  # scanned as skipped
+    State.DRIFTED: [None, State.MIGRATED, State.DRIFTED],
 }
 
 

@@ -27,6 +27,12 @@ EDGES = {  # the table of docs/design.md §4.3
     # so a pages-only document goes back to pending when a later run moves its images
     (State.MIGRATED, State.PENDING),
     (State.VERIFIED, State.PENDING),
+    # docs/design.md §5.8: drift found by verify goes back to work, repaired from the journal
+    (State.MIGRATED, State.DRIFTED),
+    (State.VERIFIED, State.DRIFTED),
+    (State.DRIFTED, State.RUNNING),
+    (State.DRIFTED, State.VERIFIED),
+    (State.DRIFTED, State.ROLLED_BACK),
 }
 
 
