@@ -6,6 +6,8 @@ Each builds its objects, calls one function of `repage.api`, prints and exits (d
 from __future__ import annotations
 
 import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -20,6 +22,7 @@ from repage.cli.common import (
     RayAddressFlag,
     app,
     emit,
+    emit_line,
     engine_from,
     err,
     out,
@@ -269,24 +272,43 @@ class _RunProgress:
 @app.command()
 def status(
     ctx: typer.Context,
-    watch: Annotated[float | None, typer.Option(help="Refresh every N seconds until interrupted.")] = None,
+    watch: Annotated[float | None, typer.Option(min=0.01, help="Refresh every N seconds until interrupted.")] = None,
+    count: Annotated[
+        int | None, typer.Option(min=1, help="With --watch: stop after this many reports (default: never).")
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Totals by state and path, throughput, ETA, dollars, last errors (reads the ledger only).
 
-    Example: repage status --watch 5
+    With --watch and --json: JSON Lines, one report per line, flushed as it is written.
+    Example: repage status --watch 5 --json --count 12
     """
+    import math
     import time
 
     def body():
         settings = settings_from(ctx)
-        while True:
-            emit(api.status(settings), as_json, render.render_status(out))
-            if not watch:
-                return
-            time.sleep(watch)
+        reports = 0
+        with _reader_may_leave():
+            while reports < (1 if watch is None else count or math.inf):
+                if reports:
+                    time.sleep(watch or 0.0)
+                if watch is not None and as_json:
+                    emit_line(api.status(settings))
+                else:
+                    emit(api.status(settings), as_json, render.render_status(out))
+                reports += 1
 
     run_command(body)
+
+
+@contextmanager
+def _reader_may_leave():
+    """A reader that closes the pipe (`repage status --watch 5 --json | head -1`) ends the command quietly."""
+    try:
+        yield
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more reaches the closed pipe
 
 
 @app.command()

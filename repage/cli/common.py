@@ -118,6 +118,15 @@ def emit(data: dict, as_json: bool, render: Callable[[dict], None]) -> None:
         render(data)
 
 
+def emit_line(data: dict) -> None:
+    """A report, redacted, as one line of JSON Lines (`status --watch --json`), flushed at once so a
+    reader sees each report as it is made (docs/design.md §6.4)."""
+    shown = redact.active()
+    line = json.dumps(shown.value(data), separators=(",", ":"), default=lambda value: shown(str(value)))
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 @overload
 def parse_duration(text: str) -> float: ...
 @overload
