@@ -191,6 +191,17 @@ def status(settings: Settings) -> dict:
         return migration_status(stores.ledger, settings.prices)
 
 
+def set_paused(settings: Settings, paused: bool, who: str = "admin") -> dict:
+    """`repage pause`/`resume` and the service's admin routes: the ledger's pause signal."""
+    from repage.migration.status import pause_reason
+    from repage.migration.status import set_paused as write_pause
+
+    with open_stores(settings, vectors=False, objects=False) as stores:
+        write_pause(stores.ledger, paused, who)
+        reason = pause_reason(stores.ledger)
+    return {"paused": reason is not None, "paused_because": reason}
+
+
 def verify(settings: Settings, document_ids=None, *, sample: int | None = None) -> dict:
     from repage.migration.verify import verify_documents
 

@@ -42,6 +42,20 @@ class Matching(BaseModel):
     min_hash_margin: int = Field(default=8, ge=0, le=64)
 
 
+class WorkerSettings(BaseModel):
+    """The worker's schedule and limits (docs/design.md §9.5); [worker] in repage.toml, flags override."""
+
+    model_config = ConfigDict(extra="forbid")
+    daily_quota: int | None = Field(default=None, ge=0)  # trickle documents per day
+    quiet_hours: str | None = None  # HH:MM-HH:MM, local time
+    min_accesses: float | None = Field(default=None, ge=0)
+    max_failures: int | None = Field(default=None, ge=0)  # pause the migration after more failures than this
+    max_error_rate: float | None = Field(default=None, ge=0, le=1)  # ... or above this ratio over the last 100
+    daily_budget_dollars: float | None = Field(default=None, gt=0)
+    audit_every: str | None = None  # verify a random sample this often (6h, 1d)
+    audit_sample: int = Field(default=100, ge=1)
+
+
 class Settings(BaseModel):
     """Everything repage needs, validated once. Secrets are SecretStr: never printed."""
 
@@ -82,6 +96,7 @@ class Settings(BaseModel):
     budget_dollars: float | None = Field(None, gt=0)  # the whole migration's budget: the dashboard compares against it
     prices: Prices = Prices()
     matching: Matching = Matching()
+    worker: WorkerSettings = WorkerSettings()
 
     @field_validator("milvus_uri")
     @classmethod

@@ -68,45 +68,79 @@ AuditEvery = Annotated[
     str | None,
     typer.Option("--audit-every", help="Verify a random sample of done documents this often (6h, 1d); off if unset."),
 ]
-AuditSample = Annotated[int, typer.Option("--audit-sample", min=1, help="Documents per audit.")]
+AuditSample = Annotated[int | None, typer.Option("--audit-sample", min=1, help="Documents per audit (default 100).")]
+MaxFailures = Annotated[
+    int | None, typer.Option("--max-failures", min=0, help="Pause the migration after more failures than this.")
+]
+MaxErrorRate = Annotated[
+    float | None,
+    typer.Option("--max-error-rate", min=0, max=1, help="Pause above this failure ratio over the last 100 documents."),
+]
+DailyBudget = Annotated[
+    float | None, typer.Option("--daily-budget", min=0, help="Bucket dollars per day; the trickle waits for the next.")
+]
 
 
-def _worker_setup(
-    settings,
-    *,
-    quota,
-    quiet,
-    min_accesses,
-    max_latency,
-    poll,
-    batch_size,
-    concurrency,
-    object_rate,
-    write_rate,
-    move_images,
-    audit_every=None,
-    audit_sample=100,
-):
+def _worker_setup(settings, flags: dict):
+    """WorkerConfig, RunLimits and RunOptions from the worker flags, [worker] in repage.toml beneath them."""
     from repage.migration.runner import RunLimits
     from repage.migration.work import RunOptions
     from repage.migration.worker import QuietHours, WorkerConfig
 
+    toml = settings.worker
+    pick = lambda name: flags[name] if flags.get(name) is not None else getattr(toml, name)  # noqa: E731
+    quiet = pick("quiet_hours")
     config = WorkerConfig(
-        daily_quota=quota,
+        daily_quota=pick("daily_quota"),
         quiet_hours=QuietHours.parse(quiet) if quiet else None,
-        min_accesses=min_accesses or None,
-        max_read_latency_s=max_latency,
-        poll_seconds=poll,
-        audit_every_s=parse_duration(audit_every),
-        audit_sample=audit_sample,
+        min_accesses=pick("min_accesses") or None,
+        max_read_latency_s=flags["max_read_latency"],
+        poll_seconds=flags["poll"],
+        audit_every_s=parse_duration(pick("audit_every")),
+        audit_sample=pick("audit_sample"),
+        max_failures=pick("max_failures"),
+        max_error_rate=pick("max_error_rate"),
+        daily_budget_dollars=pick("daily_budget_dollars"),
     )
     limits = RunLimits(
-        batch_size=batch_size or settings.batch_size,
-        concurrency=concurrency or settings.concurrency,
-        object_ops_per_second=object_rate,
-        milvus_writes_per_second=write_rate,
+        batch_size=flags["batch_size"] or settings.batch_size,
+        concurrency=flags["concurrency"] or settings.concurrency,
+        object_ops_per_second=flags["object_ops_per_second"],
+        milvus_writes_per_second=flags["milvus_writes_per_second"],
     )
-    return config, limits, RunOptions(move_images=move_images, failpoint=os.environ.get("REPAGE_FAILPOINT"))
+    options = RunOptions(move_images=flags["move_images"], failpoint=os.environ.get("REPAGE_FAILPOINT"))
+    return config, limits, options
+
+
+# a worker flag's default: `serve` without --with-worker refuses any other value (it would be ignored)
+WORKER_DEFAULTS = {
+    "daily_quota": None,
+    "quiet_hours": None,
+    "min_accesses": None,
+    "max_read_latency": 0.5,
+    "poll": 5.0,
+    "batch_size": None,
+    "concurrency": None,
+    "object_ops_per_second": None,
+    "milvus_writes_per_second": None,
+    "move_images": True,
+    "audit_every": None,
+    "audit_sample": None,
+    "max_failures": None,
+    "max_error_rate": None,
+    "daily_budget_dollars": None,
+}
+
+
+def _worker_flags(values: dict) -> dict:
+    return {name: values[name] for name in WORKER_DEFAULTS}
+
+
+def _refuse_worker_flags(flags: dict) -> None:
+    given = [name for name, default in WORKER_DEFAULTS.items() if flags[name] != default]
+    if given:
+        names = ", ".join("--" + n.replace("_", "-").replace("move-images", "no-move-images") for n in given)
+        raise ConfigError(f"{names}: worker options, only with --with-worker")
 
 
 def serve(
@@ -139,7 +173,10 @@ def serve(
     milvus_writes_per_second: WriteRate = None,
     move_images: MoveImages = True,
     audit_every: AuditEvery = None,
-    audit_sample: AuditSample = 100,
+    audit_sample: AuditSample = None,
+    max_failures: MaxFailures = None,
+    max_error_rate: MaxErrorRate = None,
+    daily_budget_dollars: DailyBudget = None,
 ) -> None:
     """Serve chunks with lazy page repair, migration status, metrics and admin endpoints.
 
@@ -147,25 +184,14 @@ def serve(
     loopback with --insecure-local.
     Example: repage serve --host 0.0.0.0 --port 8080 --with-worker --daily-quota 500
     """
+    flags = _worker_flags(locals())
     from repage.web.service import serve as run_server
 
     def body():
         settings = settings_from(ctx)
-        config, limits, options = _worker_setup(
-            settings,
-            quota=daily_quota,
-            quiet=quiet_hours,
-            min_accesses=min_accesses,
-            max_latency=max_read_latency,
-            poll=poll,
-            batch_size=batch_size,
-            concurrency=concurrency,
-            object_rate=object_ops_per_second,
-            write_rate=milvus_writes_per_second,
-            move_images=move_images,
-            audit_every=audit_every,
-            audit_sample=audit_sample,
-        )
+        if not with_worker:
+            _refuse_worker_flags(flags)
+        config, limits, options = _worker_setup(settings, flags)
         run_server(
             settings,
             host=host,
@@ -174,6 +200,7 @@ def serve(
             with_worker=with_worker,
             worker_config=config,
             worker_limits=limits,
+            worker_options=options,
             secure_cookie=secure_cookie,
             forwarded_allow_ips=forwarded_allow_ips,
         )
@@ -194,7 +221,10 @@ def worker(
     milvus_writes_per_second: WriteRate = None,
     move_images: MoveImages = True,
     audit_every: AuditEvery = None,
-    audit_sample: AuditSample = 100,
+    audit_sample: AuditSample = None,
+    max_failures: MaxFailures = None,
+    max_error_rate: MaxErrorRate = None,
+    daily_budget_dollars: DailyBudget = None,
     once: Annotated[bool, typer.Option("--once", help="Run one cycle and exit.")] = False,
     engine: EngineFlag = "local",
     ray_address: RayAddressFlag = None,
@@ -205,25 +235,12 @@ def worker(
     SIGTERM or Ctrl-C stops it after the current batch; a restart resumes from the ledger.
     Example: repage worker --daily-quota 500 --quiet-hours 08:00-20:00 --min-accesses 3
     """
+    flags = _worker_flags(locals())
     from repage.migration.worker import run_worker
 
     def body():
         settings = settings_from(ctx)
-        config, limits, options = _worker_setup(
-            settings,
-            quota=daily_quota,
-            quiet=quiet_hours,
-            min_accesses=min_accesses,
-            max_latency=max_read_latency,
-            poll=poll,
-            batch_size=batch_size,
-            concurrency=concurrency,
-            object_rate=object_ops_per_second,
-            write_rate=milvus_writes_per_second,
-            move_images=move_images,
-            audit_every=audit_every,
-            audit_sample=audit_sample,
-        )
+        config, limits, options = _worker_setup(settings, flags)
         cpu = engine_from(engine, ray_address)
         options = replace(options, engine=cpu)
         stop = threading.Event()
@@ -300,6 +317,35 @@ def access_top(
     run_command(body)
 
 
+def pause(
+    ctx: typer.Context,
+    reason: Annotated[str, typer.Option(help="Why (shown by status, the dashboard and /metrics).")] = "admin",
+    as_json: JsonFlag = False,
+) -> None:
+    """Pause every worker sharing the ledger after its current batch (as POST /migration/pause).
+
+    Example: repage pause --reason "bucket maintenance"
+    """
+    run_command(lambda: _set_pause(ctx, True, reason, as_json))
+
+
+def resume(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Resume the workers: after a pause by an admin, or by a worker that stopped itself.
+
+    Example: repage resume
+    """
+    run_command(lambda: _set_pause(ctx, False, "admin", as_json))
+
+
+def _set_pause(ctx: typer.Context, paused: bool, who: str, as_json: bool) -> None:
+    from repage import api
+
+    report = api.set_paused(settings_from(ctx), paused, who)
+    emit(report, as_json, lambda r: out.print("paused" if r["paused"] else "resumed", markup=False))
+
+
 app.command()(serve)
 app.command()(worker)
+app.command()(pause)
+app.command()(resume)
 app.add_typer(access_app, name="access")

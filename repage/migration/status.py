@@ -52,6 +52,27 @@ def usage_by_path(ledger, prices) -> dict:
     return out
 
 
+PAUSE, RESUME = "pause", "resume"  # ledger events: the latest of the two decides
+
+
+def pause_reason(ledger) -> str | None:
+    """Who paused the migration and why (the pause event's detail); None while it is not paused."""
+    # One kind per query: each is an index search; both kinds in one IN list scan every event.
+    pause, resume = (ledger.events(kinds=[kind], limit=1) for kind in (PAUSE, RESUME))
+    if not pause or (resume and resume[-1].id > pause[-1].id):
+        return None
+    return pause[-1].detail or "paused"
+
+
+def is_paused(ledger) -> bool:
+    return pause_reason(ledger) is not None
+
+
+def set_paused(ledger, paused: bool, who: str = "admin") -> None:
+    """Pause or resume every worker and service sharing the ledger; `who` says who and why."""
+    ledger.add_event(PAUSE if paused else RESUME, detail=who)
+
+
 def spent_dollars(ledger, prices) -> float:
     """What the whole migration has cost so far: bucket requests and reprocess jobs."""
     totals = ledger.totals()
@@ -88,6 +109,7 @@ def migration_status(ledger, prices, now: float | None = None) -> dict:
         "last_errors": [
             {"document_id": r.document_id, "state": str(r.state), "error": r.last_error} for r in ledger.last_errors(10)
         ],
+        "paused_because": pause_reason(ledger),  # None: not paused
     }
 
 

@@ -32,15 +32,23 @@ from typing import cast
 from repage.domain.keys import compile_patterns
 from repage.domain.plan import is_affected
 from repage.domain.states import RepairPath
+from repage.domain.watch import FailureWatch
 from repage.errors import ConfigError, InvalidFilterValue, RepageError
-from repage.migration.runner import RunLimits, Runner, RunSummary, Selection
+from repage.migration.runner import RunLimits, Runner, RunSummary, Selection, with_migration_budget
 from repage.migration.scan import SCAN_FIELDS, Classifier, DocumentSummary, _scan_record, scan_completed, scan_store
+from repage.migration.status import (  # noqa: F401 - the pause signal, re-exported for the web
+    PAUSE,
+    RESUME,
+    is_paused,
+    pause_reason,
+    set_paused,
+)
 from repage.migration.work import RunOptions
 
 log = logging.getLogger("repage.migration.worker")
 
-PAUSE, RESUME = "pause", "resume"  # ledger events: the latest of the two decides
 READ_LATENCY = "read-latency"  # published by services: {"p95": s, "n": samples, "source": id}
+SPENT = "worker-spent"  # micro-dollars the worker's runs spent; detail = the worker's clock day
 TRICKLE = "worker-trickle"  # documents the trickle processed; detail = the worker's clock day
 PATHS = frozenset({RepairPath.KEYS, RepairPath.PDF})  # what the worker migrates (reprocess is not built yet)
 _HHMM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
@@ -104,6 +112,10 @@ class WorkerConfig:
     tz: tzinfo | None = None  # for quiet hours and the quota day; None: the machine's zone
     audit_every_s: float | None = None  # verify a random sample this often (docs/design.md §5.8); None: never
     audit_sample: int = 100  # documents per audit
+    max_failures: int | None = None  # pause after more failed documents than this (repage/domain/watch.py)
+    max_error_rate: float | None = None  # pause above this failure ratio over the last `error_window` documents
+    error_window: int = 100
+    daily_budget_dollars: float | None = None  # bucket dollars per worker-clock day; the trickle waits for the next
 
 
 @dataclass
@@ -129,16 +141,6 @@ class CycleReport:
 
 
 # --------------------------------------------------------------------------- ledger signals
-
-
-def is_paused(ledger) -> bool:
-    # One kind per query: each is an index search; both kinds in one IN list scan every event.
-    pause, resume = (ledger.events(kinds=[kind], limit=1) for kind in (PAUSE, RESUME))
-    return bool(pause) and (not resume or pause[-1].id > resume[-1].id)
-
-
-def set_paused(ledger, paused: bool, who: str = "admin") -> None:
-    ledger.add_event(PAUSE if paused else RESUME, detail=who)
 
 
 def publish_read_latency(ledger, p95: float, samples: int, source: str) -> None:
@@ -202,6 +204,9 @@ class Worker:
         self.totals = {"lazy": 0, "trickle": 0, "migrated": 0, "failed": 0}
         self._backoffs = 0
         self._next_audit: float | None = None  # the first cycle audits (when audits are on)
+        self.watch = FailureWatch(config.max_failures, config.max_error_rate, config.error_window)
+        self._was_paused = False
+        self._budget_spent_on: str | None = None  # the worker-clock day its daily budget ran out
 
     # ---- one cycle
 
@@ -215,6 +220,9 @@ class Worker:
     def _cycle(self, report: CycleReport) -> CycleReport:
         ledger = self.stores.ledger
         report.paused = is_paused(ledger)
+        if self._was_paused and not report.paused:  # resumed: the stop rule counts afresh
+            self.watch.reset()
+        self._was_paused = report.paused
         if not report.paused:
             report.read_latency_p95 = read_latency_p95(ledger, self.config.latency_max_age_s)
             report.backed_off = self._too_slow(report.read_latency_p95)
@@ -281,6 +289,8 @@ class Worker:
             return {}, f"quiet hours {quiet}", left
         if left == 0:
             return {}, "daily quota reached", left
+        if self._budget_spent_on == moment.date().isoformat():
+            return {}, "daily budget spent", left
         ledger = self.stores.ledger
         if not scan_completed(ledger):  # a fresh ledger: the trickle needs to know the documents
             scan_store(self.stores)
@@ -304,23 +314,57 @@ class Worker:
         return max(0, quota - sum(e.count for e in events if e.detail == day))
 
     def _run(self, selection: Selection, limits: RunLimits, *, quota_day: str | None = None) -> RunSummary:
-        """One Runner pass; between batches it counts the quota and heeds stop, pause, latency."""
+        """One Runner pass; between batches it counts the quota and the day's dollars, feeds the stop
+        rule and heeds stop, pause and latency. A spent migration budget pauses the migration."""
         run_stop = threading.Event()
-        counted = 0
+        seen = RunSummary()  # what earlier batches of this pass were already counted for
+        day = self._day()
+        limits, daily_binds = self._with_budgets(limits, day)
 
         def on_batch(summary: RunSummary) -> None:
-            nonlocal counted
-            if quota_day is not None and summary.documents > counted:
-                self.stores.ledger.add_event(TRICKLE, count=summary.documents - counted, detail=quota_day)
-                counted = summary.documents
+            ledger = self.stores.ledger
+            if quota_day is not None and summary.documents > seen.documents:
+                ledger.add_event(TRICKLE, count=summary.documents - seen.documents, detail=quota_day)
+            if (spent := round((summary.dollars - seen.dollars) * 1e6)) > 0:
+                ledger.add_event(SPENT, count=spent, detail=day)
+            self.watch.add(summary.documents - seen.documents, summary.failed - seen.failed)
+            seen.documents, seen.failed, seen.dollars = summary.documents, summary.failed, summary.dollars
+            if (why := self.watch.reason()) is not None:
+                set_paused(ledger, True, who=f"worker stopped itself: {why}")
             if self._interrupted():
                 run_stop.set()
 
         if self.stop_event.is_set():
             run_stop.set()
-        return Runner(
+        summary = Runner(
             self.stores, self.options, limits, selection, clock=self.clock, on_batch=on_batch, stop=run_stop
         ).run()
+        if summary.stopped_because.startswith("budget"):
+            if daily_binds:  # today's budget: the trickle waits for the next day
+                self._budget_spent_on = day
+            else:  # the migration's: nothing more until an admin raises it and resumes
+                why = f"worker stopped itself: budget_dollars: {summary.stopped_because}"
+                set_paused(self.stores.ledger, True, who=why)
+        return summary
+
+    def _day(self) -> str:
+        return datetime.fromtimestamp(self.clock.now(), tz=self.config.tz).date().isoformat()
+
+    def _with_budgets(self, limits: RunLimits, day: str) -> tuple[RunLimits, bool]:
+        """The run may spend what the migration's budget and today's both have left; and whether
+        today's is the smaller."""
+        limits = with_migration_budget(self.stores, limits)
+        daily = self._daily_left(day)
+        if daily is None or (limits.budget_dollars is not None and limits.budget_dollars < daily):
+            return limits, False
+        return replace(limits, budget_dollars=daily), True
+
+    def _daily_left(self, day: str) -> float | None:
+        daily = self.config.daily_budget_dollars
+        if daily is None:
+            return None
+        events = self.stores.ledger.events(kinds=[SPENT], since=self.stores.ledger.db_now() - 3 * 86_400)
+        return max(0.0, daily - sum(e.count for e in events if e.detail == day) / 1e6)
 
     def _interrupted(self) -> bool:
         if self.stop_event.is_set():

@@ -147,6 +147,7 @@ def create_app(
     insecure_local: bool = False,
     worker_config=None,
     worker_limits=None,
+    worker_options=None,
     flush_seconds: float = 1.0,
     secure_cookie: bool = False,
 ) -> FastAPI:
@@ -178,7 +179,7 @@ def create_app(
         redact.attach_log_filter()  # uvicorn's handlers exist by now
         parts.lazy.start()
         if with_worker:
-            parts.worker = _start_worker(settings, stores, worker_config, worker_limits)
+            parts.worker = _start_worker(settings, stores, worker_config, worker_limits, worker_options)
         try:
             yield
         finally:  # blocking waits off the event loop
@@ -204,13 +205,15 @@ async def _config_error(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": redact.active()(exc)}, status_code=400)
 
 
-def _start_worker(settings: Settings, stores, config, limits):
+def _start_worker(settings: Settings, stores, config, limits, options=None):
     """The worker thread shares the service's Milvus client and ledger, opens its own bucket."""
     from repage.migration.runner import RunLimits
+    from repage.migration.work import RunOptions
     from repage.migration.worker import WorkerConfig, WorkerThread
 
     limits = limits or RunLimits(batch_size=settings.batch_size, concurrency=settings.concurrency)
-    return WorkerThread(settings, config=config or WorkerConfig(), limits=limits, shared=stores).start()
+    config, options = config or WorkerConfig(), options or RunOptions()
+    return WorkerThread(settings, config=config, limits=limits, options=options, shared=stores).start()
 
 
 def serve(
@@ -222,6 +225,7 @@ def serve(
     with_worker: bool = False,
     worker_config=None,
     worker_limits=None,
+    worker_options=None,
     log_level: str = "info",
     secure_cookie: bool | None = None,
     forwarded_allow_ips: str | None = None,
@@ -240,6 +244,7 @@ def serve(
         insecure_local=insecure_local,
         worker_config=worker_config,
         worker_limits=worker_limits,
+        worker_options=worker_options,
         secure_cookie=not is_loopback(host) if secure_cookie is None else secure_cookie,
     )
     proxy: dict[str, Any] = {"forwarded_allow_ips": forwarded_allow_ips} if forwarded_allow_ips else {}

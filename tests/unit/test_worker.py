@@ -265,3 +265,81 @@ def test_no_audit_unless_asked(stores):
     worker = make_worker(stores, FakeClock(TEN_AM))
     assert worker.cycle().audit == {} and worker.cycle().audit == {}
     assert State.VERIFIED not in states(stores).values()
+
+
+def test_the_worker_pauses_itself_after_max_failures_and_resume_continues(stores, monkeypatch):
+    from repage.errors import StoreError
+    from repage.migration.status import migration_status, pause_reason
+
+    for row in stores.rows:
+        if row["image_r2_key"]:
+            stores.objects.put(row["image_r2_key"], b"png " + row["chunk_id"].encode())
+    scan_store(stores)
+
+    def refused(src: str, dst: str) -> None:
+        raise StoreError(f"AccessDenied on {dst}: the bucket key was revoked")
+
+    monkeypatch.setattr(stores.objects, "copy", refused)
+    worker = Worker(
+        stores,
+        config=WorkerConfig(poll_seconds=1.0, tz=UTC, max_failures=2),
+        limits=RunLimits(batch_size=1),
+        options=RunOptions(move_images=True),
+        clock=FakeClock(TEN_AM),
+    )
+    for _ in range(3):  # one batch (one document) per trickle cycle here
+        assert not worker.cycle().paused
+    failed = {d for d, s in states(stores).items() if s == State.FAILED}
+    assert len(failed) == 3  # the third failure is one more than allowed: paused after its batch
+    why = migration_status(stores.ledger, stores.settings.prices)["paused_because"]
+    assert why is not None and "--max-failures 2 exceeded (3 failed)" in why
+    held = worker.cycle()
+    assert held.paused and held.documents == 0  # paused: the rest of the quota is not burnt
+    monkeypatch.undo()  # the key is fixed; an admin resumes
+    set_paused(stores.ledger, False)
+    assert pause_reason(stores.ledger) is None
+    assert worker.cycle().trickle["migrated"] == 1
+    assert pause_reason(stores.ledger) is None  # the count started afresh at the resume
+
+
+def test_without_max_failures_the_worker_keeps_going(stores, monkeypatch):
+    from repage.errors import StoreError
+    from repage.migration.status import pause_reason
+
+    for row in stores.rows:
+        if row["image_r2_key"]:
+            stores.objects.put(row["image_r2_key"], b"png")
+    scan_store(stores)
+    monkeypatch.setattr(stores.objects, "copy", lambda src, dst: (_ for _ in ()).throw(StoreError("AccessDenied")))
+    worker = Worker(stores, config=WorkerConfig(tz=UTC), limits=RunLimits(batch_size=2), clock=FakeClock(TEN_AM))
+    for _ in range(3):  # two documents per cycle
+        assert not worker.cycle().paused
+    assert pause_reason(stores.ledger) is None
+    assert all(s == State.FAILED for s in states(stores).values())
+
+
+def test_a_daily_budget_holds_the_trickle_until_the_next_day(stores):
+    from repage.migration.status import pause_reason
+
+    for row in stores.rows:
+        if row["image_r2_key"]:
+            stores.objects.put(row["image_r2_key"], b"png")
+    scan_store(stores)
+    clock = FakeClock(TEN_AM)
+    from repage.domain.estimate import worst_case_document_dollars
+
+    one = worst_case_document_dollars(2, stores.settings.prices)  # every document here has 2 affected chunks
+    worker = Worker(
+        stores,
+        config=WorkerConfig(tz=UTC, daily_budget_dollars=2 * one),
+        limits=RunLimits(batch_size=6),
+        options=RunOptions(move_images=True),
+        clock=clock,
+    )
+    first = worker.cycle()
+    assert first.trickle["migrated"] == 2, first  # what the day's budget pays for, reserved at worst case
+    assert "budget" in first.trickle["stopped_because"]
+    assert worker.cycle().trickle_skipped == "daily budget spent"
+    clock.advance(86_400)
+    assert worker.cycle().trickle["migrated"] == 2  # a new day, a new budget
+    assert pause_reason(stores.ledger) is None  # a daily budget holds the trickle, it pauses nothing
