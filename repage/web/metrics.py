@@ -1,13 +1,14 @@
 """Prometheus metrics of the service (prometheus-client), in a registry per app.
 
 Labels never carry a document id (unbounded cardinality, and ids are customer data):
-only small fixed sets (read outcome, migration state).
+only small fixed sets (read outcome, migration state and path, failure kind) and the pause reason.
 Counters kept by LazyRepair and gauges read from the ledger are exported by a custom
 collector at scrape time, so the request path only increments plain integers.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import threading
@@ -109,13 +110,74 @@ class _StateCollector:
             return
         up.add_metric([], 1)
         yield up
-        states = GaugeMetricFamily("repage_migration_documents", "Documents by ledger state", labels=["state"])
-        for state, count in sorted(figures["by_state"].items()):
-            states.add_metric([state], count)
-        yield states
-        yield GaugeMetricFamily(
-            "repage_worker_paused", "1 while an admin has paused the worker", value=1.0 if figures["paused"] else 0.0
+        yield from _documents(figures)
+        yield from _rates(figures["throughput"])
+        yield from _progress(figures)
+
+
+def _gauge(name: str, doc: str, value: float | None) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=math.nan if value is None else float(value))
+
+
+def _documents(figures: dict):
+    """Documents by state, by state and path, failed ones by path and kind (docs/design.md §12)."""
+    states = GaugeMetricFamily("repage_migration_documents", "Documents by ledger state", labels=["state"])
+    for state, count in sorted(figures["by_state"].items()):
+        states.add_metric([state], count)
+    yield states
+    paths = GaugeMetricFamily(
+        "repage_migration_path_documents", "Documents by ledger state and repair path", labels=["state", "path"]
+    )
+    for row in figures["by_state_and_path"]:
+        paths.add_metric([row["state"], row["path"]], row["documents"])
+    yield paths
+    failed = GaugeMetricFamily(
+        "repage_migration_failures", "Failed documents by path and kind of their last error", labels=["path", "kind"]
+    )
+    for row in figures["failures"]:
+        failed.add_metric([row["path"], row["kind"]], row["documents"])
+    yield failed
+
+
+def _rates(rates: dict):
+    """Documents, chunks and bucket requests per second: over the last five minutes and overall."""
+    for what, doc in (
+        ("documents", "Documents migrated"),
+        ("chunks", "Chunks written"),
+        ("requests", "Bucket requests"),
+    ):
+        family = GaugeMetricFamily(
+            f"repage_migration_{what}_per_second", f"{doc} per second, by window", labels=["window"]
         )
+        for window in ("recent", "overall"):
+            family.add_metric([window], rates.get(f"{window}_{what}_per_s", math.nan))
+        yield family
+
+
+def _progress(figures: dict):
+    """Dollars, ETA (NaN while unknown), the lazy queue, the pause with its reason, the last batch."""
+    yield _gauge(
+        "repage_migration_dollars_spent", "Dollars spent: bucket requests and reprocess", figures["dollars_spent"]
+    )
+    yield _gauge(
+        "repage_migration_dollars_projected", "Dollars projected for the whole migration", figures["dollars_projected"]
+    )
+    yield _gauge(
+        "repage_migration_eta_seconds", "Seconds left at the recent rate (NaN: unknown)", figures["eta_seconds"]
+    )
+    yield _gauge(
+        "repage_lazy_queue_documents", "Documents the read path queued, not yet migrated", figures["lazy_queue"]
+    )
+    paused = GaugeMetricFamily(
+        "repage_worker_paused", "1 while the migration is paused; the reason as a label", labels=["reason"]
+    )
+    paused.add_metric([figures["pause_reason"]], 1.0 if figures["paused"] else 0.0)
+    yield paused
+    yield _gauge(
+        "repage_migration_last_batch_timestamp_seconds",
+        "When a run last finished a batch (epoch seconds; NaN: never)",
+        figures["last_batch_at"],
+    )
 
 
 class ServiceMetrics:

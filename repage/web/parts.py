@@ -11,6 +11,7 @@ from typing import Any
 from repage.config import Settings
 from repage.domain.keys import compile_patterns
 from repage.migration.lazy import LazyRepair, LedgerSink
+from repage.migration.monitor import monitor_figures
 from repage.web.auth import BearerAuth
 from repage.web.guard import AuthThrottle
 from repage.web.metrics import LatencyPublisher, ServiceMetrics
@@ -51,19 +52,10 @@ def make_parts(
         flush_seconds=flush_seconds,
     )
     throttle = AuthThrottle(now=now)
-    metrics = ServiceMetrics(lazy, lambda: _ledger_figures(ledger), throttle=throttle)
+    metrics = ServiceMetrics(lazy, lambda: monitor_figures(ledger, settings.prices), throttle=throttle)
     lazy.add_periodic(LatencyPublisher(ledger, metrics.window))
     sessions = Sessions(settings.read_token, settings.admin_token, now=now, ledger=ledger, secure=secure_cookie)
     auth = BearerAuth(
         settings.read_token, settings.admin_token, open_access=insecure_local, throttle=throttle, sessions=sessions
     )
     return ServiceParts(settings, vectors, ledger, lazy, metrics, auth)
-
-
-def _ledger_figures(ledger) -> dict:
-    from repage.migration.worker import is_paused
-
-    by_state: dict[str, int] = {}
-    for (state, _path), n in ledger.counts().items():
-        by_state[state] = by_state.get(state, 0) + n
-    return {"by_state": by_state, "paused": is_paused(ledger)}

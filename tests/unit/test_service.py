@@ -147,7 +147,7 @@ def test_metrics_have_counters_and_no_document_ids(service):
         "repage_lazy_corrected_chunks_total 2.0",
         "repage_read_milvus_seconds_bucket",
         "repage_ledger_up 1.0",
-        "repage_worker_paused 0.0",
+        'repage_worker_paused{reason=""} 0.0',
     ):
         assert name in text
     assert "doc-1" not in text and "nope" not in text

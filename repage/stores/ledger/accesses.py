@@ -124,6 +124,12 @@ class Accesses(LedgerBase):
         with self._tx(write=False) as conn:
             return list(conn.scalars(q))
 
+    def enqueued_count(self) -> int:
+        """How many documents wait in the lazy queue (the read path's requests, docs/design.md §10.2)."""
+        a = accesses_t.c
+        with self._tx(write=False) as conn:
+            return int(conn.scalar(sa.select(sa.func.count()).where(a.enqueued_at.is_not(None))) or 0)
+
     def clear_enqueued(
         self, document_ids: Sequence[str] | None = None, *, keep_paths: set[RepairPath] | None = None
     ) -> int:

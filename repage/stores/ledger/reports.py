@@ -72,6 +72,13 @@ class Reports(LedgerBase):
             ).all()
         return [document_record(r) for r in rows]
 
+    def failed_errors(self) -> list[tuple[str, str | None]]:
+        """(path, last error) of every failed document: /metrics counts them by kind (docs/design.md §12)."""
+        c = docs_t.c
+        with self._tx(write=False) as conn:
+            rows = conn.execute(sa.select(c.path, c.last_error).where(c.state == State.FAILED.value)).all()
+        return [(r.path, r.last_error) for r in rows]
+
     def totals(self) -> dict[str, float | int]:
         """Spend and I/O summed over all documents, plus the document count."""
         with self._tx(write=False) as conn:
