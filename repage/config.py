@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from repage.domain.templates import body_placeholders, check_path_template, placeholders
 from repage.errors import ConfigError
 from repage.redact import Redactor, redact_text, redact_url
 
@@ -24,14 +25,78 @@ DEFAULT_DATA_DIR = "./repage-data"
 
 
 class Prices(BaseModel):
-    """Dollar prices (defaults: docs/design.md §8); override under [prices] in repage.toml."""
+    """Dollar prices (defaults: docs/design.md §8); override under [prices] in repage.toml.
+    Reprocessing is priced as the product's ranges: each `*_high` is the range's top (§8.1)."""
 
     model_config = ConfigDict(extra="forbid")
     class_a_per_million: float = 4.50  # R2 List, Put, Copy
     class_b_per_million: float = 0.36  # R2 Get, Head
-    reprocess_compute_per_document: float = 0.10  # low end of $0.10-1.00
-    vision_per_image: float = 0.01  # low end of $0.01-0.10
-    ocr_per_image: float = 0.001
+    reprocess_compute_per_document: float = Field(0.10, ge=0)  # $0.10-1.00
+    reprocess_compute_per_document_high: float = Field(1.00, ge=0)
+    vision_per_image: float = Field(0.01, ge=0)  # $0.01-0.10
+    vision_per_image_high: float = Field(0.10, ge=0)
+    ocr_per_image: float = Field(0.001, ge=0)  # $0.001
+    ocr_per_image_high: float = Field(0.001, ge=0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> Prices:
+        for low in ("reprocess_compute_per_document", "vision_per_image", "ocr_per_image"):
+            if getattr(self, f"{low}_high") < getattr(self, low):
+                raise ValueError(f"prices: {low}_high is below {low}: a range goes low to high")
+        return self
+
+
+SUBMIT_FIELDS = frozenset({"document_id", "dataset_id", "filename"})  # what a submit path or body may name
+POLL_FIELDS = SUBMIT_FIELDS | {"job_id"}  # a poll path may also name the job the submit reply gave
+
+
+class ReprocessApi(BaseModel):
+    """The reprocess HTTP API's shape (docs/design.md §6.2), [reprocess_api] in repage.toml; the
+    default is the app's admin API. Paths are templates on `reprocess_url` (repage.domain.templates)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    submit_method: Literal["POST", "PUT"] = "POST"
+    submit_path: str = "/api/v1/admin/documents/{document_id}/reprocess"
+    submit_body: dict[str, Any] | None = None  # JSON sent with the submit; its strings may hold placeholders
+    poll_path: str = "/api/v1/admin/documents/{document_id}"
+    job_id_field: str | None = None  # the submit reply's field naming the job, for {job_id} in poll_path
+    status_field: str = "status"  # dotted fields of the poll reply (and the submit reply)
+    ready_values: tuple[str, ...] = ("ready",)
+    failed_values: tuple[str, ...] = ("failed", "error")
+    cost_fields: tuple[str, ...] = ("cost_dollars", "cost")  # the first number found is the job's dollars
+    error_fields: tuple[str, ...] = ("error", "detail")
+
+    @field_validator("submit_path")
+    @classmethod
+    def _submit_path(cls, value: str) -> str:
+        return check_path_template(value, SUBMIT_FIELDS, ())
+
+    @field_validator("poll_path")
+    @classmethod
+    def _poll_path(cls, value: str) -> str:
+        return check_path_template(value, POLL_FIELDS, {"document_id", "job_id"})
+
+    @field_validator("submit_body")
+    @classmethod
+    def _submit_body(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and (unknown := sorted(body_placeholders(value) - SUBMIT_FIELDS)):
+            raise ValueError(f"submit_body: unknown placeholder {{{unknown[0]}}}")
+        return value
+
+    @field_validator("ready_values", "failed_values")
+    @classmethod
+    def _values(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(v.lower() for v in value)
+
+    @model_validator(mode="after")
+    def _job_id(self) -> ReprocessApi:
+        if "document_id" not in {*placeholders(self.submit_path), *body_placeholders(self.submit_body)}:
+            raise ValueError("the submit must name the document: put {document_id} in submit_path or submit_body")
+        if "job_id" in placeholders(self.poll_path) and not self.job_id_field:
+            raise ValueError("poll_path names {job_id}: set job_id_field, the submit reply's field holding it")
+        if set(self.ready_values) & set(self.failed_values):
+            raise ValueError("a status value cannot be both ready and failed")
+        return self
 
 
 class Matching(BaseModel):
@@ -80,6 +145,7 @@ class Settings(BaseModel):
     reprocess_concurrency: int = Field(2, ge=1, le=64)  # documents reprocessing at once
     reprocess_timeout_seconds: float = Field(1800.0, gt=0)  # one document's job, submit to ready/failed
     reprocess_poll_seconds: float = Field(5.0, gt=0)
+    reprocess_api: ReprocessApi = ReprocessApi()  # the HTTP backend's paths and payloads (docs/design.md §6.2)
     # the model the collection's vectors come from (docs/design.md §7.4): the local pipeline writes vectors
     # only when it can compute this exact model, and refuses otherwise
     embedding_model: str | None = None

@@ -27,7 +27,12 @@ def open_reprocessor(settings, stores=None, *, clock=None) -> Reprocessor:
             raise ConfigError('reprocess_backend = "http" needs REPAGE_REPROCESS_URL (the app\'s admin API)')
         token = settings.reprocess_token.get_secret_value() if settings.reprocess_token else None
         return HttpReprocessor(
-            settings.reprocess_url, token, concurrency=settings.reprocess_concurrency, clock=clock, stores=stores
+            settings.reprocess_url,
+            token,
+            concurrency=settings.reprocess_concurrency,
+            clock=clock,
+            stores=stores,
+            api=settings.reprocess_api,
         )
     if name == "local":
         if stores is None:

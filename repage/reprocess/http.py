@@ -4,6 +4,8 @@ Default shape (FLTR): `POST {url}/api/v1/admin/documents/{document_id}/reprocess
 pipeline; `GET {url}/api/v1/admin/documents/{document_id}` answers the document, whose
 `status` is `ready` or `failed` when the job ended (anything else: still running). A reply
 may report what the job cost in `cost_dollars` (or `cost`); `error` explains a failure.
+Another app's API: `[reprocess_api]` in repage.toml sets the method, both path templates, a JSON
+body, the job id to poll by and the reply's fields (docs/design.md §6.2, `repage.config.ReprocessApi`).
 
 - every request has a connect/read timeout (httpx);
 - connection errors, timeouts, 429 and 5xx are retried with exponential backoff and jitter
@@ -18,26 +20,42 @@ from __future__ import annotations
 
 import threading
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import tenacity
 
+from repage.config import ReprocessApi
 from repage.domain.keys import check_document_id
+from repage.domain.templates import render_body, render_path, reply_field
 from repage.errors import BadInput, ConfigError, Transient
 from repage.redact import Redactor, redact_url, url_secrets
 from repage.reprocess import backup
 from repage.reprocess.base import Job, JobStatus, ReprocessDocument
 from repage.stores.throttle import Clock, SystemClock
 
-SUBMIT_PATH = "/api/v1/admin/documents/{document_id}/reprocess"
-STATUS_PATH = "/api/v1/admin/documents/{document_id}"
-READY, FAILED = frozenset({"ready"}), frozenset({"failed", "error"})
+
+def _values(document, job_id: str | None = None) -> dict[str, str]:
+    """What the templates may name. The document id passes the one id check (`quote` keeps `.` and
+    `..`, which would climb the app's API); render_path quotes every value as one segment."""
+    values = {
+        "document_id": check_document_id(document.document_id),
+        "dataset_id": document.dataset_id,
+        "filename": document.filename,
+    }
+    if job_id is not None:
+        values["job_id"] = job_id
+    return values
 
 
-def _segment(document_id: str) -> str:
-    """The id as one URL path segment: `quote` keeps `.` and `..`, which would climb the app's API."""
-    return quote(check_document_id(document_id), safe="")
+def _job_id(reply: dict[str, Any], field: str) -> str:
+    """The job id the submit reply gave, checked like a document id: it becomes a path segment."""
+    value = reply_field(reply, field)
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise BadInput(f"reprocess API: the submit reply has no job id in {field!r}")
+    try:
+        return check_document_id(str(value))
+    except ValueError as exc:
+        raise BadInput(f"reprocess API: the job id in {field!r} cannot be used in a URL ({exc})") from None
 
 
 class _Retryable(Exception):
@@ -60,6 +78,7 @@ class HttpReprocessor:
         clock: Clock | None = None,
         transport: httpx.BaseTransport | None = None,
         stores=None,
+        api: ReprocessApi | None = None,
     ):
         if not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"REPAGE_REPROCESS_URL {redact_url(base_url)!r} must start with http:// or https://")
@@ -68,6 +87,7 @@ class HttpReprocessor:
         self._redact = Redactor(self._token, *url_secrets(base_url))
         self.clock = clock or SystemClock()
         self.stores = stores  # None: no backup, and `repage rollback` refuses the document
+        self.api = api or ReprocessApi()
         self.attempts = attempts
         self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
         self._slots = threading.BoundedSemaphore(concurrency)
@@ -88,15 +108,20 @@ class HttpReprocessor:
     def submit(self, document: ReprocessDocument) -> Job:
         if self.stores is not None:  # the rows as they were, before the app's pipeline rewrites them
             backup.keep(self.stores, document.dataset_id, document.document_id)
-        reply = self._call("POST", SUBMIT_PATH.format(document_id=_segment(document.document_id)))
+        values = _values(document)
+        path = render_path(self.api.submit_path, values)
+        body = None if self.api.submit_body is None else render_body(self.api.submit_body, values)
+        reply = self._call(self.api.submit_method, path, body)
         job = Job(document, self.name, detail={"submitted": reply})
+        if self.api.job_id_field:
+            job.detail["job_id"] = _job_id(reply, self.api.job_id_field)
         self._read(job, reply)
         return job
 
     def poll(self, job: Job) -> JobStatus:
         if job.status != JobStatus.RUNNING:
             return job.status
-        reply = self._call("GET", STATUS_PATH.format(document_id=_segment(job.document_id)))
+        reply = self._call("GET", render_path(self.api.poll_path, _values(job.document, job.detail.get("job_id"))))
         self._read(job, reply)
         return job.status
 
@@ -105,21 +130,23 @@ class HttpReprocessor:
 
     # ---- plumbing
 
-    @staticmethod
-    def _read(job: Job, reply: dict[str, Any]) -> None:
-        status = str(reply.get("status") or "").lower()
-        for name in ("cost_dollars", "cost"):
-            if isinstance(reply.get(name), (int, float)) and not isinstance(reply.get(name), bool):
-                job.dollars = float(reply[name])
-                break
-        job.detail["last"] = {k: v for k, v in reply.items() if k in ("status", "cost_dollars", "cost", "error")}
-        if status in READY:
+    def _read(self, job: Job, reply: dict[str, Any]) -> None:
+        """Status, dollars and error from a reply, at the fields `[reprocess_api]` names."""
+        api = self.api
+        status = str(reply_field(reply, api.status_field) or "").lower()
+        costs = [reply_field(reply, name) for name in api.cost_fields]
+        if numbers := [c for c in costs if isinstance(c, (int, float)) and not isinstance(c, bool)]:
+            job.dollars = float(numbers[0])
+        names = (api.status_field, *api.cost_fields, *api.error_fields)
+        job.detail["last"] = {n: v for n in names if (v := reply_field(reply, n)) is not None}
+        if status in api.ready_values:
             job.status = JobStatus.READY
-        elif status in FAILED:
+        elif status in api.failed_values:
             job.status = JobStatus.FAILED
-            job.error = str(reply.get("error") or reply.get("detail") or "the app reports the job failed")
+            errors = [reply_field(reply, name) for name in api.error_fields]
+            job.error = str(next((e for e in errors if e), "the app reports the job failed"))
 
-    def _call(self, method: str, path: str) -> dict[str, Any]:
+    def _call(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
         """One request with retries; repage errors out, the token in none of them."""
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.attempts),
@@ -131,16 +158,16 @@ class HttpReprocessor:
         try:
             for attempt in retrying:
                 with attempt:
-                    return self._once(method, path)
+                    return self._once(method, path, body)
         except _Retryable as exc:
             raise Transient(f"reprocess API {method} {path}: {exc} (gave up after {self.attempts} tries)") from None
         raise AssertionError("unreachable")
 
-    def _once(self, method: str, path: str) -> dict[str, Any]:
+    def _once(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
         with self._slots:
             self.requests += 1
             try:
-                response = self._client.request(method, path)
+                response = self._client.request(method, path, json=body)
             except httpx.TransportError as exc:  # connect error, read timeout, reset
                 raise _Retryable(f"{type(exc).__name__}: {self._clean(str(exc))}") from None
         code = response.status_code

@@ -209,3 +209,104 @@ def test_auto_without_allow_defers_then_allow_reprocesses(stores, api):
         clock=FakeClock(),
     ).run()
     assert summary.migrated == 1 and state(stores, "deferred-1").state == State.MIGRATED
+
+
+# ---------------------------------------------------------------- another app's API, configured in repage.toml
+
+OTHER_SHAPE = """
+[repage.reprocess_api]
+submit_method = "PUT"
+submit_path = "/v2/datasets/{dataset_id}/reprocess-jobs"
+submit_body = { document = "{document_id}", source = "{filename}", mode = "full", priority = 3 }
+poll_path = "/v2/jobs/{job_id}"
+job_id_field = "job.id"
+status_field = "job.state"
+ready_values = ["DONE"]
+failed_values = ["CRASHED"]
+cost_fields = ["job.billing.usd"]
+error_fields = ["job.message"]
+"""
+
+
+class JobsApi:
+    """Another app's reprocess API: PUT a job per dataset with a JSON body naming the document, poll
+    the job by the id the PUT answered; nested replies. Records every request."""
+
+    def __init__(self):
+        self.requests: list[tuple[str, str, dict | None]] = []  # (method, path, JSON body)
+        self.jobs: dict[str, str] = {}  # job id -> document id
+        self._lock = threading.Lock()
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_PUT(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                api.answer(self, "PUT", json.loads(self.rfile.read(length)) if length else None)
+
+            def do_GET(self):
+                api.answer(self, "GET", None)
+
+            do_POST = do_GET  # the default shape's method: this app answers it 404
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, handler, method: str, body: dict | None) -> None:
+        with self._lock:
+            self.requests.append((method, handler.path, body))
+            if handler.headers.get("Authorization") != f"Bearer {TOKEN}":
+                return AdminApi._send(handler, 401, {})
+            if method == "PUT" and re.fullmatch(r"/v2/datasets/ds1/reprocess-jobs", handler.path) and body:
+                job = f"job-{len(self.jobs) + 1}"
+                self.jobs[job] = body["document"]
+                return AdminApi._send(handler, 201, {"job": {"id": job, "state": "QUEUED"}})
+            m = re.fullmatch(r"/v2/jobs/(job-\d+)", handler.path)
+            if method == "GET" and m and m.group(1) in self.jobs:
+                if self.jobs[m.group(1)] == "bad":
+                    return AdminApi._send(handler, 200, {"job": {"state": "CRASHED", "message": "no pages found"}})
+                return AdminApi._send(handler, 200, {"job": {"state": "DONE", "billing": {"usd": 0.4}}})
+            return AdminApi._send(handler, 404, {"detail": "no such route"})
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def jobs_api():
+    server = JobsApi()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def other_app(stores, jobs_api, tmp_path):
+    """The stores, with the reprocess URL and shape of another app (repage.toml)."""
+    toml = tmp_path / "repage.toml"
+    toml.write_text(OTHER_SHAPE, encoding="utf-8")
+    flags = {name: getattr(stores.settings, name) for name in ("milvus_uri", "collection", "store_url", "ledger_url")}
+    settings = load_settings(
+        {}, toml_path=toml, app_fallbacks=False, flags=flags | {"reprocess_url": jobs_api.url, "reprocess_token": TOKEN}
+    )
+    return Stores(settings, stores.vectors, stores.objects, stores.ledger)
+
+
+def test_another_apps_paths_and_payloads_from_repage_toml(other_app, jobs_api):
+    summary = run(other_app, "ok-1", "bad")
+
+    ok, bad = state(other_app, "ok-1"), state(other_app, "bad")
+    assert ok.state == State.MIGRATED and ok.dollars == pytest.approx(0.4)  # job.billing.usd
+    assert bad.state == State.FAILED and "no pages found" in bad.last_error  # job.message
+    assert (summary.migrated, summary.failed) == (1, 1)
+    puts = sorted(
+        (path, body["document"], body["source"]) for method, path, body in jobs_api.requests if method == "PUT"
+    )
+    assert puts == [("/v2/datasets/ds1/reprocess-jobs", d, f"{d}.png") for d in ("bad", "ok-1")]
+    assert all(body == {**body, "mode": "full", "priority": 3} for m, _, body in jobs_api.requests if m == "PUT")
+    polled = {path for method, path, _ in jobs_api.requests if method == "GET"}
+    assert polled == {f"/v2/jobs/{job}" for job in jobs_api.jobs}
+    assert not [r for r in jobs_api.requests if "/api/v1/admin" in r[1]]  # the default shape is never used
