@@ -31,12 +31,12 @@ class Prices(BaseModel):
     model_config = ConfigDict(extra="forbid")
     class_a_per_million: float = 4.50  # R2 List, Put, Copy
     class_b_per_million: float = 0.36  # R2 Get, Head
-    reprocess_compute_per_document: float = Field(0.10, ge=0)  # $0.10-1.00
-    reprocess_compute_per_document_high: float = Field(1.00, ge=0)
-    vision_per_image: float = Field(0.01, ge=0)  # $0.01-0.10
-    vision_per_image_high: float = Field(0.10, ge=0)
-    ocr_per_image: float = Field(0.001, ge=0)  # $0.001
-    ocr_per_image_high: float = Field(0.001, ge=0)
+    reprocess_compute_per_document: float = Field(default=0.10, ge=0)  # $0.10-1.00
+    reprocess_compute_per_document_high: float = Field(default=1.00, ge=0)
+    vision_per_image: float = Field(default=0.01, ge=0)  # $0.01-0.10
+    vision_per_image_high: float = Field(default=0.10, ge=0)
+    ocr_per_image: float = Field(default=0.001, ge=0)  # $0.001
+    ocr_per_image_high: float = Field(default=0.001, ge=0)
 
     @model_validator(mode="after")
     def _ranges(self) -> Prices:

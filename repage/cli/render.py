@@ -55,6 +55,11 @@ def render_scan(console: Console) -> Callable[[dict], None]:
     return render
 
 
+def dollar_range(low: float, high: float | None) -> str:
+    """$0.1000, or $0.1000-$1.0000 where the price is a range (reprocess, docs/design.md §8.1)."""
+    return f"${low:.4f}" if high is None or high == low else f"${low:.4f}-${high:.4f}"
+
+
 def render_estimate(console: Console) -> Callable[[dict], None]:
     def render(report: dict) -> None:
         table = Table(
@@ -76,12 +81,11 @@ def render_estimate(console: Console) -> Callable[[dict], None]:
                 str(p["chunks"]),
                 f"{p['class_a']}/{p['class_b']}",
                 human_seconds(p["seconds"]),
-                f"${p['dollars']:.4f}",
+                dollar_range(p["dollars"], p.get("dollars_high")),
                 seed_text,
             )
-        table.add_row(
-            "total", "", "", "", human_seconds(report["total_seconds"]), f"${report['total_dollars']:.4f}", ""
-        )
+        total = dollar_range(report["total_dollars"], report.get("total_dollars_high"))
+        table.add_row("total", "", "", "", human_seconds(report["total_seconds"]), total, "")
         console.print(table)
         lat = report["latencies"]
         console.print(

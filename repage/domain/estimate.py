@@ -34,8 +34,11 @@ class Prices(Protocol):
     class_a_per_million: float
     class_b_per_million: float
     reprocess_compute_per_document: float
+    reprocess_compute_per_document_high: float
     vision_per_image: float
+    vision_per_image_high: float
     ocr_per_image: float
+    ocr_per_image_high: float
 
 
 @dataclass(frozen=True)
@@ -77,8 +80,9 @@ class PathEstimate:
     class_a: int
     class_b: int
     seconds: float
-    dollars: float
+    dollars: float  # the low end where the price is a range (reprocess)
     seed_seconds: tuple[float, float] | None = None
+    dollars_high: float | None = None  # the high end of a price range; None: `dollars` is exact
 
 
 @dataclass(frozen=True)
@@ -95,14 +99,29 @@ class Estimate:
     def dollars(self) -> float:
         return sum(p.dollars for p in self.paths)
 
+    @property
+    def dollars_high(self) -> float:
+        """The total at the high end of every price range."""
+        return sum(p.dollars if p.dollars_high is None else p.dollars_high for p in self.paths)
+
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data.update(total_seconds=self.seconds, total_dollars=self.dollars)
+        data.update(total_seconds=self.seconds, total_dollars=self.dollars, total_dollars_high=self.dollars_high)
         return data
 
 
 def request_dollars(class_a: int, class_b: int, prices: Prices) -> float:
     return class_a * prices.class_a_per_million / 1e6 + class_b * prices.class_b_per_million / 1e6
+
+
+def reprocess_dollars(documents: int, images: int, prices: Prices) -> tuple[float, float]:
+    """(low, high) dollars to reprocess documents holding `images` image/OCR chunks: the pipeline per
+    document, vision and OCR per image, at both ends of the brief's ranges (docs/design.md §8.1)."""
+    low = documents * prices.reprocess_compute_per_document + images * (prices.vision_per_image + prices.ocr_per_image)
+    high = documents * prices.reprocess_compute_per_document_high + images * (
+        prices.vision_per_image_high + prices.ocr_per_image_high
+    )
+    return low, high
 
 
 def worst_case_document_dollars(affected_chunks: int, prices: Prices) -> float:
@@ -168,10 +187,7 @@ def pdf_estimate(load: PathLoad, lat: Latencies, prices: Prices, concurrency: in
 def reprocess_estimate(load: PathLoad, prices: Prices, concurrency: int) -> PathEstimate:
     """The slow path runs the app's pipeline: its time is the product's published range
     (docs/design.md §8.1), not measured here."""
-    images = load.chunks
-    dollars = load.documents * prices.reprocess_compute_per_document + images * (
-        prices.vision_per_image + prices.ocr_per_image
-    )
+    dollars, dollars_high = reprocess_dollars(load.documents, load.chunks, prices)
     low, high = SEED_REPROCESS_S
     seconds = load.documents * (low + high) / 2 / concurrency
     return PathEstimate(
@@ -183,6 +199,7 @@ def reprocess_estimate(load: PathLoad, prices: Prices, concurrency: int) -> Path
         seconds,
         dollars,
         _seed_range(SEED_REPROCESS_S, load.documents),
+        dollars_high,
     )
 
 

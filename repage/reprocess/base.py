@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
+from repage.domain.estimate import reprocess_dollars
+
 
 class JobStatus(StrEnum):
     RUNNING = "running"
@@ -67,11 +69,15 @@ class Reprocessor(Protocol):
 
 
 def estimated_dollars(prices, images: int) -> float:
-    """The price table's figure for one document with `images` image/OCR chunks.
-
-    Prices: docs/design.md §6.2; the published ranges: §8.1.
+    """The price table's figure for one document with `images` image/OCR chunks: the low end of the
+    range (`estimated_dollar_range`). Prices: docs/design.md §6.2; the published ranges: §8.1.
     """
-    return prices.reprocess_compute_per_document + images * (prices.vision_per_image + prices.ocr_per_image)
+    return estimated_dollar_range(prices, images)[0]
+
+
+def estimated_dollar_range(prices, images: int) -> tuple[float, float]:
+    """(low, high) dollars of one document with `images` image/OCR chunks, by the price table."""
+    return reprocess_dollars(1, images, prices)
 
 
 def chunk_counts(rows: Sequence[Mapping]) -> dict[str, int]:

@@ -45,10 +45,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from repage import redact
-from repage.domain.estimate import human_seconds
-from repage.domain.states import State
+from repage.domain.estimate import human_seconds, reprocess_dollars
+from repage.domain.states import RepairPath, State
 from repage.errors import RepageError
-from repage.migration.status import RECENT_SECONDS
+from repage.migration.status import RECENT_SECONDS, TODO
 from repage.web.auth import read_form, same_origin
 from repage.web.parts import ServiceParts
 from repage.web.sessions import SESSION_COOKIE, Sessions
@@ -222,12 +222,20 @@ def dashboard_data(parts: ServiceParts, window: float | None = None) -> dict:
         "paused": is_paused(ledger),
         "worker": parts.worker.state() if parts.worker is not None else None,
         "budget_dollars": parts.settings.budget_dollars,
+        "reprocess_dollars": reprocess_to_do(ledger, parts.settings.prices),
         "series": series(events, now, window),
         "last_migrated_at": migrated[-1].at if migrated else None,
         "read_latency": read_latency(parts, events[READ_LATENCY], now),
         "reviews": reviews,
         "hot": top_documents(ledger, parts.settings.access_half_life_hours, TABLE_ROWS, now=time.time())["documents"],
     }
+
+
+def reprocess_to_do(ledger, prices) -> dict:
+    """What the reprocess documents still to do would cost: a range, as the brief prices it (docs/design.md §8.1)."""
+    documents, images = ledger.load_of(RepairPath.REPROCESS, TODO)
+    low, high = reprocess_dollars(documents, images, prices)
+    return {"documents": documents, "images": images, "low": low, "high": high}
 
 
 def read_latency(parts: ServiceParts, events: list, now: float) -> dict:

@@ -1,6 +1,7 @@
 """Acceptance: after `make demo` (the real `repage demo`, defaults, in a fresh folder), the README's
 reprocess command fixes the demo's reprocess documents with the local pipeline (docs/design.md §2.4):
-no setting but the ones the demo recorded in repage-data/repage.toml."""
+no setting but the ones the demo recorded in repage-data/repage.toml. `repage estimate` prices them
+first as the brief's range (§8.1)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from repage.config import Prices
+from repage.domain.estimate import reprocess_dollars
 from tests.support import DATA, run_cli
 
 pytestmark = pytest.mark.slow
@@ -36,6 +39,19 @@ def test_the_readme_command_reprocesses_the_demo_documents(tmp_path):
     truth = json.loads((tmp_path / DATA / "ground-truth.json").read_text(encoding="utf-8"))
     slow = sorted(d["document_id"] for d in truth["documents"] if d["expected_path"] == "reprocess")
     assert len(slow) == 2 and demo["build"]["config"] == str(tmp_path / DATA / "repage.toml")
+
+    shown = run_cli("--config", f"{DATA}/repage.toml", "estimate", cwd=tmp_path, timeout=600)  # priced as a range
+    path = next(
+        p
+        for p in cli_json(tmp_path, "--config", f"{DATA}/repage.toml", "estimate")["paths"]
+        if p["path"] == "reprocess"
+    )
+    low, high = reprocess_dollars(2, path["chunks"], Prices())
+    assert path["documents"] == 2 and (path["dollars"], path["dollars_high"]) == (
+        pytest.approx(low),
+        pytest.approx(high),
+    )
+    assert shown.returncode == 0 and f"${low:.4f}-${high:.4f}" in shown.stdout, shown.stdout
 
     report = cli_json(tmp_path, *readme_reprocess_command())
 

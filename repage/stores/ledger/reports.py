@@ -79,6 +79,16 @@ class Reports(LedgerBase):
             rows = conn.execute(sa.select(c.path, c.last_error).where(c.state == State.FAILED.value)).all()
         return [(r.path, r.last_error) for r in rows]
 
+    def load_of(self, path: RepairPath, states: set[State]) -> tuple[int, int]:
+        """(documents, affected chunks) of `path` in `states`: what is left to do on a path, in one query."""
+        c = docs_t.c
+        q = sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(c.affected_chunks), 0)).where(
+            c.path == RepairPath(path).value, c.state.in_(sorted(State(s).value for s in states))
+        )
+        with self._tx(write=False) as conn:
+            documents, chunks = conn.execute(q).one()
+        return int(documents), int(chunks)
+
     def totals(self) -> dict[str, float | int]:
         """Spend and I/O summed over all documents, plus the document count."""
         with self._tx(write=False) as conn:

@@ -94,6 +94,7 @@
     if (path.indexOf("status.throughput.") === 0) { return fmt.rate(value); }
     if (path === "status.dollars_spent" || path === "status.dollars_projected") { return fmt.dollars(value); }
     if (path === "data.budget_dollars") { return value === null ? "not set" : fmt.dollars(value); }
+    if (path.indexOf("data.reprocess_dollars.") === 0) { return fmt.dollars(value); }
     if (path === "data.read_latency.p95_seconds") { return fmt.ms(value); }
     if (path === "data.last_migrated_at") { return fmt.time(value); }
     return fmt.count(value);
