@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import quote
 
+from repage.errors import BadInput
+
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _BRACES = re.compile(r"[{}]")
 
@@ -49,8 +51,15 @@ def check_path_template(template: str, allowed: Iterable[str], required: Iterabl
 
 
 def render_path(template: str, values: Mapping[str, str]) -> str:
-    """The template with every placeholder replaced by its value, quoted as one path segment."""
-    return _PLACEHOLDER.sub(lambda m: quote(str(values[m.group(1)]), safe=""), template)
+    """The template with every placeholder replaced by its value, quoted as one path segment.
+    A value that is empty, `.` or `..` (a path step `quote` keeps) is bad input of its document."""
+    return _PLACEHOLDER.sub(lambda m: quote(_segment(m.group(1), str(values[m.group(1)])), safe=""), template)
+
+
+def _segment(name: str, value: str) -> str:
+    if value in ("", ".", ".."):
+        raise BadInput(f"{name} {value!r} cannot be a URL path segment: it is empty, '.' or '..'")
+    return value
 
 
 def render_body(body: Any, values: Mapping[str, str]) -> Any:

@@ -10,7 +10,7 @@ import pytest
 
 from repage.config import ReprocessApi, load_settings
 from repage.domain.templates import render_body, render_path, reply_field
-from repage.errors import ConfigError, InvalidDocumentId
+from repage.errors import BadInput, ConfigError, InvalidDocumentId
 from repage.reprocess.base import ReprocessDocument
 from repage.reprocess.http import HttpReprocessor
 from tests.unit.test_document_ids import api as api  # noqa: F401 (fixture)
@@ -62,6 +62,12 @@ def test_a_bad_shape_is_a_one_line_configuration_error(tmp_path, table, complain
 def test_a_document_named_in_the_body_only_is_enough(tmp_path):
     shape = toml_settings(tmp_path, 'submit_path = "/jobs"\nsubmit_body = { doc = "{document_id}" }').reprocess_api
     assert render_body(shape.submit_body, {"document_id": "a/b"}) == {"doc": "a/b"}  # JSON, not a path: raw
+
+
+@pytest.mark.parametrize("step", ["", ".", ".."])
+def test_no_value_becomes_a_path_step(step):
+    with pytest.raises(BadInput, match="dataset_id"):
+        render_path(SHAPE.submit_path, {"document_id": "d", "dataset_id": step})
 
 
 def test_values_are_quoted_as_one_segment_each():
