@@ -51,10 +51,10 @@ TRANSITIONS: dict[State | None, frozenset[State]] = {
     State.FAILED: frozenset({State.PENDING}),  # retry
     State.DEFERRED: frozenset({State.PENDING}),  # reprocess enabled
     State.REVIEW: frozenset({State.PENDING}),  # review accepted or rejected
-    # verify passed / rollback / images still to move after a pages-only run (--no-move-images) /
-    # verify found the store changed since (docs/design.md §4.4: drift)
+    # verify passed / rollback / images still to move after a pages-only run (--no-move-images), or
+    # affected chunks found again by discovery (docs/design.md §5.9) / verify found the store changed (§5.8)
     State.MIGRATED: frozenset({State.VERIFIED, State.ROLLED_BACK, State.PENDING, State.DRIFTED}),
-    # rollback after verify / images still to move after a pages-only run / drift found by verify
+    # rollback after verify / images still to move, or affected again / drift found by verify
     State.VERIFIED: frozenset({State.ROLLED_BACK, State.PENDING, State.DRIFTED}),
     State.DRIFTED: frozenset(
         {

@@ -63,6 +63,8 @@ class Selection:
     # reprocess-path documents claimed while this is off go to deferred (docs/design.md §4.3, §2.4); on: they are
     # reprocessed, and deferred ones of the selection go back to pending first
     allow_reprocess: bool = False
+    # look for new and re-broken documents before the run (docs/design.md §5.9); only on a whole-store run
+    discover: bool = True
 
 
 @dataclass
@@ -85,6 +87,7 @@ class RunSummary:
     throttled: int = 0
     pending_at_start: int = 0  # documents the run could claim when it started (progress total)
     unavailable: str | None = None  # set when the run stopped because a store stopped answering
+    discovered: dict = field(default_factory=dict)  # what discovery queued first: {"new": n, "again": m}
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -394,6 +397,15 @@ def with_migration_budget(stores, limits: RunLimits) -> RunLimits:
     return replace(limits, budget_dollars=left)
 
 
+def _discover(stores, options: RunOptions, selection: Selection) -> dict:
+    """New and re-broken documents queued before a whole-store run (not a dry run: it writes the ledger)."""
+    if options.dry_run or not selection.discover or selection.document_ids is not None:
+        return {}
+    from repage.migration.discover import discover
+
+    return discover(stores, selection.dataset_id)
+
+
 def run_migration(stores, options: RunOptions, limits: RunLimits, selection: Selection, **kwargs) -> RunSummary:
     """The one entry point for `repage run` and the service: scans first when the ledger is empty.
 
@@ -404,7 +416,10 @@ def run_migration(stores, options: RunOptions, limits: RunLimits, selection: Sel
     # None: a dry run with no ledger yet. A ledger with documents but no finished scan was left by
     # a run killed mid-scan: scan again (scans are idempotent and keep running/done documents).
     if stores.ledger is not None and stores.ledger.counts() and (options.dry_run or scan_completed(stores.ledger)):
-        return Runner(stores, options, limits, selection, **kwargs).run()
+        found = _discover(stores, options, selection)
+        summary = Runner(stores, options, limits, selection, **kwargs).run()
+        summary.discovered = found
+        return summary
     if not options.dry_run:
         scan_store(stores, dataset_id=selection.dataset_id)
         return Runner(stores, options, limits, selection, **kwargs).run()

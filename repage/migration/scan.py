@@ -16,10 +16,11 @@ from typing import Any, TypeVar
 
 from repage.domain.identity import ChunkIdentity
 from repage.domain.keys import compile_patterns, image_prefix, source_key_candidates
-from repage.domain.plan import DocumentPlan, classify, needs_listing
+from repage.domain.plan import DocumentPlan, classify, is_affected, needs_listing
 from repage.domain.records import ScanRecord
 from repage.domain.states import DONE, RepairPath, State
 from repage.errors import ObjectNotFound
+from repage.migration.status import SCAN_COMPLETE
 from repage.stores.throttle import AdaptiveLimiter, call_with_backoff
 
 T = TypeVar("T")
@@ -39,7 +40,6 @@ SCAN_FIELDS = (
     "chunk_id",
 )
 FLUSH_EVERY = 500  # ledger rows per upsert
-SCAN_COMPLETE = "scan-complete"  # ledger event written when a scan has recorded every document
 
 
 @dataclass
@@ -217,6 +217,25 @@ def scan_store(
         ledger.add_event(SCAN_COMPLETE, count=len(documents), detail=dataset_id)
     report.object_requests = classifier.requests
     return report
+
+
+def scan_documents(stores, document_ids) -> list[str]:
+    """Scan just these documents (enqueued before any scan saw them); the ones found in Milvus."""
+    settings, info = stores.settings, stores.vectors.info()
+    fields = [f for f in dict.fromkeys((*info.identity_fields, *SCAN_FIELDS)) if f in info.fields]
+    rows = stores.vectors.fetch_documents(list(document_ids), fields=fields, with_vectors=False)
+    documents: dict[str, DocumentSummary] = {}
+    for row in rows:
+        summary = documents.setdefault(
+            row["document_id"], DocumentSummary(str(row.get("dataset_id") or ""), str(row.get("filename") or ""))
+        )
+        if is_affected(row):
+            summary.affected.append(row)
+    classify = Classifier(
+        stores.objects, info.identity, settings.source_key_template, compile_patterns(settings.key_patterns)
+    )
+    stores.ledger.upsert_scan([_scan_record(classify(doc, s), s) for doc, s in sorted(documents.items())])
+    return list(documents)
 
 
 def scan_completed(ledger) -> bool:

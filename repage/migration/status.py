@@ -53,6 +53,8 @@ def usage_by_path(ledger, prices) -> dict:
 
 
 PAUSE, RESUME = "pause", "resume"  # ledger events: the latest of the two decides
+DISCOVERED = "discovered"  # documents incremental discovery queued (repage/migration/discover.py)
+SCAN_COMPLETE = "scan-complete"  # a scan recorded every document (repage/migration/scan.py)
 
 
 def pause_reason(ledger) -> str | None:
@@ -71,6 +73,13 @@ def is_paused(ledger) -> bool:
 def set_paused(ledger, paused: bool, who: str = "admin") -> None:
     """Pause or resume every worker and service sharing the ledger; `who` says who and why."""
     ledger.add_event(PAUSE if paused else RESUME, detail=who)
+
+
+def found_since_last_scan(ledger) -> int:
+    """Documents discovery queued after the last full scan: new arrivals and ones broken again."""
+    scans = ledger.events(kinds=[SCAN_COMPLETE], limit=1)
+    since = scans[-1].at if scans else None
+    return sum(e.count for e in ledger.events(since=since, kinds=[DISCOVERED]))
 
 
 def spent_dollars(ledger, prices) -> float:
@@ -110,6 +119,7 @@ def migration_status(ledger, prices, now: float | None = None) -> dict:
             {"document_id": r.document_id, "state": str(r.state), "error": r.last_error} for r in ledger.last_errors(10)
         ],
         "paused_because": pause_reason(ledger),  # None: not paused
+        "found_since_last_scan": found_since_last_scan(ledger),
     }
 
 

@@ -29,13 +29,11 @@ from datetime import datetime, timedelta, tzinfo
 from datetime import time as dtime
 from typing import cast
 
-from repage.domain.keys import compile_patterns
-from repage.domain.plan import is_affected
 from repage.domain.states import RepairPath
 from repage.domain.watch import FailureWatch
 from repage.errors import ConfigError, InvalidFilterValue, RepageError
 from repage.migration.runner import RunLimits, Runner, RunSummary, Selection, with_migration_budget
-from repage.migration.scan import SCAN_FIELDS, Classifier, DocumentSummary, _scan_record, scan_completed, scan_store
+from repage.migration.scan import scan_completed, scan_documents, scan_store
 from repage.migration.status import (  # noqa: F401 - the pause signal, re-exported for the web
     PAUSE,
     RESUME,
@@ -116,6 +114,7 @@ class WorkerConfig:
     max_error_rate: float | None = None  # pause above this failure ratio over the last `error_window` documents
     error_window: int = 100
     daily_budget_dollars: float | None = None  # bucket dollars per worker-clock day; the trickle waits for the next
+    discover_every_s: float | None = 3600.0  # look for new and re-broken documents (docs/design.md §5.9)
 
 
 @dataclass
@@ -130,6 +129,7 @@ class CycleReport:
     trickle_skipped: str | None = None
     quota_left: int | None = None
     audit: dict = field(default_factory=dict)  # the audit of this cycle, when one was due
+    discovered: dict = field(default_factory=dict)  # what discovery queued, when it was due
     wait_seconds: float = 0.0
 
     @property
@@ -159,25 +159,6 @@ def read_latency_p95(ledger, max_age_s: float) -> float | None:
     return max(latest.values()) if latest else None
 
 
-def scan_documents(stores, document_ids) -> list[str]:
-    """Scan just these documents (enqueued before any scan saw them); the ones found in Milvus."""
-    settings, info = stores.settings, stores.vectors.info()
-    fields = [f for f in dict.fromkeys((*info.identity_fields, *SCAN_FIELDS)) if f in info.fields]
-    rows = stores.vectors.fetch_documents(list(document_ids), fields=fields, with_vectors=False)
-    documents: dict[str, DocumentSummary] = {}
-    for row in rows:
-        summary = documents.setdefault(
-            row["document_id"], DocumentSummary(str(row.get("dataset_id") or ""), str(row.get("filename") or ""))
-        )
-        if is_affected(row):
-            summary.affected.append(row)
-    classify = Classifier(
-        stores.objects, info.identity, settings.source_key_template, compile_patterns(settings.key_patterns)
-    )
-    stores.ledger.upsert_scan([_scan_record(classify(doc, s), s) for doc, s in sorted(documents.items())])
-    return list(documents)
-
-
 # --------------------------------------------------------------------------- the worker
 
 
@@ -204,6 +185,7 @@ class Worker:
         self.totals = {"lazy": 0, "trickle": 0, "migrated": 0, "failed": 0}
         self._backoffs = 0
         self._next_audit: float | None = None  # the first cycle audits (when audits are on)
+        self._next_discovery: float | None = None
         self.watch = FailureWatch(config.max_failures, config.max_error_rate, config.error_window)
         self._was_paused = False
         self._budget_spent_on: str | None = None  # the worker-clock day its daily budget ran out
@@ -233,6 +215,7 @@ class Worker:
             )
             return report
         self._backoffs = 0
+        report.discovered = self._discover()
         report.lazy = self._lazy()
         if not self.stop_event.is_set():
             report.trickle, report.trickle_skipped, report.quota_left = self._trickle()
@@ -240,6 +223,17 @@ class Worker:
             report.audit = self._audit()
         report.wait_seconds = 0.0 if report.documents else self.config.poll_seconds
         return report
+
+    def _discover(self) -> dict:
+        """On the first cycle after a full scan, then every `discover_every_s`."""
+        every, now = self.config.discover_every_s, self.clock.now()
+        due = self._next_discovery is None or now >= self._next_discovery
+        if every is None or not due or not scan_completed(self.stores.ledger):
+            return {}
+        self._next_discovery = now + every
+        from repage.migration.discover import discover
+
+        return discover(self.stores)
 
     def _audit(self) -> dict:
         """Verify a random sample when due: drift found goes back to work (docs/design.md §5.8)."""
