@@ -284,3 +284,16 @@ def test_embedding_is_deterministic_and_normalised():
 
 def test_build_is_fast(auto):
     assert auto.summary.timings["total"] < 120, auto.summary.timings
+
+
+def test_the_demo_records_its_settings_for_later_commands(auto):
+    """data_dir/repage.toml: the stores and the embedding model the local reprocess needs (docs/design.md §2.4)."""
+    from repage.config import load_settings
+
+    config = auto.dir / "repage.toml"
+    assert auto.summary.config == str(config) and oct(config.stat().st_mode & 0o777) == "0o600"
+    settings = load_settings({}, toml_path=config, app_fallbacks=False)
+    assert (settings.embedding_model, settings.reprocess_backend) == (MODEL_NAME, "local")
+    assert settings.milvus_uri == str(auto.dir / "milvus.db") and settings.collection == "fltr_documents"
+    assert settings.store_url == f"file://{auto.dir / 'bucket'}"
+    assert settings.ledger_url == f"sqlite:///{auto.dir / 'ledger.db'}"
