@@ -79,11 +79,13 @@ def sample_documents(ledger, sample: int) -> dict[RepairPath, list]:
     return picked
 
 
-def measure(stores, picked: dict[RepairPath, list], batch_size: int, concurrency: int = 1) -> Latencies:
+def measure(
+    stores, picked: dict[RepairPath, list], batch_size: int, concurrency: int = 1, sample: int | None = None
+) -> Latencies:
     """The run's own calls on one batch of the sample: its Milvus fetch and read-back, the bucket
     requests at the run's concurrency, and ledger round trips."""
-    docs = (picked[RepairPath.KEYS] + picked[RepairPath.PDF])[:batch_size]
-    query_s, rows = timed(lambda: stores.vectors.fetch_for_repair([d.document_id for d in docs])) if docs else (0.0, [])
+    docs = (picked[RepairPath.KEYS] + picked[RepairPath.PDF])[:sample]
+    query_s, rows = _time_batches(stores.vectors, [d.document_id for d in docs], batch_size)
     readback_s = _time_readback(stores.vectors, rows)
     keys = [r["image_r2_key"] for r in rows if r.get("image_r2_key")][:batch_size]
     heads, gets = _time_objects(stores.objects, keys[: len(docs) or 1])
@@ -107,6 +109,20 @@ def measure(stores, picked: dict[RepairPath, list], batch_size: int, concurrency
         ledger_round_trip_s=ledger_s,
         object_request_s=_time_concurrent_gets(stores.objects, keys, concurrency),
     )
+
+
+def _time_batches(vectors, document_ids: list[str], batch_size: int) -> tuple[float, list[dict]]:
+    """Seconds per full batch of the run's fetch, timed on every sampled document in batches of
+    `batch_size`; a smaller sample is scaled up to a full batch (rows per document stay alike)."""
+    if not document_ids:
+        return 0.0, []
+    rows: list[dict] = []
+    seconds = 0.0
+    for start in range(0, len(document_ids), batch_size):
+        took, got = timed(lambda ids=document_ids[start : start + batch_size]: vectors.fetch_for_repair(ids))
+        seconds, rows = seconds + took, rows + got
+    per_document = seconds / len(document_ids)
+    return per_document * batch_size, rows
 
 
 def _time_readback(vectors, rows: Sequence[dict]) -> float:
@@ -176,12 +192,13 @@ def _get_source(stores, record) -> tuple[float, bytes] | None:
 def estimate_store(stores, *, sample: int = 20) -> EstimateReport:
     settings = stores.settings
     loads = path_loads(stores.ledger)
-    # at least one full batch: the batch query is timed on as many documents as a run's batch holds
+    # the batch query is timed on the sample's documents and priced per full batch (_time_batches)
     latencies = measure(
         stores,
-        sample_documents(stores.ledger, max(sample, settings.batch_size)),
+        sample_documents(stores.ledger, sample),
         settings.batch_size,
         settings.concurrency,
+        sample,
     )
     if RepairPath.PDF in loads:  # the scan does not read sources: size them from the sample
         pdf = loads[RepairPath.PDF]

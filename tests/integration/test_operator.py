@@ -114,3 +114,10 @@ def test_worker_settings_in_repage_toml(store):
     assert first["totals"]["trickle"] == 1, first  # the toml's quota, not unlimited
     flag = json.loads(repage(store, "worker", "--once", "--daily-quota", "3", "--json").stdout)
     assert flag["totals"]["trickle"] == 2, flag  # the flag overrides it: 3 for the day, 1 used
+
+
+def test_estimate_sample_times_that_many_documents(store):
+    repage(store, "scan", "--json")
+    for n in (1, 2):
+        report = json.loads(repage(store, "estimate", "--sample", str(n), "--json").stdout)
+        assert report["latencies"]["sample_size"] == n, report["latencies"]
