@@ -61,7 +61,8 @@ class LineReader:
 
     def __init__(self, stream):
         self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [self.lines.put(line) for line in stream], daemon=True).start()
+        self.thread = threading.Thread(target=lambda: [self.lines.put(line) for line in stream], daemon=True)
+        self.thread.start()
 
     def next(self) -> dict:
         try:
@@ -79,9 +80,10 @@ def watching(ledger_url: str, every: str):
     return proc, LineReader(proc.stdout)
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen, reader: LineReader) -> None:
     proc.terminate()
     proc.wait(timeout=30)
+    reader.thread.join(timeout=30)  # it reads to the end of the stream before the stream closes
     proc.stdout.close()
     proc.stderr.close()
 
@@ -92,7 +94,7 @@ def test_each_report_is_flushed_as_it_is_made(ledger_url):
         assert reader.next()["documents"] == 2  # the first arrives now, not when a buffer fills or the process ends
         assert proc.poll() is None
     finally:
-        stop(proc)
+        stop(proc, reader)
 
 
 def test_every_report_reads_the_ledger_again(ledger_url):
@@ -105,4 +107,4 @@ def test_every_report_reads_the_ledger_again(ledger_url):
         while (report := reader.next())["documents"] != 3:  # a later report sees the new document
             assert report["documents"] == 2
     finally:
-        stop(proc)
+        stop(proc, reader)
