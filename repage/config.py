@@ -119,6 +119,7 @@ class WorkerSettings(BaseModel):
     daily_budget_dollars: float | None = Field(default=None, gt=0)
     audit_every: str | None = None  # verify a random sample this often (6h, 1d)
     audit_sample: int = Field(default=100, ge=1)
+    allow_reprocess: bool = False  # the worker reprocesses what only the slow path fixes, under the budgets
 
 
 class Settings(BaseModel):

@@ -76,6 +76,13 @@ MaxErrorRate = Annotated[
     float | None,
     typer.Option("--max-error-rate", min=0, max=1, help="Pause above this failure ratio over the last 100 documents."),
 ]
+AllowReprocess = Annotated[
+    bool | None,
+    typer.Option(
+        "--allow-reprocess/--no-allow-reprocess",
+        help="Reprocess documents only the slow path can fix, under the budgets ($0.10-1.00 each).",
+    ),
+]
 DailyBudget = Annotated[
     float | None, typer.Option("--daily-budget", min=0, help="Bucket dollars per day; the trickle waits for the next.")
 ]
@@ -101,6 +108,7 @@ def _worker_setup(settings, flags: dict):
         max_failures=pick("max_failures"),
         max_error_rate=pick("max_error_rate"),
         daily_budget_dollars=pick("daily_budget_dollars"),
+        allow_reprocess=bool(pick("allow_reprocess")),
     )
     limits = RunLimits(
         batch_size=flags["batch_size"] or settings.batch_size,
@@ -129,6 +137,7 @@ WORKER_DEFAULTS = {
     "max_failures": None,
     "max_error_rate": None,
     "daily_budget_dollars": None,
+    "allow_reprocess": None,
 }
 
 
@@ -177,6 +186,7 @@ def serve(
     max_failures: MaxFailures = None,
     max_error_rate: MaxErrorRate = None,
     daily_budget_dollars: DailyBudget = None,
+    allow_reprocess: AllowReprocess = None,
 ) -> None:
     """Serve chunks with lazy page repair, migration status, metrics and admin endpoints.
 
@@ -225,6 +235,7 @@ def worker(
     max_failures: MaxFailures = None,
     max_error_rate: MaxErrorRate = None,
     daily_budget_dollars: DailyBudget = None,
+    allow_reprocess: AllowReprocess = None,
     once: Annotated[bool, typer.Option("--once", help="Run one cycle and exit.")] = False,
     engine: EngineFlag = "local",
     ray_address: RayAddressFlag = None,

@@ -48,7 +48,8 @@ log = logging.getLogger("repage.migration.worker")
 READ_LATENCY = "read-latency"  # published by services: {"p95": s, "n": samples, "source": id}
 SPENT = "worker-spent"  # micro-dollars the worker's runs spent; detail = the worker's clock day
 TRICKLE = "worker-trickle"  # documents the trickle processed; detail = the worker's clock day
-PATHS = frozenset({RepairPath.KEYS, RepairPath.PDF})  # what the worker migrates (reprocess is not built yet)
+PATHS = frozenset({RepairPath.KEYS, RepairPath.PDF})  # what the worker migrates; reprocess only when allowed
+WITH_REPROCESS = PATHS | {RepairPath.REPROCESS}
 _HHMM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
 
 
@@ -115,6 +116,7 @@ class WorkerConfig:
     error_window: int = 100
     daily_budget_dollars: float | None = None  # bucket dollars per worker-clock day; the trickle waits for the next
     discover_every_s: float | None = 3600.0  # look for new and re-broken documents (docs/design.md §5.9)
+    allow_reprocess: bool = False  # reprocess-path documents too, under the budgets (docs/design.md §9.5)
 
 
 @dataclass
@@ -224,6 +226,14 @@ class Worker:
         report.wait_seconds = 0.0 if report.documents else self.config.poll_seconds
         return report
 
+    @property
+    def _slow(self) -> bool:
+        return self.config.allow_reprocess
+
+    @property
+    def _paths(self) -> frozenset[RepairPath]:
+        return WITH_REPROCESS if self._slow else PATHS
+
     def _discover(self) -> dict:
         """On the first cycle after a full scan, then every `discover_every_s`."""
         every, now = self.config.discover_every_s, self.clock.now()
@@ -257,9 +267,10 @@ class Worker:
             ledger.clear_enqueued(missing)
         summary = None
         if ledger.enqueued(limit=1):
-            selection = Selection(paths=PATHS, order="priority", enqueued_only=True)
+            selection = Selection(paths=self._paths, order="priority", enqueued_only=True, allow_reprocess=self._slow)
             summary = self._run(selection, self.limits)
-        ledger.clear_enqueued(keep_paths=set(PATHS))  # done, failed or another path: request settled
+        # done or failed: request settled; a reprocess document stays queued until reprocessing is allowed
+        ledger.clear_enqueued(keep_paths=set(WITH_REPROCESS))
         return {"scanned": len(found), **self._count(summary, "lazy")}
 
     def _scan(self, document_ids: list[str]) -> list[str]:
@@ -294,7 +305,11 @@ class Worker:
             self.limits, limit=size, max_duration_seconds=_min(until_quiet, self.limits.max_duration_seconds)
         )
         selection = Selection(
-            paths=PATHS, order="priority", min_accesses=self.config.min_accesses, access_now=self.clock.now()
+            paths=self._paths,
+            order="priority",  # most-accessed first, the reprocess path's expensive documents included
+            min_accesses=self.config.min_accesses,
+            access_now=self.clock.now(),
+            allow_reprocess=self._slow,
         )
         summary = self._run(selection, limits, quota_day=moment.date().isoformat())
         return self._count(summary, "trickle"), None, None if left is None else left - summary.documents

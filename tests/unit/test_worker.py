@@ -344,3 +344,38 @@ def test_a_daily_budget_holds_the_trickle_until_the_next_day(stores):
     clock.advance(86_400)
     assert worker.cycle().trickle["migrated"] == 2  # a new day, a new budget
     assert pause_reason(stores.ledger) is None  # a daily budget holds the trickle, it pauses nothing
+
+
+@pytest.fixture
+def slow_stores(milvus_lite_uri, tmp_path):
+    """Two keys documents and one only reprocessing can fix (no key names a page, not a PDF)."""
+    collection = unique_name("slow")
+    rows = fltr_rows(["k0", "k1", "s0"])
+    for row in rows:
+        if row["document_id"] == "s0":
+            row.update(filename="s0.docx", image_r2_key=None, image_size=None)
+    create_store(milvus_lite_uri, collection, rows)
+    settings = settings_for(milvus_lite_uri, collection, "memory://", f"sqlite:///{tmp_path}/ledger.db")
+    with open_stores(settings) as opened:
+        from repage.domain.keys import source_key_candidates
+
+        fields = {"dataset_id": "ds", "document_id": "s0", "filename": "s0.docx"}
+        opened.objects.put(source_key_candidates(settings.source_key_template, fields)[0], b"a word document")
+        scan_store(opened)
+        yield opened
+        opened.vectors.drop_collection()
+
+
+def test_a_lazily_requested_reprocess_document_stays_queued_until_reprocessing_is_allowed(slow_stores):
+    from repage.domain.states import RepairPath
+
+    stores = slow_stores
+    assert stores.ledger.get("s0").path == RepairPath.REPROCESS
+    stores.ledger.enqueue(["s0", "k0"])
+    worker = make_worker(stores, FakeClock(TEN_AM), daily_quota=0)
+    assert worker.cycle().lazy["migrated"] == 1  # k0; s0 needs the slow path
+    assert states(stores)["s0"] == State.PENDING and stores.ledger.enqueued() == ["s0"]  # still queued
+    allowed = make_worker(stores, FakeClock(TEN_AM), daily_quota=0, allow_reprocess=True)
+    report = allowed.cycle()
+    assert report.lazy["documents"] == 1  # claimed by the slow path (no backend set up here: it fails, named)
+    assert states(stores)["s0"] != State.PENDING and stores.ledger.enqueued() == []
