@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from repage.domain.states import State
 from repage.errors import IllegalTransition, RepageError, StaleLease
 from repage.reprocess import backend_name, open_reprocessor
-from repage.reprocess.base import JobStatus, ReprocessDocument, estimated_dollars
+from repage.reprocess.base import JobStatus, ReprocessDocument, estimated_dollar_range, estimated_dollars
 from repage.reprocess.checks import check_result
 
 DEFER_REASON = (
@@ -112,7 +112,7 @@ class ReprocessStage:
             left = self.budget - self.spent() - self.total_dollars - self._reserved
             if estimate > left + 1e-12:
                 self.stopped_because = (
-                    f"--budget ${self.budget}: the next reprocess is estimated at "
+                    f"--budget ${self.budget}: the next reprocess may cost up to "
                     f"${estimate:.4f}, ${max(left, 0.0):.4f} left"
                 )
                 return False
@@ -122,8 +122,10 @@ class ReprocessStage:
     def _one(self, work, result) -> None:
         claim = work.claim
         settings = self.stores.settings
-        estimate = estimated_dollars(settings.prices, claim.affected_chunks)
-        if not self._reserve(estimate):
+        # reserved at the top of the price range, so a budget holds whatever the job turns out to
+        # cost; a job whose backend reports no cost is charged the low end (the price table's figure)
+        estimate, reserve = estimated_dollar_range(settings.prices, claim.affected_chunks)
+        if not self._reserve(reserve):
             self._settle(work, State.PENDING, result, reason=f"not started: {self.stopped_because}")
             return
         submitted, dollars = False, 0.0
@@ -157,7 +159,7 @@ class ReprocessStage:
             )
         finally:
             with self._lock:
-                self._reserved -= estimate
+                self._reserved -= reserve
 
     def _wait(self, work, job) -> JobStatus:
         settings = self.stores.settings

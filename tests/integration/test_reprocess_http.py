@@ -182,9 +182,13 @@ def test_success_failure_timeout_and_retried_5xx(stores, api):
 
 
 def test_budget_exhausted_mid_run_stops_cleanly(stores, api):
-    # each job reports $0.25 and is estimated at ~$0.13 (price table): after two, $0.50 is spent
-    # and the third's estimate does not fit in a $0.60 budget: it goes back to pending, the run stops
-    summary = run(stores, "ok-2", "ok-3", "ok-4", batch_size=1, budget_dollars=0.60, reprocess_concurrency=1)
+    # each job reports $0.25 and is reserved at the top of the price range (`high`): after two, $0.50
+    # is spent and the third's reservation does not fit in what is left: back to pending, the run stops
+    from repage.reprocess.base import estimated_dollar_range
+
+    high = estimated_dollar_range(stores.settings.prices, stores.ledger.get("ok-4").affected_chunks)[1]
+    budget = 0.50 + 0.99 * high
+    summary = run(stores, "ok-2", "ok-3", "ok-4", batch_size=1, budget_dollars=budget, reprocess_concurrency=1)
     states = {d: state(stores, d).state for d in ("ok-2", "ok-3", "ok-4")}
     assert states == {"ok-2": State.MIGRATED, "ok-3": State.MIGRATED, "ok-4": State.PENDING}
     assert "--budget" in summary.stopped_because and "left" in summary.stopped_because
