@@ -203,8 +203,7 @@ def status_report(parts: ServiceParts) -> dict:
 
 def dashboard_data(parts: ServiceParts, window: float | None = None) -> dict:
     """Everything on the page that `repage status` does not have."""
-    from repage.migration.status import top_documents
-    from repage.migration.worker import is_paused
+    from repage.migration.status import pause_reason, top_documents
 
     ledger = parts.ledger
     now = ledger.db_now()
@@ -219,7 +218,8 @@ def dashboard_data(parts: ServiceParts, window: float | None = None) -> dict:
     ]
     return {
         "now": now,
-        "paused": is_paused(ledger),
+        "paused": (why := pause_reason(ledger)) is not None,
+        "paused_because": why,  # who paused it and why: an admin, or a worker that stopped itself
         "worker": parts.worker.state() if parts.worker is not None else None,
         "budget_dollars": parts.settings.budget_dollars,
         "reprocess_dollars": reprocess_to_do(ledger, parts.settings.prices),
@@ -429,7 +429,8 @@ def static_charts(series_: dict[str, Any]) -> dict[str, Any]:
 def worker_text(data: dict[str, Any]) -> tuple[str, str]:
     """(css class, words) for the worker badge."""
     if data["paused"]:
-        return "paused", "paused"
+        why = data.get("paused_because")
+        return "paused", f"paused: {why}" if why and why not in ("admin", "dashboard") else "paused"
     worker = data["worker"]
     if worker is None:
         return "idle", "not paused"  # the worker runs elsewhere (repage worker), if at all

@@ -388,3 +388,9 @@ def test_insecure_local_has_no_login_but_still_checks_csrf(tmp_path):
             assert reply.status_code == 303 and is_paused(ledger)
     finally:
         ledger.close()
+
+
+def test_the_worker_badge_says_why_the_migration_is_paused():
+    stopped = {"paused": True, "paused_because": "worker stopped itself: --max-failures 3 exceeded (4 failed)"}
+    assert dash.worker_text({**stopped, "worker": None}) == ("paused", f"paused: {stopped['paused_because']}")
+    assert dash.worker_text({"paused": True, "paused_because": "dashboard", "worker": None}) == ("paused", "paused")
