@@ -102,6 +102,10 @@ def _split(key: str) -> tuple[str, str, str] | str:
     dataset_id, _, document_id = head.rpartition("/")
     if not dataset_id or not document_id:
         return f"key {key!r} lacks a dataset_id/document_id before '{_IMAGES}'"
+    try:
+        check_document_id(document_id)  # a key no builder makes is no image key (docs/design.md §6.6)
+    except InvalidDocumentId as exc:
+        return f"key {key!r}: {exc}"
     return dataset_id, document_id, name
 
 
