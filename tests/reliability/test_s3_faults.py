@@ -205,3 +205,65 @@ def test_a_bucket_that_fails_every_copy_trips_the_breaker_and_loses_nothing(
     finally:
         trial.faults = sum(proxy.fault_counts().values())  # also when the faulted run itself failed
         clone.drop()
+
+
+def test_a_worker_against_a_bucket_that_fails_every_copy_pauses_itself_and_resume_continues(
+    trial, template, proxy, milvus_server_uri, moto_endpoint, tmp_path
+):
+    """The unattended case (docs/design.md §9.5): a revoked key fails every copy; the worker pauses
+    the migration after --max-failures with the reason in `status --json`, instead of failing its
+    whole quota; once the key works again, `resume` and the worker finish the store."""
+    import signal
+
+    from tests.support import wait_for
+
+    trial.name = "s3-worker-pauses"
+    clone = clone_s3(template, milvus_server_uri, moto_endpoint, proxy.endpoint, tmp_path)
+    cli = CliLog()
+    try:
+        assert cli.run("scan", "--json", env=clone.env, cwd=tmp_path).returncode == 0
+        proxy.set_plan(FaultPlan(rate=1.0, seed=11, weights={"500": 1.0}, when=is_copy))
+        worker = cli.start(
+            "worker",
+            "--max-failures",
+            "1",
+            "--batch-size",
+            "1",
+            "--poll",
+            "0.05",
+            "--json",
+            env=clone.env,
+            cwd=tmp_path,
+        )
+
+        def paused_because() -> str | None:
+            if worker.poll() is not None:
+                raise AssertionError(f"the worker exited {worker.returncode} before pausing")
+            with clone.open() as stores:
+                from repage.migration.status import pause_reason
+
+                return pause_reason(stores.ledger)
+
+        why = wait_for(paused_because, "the worker to pause itself", timeout=120)
+        worker.send_signal(signal.SIGTERM)
+        stopped = cli.finish(worker)
+        trial.faults = sum(proxy.fault_counts().values())
+        proxy.off()
+        assert why.startswith("worker stopped itself: --max-failures 1 exceeded (2 failed)"), why
+        status = cli.run("status", "--json", env=clone.env, cwd=tmp_path).json()
+        assert status["paused_because"] == why and status["by_state"]["failed"] == 2, status
+        assert stopped.json()["totals"]["failed"] == 2, str(stopped)  # not the whole store
+        trial.detail.update(paused_because=why)
+
+        assert cli.run("resume", "--json", env=clone.env, cwd=tmp_path).json()["paused"] is False
+        assert cli.run("status", "--json", env=clone.env, cwd=tmp_path).json()["paused_because"] is None
+        clean = cli.run("run", "--retry-failed", "--json", env=clone.env, cwd=tmp_path)
+        assert clean.returncode == 0 and clean.json()["failed"] == 0, str(clean)
+        verified = cli.run("verify", "--json", env=clone.env, cwd=tmp_path)
+        trial.verified(verified)
+        assert verified.returncode == 0 and verified.json()["ok"], str(verified)
+        final = trial.compared(check_clone(clone, final=True))
+        assert final.ok, "after the resume and the clean run:\n" + final.report()
+    finally:
+        trial.faults = sum(proxy.fault_counts().values())
+        clone.drop()
