@@ -262,6 +262,7 @@ def test_the_page_without_javascript_shows_the_status_figures(service):
     assert shown["status.documents"] == ("6", "6") and shown["status.done"] == ("2", "2")
     assert shown["status.by_state.failed"] == ("1", "1") and shown["status.by_state.review"] == ("1", "1")
     assert shown["status.by_path.pdf"] == ("2", "2")  # p pending and r in review
+    assert shown["status.found_since_last_scan"] == ("0", "0")  # discovery's count (docs/design.md §5.9)
     assert shown["status.by_state_and_path.migrated.keys"] == ("2", "2")
     assert json.loads(shown["status.dollars_spent"][0]) == status["dollars_spent"]
     assert shown["status.dollars_spent"][1] == dash.fmt_dollars(status["dollars_spent"])
