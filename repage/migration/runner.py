@@ -24,6 +24,7 @@ from repage.domain.states import CLAIMABLE, RepairPath, State
 from repage.errors import IllegalTransition, RepageError, StaleLease, StoreUnavailable
 from repage.migration.migrate import BatchMigrator, BatchResult, DocumentWork, RunOptions
 from repage.migration.scan import scan_completed, scan_store
+from repage.migration.status import pause_reason, spent_dollars
 from repage.stores.ledger import Ledger
 from repage.stores.throttle import AdaptiveLimiter, Clock, SystemClock
 
@@ -367,6 +368,8 @@ class Runner:
             return "stop requested"
         if s.unavailable:
             return f"a store is unavailable: {s.unavailable}"
+        if not self.options.dry_run and (why := pause_reason(self.stores.ledger)) is not None:
+            return f"paused: {why}"  # repage pause, POST /migration/pause, or a worker that stopped itself
         if lim.limit is not None and s.documents >= lim.limit:
             return f"--limit {lim.limit} reached"
         if lim.max_failures is not None and s.failed > lim.max_failures:
@@ -391,8 +394,6 @@ def with_migration_budget(stores, limits: RunLimits) -> RunLimits:
     budget = stores.settings.budget_dollars
     if limits.budget_dollars is not None or budget is None or stores.ledger is None:
         return limits
-    from repage.migration.status import spent_dollars
-
     left = max(0.0, budget - spent_dollars(stores.ledger, stores.settings.prices))
     return replace(limits, budget_dollars=left)
 

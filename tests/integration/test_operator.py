@@ -121,3 +121,12 @@ def test_estimate_sample_times_that_many_documents(store):
     for n in (1, 2):
         report = json.loads(repage(store, "estimate", "--sample", str(n), "--json").stdout)
         assert report["latencies"]["sample_size"] == n, report["latencies"]
+
+
+def test_a_run_heeds_the_pause(store):
+    repage(store, "scan", "--json")
+    repage(store, "pause", "--reason", "bucket maintenance", "--json")
+    held = json.loads(repage(store, "run", "--json").stdout)
+    assert held["documents"] == 0 and held["stopped_because"] == "paused: bucket maintenance", held
+    repage(store, "resume", "--json")
+    assert json.loads(repage(store, "run", "--json").stdout)["migrated"] == len(DOCS)
