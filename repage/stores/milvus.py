@@ -328,13 +328,19 @@ def vendor_errors(what: str, secret: str = ""):
         raise StoreError(msg) from exc
 
 
+# pymilvus pings every 10 s even on an idle channel; a gRPC server with the default policy (Milvus
+# Lite's) answers the third such ping with GOAWAY "too_many_pings" and the next call on that
+# channel fails. Pings only while a call is in flight: a dead peer is still found, by that call.
+GRPC_OPTIONS = {"grpc.keepalive_permit_without_calls": 0}
+
+
 def connect(uri: str, token: str | None, timeout: float) -> MilvusClient:
     uri = normalize_uri(uri)
     where = redact_url(uri)
     try:
         # dedicated: never share a gRPC channel through pymilvus' process-wide registry,
         # which a forked worker would inherit with a dead channel.
-        client = MilvusClient(uri, token=token or "", timeout=timeout, dedicated=True)
+        client = MilvusClient(uri, token=token or "", timeout=timeout, dedicated=True, grpc_options=GRPC_OPTIONS)
     except ConnectionConfigException as exc:
         hint = "" if "://" in uri else " (another process may hold this Lite folder: share it via `milvus-lite server`)"
         raise StoreUnavailable(f"Milvus at {where} could not be opened{hint}") from exc
