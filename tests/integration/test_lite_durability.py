@@ -17,9 +17,10 @@ store would:
   busy with the runners' queries and their upserts wait for it side by side;
 - 24 documents, 8 upserts per runner, all landing after the store was sealed.
 `REPAGE_TEST_LITE_WITHOUT_TURNS=1` runs the runners as before the fix: this test then fails, with
-fixes lost in about one trial in four or five (9 of 40 measured), so that it would pass without the
-fix in about 0.6 % of runs (docs/milvus-lite-durability.md has the figures). Smaller upserts almost
-never collide: the first version of this test, 8 upserts of ~5 small rows per trial, always passed.
+fixes lost in 11 of 60 trials measured (6 of 20 on a quiet machine, 2-3 of 20 on a crowded one), so
+that it would pass without the fix in ~2 % of runs (docs/milvus-lite-durability.md has the figures).
+Smaller upserts almost never collide: the first version of this test, 8 upserts of ~5 small rows
+per trial, always passed.
 The figures (trials, documents lost, log bytes left unflushed) are printed and recorded before
 anything is asserted.
 
