@@ -327,9 +327,7 @@ class BatchMigrator:
         with self.ledger.transaction():
             live = self._read_back(live, result, written)
         self.failpoints.hit("after-readback")
-        with self.ledger.transaction():
-            for work in live:
-                self._finish(work, result)
+        self._finish(live, result)  # one statement for the batch, each document under its token
         self.failpoints.hit("after-transition")
         return result
 
@@ -540,20 +538,30 @@ class BatchMigrator:
             return "fields other than page/image_r2_key changed (checksum differs)"
         return None
 
-    def _finish(self, work: DocumentWork, result: BatchResult) -> None:
-        copied = len(work.moves)
-        result.objects_copied += copied
-        # Distinct identities, not rows: rows fetched on a resume may include the duplicate a
-        # crash mid-upsert left behind (the write just deleted it); verify compares with this.
-        chunks = len({self.identity.key(r) for r in work.rows})
-        self._transition(
-            work,
-            State.MIGRATED,
-            result,
-            reason=f"{len(work.chunks)} chunks, {copied} images moved",
-            total_chunks=chunks,
-            images_to_move=self._images_left(work),
-        )
+    def _finish(self, works: Sequence[DocumentWork], result: BatchResult) -> None:
+        """The batch's checked documents become migrated in one ledger call; one whose lease was
+        lost goes back to pending alone (another worker owns it now)."""
+        items = {}
+        for work in works:
+            result.objects_copied += len(work.moves)
+            usage = work.usage
+            # Distinct identities, not rows: rows fetched on a resume may include the duplicate a
+            # crash mid-upsert left behind (the write just deleted it); verify compares with this.
+            fields = {
+                "reason": f"{len(work.chunks)} chunks, {len(work.moves)} images moved",
+                "total_chunks": len({self.identity.key(r) for r in work.rows}),
+                "images_to_move": self._images_left(work),
+                "object_requests_a": usage.class_a,
+                "object_requests_b": usage.class_b,
+                "bytes_read": usage.bytes_read,
+            }
+            items[work.document_id] = (work.claim.fencing_token, fields)
+        refused = self.ledger.transition_many(State.MIGRATED, items) if items else {}
+        for work in works:
+            if work.document_id in refused:
+                self._lost(work, result, refused[work.document_id])
+            else:
+                self._count(work, State.MIGRATED, result)
 
     def _images_left(self, work: DocumentWork) -> int:
         """Images still at a legacy key after this write (a pages-only run leaves them).
@@ -590,14 +598,24 @@ class BatchMigrator:
                 **fields,
             )
         except StaleLease as exc:  # another worker owns it now: write nothing more
-            result.other[work.document_id] = State.PENDING
-            result.failed.pop(work.document_id, None)
-            work.error = str(exc)
+            self._lost(work, result, str(exc))
             return
+        self._count(work, state, result)
+
+    @staticmethod
+    def _lost(work: DocumentWork, result: BatchResult, why: str) -> None:
+        result.other[work.document_id] = State.PENDING
+        result.failed.pop(work.document_id, None)
+        work.error = why
+
+    @staticmethod
+    def _count(work: DocumentWork, state: State, result: BatchResult) -> None:
+        """A document's transition landed: its outcome and requests count in the batch's result."""
         if state == State.MIGRATED:
             result.migrated.append(work.document_id)
         elif state != State.FAILED:
             result.other[work.document_id] = state
+        usage = work.usage
         result.usage.class_a += usage.class_a
         result.usage.class_b += usage.class_b
         result.usage.bytes_read += usage.bytes_read

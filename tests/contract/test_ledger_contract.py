@@ -372,6 +372,46 @@ def test_stale_token_is_refused_everywhere(ledger):
     ledger.transition("d", State.VERIFIED)
 
 
+def test_transition_many_moves_the_live_and_refuses_a_stale_token_alone(ledger):
+    ledger.upsert_scan([rec(f"t{i}") for i in range(4)])
+    tokens = {c.document_id: c.fencing_token for c in ledger.claim_batch("w", 4, lease_seconds=60)}
+    ledger.transition("t1", State.PENDING, token=tokens["t1"])  # t1's lease is gone...
+    tokens["t1"] = claim_one(ledger, "t1").fencing_token - 1  # ...and another worker holds it now
+    ledger.transition("t3", State.PENDING, token=tokens["t3"])  # t3: claimed again with a short lease
+    short = claim_one(ledger, "t3", lease=0.05)
+    tokens["t3"] = short.fencing_token
+    wait_for_db_clock(ledger, short.lease_expires)
+    fields = lambda n: {  # noqa: E731
+        "reason": f"{n} chunks",
+        "total_chunks": n,
+        "images_to_move": 0,
+        "object_requests_a": n,
+        "object_requests_b": 2 * n,
+        "bytes_read": 10 * n,
+    }
+    items = {d: (t, fields(i + 1)) for i, (d, t) in enumerate(sorted(tokens.items()))}
+    items["t2"] = (tokens["t2"], {"total_chunks": 5})  # another set of fields: its own statement
+    refused = ledger.transition_many(State.MIGRATED, items)
+    assert set(refused) == {"t1", "t3"}  # the stale token and the expired lease, each alone
+    moved = ledger.get("t0")
+    assert (moved.state, moved.reason, moved.total_chunks, moved.lease_owner, moved.lease_expires) == (
+        State.MIGRATED,
+        "1 chunks",
+        1,
+        None,
+        None,
+    )
+    assert (moved.object_requests_a, moved.object_requests_b, moved.bytes_read) == (1, 2, 10)
+    assert (ledger.get("t2").state, ledger.get("t2").total_chunks) == (State.MIGRATED, 5)
+    other = ledger.get("t1")
+    assert (other.state, other.fencing_token) == (State.RUNNING, tokens["t1"] + 1)  # untouched
+    assert ledger.get("t3").state == State.RUNNING  # expired, not yet released: untouched
+    assert set(ledger.transition_many(State.MIGRATED, {"t0": (tokens["t0"], {})})) == {"t0"}  # not running
+    assert set(ledger.transition_many(State.MIGRATED, {"t1": (None, {})})) == {"t1"}  # a token is required
+    with pytest.raises(IllegalTransition):
+        ledger.transition_many(State.VERIFIED, {"t1": (tokens["t1"] + 1, {})})  # running -> verified
+
+
 def test_lease_expires_by_the_database_clock(ledger):
     ledger.upsert_scan([rec("short"), rec("long")])
     short = claim_one(ledger, "short", lease=0.05)

@@ -94,6 +94,65 @@ class Transitions(Fenced):
             if conn.execute(sa.update(docs_t).where(*where).values(**values)).rowcount != 1:
                 raise StaleLease(f"lease on document {document_id} expired before {src} -> {dst}")
 
+    def transition_many(
+        self, dst: State, items: Mapping[str, tuple[int, Mapping[str, Any]]], *, error: str | None = None
+    ) -> dict[str, str]:
+        """transition() of many running documents along the same edge, in one transaction:
+        {document_id: (fencing token, {reason?, counters and fields as transition() takes})}.
+
+        Every document's token and lease are checked (one query per 500, as the other batch
+        calls do), then the live ones are moved by one UPDATE per set of field names, each row
+        under the live-lease condition. Returns {document_id: why} for the refused (stale token,
+        expired lease, not running): those are left as they were, the others move.
+        """
+        dst = State(dst)
+        check_transition(State.RUNNING, dst)
+        if dst == State.RUNNING:
+            raise IllegalTransition("pending -> running is claim_batch's job")
+        c = docs_t.c
+        with self._tx() as conn:
+            refused, _ = self._leases(conn, {d: token for d, (token, _) in items.items()})
+            # a running document needs its token; None would be a maintenance write on one no worker holds
+            refused.update({d: f"document {d}: pass its fencing token" for d, (t, _) in items.items() if t is None})
+            groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            for doc, (token, fields) in items.items():
+                if doc not in refused:
+                    field_values({n: v for n, v in fields.items() if n != "reason"})  # unknown names raise
+                    row = {f"b_{n}": RepairPath(v).value if n == "path" else v for n, v in fields.items()}
+                    groups.setdefault(tuple(sorted(fields)), []).append({**row, "b_document_id": doc, "b_token": token})
+            now = self._now()
+            for names, params in groups.items():
+                values: dict[str, Any] = {
+                    n: c[n] + sa.bindparam(f"b_{n}") if n in ADDITIVE else sa.bindparam(f"b_{n}")
+                    for n in names
+                    if n != "reason"
+                }
+                reason: Any = sa.bindparam("b_reason") if "reason" in names else None  # edge_values takes SQL too
+                values.update(edge_values(dst, reason, error, now), lease_owner=None, lease_expires=None)
+                stmt = (
+                    sa.update(docs_t)
+                    .where(
+                        c.document_id == sa.bindparam("b_document_id"),
+                        c.state == State.RUNNING.value,
+                        c.fencing_token == sa.bindparam("b_token"),
+                        c.lease_expires >= now,
+                    )
+                    .values(**values)
+                )
+                for batch in batches(params):
+                    moved = conn.execute(stmt, batch).rowcount
+                    if moved != len(batch):  # a lease ran out since the check: name those, leave them
+                        refused.update(self._not_moved(conn, [p["b_document_id"] for p in batch], dst))
+        return refused
+
+    def _not_moved(self, conn: sa.Connection, documents: Sequence[str], dst: State) -> dict[str, str]:
+        """Of `documents` just moved out of running, those still running: their lease expired."""
+        c = docs_t.c
+        still = conn.execute(
+            sa.select(c.document_id).where(c.document_id.in_(documents), c.state == State.RUNNING.value)
+        ).scalars()
+        return {d: f"lease on document {d} expired before running -> {dst}" for d in still}
+
     def requeue_image_moves(self, dataset_id: str | None = None, document_ids: Sequence[str] | None = None) -> int:
         """Migrated/verified documents whose images a pages-only run left at legacy keys go
         back to pending, so a run that moves images picks them up. How many."""
