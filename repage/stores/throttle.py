@@ -355,15 +355,28 @@ def call_with_backoff(
         limiter.on_success(clock.now() - started)
         return result
 
+    def pause(error: BaseException | None, attempt: int) -> float:
+        retry_after = getattr(error, "retry_after", None) or 0.0
+        return max(retry_after, jittered_backoff(attempt, backoff_initial, backoff_max, rng))
+
+    # The first attempt is called directly: a tenacity.Retrying built and run for every request
+    # cost ~15 us, a third of a local GET (docs/performance.md, round 2). Only a retryable failure
+    # goes on to tenacity, which makes attempts 2..N with the waits the whole loop would have made.
+    try:
+        return once()
+    except (Throttled, Transient) as exc:
+        if attempts == 1:
+            raise
+        clock.sleep(pause(exc, 1))
+
     def wait(state: tenacity.RetryCallState) -> float:
         assert state.outcome is not None  # tenacity waits only after an attempt
-        retry_after = getattr(state.outcome.exception(), "retry_after", None) or 0.0
-        return max(retry_after, jittered_backoff(state.attempt_number, backoff_initial, backoff_max, rng))
+        return pause(state.outcome.exception(), state.attempt_number + 1)  # attempt 1 came before
 
     retrying = tenacity.Retrying(
         sleep=clock.sleep,
         wait=wait,
-        stop=tenacity.stop_after_attempt(attempts),
+        stop=tenacity.stop_after_attempt(attempts - 1),
         retry=tenacity.retry_if_exception_type((Throttled, Transient)),
         reraise=True,
     )
