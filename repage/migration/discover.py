@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from repage.domain.states import RepairPath, State
+from repage.errors import IllegalTransition, StaleLease
 from repage.migration.scan import scan_documents
 from repage.migration.status import DISCOVERED
 
@@ -25,22 +26,35 @@ def discover(stores, dataset_id: str | None = None) -> dict:
     """Queue what arrived or broke again since the last scan; {"new": n, "again": m}."""
     ledger, vectors = stores.ledger, stores.vectors
     identity = vectors.info().identity
+    # Only documents settled before the pass began count as broken again: a run working beside
+    # this one may have written a document's pages after the pass read them at page 0.
+    started = ledger.db_now()
     affected: defaultdict[str, set[str]] = defaultdict(set)
     for page in vectors.iter_affected(dataset_id, fields=["document_id", *identity.fields]):
         for row in page:
             affected[row["document_id"]].add(identity.text(row))
     known = ledger.states_of(sorted(affected))
     new = sorted(d for d in affected if d not in known)
-    done = [d for d, (state, path) in known.items() if state in AGAIN and path != RepairPath.REPROCESS]
-    again = _broken_again(ledger, done, affected)
+    done = [
+        d
+        for d, (state, path, changed) in known.items()
+        if state in AGAIN and path != RepairPath.REPROCESS and changed is not None and changed < started
+    ]
+    again = [d for d in _broken_again(ledger, done, affected) if _requeue(ledger, d)]
     if new:
         scan_documents(stores, new)
-    with ledger.transaction():
-        for doc in again:
-            ledger.transition(doc, State.PENDING, reason="affected chunks found again after its migration")
     if new or again:
         ledger.add_event(DISCOVERED, count=len(new) + len(again))
     return {"new": len(new), "again": len(again)}
+
+
+def _requeue(ledger, document_id: str) -> bool:
+    """Back to pending; False when another process moved it first (claimed it, requeued it)."""
+    try:
+        ledger.transition(document_id, State.PENDING, reason="affected chunks found again after its migration")
+    except (IllegalTransition, StaleLease):
+        return False
+    return True
 
 
 def _broken_again(ledger, documents: list[str], affected: dict[str, set[str]]) -> list[str]:

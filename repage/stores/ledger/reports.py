@@ -51,13 +51,16 @@ class Reports(LedgerBase):
                 return
             after, left = rows[-1].document_id, None if left is None else left - len(rows)
 
-    def states_of(self, document_ids: Sequence[str]) -> dict[str, tuple[State, RepairPath]]:
-        """State and path of those of `document_ids` the ledger knows, in one query per 500."""
-        c, found = docs_t.c, dict[str, tuple[State, RepairPath]]()
+    def states_of(self, document_ids: Sequence[str]) -> dict[str, tuple[State, RepairPath, float]]:
+        """State, path and last change (DB clock) of those of `document_ids` the ledger knows, in
+        one query per 500."""
+        c, found = docs_t.c, dict[str, tuple[State, RepairPath, float]]()
         with self._tx(write=False) as conn:
             for batch in batches(dict.fromkeys(document_ids)):
-                rows = conn.execute(sa.select(c.document_id, c.state, c.path).where(c.document_id.in_(batch)))
-                found.update({r.document_id: (State(r.state), RepairPath(r.path)) for r in rows})
+                q = sa.select(c.document_id, c.state, c.path, c.updated_at).where(c.document_id.in_(batch))
+                found.update(
+                    {r.document_id: (State(r.state), RepairPath(r.path), r.updated_at) for r in conn.execute(q)}
+                )
         return found
 
     def sample_documents(self, states: set[State], size: int) -> list[DocumentRecord]:
