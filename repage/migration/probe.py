@@ -29,7 +29,8 @@ T = TypeVar("T")
 ASSUMPTIONS = (
     "batch query time = measured fetch of a full batch of documents, on the store as it is now "
     "(a Milvus Lite store slows as a run writes unsealed rows); batch write time = measured read-back of "
-    "that batch's affected chunks; a COPY costs a GET; ledger: 6 round trips per document; "
+    "that batch's affected chunks; a COPY costs a GET; on Milvus Lite the flush after each batch costs a read-back; "
+    "row checksums (2 per affected chunk) as timed on the sample; ledger: 3 round trips per document; "
     "reprocess time = the product's published 30 s - 5 min per document"
 )
 
@@ -86,7 +87,7 @@ def measure(
     requests at the run's concurrency, and ledger round trips."""
     docs = (picked[RepairPath.KEYS] + picked[RepairPath.PDF])[:sample]
     query_s, rows = _time_batches(stores.vectors, [d.document_id for d in docs], batch_size)
-    readback_s = _time_readback(stores.vectors, rows)
+    readback_s = _time_readback(stores.vectors, rows, len(docs), batch_size)
     keys = [r["image_r2_key"] for r in rows if r.get("image_r2_key")][:batch_size]
     heads, gets = _time_objects(stores.objects, keys[: len(docs) or 1])
     lists = [
@@ -95,6 +96,8 @@ def measure(
     ]
     get_rate, pdf_s_per_mb, mean_size = _time_sources(stores, picked[RepairPath.PDF][:3])
     ledger_s = median([timed(stores.ledger.db_now)[0] for _ in range(9)])
+    affected = [r for r in rows if is_affected(r)]
+    checksum_s = timed(lambda: [stores.vectors.row_checksum(r) for r in affected])[0] / max(len(affected), 1)
     return Latencies(
         milvus_query_s=query_s,
         milvus_write_s=readback_s,
@@ -108,6 +111,11 @@ def measure(
         sample_size=len(docs),
         ledger_round_trip_s=ledger_s,
         object_request_s=_time_concurrent_gets(stores.objects, keys, concurrency),
+        # Lite flushes after each batch's write (docs/milvus-lite-durability.md); a flush cannot
+        # be timed without writing, so it is taken to cost one more read-back: it seals the rows
+        # the write changed, vectors included (docs/design.md §12).
+        milvus_flush_s=readback_s if getattr(stores.vectors, "is_lite", False) else 0.0,
+        checksum_s=checksum_s,
     )
 
 
@@ -125,13 +133,16 @@ def _time_batches(vectors, document_ids: list[str], batch_size: int) -> tuple[fl
     return per_document * batch_size, rows
 
 
-def _time_readback(vectors, rows: Sequence[dict]) -> float:
-    """The run's read-back (docs/design.md §5.4): the batch's affected chunks, with vectors."""
+def _time_readback(vectors, rows: Sequence[dict], documents: int = 0, batch_size: int = 0) -> float:
+    """The run's read-back (docs/design.md §5.4): the sample's affected chunks, with vectors, in
+    one read as the run makes it, scaled like the fetch from the sample's `documents` to a full
+    batch (before, a sample of 20 documents priced the read-back of 200 as that of 20)."""
     info = vectors.info()
     written = {info.identity.key(r): str(r[info.pk_field]) for r in rows if is_affected(r)}
     if not written:
         return 0.0
-    return timed(lambda: vectors.find_written(written))[0]
+    seconds = timed(lambda: vectors.find_written(written))[0]
+    return seconds * batch_size / documents if 0 < documents < batch_size else seconds
 
 
 def _time_objects(objects, keys: Sequence[str]) -> tuple[list[float], list[float]]:
@@ -145,9 +156,14 @@ def _time_objects(objects, keys: Sequence[str]) -> tuple[list[float], list[float
     return heads, gets
 
 
-def _time_concurrent_gets(objects, keys: Sequence[str], concurrency: int) -> float | None:
+def _time_concurrent_gets(objects, keys: Sequence[str], concurrency: int, rounds: int = 3) -> float | None:
     """Wall seconds per GET with `concurrency` in flight, hashed as a run hashes what it reads:
-    what one request costs in a run, where latency overlaps and client-side CPU does not."""
+    what one request costs in a run, where latency overlaps and client-side CPU does not.
+
+    The threads are started before the clock, and the median of `rounds` passes is taken: a
+    small sample (--sample 20: ~120 keys, ~15 ms on a local folder) is otherwise priced by one
+    pass's thread start-up or one hiccup of a shared machine, times every request of the run.
+    """
     if not keys:
         return None
 
@@ -155,10 +171,14 @@ def _time_concurrent_gets(objects, keys: Sequence[str], concurrency: int) -> flo
         with contextlib.suppress(ObjectNotFound):
             hashlib.sha256(objects.get(key)).hexdigest()
 
-    started = time.perf_counter()
+    passes = []
     with ThreadPoolExecutor(max(1, concurrency)) as pool:
-        list(pool.map(get, keys))
-    return (time.perf_counter() - started) / len(keys)
+        list(pool.map(lambda _: None, range(max(1, concurrency))))  # start the threads
+        for _ in range(rounds):
+            started = time.perf_counter()
+            list(pool.map(get, keys))
+            passes.append((time.perf_counter() - started) / len(keys))
+    return median(passes)
 
 
 def _time_sources(stores, records: Sequence) -> tuple[float, float, float]:

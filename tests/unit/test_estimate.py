@@ -36,7 +36,7 @@ def test_ledger_round_trips_cost_per_document_whatever_the_concurrency():
     loads = {RepairPath.KEYS: PathLoad(documents=1000, chunks=6000, images_to_move=0)}
     slow = Latencies(**{**LAT.__dict__, "ledger_round_trip_s": 0.001})
     base = estimate(loads, LAT, Prices(), concurrency=8, batch_size=200).seconds
-    assert estimate(loads, slow, Prices(), concurrency=8, batch_size=200).seconds - base == pytest.approx(6.0)
+    assert estimate(loads, slow, Prices(), concurrency=8, batch_size=200).seconds - base == pytest.approx(3.0)
 
 
 def test_object_time_measured_at_the_runs_concurrency_is_not_divided_again():
@@ -80,3 +80,14 @@ def test_human_seconds():
     assert human_seconds(5) == "5.0 s"
     assert human_seconds(90) == "1.5 min"
     assert human_seconds(7200) == "2.0 h"
+
+
+def test_lite_flush_and_row_checksums_are_counted():
+    """On Milvus Lite each batch's write is flushed; every affected chunk is checksummed twice
+    (planned, read back) on the run's CPU: both add to the time, not to the requests."""
+    loads = {RepairPath.KEYS: PathLoad(documents=400, chunks=2400, images_to_move=2400)}
+    base = estimate(loads, LAT, Prices(), concurrency=4, batch_size=200).paths[0]
+    lite = Latencies(**{**LAT.__dict__, "milvus_flush_s": 0.25, "checksum_s": 0.0001})
+    keys = estimate(loads, lite, Prices(), concurrency=4, batch_size=200).paths[0]
+    assert keys.seconds - base.seconds == pytest.approx(2 * 0.25 + 2400 * 2 * 0.0001)
+    assert (keys.class_a, keys.class_b) == (base.class_a, base.class_b)
