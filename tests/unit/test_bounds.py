@@ -49,7 +49,7 @@ def bomb_pdf(side: int = SIDE) -> bytes:
 
 
 PROBE = """
-import json, resource, sys
+import json, sys
 from repage.errors import BadInput
 from repage.migration import pdfpages
 from repage.reprocess import local
@@ -63,7 +63,10 @@ for step in ("fingerprints", "extract_png"):
         outcome[step] = "no error"
     except BadInput as exc:
         outcome[step] = str(exc)
-outcome["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would count the forking
+# pytest worker's own memory; VmHWM is this program's peak alone
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+outcome["max_rss_mb"] = int(hwm.split()[1]) / 1024
 print(json.dumps(outcome))
 """
 
