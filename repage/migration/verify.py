@@ -21,7 +21,7 @@ from repage.domain.identity import ChunkIdentity
 from repage.domain.keys import parse_image_key
 from repage.domain.records import ChunkJournalEntry, ObjectJournalEntry
 from repage.domain.states import State
-from repage.errors import ObjectNotFound
+from repage.errors import IllegalTransition, ObjectNotFound, StaleLease
 
 VERIFIABLE = frozenset({State.MIGRATED, State.VERIFIED, State.DRIFTED})
 VERIFY_BATCH = 200  # documents per query, as a run's batch
@@ -88,14 +88,12 @@ def verify_documents(
         findings = check_documents(stores, [r.document_id for r in batch], concurrency)
         with ledger.transaction():
             for record in batch:
-                _settle(ledger, record, findings[record.document_id], report)
+                try:
+                    _settle(ledger, record, findings[record.document_id], report)
+                except (StaleLease, IllegalTransition):  # claimed by a run meanwhile: it is that run's now
+                    continue
     report.seconds = time.perf_counter() - started
     return report
-
-
-def verify_document(stores, record) -> str | None:
-    """None when the document checks out, else what is wrong (the ledger is not touched)."""
-    return check_documents(stores, [record.document_id])[record.document_id].problem
 
 
 def check_documents(stores, document_ids: Sequence[str], concurrency: int = OBJECT_CHECKS) -> dict[str, Finding]:
@@ -172,21 +170,22 @@ def _check_object(objects, target: ObjectJournalEntry | str) -> str | None:
 
 
 def _settle(ledger, record, finding: Finding, report: CheckReport) -> None:
-    """Passed: verified. Failed: drifted, its journal reopened for the next run (docs/design.md §5.8)."""
+    """Passed: verified. Failed: drifted, its journal reopened for the next run (docs/design.md §5.8).
+    The ledger first: a document a run claimed meanwhile raises here and is not reported."""
     doc = record.document_id
-    report.checked += 1
     if finding.problem is None:
-        report.passed.append(doc)
         if record.state == State.DRIFTED:  # put right meanwhile: the journal is applied again
             ledger.mark_chunks_applied(doc, None, finding.identities)
         if record.state != State.VERIFIED:
             ledger.transition(doc, State.VERIFIED, reason="verify passed")
-        return
-    report.failed[doc] = finding.problem
-    ledger.add_event("verify-failed", doc, detail=finding.problem)
-    ledger.reopen_journal(doc, finding.redo)
-    if record.state != State.DRIFTED:
-        ledger.transition(doc, State.DRIFTED, reason="drift found by verify", error=finding.problem)
+        report.passed.append(doc)
+    else:
+        ledger.reopen_journal(doc, finding.redo)
+        if record.state != State.DRIFTED:
+            ledger.transition(doc, State.DRIFTED, reason="drift found by verify", error=finding.problem)
+        ledger.add_event("verify-failed", doc, detail=finding.problem)
+        report.failed[doc] = finding.problem
+    report.checked += 1
 
 
 def records_in(ledger, states: set[State], document_ids: Iterable[str] | None):
