@@ -28,7 +28,7 @@ demo: $(STAMP)
 test: $(STAMP) lint
 	@bash .ci/prerequisites
 	@results=$$(mktemp); \
-	REPAGE_RELIABILITY_RESULTS=$$results $(PYTEST) -n 2 -m "not ray" --durations=12 tests && $(PYTEST) -m ray tests; tests=$$?; \
+	REPAGE_RELIABILITY_RESULTS=$$results $(PYTEST) -n 3 -m "not ray" --durations=12 tests && $(PYTEST) -m ray tests; tests=$$?; \
 	$(BIN)/python -m tests.support.reliability $$results; summary=$$?; rm -f $$results; \
 	[ $$tests -eq 0 ] && [ $$summary -eq 0 ]
 

@@ -18,6 +18,24 @@ from tests.support import Demo
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("pristine", ["chunk_id"], indirect=True)]
 
 
+@pytest.fixture(scope="module")
+def repaired_template(pristine, tmp_path_factory) -> Demo:
+    """The keys documents run and verified once per module; each test tampers with its own copy."""
+    template = pristine.copy(tmp_path_factory.mktemp("repaired"))
+    repaired(template)
+    template.release()
+    return template
+
+
+@pytest.fixture
+def demo(repaired_template, tmp_path) -> Demo:
+    return repaired_template.copy(tmp_path)
+
+
+def keys_ids(demo: Demo) -> set[str]:
+    return {d["document_id"] for d in keys_docs(demo)}
+
+
 def repaired(demo: Demo) -> set[str]:
     """The keys documents, run and verified: the starting point of every test here."""
     migrated = {d["document_id"] for d in keys_docs(demo)}
@@ -71,7 +89,7 @@ def verify_fails(demo: Demo) -> dict:
 
 
 def test_verify_names_every_tamper_and_the_next_run_repairs_them(demo):
-    migrated = repaired(demo)
+    migrated = keys_ids(demo)
     moved_doc, moved = moved_chunk(demo)
     reset_doc, reset = next(
         (d, c)
@@ -108,7 +126,6 @@ def test_verify_names_every_tamper_and_the_next_run_repairs_them(demo):
 
 
 def test_a_changed_key_is_drift_and_is_put_back(demo):
-    repaired(demo)
     doc, chunk = moved_chunk(demo)
     set_chunk(demo, chunk, key=chunk["bucket_key"])
     failed = verify_fails(demo)
@@ -119,7 +136,6 @@ def test_a_changed_key_is_drift_and_is_put_back(demo):
 
 
 def test_deleted_and_added_chunks_are_named_and_a_lost_chunk_fails_with_its_reason(demo):
-    repaired(demo)
     doc, chunk = moved_chunk(demo)
     demo.release()
     with open_stores(demo.settings) as stores:
@@ -149,7 +165,6 @@ def test_deleted_and_added_chunks_are_named_and_a_lost_chunk_fails_with_its_reas
 
 
 def test_an_overwritten_copy_whose_original_is_gone_fails_with_the_reason(demo):
-    repaired(demo)
     doc, chunk = moved_chunk(demo)
     with objects_of(demo) as stores:
         stores.objects.put(chunk["canonical_key"], b"other bytes")
@@ -161,14 +176,13 @@ def test_an_overwritten_copy_whose_original_is_gone_fails_with_the_reason(demo):
 
 
 def test_verify_sample_checks_that_many_documents(demo):
-    migrated = repaired(demo)
+    migrated = keys_ids(demo)
     report = demo.cli_json("verify", "--sample", "2")
     assert (report["checked"], report["passed"]) == (2, 2), report
     assert demo.cli_json("verify", "--sample", "100")["checked"] == len(migrated)
 
 
 def test_gc_keeps_referenced_and_young_originals_and_deletes_the_rest(demo):
-    repaired(demo)
     doc, chunk = moved_chunk(demo)
     originals = {
         c["bucket_key"]
@@ -190,7 +204,6 @@ def test_gc_keeps_referenced_and_young_originals_and_deletes_the_rest(demo):
 
 
 def test_worker_audit_flags(demo):
-    repaired(demo)
     plain = demo.cli_json("worker", "--once")
     assert plain["last_cycle"]["audit"] == {}, plain  # off unless asked
     audited = demo.cli_json("worker", "--once", "--audit-every", "1h", "--audit-sample", "2")
