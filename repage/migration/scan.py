@@ -21,24 +21,13 @@ from repage.domain.records import ScanRecord
 from repage.domain.states import DONE, RepairPath, State
 from repage.errors import ObjectNotFound
 from repage.migration.status import SCAN_COMPLETE
+from repage.stores.milvus import LIGHT_FIELDS
 from repage.stores.throttle import AdaptiveLimiter, call_with_backoff
 
 T = TypeVar("T")
 
-# Light fields the scan needs per affected chunk (those the collection has).
-SCAN_FIELDS = (
-    "document_id",
-    "dataset_id",
-    "filename",
-    "chunk_type",
-    "page",
-    "image_index",
-    "ocr_confidence",
-    "image_r2_key",
-    "image_size",
-    "chunk_index",
-    "chunk_id",
-)
+# Light fields the scan needs per affected chunk (those the collection has): the adapter's, and the identity.
+SCAN_FIELDS = (*LIGHT_FIELDS, "chunk_id")
 FLUSH_EVERY = 500  # ledger rows per upsert
 
 
