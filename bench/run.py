@@ -1,21 +1,24 @@
-"""`make bench`: repage against the naive loop and the floor, on copies of the same store.
+"""`make bench`: repage against the naive loop, the floor and floor + verify, on copies of the same store.
 
-For each store (1,000 and 5,000 FLTR-shaped documents, images in a local folder; and the
-1,000-document store with its images in a moto_server bucket) every contender gets a fresh
-copy of the store and its own `milvus-lite server`, then runs as its own process while
-psutil samples its RSS (and, separately, the Lite server's):
+For each store (1,000 and 5,000 FLTR-shaped documents, images in a local folder; the
+1,000-document store with its images in a moto_server bucket; and the same behind a proxy
+adding 30 ms to every request, bench/latency.py) every contender gets a fresh copy of the
+store and its own `milvus-lite server`, then runs as its own process while psutil samples
+its RSS (and, separately, the Lite server's):
 
 - naive: bench/contenders.py, the product's per-document loop (docs/design.md §8.3);
 - floor: bench/contenders.py, one query, one COPY per image, partial updates of 1,000;
+- floor_verify: floor plus the checks repage promises (bench/contenders.py);
 - repage: `repage scan`, `repage estimate`, then `repage run` with its defaults.
 
 After each one the store is checked: every image/OCR chunk's page and key, and the
-canonical object behind it; naive, floor and repage must leave the same store.
-Also measured: the lazy-repair overhead (bench/lazy_overhead.py). The report is printed
-and written to bench/out/report.json.
+canonical object behind it; every contender must leave the same store. Also measured: the
+lazy-repair overhead (bench/lazy_overhead.py). The report and its target table
+(bench/report.py) are printed and written to bench/out/report.json.
 
     .venv/bin/python -m bench.run [--sizes 1000,5000] [--moto-size 1000] [--no-moto]
-        [--contenders naive,floor,repage] [--naive-max-seconds 600] [--rebuild]
+        [--no-plain-moto] [--latency-ms 30] [--contenders naive,floor,floor_verify,repage]
+        [--naive-max-seconds 600] [--rebuild]
 
 Exit 0 when every run finished and left the expected store (targets missed or not: the
 report says which), 1 when a contender failed or left a wrong store, 2 on a setup error.
@@ -32,10 +35,14 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
+from bench.latency import LatencyProxy
+from bench.report import TARGETS, latency_bucket, ratios, render, verdicts
 from bench.scan_memory import COLLECTION, LiteServer, free_port, tree_rss
 from bench.stores import OUT, MotoServer, StoreSpec, clean_env, ensure_master, fresh_copy, load_and_count, log
 from repage.errors import RepageError
@@ -44,7 +51,6 @@ from repage.stores.milvus import MilvusVectors
 BIN = Path(sys.executable).parent
 PY = sys.executable
 INTERVAL = 0.05  # RSS sampling, seconds
-TARGETS = {"floor_ratio": 0.8, "naive_ratio": 30.0, "rss_mb": 300.0, "estimate_error": 0.25, "lazy_p99_us": 1000.0}
 CHECK_FIELDS = ["chunk_id", "document_id", "dataset_id", "chunk_type", "page", "image_index", "image_r2_key"]
 
 
@@ -130,58 +136,50 @@ def check_store(uri: str, bucket_dir: Path | None, objects=None) -> dict:
 # ---------------------------------------------------------------- contenders
 
 
-def run_one(contender: str, spec: StoreSpec, master: Path, kind: str, args, moto: MotoServer | None) -> dict:
-    dest = OUT / "run" / f"{spec.name}-{kind}-{contender}"
+@dataclass
+class Buckets:
+    """Where a store's objects live: a local folder, or moto_server (behind the latency proxy when set)."""
+
+    kind: str  # "local", "s3" or latency_bucket(ms)
+    moto: MotoServer | None = None
+    proxy: LatencyProxy | None = None
+
+    @property
+    def local(self) -> bool:
+        return self.kind == "local"
+
+
+def run_one(contender: str, spec: StoreSpec, master: Path, buckets: Buckets, args) -> dict:
+    dest = OUT / "run" / f"{spec.name}-{buckets.kind}-{contender}"
     started = time.perf_counter()
-    fresh_copy(master, dest, bucket=kind == "local")
+    fresh_copy(master, dest, bucket=buckets.local)
     copy_s = time.perf_counter() - started
     entry = {
         "contender": contender,
         "documents": spec.documents,
         "chunks": spec.documents * 20,
-        "bucket": kind,
+        "bucket": buckets.kind,
         "dir": str(dest),
     }
     with LiteServer(dest / "lite", free_port(), dest / "server.log") as server:
         load_s, rows, affected = load_and_count(server.uri)
         if (rows, affected) != (spec.documents * 20, spec.documents * 6):
             raise RepageError(f"{dest}: the copy holds {rows} rows ({affected} affected)")
-        env = {
-            "REPAGE_MILVUS_URI": server.uri,
-            "REPAGE_COLLECTION": COLLECTION,
-            "REPAGE_LEDGER_URL": f"sqlite:///{dest / 'ledger.db'}",
-        }
-        objects = None
-        if kind == "local":
-            store_url = (dest / "bucket").as_uri()
-        else:
-            bucket = f"bench-{contender}-{spec.documents}"
-            uploaded, upload_s = moto.fill_bucket(bucket, master / "bucket")
-            entry["bucket_fill"] = {"objects": uploaded, "seconds": round(upload_s, 1)}
-            store_url = f"s3://{bucket}"
-            env.update(moto.env())
-            objects = moto.store(bucket)
-        env["REPAGE_STORE_URL"] = store_url
-        env = clean_env(env)
+        env, store_url, objects = contender_env(contender, spec, master, buckets, server, dest, entry)
         entry["setup"] = {"copy_seconds": round(copy_s, 1), "load_seconds": round(load_s, 1)}
-        log(f"{contender} on {spec.documents:,} documents, {kind} bucket")
+        log(f"{contender} on {spec.documents:,} documents, {buckets.kind} bucket")
+        if buckets.proxy:
+            buckets.proxy.take_count()  # count this contender's requests only
         if contender == "repage":
             entry.update(run_repage(env, dest, server))
+            if entry.get("scan_seconds") is not None:
+                entry["scan_seconds_per_100k_chunks"] = round(entry["scan_seconds"] * 100_000 / entry["chunks"], 1)
         else:
-            command = [PY, "-m", "bench.contenders", contender, "--milvus-uri", server.uri, "--store-url", store_url]
-            env["PYTHONPATH"] = str(OUT.parent.parent)
-            if kind == "s3":
-                command += ["--s3-endpoint", moto.endpoint]
-            cap = None
-            if contender == "naive":  # the naive loop on a large Lite store takes hours: sample its rate
-                full = kind == "local" and spec.documents <= args.naive_full_up_to
-                cap = args.naive_max_seconds if full else args.naive_sample_seconds
-                command += ["--max-seconds", str(cap)]
-            entry["time_cap_seconds"] = cap
-            proc = measure(command, env, dest, server, contender)
-            entry.update(contender_figures(proc))
+            entry.update(run_reference(contender, spec, buckets, args, env, store_url, dest, server))
+        if buckets.proxy:
+            entry["proxy_requests"] = buckets.proxy.take_count()
         if entry.get("complete"):
-            entry["check"] = check_store(server.uri, dest / "bucket" if kind == "local" else None, objects)
+            entry["check"] = check_store(server.uri, dest / "bucket" if buckets.local else None, objects)
             if contender == "repage":  # after the check: rollback undoes the run
                 entry["after_run"] = verify_and_rollback(env, dest, server, entry)
         if objects is not None:
@@ -189,6 +187,46 @@ def run_one(contender: str, spec: StoreSpec, master: Path, kind: str, args, moto
     shutil.rmtree(dest / "lite", ignore_errors=True)  # GBs at 5,000 documents; logs and JSON stay
     shutil.rmtree(dest / "bucket", ignore_errors=True)
     return entry
+
+
+def contender_env(contender, spec, master, buckets: Buckets, server, dest, entry) -> tuple[dict, str, object]:
+    """The contender's environment, its store URL, and an ObjectStore on the S3 bucket for the check."""
+    env = {
+        "REPAGE_MILVUS_URI": server.uri,
+        "REPAGE_COLLECTION": COLLECTION,
+        "REPAGE_LEDGER_URL": f"sqlite:///{dest / 'ledger.db'}",
+    }
+    objects = None
+    if buckets.local:
+        store_url = (dest / "bucket").as_uri()
+    else:
+        moto = buckets.moto
+        # S3 bucket names allow no "_" nor "+"; one moto_server holds every row's buckets
+        bucket = f"bench-{contender}-{spec.documents}-{buckets.kind}".replace("_", "-").replace("+", "-")
+        uploaded, upload_s = moto.fill_bucket(bucket, master / "bucket")  # straight to moto: setup pays no delay
+        entry["bucket_fill"] = {"objects": uploaded, "seconds": round(upload_s, 1)}
+        store_url = f"s3://{bucket}"
+        env.update(moto.env())
+        if buckets.proxy:
+            env["REPAGE_S3_ENDPOINT"] = buckets.proxy.endpoint
+        objects = moto.store(bucket)
+    env["REPAGE_STORE_URL"] = store_url
+    return clean_env(env), store_url, objects
+
+
+def run_reference(contender, spec, buckets: Buckets, args, env, store_url, dest, server) -> dict:
+    """naive, floor or floor_verify (bench/contenders.py) as its own process."""
+    command = [PY, "-m", "bench.contenders", contender, "--milvus-uri", server.uri, "--store-url", store_url]
+    env["PYTHONPATH"] = str(OUT.parent.parent)
+    if not buckets.local:
+        command += ["--s3-endpoint", env["REPAGE_S3_ENDPOINT"]]
+    cap = None
+    if contender == "naive":  # the naive loop on a large Lite store takes hours: sample its rate
+        full = buckets.local and spec.documents <= args.naive_full_up_to
+        cap = args.naive_max_seconds if full else args.naive_sample_seconds
+        command += ["--max-seconds", str(cap)]
+    proc = measure(command, env, dest, server, contender)
+    return {"time_cap_seconds": cap, **contender_figures(proc)}
 
 
 def contender_figures(proc: dict) -> dict:
@@ -209,6 +247,7 @@ def contender_figures(proc: dict) -> dict:
             "by_kind": out["objects"]["by_kind"],
         },
         "milvus_calls": out["milvus_calls"],
+        **({"steps_seconds": out["steps"]} if "steps" in out else {}),
         "peak_rss_mb": proc["peak_rss_mb"],
         "lite_peak_rss_mb": proc["lite_peak_rss_mb"],
         "wall_seconds": proc["wall_seconds"],
@@ -323,122 +362,30 @@ def lazy_overhead(rounds: int = 3) -> dict:
     return chosen
 
 
-def ratios(results: list[dict]) -> None:
-    """repage/naive and repage/floor in documents per second, per store."""
-    by_store: dict[tuple, dict] = {}
-    for r in results:
-        by_store.setdefault((r["documents"], r["bucket"]), {})[r["contender"]] = r
-    for group in by_store.values():
-        rep = group.get("repage")
-        if not rep or not rep.get("documents_per_s"):
-            continue
-        for other in ("naive", "floor"):
-            o = group.get(other)
-            if o and o.get("documents_per_s"):
-                rep[f"ratio_to_{other}"] = round(rep["documents_per_s"] / o["documents_per_s"], 3)
+LOG_KEYS = ("contender", "documents", "bucket", "documents_per_s", "seconds", "peak_rss_mb", "complete", "error")
+# Behind the added latency only floor and repage run: that row asks for repage / floor and
+# repage's minutes, and each contender there takes minutes.
+LATENCY_CONTENDERS = ("floor", "repage")
 
 
-def verdicts(results: list[dict], lazy: dict) -> dict:
-    out = {}
-    rep1k = next(
-        (r for r in results if r["contender"] == "repage" and r["documents"] == 1000 and r["bucket"] == "local"), None
-    )
-    if rep1k:
-        if "ratio_to_floor" in rep1k:
-            out["repage >= 0.8x floor (1,000 docs, local)"] = (rep1k["ratio_to_floor"], rep1k["ratio_to_floor"] >= 0.8)
-        if "ratio_to_naive" in rep1k:
-            out["repage >= 30x naive (1,000 docs, local)"] = (rep1k["ratio_to_naive"], rep1k["ratio_to_naive"] >= 30)
-        for step in ("verify", "rollback"):
-            ratio = rep1k.get("after_run", {}).get(step, {}).get("ratio_to_run")
-            if ratio is not None:
-                out[f"{step} >= run, documents/s (1,000 docs, local)"] = (ratio, ratio >= 1.0)
-    rep5k = next((r for r in results if r["contender"] == "repage" and r["documents"] == 5000), None)
-    if rep5k and rep5k.get("peak_rss_mb"):
-        out["repage RSS <= 300 MB (5,000 docs)"] = (rep5k["peak_rss_mb"], rep5k["peak_rss_mb"] <= 300)
-    for r in results:
-        est = r.get("estimate")
-        if est and est.get("error") is not None:
-            key = f"estimate within 25% ({r['documents']:,} docs, {r['bucket']})"
-            out[key] = (est["error"], abs(est["error"]) <= 0.25)
-    if "cold" in lazy:
-        for case in ("cold", "warm"):
-            out[f"lazy p99 < 1 ms ({case}, wall clock)"] = (lazy[case]["p99_us"], lazy[case]["p99_us"] < 1000)
-            cpu = lazy.get(f"{case}_cpu")
-            if cpu:
-                out[f"lazy p99 < 1 ms ({case}, CPU time)"] = (cpu["p99_us"], cpu["p99_us"] < 1000)
-    return {k: {"value": v, "met": ok} for k, (v, ok) in out.items()}
-
-
-def render(report: dict) -> str:
-    lines = [
-        "",
-        f"repage bench: {report['machine']['cpus']} CPUs, Milvus Lite {report['machine']['milvus_lite']}, "
-        f"{report['minutes']} min",
-        "",
-    ]
-    head = (
-        f"{'store':<18}{'contender':<10}{'docs/s':>9}{'chunks/s':>10}{'seconds':>9}{'class A':>9}"
-        f"{'class B':>9}{'RSS MB':>8}{'Lite MB':>9}{'x naive':>9}{'x floor':>9}  check"
-    )
-    lines += [head, "-" * len(head)]
-    for r in report["results"]:
-        store = f"{r['documents']:,} {r['bucket']}"
-        if r.get("error"):
-            lines.append(f"{store:<18}{r['contender']:<10}  FAILED: {r['error'][:200]}")
-            continue
-        req = r.get("requests", {})
-        note = "" if r.get("complete") else f" (sample: {r.get('documents_done')} docs)"
-        check = r.get("check")
-        check_s = ("ok " + check["digest"]) if check and check["correct"] else (f"WRONG {check}" if check else "-")
-        lines.append(
-            f"{store:<18}{r['contender']:<10}{r['documents_per_s']:>9.1f}{r['chunks_per_s']:>10.0f}"
-            f"{r['seconds']:>9.1f}{req.get('class_a', 0):>9}{req.get('class_b', 0):>9}"
-            f"{r['peak_rss_mb']:>8.0f}{r['lite_peak_rss_mb']:>9.0f}"
-            f"{r.get('ratio_to_naive', float('nan')):>9.2f}{r.get('ratio_to_floor', float('nan')):>9.2f}"
-            f"  {check_s}{note}"
-        )
-    lines.append("")
-    for r in report["results"]:
-        if r["contender"] == "repage" and r.get("estimate"):
-            e = r["estimate"]
-            lines.append(
-                f"estimate {r['documents']:,} {r['bucket']}: predicted {e['predicted_seconds']:.1f} s, "
-                f"measured run {e['measured_run_seconds']:.1f} s ({e['error']:+.0%}); "
-                f"scan {r['scan_seconds']:.1f} s = {r['scan_seconds_per_100k_chunks']:.1f} s per 100k chunks; "
-                f"RSS scan/estimate/run {r['peak_rss_mb_by_process']}"
-            )
-        for step, a in (r.get("after_run") or {}).items():
-            if "error" in a:
-                lines.append(f"{step} {r['documents']:,} {r['bucket']}: FAILED: {a['error'][:200]}")
-                continue
-            lines.append(
-                f"{step} {r['documents']:,} {r['bucket']}: {a['documents']} documents in {a['seconds']:.1f} s = "
-                f"{a['documents_per_s']:.1f} documents/s, {a['ratio_to_run']}x the run's; RSS {a['peak_rss_mb']:.0f} MB"
-            )
-    lazy = report.get("lazy", {})
-    if "cold" in lazy:
-        lines.append(
-            f"lazy repair, 200-chunk response: warm p50 {lazy['warm']['p50_us']} µs, p99 {lazy['warm']['p99_us']} µs;"
-            f" cold p50 {lazy['cold']['p50_us']} µs, p99 {lazy['cold']['p99_us']} µs (wall clock)"
-        )
-        if "cold_cpu" in lazy:
-            lines.append(
-                f"  CPU time: warm p50 {lazy['warm_cpu']['p50_us']} µs, p99 {lazy['warm_cpu']['p99_us']} µs;"
-                f" cold p50 {lazy['cold_cpu']['p50_us']} µs, p99 {lazy['cold_cpu']['p99_us']} µs;"
-                f" load average {lazy['load_average'][0]:.1f}"
-            )
-    lines += ["", "targets:"]
-    for name, v in report["targets"].items():
-        lines.append(f"  {'met   ' if v['met'] else 'MISSED'}  {name}: {v['value']}")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="1000,5000", help="documents per local-bucket store")
-    parser.add_argument("--moto-size", type=int, default=1000, help="documents of the moto_server store (0: none)")
-    parser.add_argument("--no-moto", action="store_true")
-    parser.add_argument("--contenders", default="naive,floor,repage")
+    parser.add_argument("--sizes", default="1000,5000", help="documents per local-bucket store ('' for none)")
+    parser.add_argument("--moto-size", type=int, default=1000, help="documents of the moto_server stores (0: none)")
+    parser.add_argument("--no-moto", action="store_true", help="no moto_server row, with or without latency")
+    parser.add_argument(
+        "--plain-moto",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the moto_server row without added latency (--no-plain-moto: only the latency row)",
+    )
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=float(TARGETS["latency_ms"]),
+        help="the moto_server row behind a proxy adding this much to every request, floor and repage only (0: none)",
+    )
+    parser.add_argument("--contenders", default="naive,floor,floor_verify,repage")
     parser.add_argument(
         "--naive-max-seconds",
         type=float,
@@ -460,9 +407,44 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rebuild", action="store_true", help="build the cached stores again")
     parser.add_argument("--report", type=Path, default=OUT / "report.json")
-    args = parser.parse_args(argv)
-    sizes = [int(s) for s in args.sizes.split(",") if s]
+    return parser.parse_args(argv)
+
+
+def plan_rows(args: argparse.Namespace) -> list[tuple[int, str, list[str]]]:
+    """(documents, bucket kind, contenders) for each store row, in the order they run."""
     contenders = [c for c in args.contenders.split(",") if c]
+    plan = [(int(n), "local", contenders) for n in args.sizes.split(",") if n]
+    if args.moto_size and not args.no_moto:
+        if args.plain_moto:
+            plan.append((args.moto_size, "s3", contenders))
+        slow = [c for c in contenders if c in LATENCY_CONTENDERS]
+        if args.latency_ms > 0 and slow:
+            plan.append((args.moto_size, latency_bucket(args.latency_ms), slow))
+    return plan
+
+
+def run_plan(plan: list[tuple[int, str, list[str]]], args: argparse.Namespace, results: list[dict]) -> bool:
+    """Every contender of every row, appended to results; True when one failed or left a wrong store."""
+    masters = {n: ensure_master(StoreSpec(n), rebuild=args.rebuild) for n in sorted({n for n, _, _ in plan})}
+    kinds = {kind for _, kind, _ in plan}
+    failed = False
+    with ExitStack() as stack:
+        moto = stack.enter_context(MotoServer(OUT / "moto_server.log")) if kinds - {"local"} else None
+        proxy = None
+        if kinds - {"local", "s3"}:
+            proxy = stack.enter_context(LatencyProxy(moto.endpoint, args.latency_ms))
+        for n, kind, contenders in plan:
+            buckets = Buckets(kind, moto if kind != "local" else None, proxy if kind not in ("local", "s3") else None)
+            for contender in contenders:
+                entry = run_one(contender, StoreSpec(n), masters[n], buckets, args)
+                failed |= bool(entry.get("error")) or (entry.get("check") is not None and not entry["check"]["correct"])
+                results.append(entry)
+                log(json.dumps({k: entry.get(k) for k in LOG_KEYS}))
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     started = time.perf_counter()
     report = {
         "machine": {
@@ -475,54 +457,13 @@ def main(argv: list[str] | None = None) -> int:
         },
         "targets_config": TARGETS,
         "naive_max_seconds": args.naive_max_seconds,
+        "latency_ms": args.latency_ms,
         "results": [],
     }
-    failed = False
     log("lazy-repair overhead (3 rounds)")
     report["lazy"] = lazy_overhead()  # first, while no Lite server of ours competes for the CPUs
     try:
-        masters = {
-            n: ensure_master(StoreSpec(n), rebuild=args.rebuild) for n in sorted(set(sizes + [args.moto_size]) - {0})
-        }
-        plan = [(n, "local") for n in sizes]
-        if args.moto_size and not args.no_moto:
-            plan.append((args.moto_size, "s3"))
-        moto_log = OUT / "moto_server.log"
-        moto = MotoServer(moto_log) if any(kind == "s3" for _, kind in plan) else None
-        if moto:
-            moto.__enter__()
-        try:
-            for n, kind in plan:
-                for contender in contenders:
-                    entry = run_one(contender, StoreSpec(n), masters[n], kind, args, moto)
-                    if entry.get("scan_seconds") is not None:
-                        entry["scan_seconds_per_100k_chunks"] = round(
-                            entry["scan_seconds"] * 100_000 / entry["chunks"], 1
-                        )
-                    failed |= bool(entry.get("error")) or (
-                        entry.get("check") is not None and not entry["check"]["correct"]
-                    )
-                    report["results"].append(entry)
-                    log(
-                        json.dumps(
-                            {
-                                k: entry.get(k)
-                                for k in (
-                                    "contender",
-                                    "documents",
-                                    "bucket",
-                                    "documents_per_s",
-                                    "seconds",
-                                    "peak_rss_mb",
-                                    "complete",
-                                    "error",
-                                )
-                            }
-                        )
-                    )
-        finally:
-            if moto:
-                moto.__exit__()
+        failed = run_plan(plan_rows(args), args, report["results"])
     except RepageError as exc:
         print(f"bench.run: {exc}", file=sys.stderr)
         return 2
