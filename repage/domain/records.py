@@ -36,6 +36,9 @@ class ScanRecord:
     affected_chunks: int
     total_chunks: int | None = None
     images_to_move: int = 0
+    # (primary key, identity text) of each affected chunk as scanned: a run reads these rows by
+    # primary key and falls back to the document filter when they no longer match (docs/design.md §5.1)
+    chunk_keys: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,9 @@ class BatchMigrator:
         return works
 
     def prepare(self, claims: Sequence[Claim]) -> list[DocumentWork]:
-        """One fetch for all chunks of the batch's documents; an id no filter can carry fails alone."""
+        """The batch's rows: the scan's affected chunks read by primary key where they still are
+        what the scan saw, else every chunk by document filter (docs/design.md §5.1); an id no
+        filter can carry fails alone."""
         bad: dict[str, str] = {}
         for claim in claims:
             try:
@@ -118,16 +120,43 @@ class BatchMigrator:
             except InvalidFilterValue as exc:
                 bad[claim.document_id] = f"document {claim.document_id!r}: {exc}"
         ids = [c.document_id for c in claims if c.document_id not in bad]
-        rows = self.vectors.fetch_for_repair(ids) if ids else []
-        by_doc: dict[str, list[dict]] = defaultdict(list)
-        for row in rows:
-            by_doc[row["document_id"]].append(row)
-        works = [DocumentWork(c, by_doc.get(c.document_id, [])) for c in claims]
-        journals = {} if self.options.dry_run else self.ledger.chunk_journals([w.document_id for w in works])
+        journals = {} if self.options.dry_run else self.ledger.chunk_journals(ids)
+        by_doc = self._read_scanned([d for d in ids if not journals.get(d)])
+        keyed = set(by_doc)
+        rest = [d for d in ids if d not in keyed]
+        for row in self.vectors.fetch_for_repair(rest) if rest else []:
+            by_doc.setdefault(row["document_id"], []).append(row)
+        works = [DocumentWork(c, by_doc.get(c.document_id, []), all_rows=c.document_id not in keyed) for c in claims]
         for work in works:
             work.error = bad.get(work.document_id)
             work.journal = journals.get(work.document_id, [])
         return works
+
+    def _read_scanned(self, document_ids: Sequence[str]) -> dict[str, list[dict]]:
+        """Documents whose scanned affected chunks all read back, by primary key, as one row each
+        of that document, with the identity the scan recorded and still affected."""
+        recorded = self.ledger.chunk_keys(document_ids) if document_ids else {}
+        try:
+            rows = self.vectors.fetch_by_pks([pk for pairs in recorded.values() for pk, _ in pairs])
+        except (ValueError, InvalidFilterValue):  # a key the collection's type does not take: by filter
+            return {}
+        by_pk: dict[str, list[dict]] = defaultdict(list)
+        for row in rows:
+            by_pk[str(row[self.info.pk_field])].append(row)
+        found = {}
+        for doc, pairs in recorded.items():
+            got = [by_pk.get(pk, []) for pk, _ in pairs]
+            if all(self._as_scanned(doc, ident, rows) for (_, ident), rows in zip(pairs, got)):
+                found[doc] = [rows[0] for rows in got]
+        return found
+
+    def _as_scanned(self, document_id: str, identity: str, rows: list[dict]) -> bool:
+        return (
+            len(rows) == 1
+            and rows[0].get("document_id") == document_id
+            and self.identity.text(rows[0]) == identity
+            and is_affected(rows[0])
+        )
 
     def plan_works(self, works: list[DocumentWork]) -> None:
         self._parallel(self._plan_document, works)
@@ -549,12 +578,13 @@ class BatchMigrator:
             # crash mid-upsert left behind (the write just deleted it); verify compares with this.
             fields = {
                 "reason": f"{len(work.chunks)} chunks, {len(work.moves)} images moved",
-                "total_chunks": len({self.identity.key(r) for r in work.rows}),
                 "images_to_move": self._images_left(work),
                 "object_requests_a": usage.class_a,
                 "object_requests_b": usage.class_b,
                 "bytes_read": usage.bytes_read,
             }
+            if work.all_rows:  # else the scan's census stands (rows read by primary key are the affected ones)
+                fields["total_chunks"] = len({self.identity.key(r) for r in work.rows})
             items[work.document_id] = (work.claim.fencing_token, fields)
         refused = self.ledger.transition_many(State.MIGRATED, items) if items else {}
         for work in works:

@@ -86,7 +86,7 @@ def measure(
     """The run's own calls on one batch of the sample: its Milvus fetch and read-back, the bucket
     requests at the run's concurrency, and ledger round trips."""
     docs = (picked[RepairPath.KEYS] + picked[RepairPath.PDF])[:sample]
-    query_s, rows = _time_batches(stores.vectors, [d.document_id for d in docs], batch_size)
+    query_s, rows = _time_batches(stores.vectors, stores.ledger, [d.document_id for d in docs], batch_size)
     readback_s = _time_readback(stores.vectors, rows, len(docs), batch_size)
     keys = [r["image_r2_key"] for r in rows if r.get("image_r2_key")][:batch_size]
     heads, gets = _time_objects(stores.objects, keys[: len(docs) or 1])
@@ -119,18 +119,26 @@ def measure(
     )
 
 
-def _time_batches(vectors, document_ids: list[str], batch_size: int) -> tuple[float, list[dict]]:
+def _time_batches(vectors, ledger, document_ids: list[str], batch_size: int) -> tuple[float, list[dict]]:
     """Seconds per full batch of the run's fetch, timed on every sampled document in batches of
-    `batch_size`; a smaller sample is scaled up to a full batch (rows per document stay alike)."""
+    `batch_size`; a smaller sample is scaled up to a full batch (rows per document stay alike).
+    As the run reads: the scan's affected chunks by primary key, other documents by filter."""
     if not document_ids:
         return 0.0, []
     rows: list[dict] = []
     seconds = 0.0
     for start in range(0, len(document_ids), batch_size):
-        took, got = timed(lambda ids=document_ids[start : start + batch_size]: vectors.fetch_for_repair(ids))
+        took, got = timed(lambda ids=document_ids[start : start + batch_size]: _fetch_as_run(vectors, ledger, ids))
         seconds, rows = seconds + took, rows + got
     per_document = seconds / len(document_ids)
     return per_document * batch_size, rows
+
+
+def _fetch_as_run(vectors, ledger, document_ids: list[str]) -> list[dict]:
+    recorded = ledger.chunk_keys(document_ids)
+    rest = [d for d in document_ids if d not in recorded]
+    keyed = vectors.fetch_by_pks([pk for pairs in recorded.values() for pk, _ in pairs]) if recorded else []
+    return keyed + (vectors.fetch_for_repair(rest) if rest else [])
 
 
 def _time_readback(vectors, rows: Sequence[dict], documents: int = 0, batch_size: int = 0) -> float:

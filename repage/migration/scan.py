@@ -36,6 +36,7 @@ class DocumentSummary:
     dataset_id: str
     filename: str
     affected: list[dict] = field(default_factory=list)
+    total: int = 0  # chunks counted by the census (0: not counted)
 
 
 @dataclass
@@ -99,7 +100,7 @@ def collect_documents(vectors, dataset_id: str | None) -> dict[str, DocumentSumm
             summary.affected.append(row)
     for page in vectors.iter_documents(dataset_id):
         for row in page:
-            _summary(documents, row)
+            _summary(documents, row).total += 1
     return documents
 
 
@@ -193,7 +194,7 @@ def scan_store(
         else:
             plan = classifier(document_id, summary)
             report.add(plan)
-            pending.append(_scan_record(plan, summary))
+            pending.append(_scan_record(plan, summary, info))
         if len(pending) >= FLUSH_EVERY:
             ledger.upsert_scan(pending)
             pending.clear()
@@ -218,12 +219,13 @@ def scan_documents(stores, document_ids) -> list[str]:
         summary = documents.setdefault(
             row["document_id"], DocumentSummary(str(row.get("dataset_id") or ""), str(row.get("filename") or ""))
         )
+        summary.total += 1
         if is_affected(row):
             summary.affected.append(row)
     classify = Classifier(
         stores.objects, info.identity, settings.source_key_template, compile_patterns(settings.key_patterns)
     )
-    stores.ledger.upsert_scan([_scan_record(classify(doc, s), s) for doc, s in sorted(documents.items())])
+    stores.ledger.upsert_scan([_scan_record(classify(doc, s), s, info) for doc, s in sorted(documents.items())])
     return list(documents)
 
 
@@ -232,8 +234,10 @@ def scan_completed(ledger) -> bool:
     return bool(ledger.events(kinds=[SCAN_COMPLETE], limit=1))
 
 
-def _scan_record(plan: DocumentPlan, summary: DocumentSummary) -> ScanRecord:
+def _scan_record(plan: DocumentPlan, summary: DocumentSummary, info) -> ScanRecord:
     moves = {c.found_key for c in plan.chunks if c.found_key and c.fmt not in ("canonical", "unknown")}
+    pk = info.pk_field
+    keys = tuple((str(r[pk]), info.identity.text(r)) for r in summary.affected if r.get(pk) is not None)
     return ScanRecord(
         document_id=plan.document_id,
         dataset_id=plan.dataset_id,
@@ -242,5 +246,7 @@ def _scan_record(plan: DocumentPlan, summary: DocumentSummary) -> ScanRecord:
         state=plan.state,
         reason=plan.reason,
         affected_chunks=plan.affected,
+        total_chunks=summary.total or None,
         images_to_move=len(moves),
+        chunk_keys=keys if len(keys) == len(summary.affected) else (),
     )

@@ -32,6 +32,7 @@ class Usage:
 class DocumentWork:
     claim: Claim
     rows: list[dict]
+    all_rows: bool = True  # rows holds every chunk of the document; False: only the scanned affected ones
     chunks: list[ChunkJournalEntry] = field(default_factory=list)
     moves: list[ObjectJournalEntry] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)

@@ -724,16 +724,28 @@ class MilvusVectors:
         if not self._keys_stable() or None in written.values():
             return self.find_by_identity(list(written), with_vectors=True)
         info = self.info()
-        pks = [int(pk) if info.pk_type == "int64" else str(pk) for pk in dict.fromkeys(written.values())]
         found: dict[tuple, list[dict]] = {tuple(i): [] for i in written}
-        if not pks:
-            return found
-        in_filter(info.pk_field, pks)  # validate every value before any I/O
-        out, cap = self._output_fields(None, True), self._row_cap(self._bytes_per_row(True))
-        for group in _batches(pks, _identity_cost, cap, MAX_FILTER_BYTES):
-            for row in self._query(in_filter(info.pk_field, group), out, limit=cap):
-                found.setdefault(info.identity.key(row), []).append(row)
+        for row in self.fetch_by_pks(list(written.values())):
+            found.setdefault(info.identity.key(row), []).append(row)
         return found
+
+    def fetch_by_pks(self, pks: Sequence[Any]) -> list[dict]:
+        """The rows with these primary keys (as text or native), every field and the vector.
+
+        A point read: Lite answers it without materialising the unsealed rows a filter query
+        scans, and a server from its primary-key index (docs/performance.md).
+        """
+        info = self.info()
+        keys = [int(pk) if info.pk_type == "int64" else str(pk) for pk in dict.fromkeys(pks)]
+        if not keys:
+            return []
+        in_filter(info.pk_field, keys)  # validate every value before any I/O
+        out, cap = self._output_fields(None, True), self._row_cap(self._bytes_per_row(True))
+        return [
+            row
+            for group in _batches(keys, _identity_cost, cap, MAX_FILTER_BYTES)
+            for row in self._query(in_filter(info.pk_field, group), out, limit=cap)
+        ]
 
     # -- writes
     def insert(self, rows: Sequence[Mapping[str, Any]]) -> list:

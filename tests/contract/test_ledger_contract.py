@@ -28,8 +28,9 @@ def rec(
     affected: int = 3,
     total: int | None = None,
     dataset: str = "ds1",
+    chunk_keys: tuple[tuple[str, str], ...] = (),
 ) -> ScanRecord:
-    return ScanRecord(doc, dataset, f"{doc}.pdf", path, state, reason, affected, total)
+    return ScanRecord(doc, dataset, f"{doc}.pdf", path, state, reason, affected, total, chunk_keys=chunk_keys)
 
 
 def claim_one(ledger: Ledger, doc: str, lease: float = 60.0) -> Claim:
@@ -91,6 +92,20 @@ def test_schema_creation_is_idempotent_and_versioned(ledger_url):
             )
     with pytest.raises(ConfigError, match="newer"):
         Ledger(ledger_url)
+
+
+def test_a_version_1_ledger_is_upgraded_in_place(ledger_url):
+    with Ledger(ledger_url) as first:
+        first.upsert_scan([rec("d1")])
+        with first._engine.begin() as conn:  # back to version 1: no documents.chunk_keys
+            conn.execute(sa.text("ALTER TABLE documents DROP COLUMN chunk_keys"))
+            conn.execute(sa.text("UPDATE repage_meta SET value = '1' WHERE key = 'schema_version'"))
+    with Ledger(ledger_url) as upgraded:
+        assert upgraded.get("d1").state == State.PENDING
+        upgraded.upsert_scan([rec("d2", chunk_keys=(("7", "d2\t0"),))])
+        assert upgraded.chunk_keys(["d1", "d2"]) == {"d2": [("7", "d2\t0")]}
+        with upgraded._engine.begin() as conn:
+            assert conn.scalar(sa.text("SELECT value FROM repage_meta WHERE key = 'schema_version'")) == "2"
 
 
 def test_sqlite_creates_its_folder_and_uses_wal(tmp_path):

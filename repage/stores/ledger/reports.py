@@ -17,6 +17,7 @@ _PAGE = 1000  # documents() rows per query
 
 def document_record(row: Any) -> DocumentRecord:
     data = dict(row._mapping)
+    data.pop("chunk_keys", None)  # the run's reading aid (Ledger.chunk_keys), not part of the record
     data["state"], data["path"] = State(data["state"]), RepairPath(data["path"])
     return DocumentRecord(**data)
 

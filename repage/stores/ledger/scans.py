@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -54,6 +55,7 @@ class Scans(LedgerBase):
                         "affected_chunks": r.affected_chunks,
                         "total_chunks": r.total_chunks,
                         "images_to_move": r.images_to_move,
+                        "chunk_keys": _chunk_keys_json(r),
                     }
                     for r in new
                 ],
@@ -75,6 +77,7 @@ class Scans(LedgerBase):
                             "b_affected": r.affected_chunks,
                             "b_total": r.total_chunks,
                             "b_moves": r.images_to_move,
+                            "b_keys": _chunk_keys_json(r),
                         }
                         for r in rows
                     ],
@@ -91,6 +94,7 @@ class Scans(LedgerBase):
             affected_chunks=sa.bindparam("b_affected"),
             images_to_move=sa.bindparam("b_moves"),
             total_chunks=sa.func.coalesce(total, c.total_chunks),
+            chunk_keys=sa.bindparam("b_keys"),
         )
         where = [
             c.document_id == sa.bindparam("b_id"),
@@ -99,6 +103,19 @@ class Scans(LedgerBase):
         if not extra:  # a refresh that changes nothing leaves the row (and its updated_at) alone
             where.append(sa.or_(*(c[name].is_distinct_from(value) for name, value in values.items())))
         return sa.update(docs_t).where(*where).values(**values, updated_at=self._now(), **extra)
+
+    def chunk_keys(self, document_ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
+        """The scan's (primary key, identity) pairs of these documents' affected chunks, where recorded."""
+        c = docs_t.c
+        found: dict[str, list[tuple[str, str]]] = {}
+        with self._tx(write=False) as conn:
+            for batch in batches(list(dict.fromkeys(document_ids))):
+                query = sa.select(c.document_id, c.chunk_keys).where(
+                    c.document_id.in_(batch), c.chunk_keys.is_not(None)
+                )
+                for doc, keys in conn.execute(query):
+                    found[doc] = [(pk, ident) for pk, ident in json.loads(keys)]
+        return found
 
     def set_priority(self, priorities: Mapping[str, float]) -> None:
         """Set the claim priority of documents (order="priority" claims highest first)."""
@@ -110,3 +127,7 @@ class Scans(LedgerBase):
         for batch in batches(sorted(priorities.items())):
             with self._tx() as conn:
                 conn.execute(stmt, [{"b_id": d, "b_priority": float(p)} for d, p in batch])
+
+
+def _chunk_keys_json(record: ScanRecord) -> str | None:
+    return json.dumps([list(pair) for pair in record.chunk_keys]) if record.chunk_keys else None

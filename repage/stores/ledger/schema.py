@@ -8,7 +8,7 @@ import sqlalchemy as sa
 
 from repage.errors import ConfigError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: documents.chunk_keys
 _PG_INIT_LOCK = 0x7265_7061_6765  # advisory lock id ("repage") serializing schema creation
 # Spend and I/O counters of a document: transition() adds to them, the reports sum them.
 ADDITIVE = ("dollars", "object_requests_a", "object_requests_b", "bytes_read")
@@ -46,6 +46,9 @@ docs_t = sa.Table(
     _counter("affected_chunks", sa.Integer),
     sa.Column("total_chunks", sa.Integer),
     _counter("images_to_move", sa.Integer),  # from the scan: non-canonical images (for estimate)
+    # from the scan: JSON [[primary key, identity], ...] of the affected chunks, so a run reads
+    # exactly those rows by primary key (docs/design.md §5.1); NULL: read by document filter
+    sa.Column("chunk_keys", sa.Text),
     # lease: owner, token (monotonic per document) and expiry, all from the DB clock
     sa.Column("lease_owner", sa.String),
     _counter("fencing_token"),
@@ -163,9 +166,10 @@ def create_or_upgrade(conn: sa.Connection, *, postgresql: bool, name: str) -> No
         raise ConfigError(
             f"ledger {name} has schema version {found}, newer than this repage knows ({SCHEMA_VERSION}): upgrade repage"
         )
-    # checkfirst: on a version-1 ledger this adds the tables created within version 1
-    # (accesses, reviews); older versions would be migrated here, but there is only version 1.
+    # checkfirst: on an existing ledger this adds the tables created since (accesses, reviews)
     metadata.create_all(conn)
-    if found is None:
+    if found is not None and int(found) < 2:  # version 1 -> 2: the scan's primary keys per document
+        conn.execute(sa.text("ALTER TABLE documents ADD COLUMN chunk_keys TEXT"))
+    if found is None or int(found) < SCHEMA_VERSION:
         conn.execute(sa.delete(meta_t).where(meta_t.c.key == "schema_version"))
         conn.execute(sa.insert(meta_t).values(key="schema_version", value=str(SCHEMA_VERSION)))
