@@ -138,6 +138,9 @@ def run(
     object_ops_per_second: Annotated[float | None, typer.Option(min=0.01, help="Bucket request rate limit.")] = None,
     milvus_writes_per_second: Annotated[float | None, typer.Option(min=0.01, help="Milvus write rate limit.")] = None,
     pause: Annotated[float, typer.Option(min=0, help="Seconds to wait between batches.")] = 0.0,
+    plan_ahead: Annotated[
+        bool, typer.Option(help="Read and plan the next batch while this one is written (--no-plan-ahead: in turn).")
+    ] = True,
     dry_run: Annotated[bool, typer.Option(help="Print the exact changes; write nothing anywhere.")] = False,
     document_id: Annotated[list[str] | None, typer.Option(help="Only this document (repeatable).")] = None,
     dataset_id: Annotated[str | None, typer.Option(help="Only this dataset.")] = None,
@@ -202,6 +205,7 @@ def run(
             object_ops_per_second=object_ops_per_second,
             milvus_writes_per_second=milvus_writes_per_second,
             pause_seconds=pause,
+            plan_ahead=plan_ahead,
             max_failures=max_failures,
             max_error_rate=max_error_rate,
             max_duration_seconds=parse_duration(max_duration),

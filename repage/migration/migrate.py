@@ -2,7 +2,8 @@
 
 1. journal the intended chunk changes and object moves (with the legacy object's
    size and content hash) under the document's fencing token;
-2. copy each legacy image to its canonical key, GET it back, compare size and hash;
+2. copy each legacy image to its canonical key, GET it back, compare size and hash; where
+   the bucket checks a PUT's SHA-256, PUT the bytes read in step 1 instead (no read-back);
 3. write the batch's chunks in one call (partial update, or full-row upsert);
 4. read them back by stable identity and check page, key and the rest-of-row checksum;
 5. mark the document migrated. Old objects stay until `gc`.
@@ -38,12 +39,16 @@ from repage.errors import (
     StaleLease,
     StoreUnavailable,
 )
-from repage.migration.work import BatchResult, DocumentWork, RunOptions
+from repage.migration.work import BatchResult, ByteBudget, DocumentWork, RunOptions
 from repage.stores.milvus import quote_string
 
 # Protocol steps where a crash test can kill the process (REPAGE_FAILPOINT=NAME, or
 # hit:N for the N-th step reached whatever its name: random kills without timing).
 FAILPOINTS = ("after-journal", "after-object-copy", "after-copy", "after-write", "after-readback", "after-transition")
+# Originals a batch keeps from planning to their checked PUT (docs/design.md §5.2): past this,
+# its other moves are copied and read back instead. The size of the largest object a run reads
+# whole by default (max_object_bytes), so a batch holds no more than one such object would.
+MAX_HELD_BYTES = 256 * 1024**2
 
 
 class Failpoints:
@@ -75,6 +80,11 @@ class Failpoints:
                 os.kill(os.getpid(), self.signal)
 
 
+def _as_journalled(data: bytes, move: ObjectJournalEntry) -> bool:
+    """The bytes have the size and SHA-256 the journal recorded for the move."""
+    return len(data) == move.size and hashlib.sha256(data).hexdigest() == move.content_hash
+
+
 class BatchMigrator:
     """Applies the protocol to one claimed batch. Stateless between batches."""
 
@@ -101,6 +111,7 @@ class BatchMigrator:
         self.patterns = patterns
         self.failpoints = Failpoints(options.failpoint)
         self.engine = options.engine  # the pdf path's fingerprinting/matching/extraction (repage/engine.py)
+        self._checks_sha256: bool | None = None  # the bucket's answer to the adapter's probe, once asked
 
     # ---- planning
 
@@ -159,6 +170,9 @@ class BatchMigrator:
         )
 
     def plan_works(self, works: list[DocumentWork]) -> None:
+        budget = ByteBudget(MAX_HELD_BYTES)  # one per batch: its documents plan on several threads
+        for work in works:
+            work.budget = budget
         self._parallel(self._plan_document, works)
 
     def _plan_document(self, work: DocumentWork) -> None:
@@ -323,7 +337,23 @@ class BatchMigrator:
             finally:
                 work.usage.class_b += 1
             work.usage.bytes_read += len(data)
+        self._hold(work, old, data)
         return ObjectJournalEntry(old, new, len(data), hashlib.sha256(data).hexdigest(), ObjectState.INTENDED)
+
+    def _hold(self, work: DocumentWork, key: str, data: bytes) -> None:
+        """Keep an original's bytes for its checked PUT (docs/design.md §5.2) while the batch's
+        budget lasts, where the bucket checks SHA-256; otherwise the copy step copies and reads back."""
+        if work.budget is not None and self._sha256_checked() and work.budget.take(len(data)):
+            work.blobs[key] = data
+
+    def _sha256_checked(self) -> bool:
+        """Whether the bucket refuses a PUT whose body does not match its SHA-256: the adapter's
+        probe, asked once, under the run's limiter and backoff. Never in a dry run (the probe writes)."""
+        if self.options.dry_run:
+            return False
+        if self._checks_sha256 is None:
+            self._checks_sha256 = bool(self._object_call(lambda: self.objects.verifies_sha256))
+        return self._checks_sha256
 
     # ---- applying
 
@@ -371,9 +401,16 @@ class BatchMigrator:
         if work.error:
             self._fail(work, result, work.error)
         else:
+            # read by document filter: the count verify compares with (0 for a document deleted since the scan)
+            census = {"total_chunks": self._chunk_count(work)} if work.all_rows else {}
             # mypy: a None here is not ruled out by the types (left as it was)
-            self._transition(work, work.outcome, result, reason=work.reason or "nothing left to fix")  # type: ignore[arg-type]
+            self._transition(work, work.outcome, result, reason=work.reason or "nothing left to fix", **census)  # type: ignore[arg-type]
         return False
+
+    def _chunk_count(self, work: DocumentWork) -> int:
+        """Distinct identities, not rows: rows fetched on a resume may include the duplicate a crash
+        mid-upsert left behind (the write deletes it); verify compares with this."""
+        return len({self.identity.key(r) for r in work.rows})
 
     def _journal(self, works: list[DocumentWork], result: BatchResult) -> list[DocumentWork]:
         """Record the intents of the fresh plans (a resumed plan is its journal already)."""
@@ -434,20 +471,38 @@ class BatchMigrator:
             work.error = f"document {work.document_id}: {exc}"
 
     def _copy_one(self, work: DocumentWork, move: ObjectJournalEntry) -> None:
-        if is_pdf_image_ref(move.old_key):  # not in the bucket: upload the image extracted from the PDF
-            from repage.migration.pdfpath import upload_extracted
-
-            upload_extracted(self, work, move)
+        data = self._body(work, move)
+        checked = data is not None and self._sha256_checked()
+        if checked:  # the bucket stores it only if its own SHA-256 of it matches: no read-back (§5.2)
+            self._object_call(self.objects.put_checked, move.new_key, data)
+        elif data is not None:
+            self.put_object(move.new_key, data)
         else:
             self._object_call(self.objects.copy, move.old_key, move.new_key)
         work.usage.class_a += 1
         self.failpoints.hit("after-object-copy")
+        if not checked:
+            self._check_copy(work, move)
+        work.verified.append(move)  # journalled by _record_verified, for the batch at once
+
+    def _body(self, work: DocumentWork, move: ObjectJournalEntry) -> bytes | None:
+        """The bytes to PUT, equal to the journal's size and SHA-256: an image extracted from the
+        PDF, or an original kept since planning (`_hold`); None: copy it server-side."""
+        if is_pdf_image_ref(move.old_key):  # not in the bucket
+            from repage.migration.pdfpath import extracted_image
+
+            return extracted_image(self, work, move)
+        data = work.blobs.pop(move.old_key, None)  # dropped once sent: the batch holds it no longer
+        if data is not None and not _as_journalled(data, move):
+            raise BadInput(f"original {move.old_key} kept since planning differs from the journal (size or hash)")
+        return data
+
+    def _check_copy(self, work: DocumentWork, move: ObjectJournalEntry) -> None:
         # One GET, not HEAD + GET: its reply carries the size a HEAD would, and the bytes to hash.
         copied = self.get_object(move.new_key)
         work.usage.class_b += 1
-        if len(copied) != move.size or hashlib.sha256(copied).hexdigest() != move.content_hash:
+        if not _as_journalled(copied, move):
             raise BadInput(f"copy of {move.old_key} to {move.new_key} does not match (size or content hash)")
-        work.verified.append(move)  # journalled by _record_verified, for the batch at once
 
     def _record_verified(self, works: list[DocumentWork]) -> None:
         """Journal the verified copies (a crash before this only costs copying them again)."""
@@ -574,8 +629,6 @@ class BatchMigrator:
         for work in works:
             result.objects_copied += len(work.moves)
             usage = work.usage
-            # Distinct identities, not rows: rows fetched on a resume may include the duplicate a
-            # crash mid-upsert left behind (the write just deleted it); verify compares with this.
             fields = {
                 "reason": f"{len(work.chunks)} chunks, {len(work.moves)} images moved",
                 "images_to_move": self._images_left(work),
@@ -584,7 +637,7 @@ class BatchMigrator:
                 "bytes_read": usage.bytes_read,
             }
             if work.all_rows:  # else the scan's census stands (rows read by primary key are the affected ones)
-                fields["total_chunks"] = len({self.identity.key(r) for r in work.rows})
+                fields["total_chunks"] = self._chunk_count(work)
             items[work.document_id] = (work.claim.fencing_token, fields)
         refused = self.ledger.transition_many(State.MIGRATED, items) if items else {}
         for work in works:

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 
@@ -49,6 +50,8 @@ class RunLimits:
     max_duration_seconds: float | None = None
     budget_dollars: float | None = None  # what this run may spend (--budget; else what budget_dollars has left)
     reprocess_concurrency: int = 2  # reprocess jobs in flight (the slow path's own concurrency)
+    # claim the next batch and read and plan it while this one is applied (docs/design.md §5.10)
+    plan_ahead: bool = True
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,7 @@ class Runner:
         )
         self.summary = RunSummary()
         self._over_budget: str | None = None  # why the last claim was given back whole
+        self._in_flight: Sequence[Claim] = []  # the batch being applied (a claim ahead counts it)
         self._dry_records: Iterator[DocumentRecord] | None = None  # dry run: one pass over the pending documents
         from repage.reprocess.stage import ReprocessStage
 
@@ -159,24 +163,46 @@ class Runner:
         if self.selection.allow_reprocess and RepairPath.REPROCESS in self.selection.paths and not self.options.dry_run:
             self._undefer()
         self.summary.pending_at_start = self._pending()
-        while (reason := self._stop_reason(started)) is None:
-            claims = self._claim()
-            if not claims:
-                if self._over_budget is not None:
-                    self.summary.stopped_because = self._over_budget
-                break
-            self._account(self._migrate(claims))
-            self.summary.seconds = self.clock.now() - started
-            if self.on_batch:
-                self.on_batch(self.summary)
-            if self.limits.pause_seconds and self._stop_reason(started) is None:
-                self.clock.sleep(self.limits.pause_seconds)
-        else:
-            self.summary.stopped_because = reason
+        ahead: PlannedAhead | None = None
+        try:
+            while (reason := self._stop_reason(started)) is None:
+                if ahead is not None:
+                    claims, planned, ahead = ahead.claims, ahead.works(), None
+                else:
+                    claims, planned = self._claim(), None
+                if not claims:
+                    if self._over_budget is not None:
+                        self.summary.stopped_because = self._over_budget
+                    break
+                self._in_flight = claims
+                ahead = self._plan_ahead(started)
+                self._account(self._migrate(claims, planned))
+                self._in_flight = []
+                self.summary.seconds = self.clock.now() - started
+                if self.on_batch:
+                    self.on_batch(self.summary)
+                if self.limits.pause_seconds and self._stop_reason(started) is None:
+                    self.clock.sleep(self.limits.pause_seconds)
+            else:
+                self.summary.stopped_because = reason
+        finally:
+            if ahead is not None:  # claimed but not applied: back to pending, nothing left running
+                ahead.works()
+                self._release_batch(ahead.claims, "given back: the run stopped before this batch")
         self.reprocess.close()  # the backend's HTTP client, if one was opened
         self.summary.seconds = self.clock.now() - started
         self.summary.throttled = self.object_limiter.throttled_count + self.write_limiter.throttled_count
         return self.summary
+
+    def _plan_ahead(self, started: float) -> PlannedAhead | None:
+        """The next batch, claimed now and read and planned in the background while this one is
+        applied: its Milvus reads and bucket GETs overlap this batch's copies and write (§5.10).
+        Not in a dry run, nor when batches are paced (--pause), nor when a limit already says stop."""
+        lim = self.limits
+        if not lim.plan_ahead or lim.pause_seconds or self.options.dry_run or self._stop_reason(started):
+            return None
+        claims = self._claim()
+        return PlannedAhead(self.migrator, claims) if claims else None
 
     def _undefer(self) -> None:
         """Reprocessing is enabled: deferred reprocess documents of the selection go back to pending."""
@@ -204,7 +230,9 @@ class Runner:
         ledger = self.stores.ledger
         size = self.limits.batch_size
         if self.limits.limit is not None:
-            size = min(size, self.limits.limit - self.summary.documents)
+            size = min(size, self.limits.limit - self.summary.documents - len(self._in_flight))
+            if size <= 0:
+                return []
         if self.options.dry_run:
             return self._peek(size)
         ledger.release_expired()
@@ -227,9 +255,11 @@ class Runner:
         pending, so a run overspends by nothing (docs/design.md §12). The reprocess stage reserves
         its own jobs."""
         budget = self.limits.budget_dollars
+        self._over_budget = None  # a claim ahead given back whole is claimed again after this batch
         if budget is None or not claims:
             return claims
-        left, reserved, keep = budget - self.summary.dollars, 0.0, list[Claim]()
+        in_flight = sum(self._reservation(c) for c in self._in_flight if c.path != RepairPath.REPROCESS)
+        left, reserved, keep = budget - self.summary.dollars - in_flight, 0.0, list[Claim]()
         for claim in claims:
             cost = 0.0 if claim.path == RepairPath.REPROCESS else self._reservation(claim)
             if reserved + cost > left:
@@ -270,14 +300,16 @@ class Runner:
             for r in islice(self._dry_records, size)
         ]
 
-    def _migrate(self, claims: Sequence) -> BatchResult:
+    def _migrate(self, claims: Sequence, planned: list[DocumentWork] | None = None) -> BatchResult:
+        """One batch; `planned`: its works read and planned ahead (used by the first attempt only)."""
         slow = [c for c in claims if c.path == RepairPath.REPROCESS]
         if slow:  # the slow path: its own stage (repage/reprocess/stage.py), after the batch's other documents
             return self._migrate_with_reprocess([c for c in claims if c.path != RepairPath.REPROCESS], slow)
         waits = iter(UNAVAILABLE_WAITS)
         while True:
             try:
-                return self._migrate_once(claims)
+                works, planned = planned, None
+                return self._migrate_once(claims, works)
             except StoreUnavailable as exc:  # the store is down, not the documents: wait, else give them back
                 wait = None if self.options.dry_run or self.stop.is_set() else next(waits, None)
                 if wait is None:
@@ -302,12 +334,13 @@ class Runner:
         result.dollars += more.dollars
         return result
 
-    def _migrate_once(self, claims: Sequence) -> BatchResult:
+    def _migrate_once(self, claims: Sequence, planned: list[DocumentWork] | None = None) -> BatchResult:
         if self.options.dry_run:
             return self.migrator.apply(self.migrator.plan(claims))
-        works = self.migrator.prepare(claims)
+        works = planned if planned is not None else self.migrator.prepare(claims)
         with self.migrator.keeping_leases(works):
-            self.migrator.plan_works(works)
+            if planned is None:
+                self.migrator.plan_works(works)
             return self.migrator.apply(works)
 
     def _release_batch(self, claims: Sequence, message: str) -> BatchResult:
@@ -387,6 +420,42 @@ class Runner:
         if lim.budget_dollars is not None and s.dollars >= lim.budget_dollars:
             return f"--budget ${lim.budget_dollars} spent (${s.dollars:.4f})"
         return None
+
+
+class PlannedAhead:
+    """A claimed batch read and planned on a thread of its own (docs/design.md §5.10).
+
+    Planning only reads (Milvus rows, originals from the bucket, the ledger's journals) and
+    renews the batch's leases; every write stays with the run's own thread, in batch order.
+    """
+
+    def __init__(self, migrator: BatchMigrator, claims: Sequence[Claim]):
+        self.migrator, self.claims = migrator, claims
+        self._works: list[DocumentWork] | None = None
+        self._thread: threading.Thread | None = None
+        # the leases are kept from the claim until the run takes the batch, however long this one takes
+        self._leases = ExitStack()
+        self._leases.enter_context(migrator.keeping_leases([DocumentWork(c, []) for c in claims]))
+        if all(c.path != RepairPath.REPROCESS for c in claims):  # the slow path plans in its own stage
+            self._thread = threading.Thread(target=self._plan, name="repage-plan-ahead", daemon=True)
+            self._thread.start()
+
+    def _plan(self) -> None:
+        try:
+            works = self.migrator.prepare(self.claims)
+            self.migrator.plan_works(works)
+        except Exception:  # noqa: BLE001 (the run plans the batch again itself, where the error is handled)
+            return
+        self._works = works
+
+    def works(self) -> list[DocumentWork] | None:
+        """The planned works, once ready; None when there are none (the slow path) or planning
+        failed: then the run reads and plans the batch itself, where its errors are handled
+        (a store outage waited out, a batch-wide failure recorded), as without planning ahead."""
+        if self._thread is not None:
+            self._thread.join()
+        self._leases.close()
+        return self._works
 
 
 def with_migration_budget(stores, limits: RunLimits) -> RunLimits:

@@ -69,6 +69,43 @@ def test_max_error_rate_stops_a_run_that_fails_too_often(stores, monkeypatch):
     assert summary.documents == MIN_DOCS_FOR_ERROR_RATE < len(DOCS)
 
 
+def ledger_calls(stores, monkeypatch) -> list[str]:
+    """The run's claims and settled batches, in order: C<n> claimed n documents, M<n> migrated n."""
+    calls: list[str] = []
+    ledger = stores.ledger
+    claim_batch, transition_many = ledger.claim_batch, ledger.transition_many
+
+    def claim(*args, **kwargs):
+        claims = claim_batch(*args, **kwargs)
+        calls.append(f"C{len(claims)}")
+        return claims
+
+    def settle(state, items):
+        calls.append(f"M{len(items)}")
+        return transition_many(state, items)
+
+    monkeypatch.setattr(ledger, "claim_batch", claim)
+    monkeypatch.setattr(ledger, "transition_many", settle)
+    return calls
+
+
+@pytest.mark.parametrize("plan_ahead, order", [(True, "C1 C1 M1 C1 M1 M1"), (False, "C1 M1 C1 M1 C1 M1")])
+def test_plan_ahead_claims_the_next_batch_before_this_one_settles(stores, monkeypatch, plan_ahead, order):
+    calls = ledger_calls(stores, monkeypatch)
+    summary = run(stores, FakeClock(0.0), limit=3, plan_ahead=plan_ahead)
+    assert (summary.migrated, " ".join(calls)) == (3, order)
+
+
+def test_a_batch_claimed_ahead_goes_back_to_pending_when_the_run_stops(stores):
+    runner = Runner(stores, RunOptions(move_images=False), RunLimits(batch_size=2), Selection(), clock=FakeClock(0.0))
+    runner.on_batch = lambda summary: runner.stop.set()
+    summary = runner.run()
+    states = {d: stores.ledger.get(d).state for d in DOCS}
+    assert (summary.documents, summary.stopped_because) == (2, "stop requested")
+    assert sorted(states.values()).count("migrated") == 2 and "running" not in states.values()
+    assert sum(1 for s in states.values() if s == "pending") == len(DOCS) - 2
+
+
 FLAGS = {
     "--pause": ("2.5", "pause_seconds", 2.5),
     "--milvus-writes-per-second": ("3", "milvus_writes_per_second", 3.0),
@@ -80,6 +117,7 @@ FLAGS = {
     "--limit": ("9", "limit", 9),
     "--batch-size": ("7", "batch_size", 7),
     "--concurrency": ("3", "concurrency", 3),
+    "--no-plan-ahead": (None, "plan_ahead", False),
 }
 
 
@@ -94,8 +132,7 @@ def test_every_run_flag_reaches_the_run_limits(flag, monkeypatch, tmp_path):
     monkeypatch.setattr(api, "run", fake_run)
     monkeypatch.chdir(tmp_path)
     value, field, want = FLAGS[flag]
-    result = CliRunner().invoke(
-        app, ["run", flag, value, "--json"], env={"REPAGE_LEDGER_URL": f"sqlite:///{tmp_path}/l.db"}
-    )
+    args = [flag] if value is None else [flag, value]
+    result = CliRunner().invoke(app, ["run", *args, "--json"], env={"REPAGE_LEDGER_URL": f"sqlite:///{tmp_path}/l.db"})
     assert result.exit_code == 0, result.output
     assert getattr(seen["limits"], field) == want
