@@ -45,6 +45,7 @@ import obstore
 from obstore.store import LocalStore, S3Store
 from pymilvus import DataType, MilvusClient
 
+from repage.config import Settings
 from repage.stores.milvus import row_checksum
 
 COLLECTION = "fltr_documents"
@@ -55,7 +56,7 @@ FLOOR_BATCH = 1_000
 # few queries, since each Lite query pays for every unsealed row (docs/performance.md,
 # "Milvus Lite: every query pays for the rows written since the last flush").
 VECTOR_ROWS = 5_000
-CONCURRENCY = 4  # repage's default concurrency for object requests
+CONCURRENCY = Settings.model_fields["concurrency"].default  # repage's default: object requests in flight
 LEGACY = re.compile(
     r"(?P<index>[0-9]+)_(?P<base>.+)-(?P<page>[0-9]+)-(?P<sub>full|[0-9]+)"
     r"\.(?P<ext>png|jpe?g|gif|bmp|webp)",

@@ -187,7 +187,7 @@ def _row_bytes(row: Mapping[str, Any]) -> int:
     return total
 
 
-def _batches(items: Sequence[Any], cost: Callable[[Any], int], max_items: int, max_cost: int):
+def bounded_batches(items: Sequence[Any], cost: Callable[[Any], int], max_items: int, max_cost: int):
     """Consecutive slices bounded by count and summed cost (at least one item each)."""
     batch: list[Any] = []
     spent = 0
@@ -679,7 +679,7 @@ class MilvusVectors:
         rows: list[dict] = []
         while pending:
             cap = self._row_cap(model.bytes_per_row)
-            batch = next(_batches(pending, _identity_cost, model.ids_per_call(cap), MAX_FILTER_BYTES))
+            batch = next(bounded_batches(pending, _identity_cost, model.ids_per_call(cap), MAX_FILTER_BYTES))
             pending = pending[len(batch) :]
             got = self._query_split(batch, make_filter, out, cap)
             model.observe(len(batch), got)
@@ -706,7 +706,7 @@ class MilvusVectors:
         self._identity_filter(wanted)  # validate every value before any I/O
         out = self._output_fields(None, with_vectors)
         cap = self._row_cap(self._bytes_per_row(with_vectors))
-        for group in _batches(wanted, _identity_cost, max(1, cap // 2), MAX_FILTER_BYTES):
+        for group in bounded_batches(wanted, _identity_cost, max(1, cap // 2), MAX_FILTER_BYTES):
             for row in self._query_split(group, self._identity_filter, out, cap):
                 key = info.identity.key(row)
                 found.setdefault(key, []).append(row)
@@ -743,7 +743,7 @@ class MilvusVectors:
         out, cap = self._output_fields(None, True), self._row_cap(self._bytes_per_row(True))
         return [
             row
-            for group in _batches(keys, _identity_cost, cap, MAX_FILTER_BYTES)
+            for group in bounded_batches(keys, _identity_cost, cap, MAX_FILTER_BYTES)
             for row in self._query(in_filter(info.pk_field, group), out, limit=cap)
         ]
 
@@ -757,7 +757,7 @@ class MilvusVectors:
     def delete_by_pks(self, pks: Sequence[Any]) -> None:
         # Not `delete(ids=...)`: pymilvus 3.0.2 quotes VARCHAR pks without escaping them.
         pk = self.info().pk_field
-        for batch in _batches(list(pks), _identity_cost, MAX_WRITE_ROWS, MAX_FILTER_BYTES):
+        for batch in bounded_batches(list(pks), _identity_cost, MAX_WRITE_ROWS, MAX_FILTER_BYTES):
             self._rpc("delete", self.collection, filter=in_filter(pk, batch))
 
     def upsert_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -768,7 +768,7 @@ class MilvusVectors:
 
     def _write_batches(self, rows: Sequence[Mapping[str, Any]]):
         limit = int(self.max_request_bytes * SIZE_MARGIN)
-        return _batches([dict(r) for r in rows], _row_bytes, MAX_WRITE_ROWS, limit)
+        return bounded_batches([dict(r) for r in rows], _row_bytes, MAX_WRITE_ROWS, limit)
 
     def _upsert(self, rows: list[dict], partial: bool) -> None:
         """One upsert request; the seam a test double overrides to act like another server."""
