@@ -38,6 +38,11 @@ class ObjectNotFound(StoreError):
     """The object key does not exist in the bucket."""
 
 
+class ChecksumMismatch(StoreError):
+    """The bucket refused a PUT because the body it received does not hash to the SHA-256 sent
+    with it (S3's 400 BadDigest): nothing was stored (docs/design.md §5.2)."""
+
+
 class SchemaError(ConfigError):
     """The collection lacks a field repage needs, or has an unsupported shape."""
 

@@ -16,9 +16,19 @@ from typing import Any, Protocol
 from repage.domain.states import RepairPath
 
 # Object requests per moved image, by the safety protocol (docs/design.md §5.1, §5.2): GET the
-# legacy object to hash it, COPY it, GET the copy to compare size and hash.
+# legacy object to hash it, COPY it, GET the copy to compare size and hash. Where the bucket
+# checks a PUT's SHA-256 (the adapter's probe), a PUT of the bytes that GET read replaces the
+# COPY and the GET of the copy: 1 class A + 1 class B.
 MOVE_CLASS_A = 1
 MOVE_CLASS_B = 2
+MOVE_CLASS_B_CHECKED = 1
+
+
+def move_class_b(checked_puts: bool) -> int:
+    """Class B requests per moved image: with checked PUTs only the planning GET."""
+    return MOVE_CLASS_B_CHECKED if checked_puts else MOVE_CLASS_B
+
+
 # Ledger round trips per migrated document, on the batch's one thread: its share of the
 # batch-wide steps (claim, journal, verified copies, lease renewal, chunks applied, the
 # transition to migrated: a few statements each, one row per document or chunk in each).
@@ -97,6 +107,11 @@ class Estimate:
     concurrency: int
     batch_size: int
     paths: list[PathEstimate] = field(default_factory=list)
+    checked_puts: bool = False  # moves priced as a checked PUT + the planning GET, not COPY + 2 GETs
+
+    @property
+    def requests_per_moved_image(self) -> int:
+        return MOVE_CLASS_A + move_class_b(self.checked_puts)
 
     @property
     def seconds(self) -> float:
@@ -113,7 +128,12 @@ class Estimate:
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data.update(total_seconds=self.seconds, total_dollars=self.dollars, total_dollars_high=self.dollars_high)
+        data.update(
+            total_seconds=self.seconds,
+            total_dollars=self.dollars,
+            total_dollars_high=self.dollars_high,
+            requests_per_moved_image=self.requests_per_moved_image,
+        )
         return data
 
 
@@ -134,7 +154,8 @@ def reprocess_dollars(documents: int, images: int, prices: Prices) -> tuple[floa
 def worst_case_document_dollars(affected_chunks: int, prices: Prices) -> float:
     """The most one keys/pdf-path document costs in bucket requests (a run reserves it against its
     budget, docs/design.md §12): per affected chunk a GET of the original, a COPY or PUT and a GET
-    of the copy; plus a listing and the source PDF's GET."""
+    of the copy (a checked PUT saves that GET, but a move may still fall back to it: §5.2); plus a
+    listing and the source PDF's GET."""
     return request_dollars(affected_chunks + 1, 2 * affected_chunks + 1, prices)
 
 
@@ -146,16 +167,23 @@ def _store_seconds(documents: int, batch_size: int, lat: Latencies) -> float:
     return batches * (lat.milvus_query_s + lat.milvus_write_s + readback + lat.milvus_flush_s) + ledger
 
 
-def keys_estimate(load: PathLoad, lat: Latencies, prices: Prices, concurrency: int, batch_size: int) -> PathEstimate:
+def keys_estimate(
+    load: PathLoad,
+    lat: Latencies,
+    prices: Prices,
+    concurrency: int,
+    batch_size: int,
+    checked_puts: bool = False,
+) -> PathEstimate:
+    move_b = move_class_b(checked_puts)
     class_a = load.images_to_move * MOVE_CLASS_A + load.listings
-    class_b = load.images_to_move * MOVE_CLASS_B
-    requests = load.images_to_move * (MOVE_CLASS_A + MOVE_CLASS_B)
+    class_b = load.images_to_move * move_b
+    requests = load.images_to_move * (MOVE_CLASS_A + move_b)
     if lat.object_request_s is not None:  # measured at the run's concurrency: overlap included
         object_s = requests * lat.object_request_s + load.listings * lat.object_list_s / concurrency
     else:  # one request at a time, divided by the concurrency (a GET costs about a HEAD)
         object_s = (
-            load.images_to_move * (lat.object_copy_s + MOVE_CLASS_B * lat.object_head_s)
-            + load.listings * lat.object_list_s
+            load.images_to_move * (lat.object_copy_s + move_b * lat.object_head_s) + load.listings * lat.object_list_s
         ) / concurrency
     checksum_s = load.chunks * CHECKSUMS_PER_CHUNK * lat.checksum_s
     seconds = _store_seconds(load.documents, batch_size, lat) + object_s + checksum_s
@@ -171,11 +199,19 @@ def keys_estimate(load: PathLoad, lat: Latencies, prices: Prices, concurrency: i
     )
 
 
-def pdf_estimate(load: PathLoad, lat: Latencies, prices: Prices, concurrency: int, batch_size: int) -> PathEstimate:
+def pdf_estimate(
+    load: PathLoad,
+    lat: Latencies,
+    prices: Prices,
+    concurrency: int,
+    batch_size: int,
+    checked_puts: bool = False,
+) -> PathEstimate:
     # Per document one listing and one GET of the source PDF; per image chunk one copy or upload
-    # checked by a GET (docs/design.md §5.2); one GET per bucket image compared by its hash.
+    # checked by a GET, or a PUT the bucket checks (docs/design.md §5.2); one GET per bucket image
+    # compared by its hash.
     class_a = load.documents + load.chunks
-    class_b = load.documents + load.images_to_move + (MOVE_CLASS_B - 1) * load.chunks
+    class_b = load.documents + load.images_to_move + (move_class_b(checked_puts) - 1) * load.chunks
     mb = load.source_bytes / 1e6
     transfer_s = load.source_bytes / max(lat.get_bytes_per_s, 1.0)
     work_s = transfer_s + mb * lat.pdf_seconds_per_mb + load.chunks * lat.object_copy_s
@@ -216,14 +252,22 @@ def _seed_range(per_doc: tuple[float, float], documents: int) -> tuple[float, fl
 
 
 def estimate(
-    loads: Mapping[RepairPath, PathLoad], lat: Latencies, prices: Prices, *, concurrency: int, batch_size: int
+    loads: Mapping[RepairPath, PathLoad],
+    lat: Latencies,
+    prices: Prices,
+    *,
+    concurrency: int,
+    batch_size: int,
+    checked_puts: bool = False,
 ) -> Estimate:
-    """Time (at `concurrency`) and dollars for every path with work to do."""
-    result = Estimate(concurrency=concurrency, batch_size=batch_size)
+    """Time (at `concurrency`) and dollars for every path with work to do. `checked_puts`: the
+    bucket checks a PUT's SHA-256, so a move takes 2 requests, not 3 (docs/design.md §5.2)."""
+    result = Estimate(concurrency=concurrency, batch_size=batch_size, checked_puts=checked_puts)
+    sizes = (concurrency, batch_size, checked_puts)
     if RepairPath.KEYS in loads:
-        result.paths.append(keys_estimate(loads[RepairPath.KEYS], lat, prices, concurrency, batch_size))
+        result.paths.append(keys_estimate(loads[RepairPath.KEYS], lat, prices, *sizes))
     if RepairPath.PDF in loads:
-        result.paths.append(pdf_estimate(loads[RepairPath.PDF], lat, prices, concurrency, batch_size))
+        result.paths.append(pdf_estimate(loads[RepairPath.PDF], lat, prices, *sizes))
     if RepairPath.REPROCESS in loads:
         result.paths.append(reprocess_estimate(loads[RepairPath.REPROCESS], prices, concurrency))
     return result

@@ -80,8 +80,6 @@ class Migrator(Protocol):
 
     def get_object(self, key: str) -> bytes: ...
 
-    def put_object(self, key: str, data: bytes) -> None: ...
-
     def download_object(self, key: str, dest: Path, *, max_bytes: int) -> int: ...
 
 
@@ -453,14 +451,14 @@ def _pdf_step(job: PdfJob, pdf) -> object:
     return prints, matches
 
 
-# ---- applying an upload (BatchMigrator._copy_one)
+# ---- applying an upload (BatchMigrator._copy_one PUTs what this returns)
 
 
-def upload_extracted(migrator: Migrator, work: DocumentWork, move: ObjectJournalEntry) -> None:
-    """PUT an image extracted from the source PDF at its canonical key.
+def extracted_image(migrator: Migrator, work: DocumentWork, move: ObjectJournalEntry) -> bytes:
+    """The image extracted from the source PDF to PUT at its canonical key.
 
     The bytes come from the plan; a run resumed from the journal (the plan died with its
-    process) extracts them again and checks them against the journalled hash first.
+    process) extracts them again. Either way they are checked against the journalled hash.
     """
     data = work.blobs.get(move.old_key)
     if data is None:
@@ -470,7 +468,7 @@ def upload_extracted(migrator: Migrator, work: DocumentWork, move: ObjectJournal
             f"image {move.old_key} extracted again differs from the journal's (content hash): "
             "the source PDF changed; roll the document back and run it again"
         )
-    migrator.put_object(move.new_key, data)
+    return data
 
 
 def _extract_again(migrator: Migrator, work: DocumentWork, move: ObjectJournalEntry) -> bytes:
@@ -490,4 +488,4 @@ def _extract_again(migrator: Migrator, work: DocumentWork, move: ObjectJournalEn
     return data
 
 
-__all__ = ["MAX_SOURCE_BYTES", "Migrator", "PdfJob", "PdfPlanner", "run_pdf_job", "upload_extracted"]
+__all__ = ["MAX_SOURCE_BYTES", "Migrator", "PdfJob", "PdfPlanner", "extracted_image", "run_pdf_job"]

@@ -2,7 +2,9 @@
 
 Read-only: queries, HEADs, LISTs and GETs. Writes are never made to measure them:
 a batch write is taken to cost what a batch read of the same rows costs, and a
-server-side COPY what a GET of the same object costs (stated in the report).
+server-side COPY or a PUT what a GET of the same object costs (stated in the report).
+The one write is the bucket adapter's checksum probe (docs/design.md §5.2), made as a run
+makes it, to know whether a move takes 2 requests or 3; it leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from repage.domain.estimate import Estimate, Latencies, PathLoad, estimate
 from repage.domain.keys import image_prefix, source_key_candidates
 from repage.domain.plan import is_affected
 from repage.domain.states import RepairPath, State
-from repage.errors import BadInput, ObjectNotFound
+from repage.errors import BadInput, ObjectNotFound, StoreError
 from repage.migration.pdfpages import iter_page_images
 
 T = TypeVar("T")
@@ -29,8 +31,9 @@ T = TypeVar("T")
 ASSUMPTIONS = (
     "batch query time = measured fetch of a full batch of documents, on the store as it is now "
     "(a Milvus Lite store slows as a run writes unsealed rows); batch write time = measured read-back of "
-    "that batch's affected chunks; a COPY costs a GET; on Milvus Lite the flush after each batch costs a read-back; "
-    "row checksums (2 per affected chunk) as timed on the sample; ledger: 3 round trips per document; "
+    "that batch's affected chunks; a COPY or a PUT costs a GET; on Milvus Lite the flush after each batch "
+    "costs a read-back; row checksums (2 per affected chunk) as timed on the sample; ledger: 3 round trips "
+    "per document; "
     "reprocess time = the product's published 30 s - 5 min per document"
 )
 
@@ -217,6 +220,15 @@ def _get_source(stores, record) -> tuple[float, bytes] | None:
     return None
 
 
+def checks_sha256(objects) -> bool:
+    """Whether a run's moves will be checked PUTs (2 requests an image) rather than COPY + GET (3):
+    the adapter's probe (docs/design.md §5.2). A probe that gets no answer prices the 3."""
+    try:
+        return bool(objects.verifies_sha256)
+    except StoreError:
+        return False
+
+
 def estimate_store(stores, *, sample: int = 20) -> EstimateReport:
     settings = stores.settings
     loads = path_loads(stores.ledger)
@@ -232,6 +244,11 @@ def estimate_store(stores, *, sample: int = 20) -> EstimateReport:
         pdf = loads[RepairPath.PDF]
         loads[RepairPath.PDF] = replace(pdf, source_bytes=int(latencies.mean_source_bytes * pdf.documents))
     result = estimate(
-        loads, latencies, settings.prices, concurrency=settings.concurrency, batch_size=settings.batch_size
+        loads,
+        latencies,
+        settings.prices,
+        concurrency=settings.concurrency,
+        batch_size=settings.batch_size,
+        checked_puts=checks_sha256(stores.objects),
     )
     return EstimateReport(result, latencies, {p.value: asdict(load) for p, load in loads.items()})

@@ -5,6 +5,7 @@ Plain data shared by the batch (`migrate`), the pdf path (`pdfpath`), the reproc
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 from repage.domain.records import ChunkJournalEntry, Claim, ObjectJournalEntry
@@ -28,6 +29,22 @@ class Usage:
     bytes_read: int = 0
 
 
+class ByteBudget:
+    """At most `cap` bytes, taken by any thread: the originals one batch keeps in memory from
+    planning to their checked PUT (docs/design.md §5.2). Never given back: a bound per batch."""
+
+    def __init__(self, cap: int):
+        self.cap, self.taken = cap, 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        with self._lock:
+            if self.taken + size > self.cap:
+                return False
+            self.taken += size
+            return True
+
+
 @dataclass
 class DocumentWork:
     claim: Claim
@@ -39,7 +56,9 @@ class DocumentWork:
     error: str | None = None
     outcome: State | None = None  # set when the document ends before the write
     reason: str | None = None  # why it ended there (review, unrecoverable), for the ledger
-    blobs: dict[str, bytes] = field(default_factory=dict)  # pdf path: object bytes read or extracted by the plan
+    # object bytes read or extracted by the plan: the pdf path's, and originals kept for a checked PUT
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    budget: ByteBudget | None = None  # the batch's, for the originals kept in `blobs` (set by plan_works)
     verified: list[ObjectJournalEntry] = field(default_factory=list)  # copies checked, not yet journalled
     lease_lost: bool = False  # another worker owns it now: no renewal, nothing more written
     journal: list[ChunkJournalEntry] = field(default_factory=list)  # an earlier attempt's, read by prepare

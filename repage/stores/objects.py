@@ -8,6 +8,8 @@
 - translates obstore errors into the `repage.errors` tree, `raise ... from exc`;
 - counts requests by R2 billing class ('A' list/put/copy, 'B' get/head, 'free'
   delete) for the cost model;
+- on S3, proves once whether the server checks a PUT's `x-amz-checksum-sha256` (a probe
+  that must be refused), and then offers `put_checked` (docs/design.md §5.2);
 - keeps secrets out of repr, `describe()` and error messages.
 
 Keys are passed to obstore as they are: a key holding `%20` is stored as the three
@@ -17,21 +19,33 @@ per path segment: `a/b` lists `a/b/...`, never `a/bc`.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
 import obstore
 from obstore.exceptions import PermissionDeniedError, UnauthenticatedError
 from obstore.store import LocalStore, MemoryStore, S3Store
 
-from repage.errors import BadInput, ConfigError, ObjectNotFound, StoreError, StoreUnavailable, Throttled, Transient
+from repage.errors import (
+    BadInput,
+    ChecksumMismatch,
+    ConfigError,
+    ObjectNotFound,
+    StoreError,
+    StoreUnavailable,
+    Throttled,
+    Transient,
+)
 from repage.redact import Redactor, redact_url
 from repage.stores.files import make_private_dirs
 
@@ -43,6 +57,10 @@ T = TypeVar("T")
 LIST_PAGE_SIZE = 1000  # S3/R2 return at most 1000 keys per ListObjectsV2 request
 DOWNLOAD_CHUNK = 1 << 20  # bytes per chunk a streamed download holds at a time
 CHECK_PREFIX = "__repage_check__"
+# The checksum probe's objects (docs/design.md §5.2): a reserved prefix no document key starts with.
+PROBE_PREFIX = ".repage/probe/"
+PROBE_BODY = b"repage probe: does this server check x-amz-checksum-sha256 on PUT?"
+SHA256_HEADER = "x-amz-checksum-sha256"
 RETRY_CONFIG: RetryConfig = {"max_retries": 0, "retry_timeout": timedelta(seconds=10)}
 CLIENT_OPTIONS: ClientConfig = {"connect_timeout": timedelta(seconds=5), "timeout": timedelta(seconds=120)}
 REQUEST_CLASS = {"list": "A", "put": "A", "copy": "A", "get": "B", "head": "B", "delete": "free"}
@@ -79,11 +97,27 @@ class ObjectInfo:
 class ObjectStore:
     """A bucket (or folder, or memory) with counted, translated, synchronous requests."""
 
-    def __init__(self, store, *, description: str, redact: Redactor | None = None):
+    def __init__(
+        self,
+        store,
+        *,
+        description: str,
+        redact: Redactor | None = None,
+        variant: Callable[..., Any] | None = None,
+    ):
         self._store = store
         self._description = description
         self._redact = redact or Redactor()
         self._lock = threading.Lock()
+        # S3 only: another client of the same bucket with extra headers or S3 config, for the
+        # checksum probe and put_checked; None for a folder or memory (nothing there checks).
+        self._variant = variant
+        self._checked: S3Store | None = None  # sends x-amz-checksum-sha256, once the probe proved it
+        self._verifies: bool | None = None  # the probe's answer; None: not asked, or no answer yet
+        # one key per adapter: a probe made again after no answer replaces (then deletes) what an
+        # earlier attempt may have stored, rather than leave it behind
+        self._probe_key = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+        self._probe_lock = threading.Lock()
         self.counts: Counter[str] = Counter()
         # the default cap of `get` (whole objects in memory); open_objects sets it from the
         # settings' max_object_bytes (docs/design.md §6.6)
@@ -157,19 +191,25 @@ class ObjectStore:
         config: S3Config = {"region": region, "virtual_hosted_style_request": False}
         if endpoint is not None:
             config["endpoint"] = endpoint.rstrip("/")
-        try:
-            store = S3Store(  # type: ignore[misc]  # S3Config may hold "bucket"; this config never does
+
+        def client(headers: dict[str, str] | None = None, **extra) -> S3Store:
+            """A client of this bucket; `headers` go on every request, signed (the probe's)."""
+            return S3Store(  # type: ignore[misc]  # S3Config may hold "bucket"; this config never does
                 bucket,
                 access_key_id=credentials[0],
                 secret_access_key=credentials[1],
-                client_options=options,
+                client_options={**options, "default_headers": headers} if headers else options,
                 retry_config=RETRY_CONFIG,
                 **config,
+                **extra,
             )
+
+        try:
+            store = client()
         except (obstore.exceptions.BaseError, ValueError) as exc:
             raise ConfigError(f"store URL {shown!r} cannot be opened: {redact(first_line(exc))}") from exc
         where = f" at {redact_url(endpoint)}" if endpoint else ""
-        return cls(store, description=f"s3://{bucket}{where} (region {region})", redact=redact)
+        return cls(store, description=f"s3://{bucket}{where} (region {region})", redact=redact, variant=client)
 
     # ---- display and accounting -----------------------------------------------
 
@@ -268,6 +308,50 @@ class ObjectStore:
         store = self._open()
         self._call("copy", src, lambda: obstore.copy(store, src, dst, overwrite=True), dst=dst)
 
+    def put_checked(self, key: str, data: bytes) -> None:
+        """One PUT carrying `x-amz-checksum-sha256`, which object_store computes from `data` itself:
+        a server that `verifies_sha256` stores the body only if its own SHA-256 of what it received
+        matches, else ChecksumMismatch and nothing is stored (docs/design.md §5.2, §7.3)."""
+        self._open()
+        if not self.verifies_sha256:
+            raise StoreError(f"{self._description} has not shown that it checks SHA-256 on PUT: use put, then get")
+        checked = self._checked
+        assert checked is not None  # set by the probe that proved it
+        self._call("put", key, lambda: obstore.put(checked, key, data, use_multipart=False))
+
+    @property
+    def verifies_sha256(self) -> bool:
+        """Whether this bucket refuses a PUT whose body does not match its `x-amz-checksum-sha256`,
+        proved once by a probe (`_probe_sha256`); a folder or memory store never does. A probe that
+        gets no answer (throttled, flaky, unreachable) raises and is made again at the next call."""
+        self._open()
+        if self._variant is None:
+            return False
+        with self._probe_lock:
+            if self._verifies is None:
+                self._verifies = self._probe_sha256()
+            return self._verifies
+
+    def _probe_sha256(self) -> bool:
+        """PUT a tiny object under PROBE_PREFIX whose checksum is the SHA-256 of other bytes: the
+        server checks only if it refuses it (BadDigest) and stores nothing. A stored probe object is
+        deleted. Through `_call` like any request: counted, redacted, translated."""
+        key = self._probe_key
+        assert self._variant is not None  # verifies_sha256 asks only on S3
+        wrong = self._variant(headers={SHA256_HEADER: sha256_base64(b"not " + PROBE_BODY)})
+        try:
+            self._call("put", key, lambda: obstore.put(wrong, key, PROBE_BODY, use_multipart=False))
+        except ChecksumMismatch:
+            if not self.exists(key):
+                self._checked = self._variant(checksum_algorithm="sha256")
+                return True
+        except (Throttled, Transient, StoreUnavailable):
+            raise  # no answer yet
+        except StoreError:
+            pass  # refused for another reason (a header it does not know, say): nothing proved
+        self.delete(key)
+        return False
+
     def delete(self, key: str) -> None:
         """Deletes `key`; a missing key is not an error."""
         store = self._open()
@@ -287,7 +371,7 @@ class ObjectStore:
             raise StoreUnavailable(f"store check failed: {exc}") from exc
 
     def close(self) -> None:
-        self._store = None
+        self._store = self._checked = self._variant = None
 
     def __enter__(self) -> ObjectStore:
         return self
@@ -311,6 +395,11 @@ class ObjectStore:
             target = key if dst is None else f"{key} -> {dst}"
             error = translate_error(exc, op=op, key=key, target=target, where=self._description, redact=self._redact)
             raise error from exc
+
+
+def sha256_base64(data: bytes) -> str:
+    """The value of an `x-amz-checksum-sha256` header: base64 of the raw digest."""
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
 
 
 def _check_size(key: str, size: int, limit: int) -> None:
@@ -368,6 +457,11 @@ def translate_error(exc: BaseException, *, op: str, key: str, target: str, where
     target = redact(target)
     if code == "NoSuchBucket":
         return StoreUnavailable(f"{where}: the bucket does not exist: create it or fix REPAGE_STORE_URL")
+    if code == "BadDigest":  # S3 and R2 say so when a body does not match its checksum header
+        return ChecksumMismatch(
+            f"{where} refused {op} {target!r} ({reason}): the body it received does not match the "
+            "SHA-256 sent with it, nothing was stored; run the document again"
+        )
     if status in (429, 503) or code == "SlowDown":
         return Throttled(f"{where} asked to slow down on {op} {target!r} ({reason}): back off and retry")
     if isinstance(exc, FileNotFoundError) or status == 404:

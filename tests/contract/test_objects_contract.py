@@ -14,9 +14,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from repage.errors import BadInput, ConfigError, ObjectNotFound, StoreError, StoreUnavailable, Throttled
-from repage.stores.objects import ObjectInfo, ObjectStore
+from repage.errors import (
+    BadInput,
+    ChecksumMismatch,
+    ConfigError,
+    ObjectNotFound,
+    StoreError,
+    StoreUnavailable,
+    Throttled,
+)
+from repage.stores.objects import PROBE_PREFIX, ObjectInfo, ObjectStore
 from tests.fixtures.s3 import create_bucket, free_port, s3_store, unique_bucket_name
+from tests.support.faults import FaultPlan, FaultProxy, is_checked_put
 
 SPECIAL_KEYS = [
     "ds/doc/images/x y.png",
@@ -352,3 +361,144 @@ def test_secrets_never_appear_in_repr_describe_or_errors():
     with pytest.raises(ConfigError) as raised:
         ObjectStore.from_url(f"s3://{secret}", access_key_id=key_id, secret_access_key=secret)
     assert secret not in str(raised.value)
+
+
+# ---- the checksum probe and checked PUTs (docs/design.md §5.2) ---------------------------------
+# moto 5.2.5 stores a PUT whatever its x-amz-checksum-sha256 says (docs/design.md §7.4): the
+# server that checks, as S3 and R2 do, is moto behind a proxy that checks (tests/fixtures/proxy.py).
+
+
+def probe_keys(store: ObjectStore) -> list[str]:
+    return all_keys(store, PROBE_PREFIX.rstrip("/"))
+
+
+@pytest.mark.parametrize("backend", ["file", "memory"])
+def test_a_folder_or_memory_never_checks_and_the_probe_costs_nothing(tmp_path, backend):
+    url = (tmp_path / "bucket").as_uri() if backend == "file" else "memory://"
+    with ObjectStore.from_url(url) as store:
+        assert store.verifies_sha256 is False
+        assert store.counts == Counter()
+        with pytest.raises(StoreError, match="has not shown that it checks SHA-256"):
+            store.put_checked("k", b"x")
+        assert not store.exists("k")
+
+
+def test_plain_moto_stores_a_wrong_checksum_so_the_probe_says_no_and_deletes_its_object(moto_endpoint):
+    bucket = unique_bucket_name()
+    create_bucket(moto_endpoint, bucket)
+    with s3_store(moto_endpoint, bucket) as store:
+        assert store.verifies_sha256 is False
+        assert store.counts == Counter({"A": 1, "free": 1})  # the probe's PUT, and the DELETE of what it stored
+        assert probe_keys(store) == []
+        store.counts.clear()
+        assert store.verifies_sha256 is False  # asked once per adapter
+        assert store.counts == Counter()
+        with pytest.raises(StoreError, match="has not shown"):
+            store.put_checked("k", b"x")
+
+
+def test_a_checking_server_refuses_the_probe_stores_nothing_and_the_probe_says_yes(moto_endpoint, verifying_proxy):
+    bucket = unique_bucket_name()
+    create_bucket(moto_endpoint, bucket)
+    with s3_store(verifying_proxy.endpoint, bucket) as store:
+        assert store.verifies_sha256 is True
+        assert store.counts == Counter({"A": 1, "B": 1})  # the refused PUT, the HEAD that finds nothing
+        seen = [(s.method, s.path.split("?")[0].removeprefix(f"/{bucket}/"), s.status) for s in verifying_proxy.seen()]
+        key = seen[0][1]
+        assert key.startswith(PROBE_PREFIX) and seen == [("PUT", key, 400), ("HEAD", key, 404)]
+        assert verifying_proxy.checksums == Counter({"bad": 1})
+        assert probe_keys(store) == []
+        store.counts.clear()
+        assert store.verifies_sha256 is True and store.counts == Counter()
+
+
+def test_a_checked_put_with_the_right_checksum_is_stored_byte_for_byte(moto_endpoint, verifying_proxy):
+    bucket = unique_bucket_name()
+    create_bucket(moto_endpoint, bucket)
+    payload = bytes(range(256)) * 41
+    with s3_store(verifying_proxy.endpoint, bucket) as store:
+        store.put_checked("ds/doc/images/p3_0.png", payload)
+        assert verifying_proxy.checksums == Counter({"bad": 1, "ok": 1})  # the probe's, then this one
+        assert store.counts == Counter({"A": 2, "B": 1})
+    with s3_store(moto_endpoint, bucket) as direct:
+        assert direct.get("ds/doc/images/p3_0.png") == payload
+
+
+def test_a_checked_put_whose_body_changes_on_the_way_is_refused_naming_the_key_and_nothing_is_stored(moto_endpoint):
+    """Bits flipped in transit: the server's SHA-256 of what it got differs from the header, so
+    it refuses (400 BadDigest); one line naming the key, and no object."""
+    bucket = unique_bucket_name()
+    create_bucket(moto_endpoint, bucket)
+    proxy = FaultProxy(moto_endpoint, verify_sha256=True).start()
+    try:
+        store = s3_store(proxy.endpoint, bucket)
+        assert store.verifies_sha256 is True
+        proxy.set_plan(FaultPlan(rate=1.0, weights={"corrupt": 1.0}, when=is_checked_put))
+        with pytest.raises(ChecksumMismatch) as caught:
+            store.put_checked("ds/doc/images/p3_0.png", b"\x89PNG" + bytes(500))
+        message = str(caught.value)
+        assert len(message.splitlines()) == 1
+        assert "'ds/doc/images/p3_0.png'" in message and "BadDigest" in message and "nothing was stored" in message
+        assert proxy.fault_counts() == Counter({"corrupt": 1})
+        assert proxy.checksums == Counter({"bad": 2})  # the probe's, and this one
+        proxy.off()
+        assert not store.exists("ds/doc/images/p3_0.png")
+        store.close()
+    finally:
+        proxy.stop()
+
+
+def test_a_probe_that_is_throttled_raises_and_is_made_again_next_time(moto_endpoint, verifying_proxy):
+    bucket = unique_bucket_name()
+    create_bucket(moto_endpoint, bucket)
+    with s3_store(verifying_proxy.endpoint, bucket) as store:
+        verifying_proxy.inject_throttle(1)
+        with pytest.raises(Throttled):
+            store.verifies_sha256  # noqa: B018 (the property makes the probe)
+        assert store.verifies_sha256 is True  # asked again: no answer is not a "no"
+        assert store.counts == Counter({"A": 2, "B": 1})
+
+
+class RefusesButKeeps(BaseHTTPRequestHandler):
+    """A server that answers every PUT 400 BadDigest yet keeps it: a HEAD finds the object."""
+
+    protocol_version = "HTTP/1.1"
+    requests: list[str]
+
+    def _reply(self, status: int, body: bytes = b"", **headers: str) -> None:
+        self.requests.append(f"{self.command} {self.path}")
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(status)
+        for name, value in {"Content-Length": str(len(body)), **headers}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_PUT(self) -> None:
+        self._reply(400, b"<Error><Code>BadDigest</Code><Message>no match</Message></Error>")
+
+    def do_HEAD(self) -> None:
+        self._reply(200, b"", ETag='"e"', **{"Last-Modified": "Mon, 01 Jan 2024 00:00:00 GMT"})
+
+    def do_POST(self) -> None:  # obstore's DELETE: a POST of ?delete
+        self._reply(200, b"<DeleteResult><Deleted><Key>k</Key></Deleted></DeleteResult>")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_server_that_refuses_the_probe_but_keeps_it_does_not_pass_and_the_object_is_deleted():
+    handler = type("Handler", (RefusesButKeeps,), {"requests": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        with s3_store(f"http://127.0.0.1:{server.server_port}", "bkt") as store:
+            assert store.verifies_sha256 is False
+    finally:
+        server.shutdown()
+        server.server_close()
+    key = handler.requests[0].split()[1].split("?")[0].removeprefix("/bkt/")
+    assert key.startswith(PROBE_PREFIX)
+    assert [r.split("?")[0] for r in handler.requests] == [f"PUT /bkt/{key}", f"HEAD /bkt/{key}", "POST /bkt"]

@@ -13,9 +13,15 @@ migration, row by row (every field and the vector) and object by object.
 Retried faults rarely fail a document, so the breaker gets its own trial: a bucket that answers
 every CopyObject with 500. And each fault kind is checked alone: the error class it becomes
 decides whether repage's backoff retries it.
+
+A bucket that checks a PUT's SHA-256 (the proxy checks it as S3 and R2 do; moto does not) gets
+the PUT path of docs/design.md §5.2: the same faults plus bodies changed on the way, and a trial
+where every move's PUT arrives changed, so each fails its document, naming the key.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
@@ -23,7 +29,7 @@ from repage.errors import StoreUnavailable, Throttled, Transient
 from repage.stores.throttle import AdaptiveLimiter, call_with_backoff
 from tests.fixtures.s3 import create_bucket, free_port, s3_store, unique_bucket_name
 from tests.reliability.stores import check_clone, clone_s3, make_template
-from tests.support.faults import FaultPlan, FaultProxy, is_copy
+from tests.support.faults import KINDS, FaultPlan, FaultProxy, is_checked_put, is_copy
 from tests.support.reliability import CliLog
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
@@ -42,6 +48,14 @@ def template(milvus_server_uri, tmp_path_factory):
 @pytest.fixture
 def proxy(moto_endpoint):
     proxy = FaultProxy(moto_endpoint).start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def checking_proxy(moto_endpoint):
+    """The fault proxy, checking x-amz-checksum-sha256 as S3 and R2 do: moves are checked PUTs."""
+    proxy = FaultProxy(moto_endpoint, verify_sha256=True).start()
     yield proxy
     proxy.stop()
 
@@ -103,10 +117,28 @@ def test_faulty_bucket_run_completes_or_stops_cleanly_and_a_clean_run_loses_noth
     trial, template, proxy, milvus_server_uri, moto_endpoint, tmp_path, rate
 ):
     trial.name = f"s3-faults-{rate:.0%}"
+    plan = FaultPlan(rate=rate, seed=int(rate * 1000))
+    faulted_then_clean(trial, template, proxy, milvus_server_uri, moto_endpoint, tmp_path, plan)
+
+
+def test_checked_puts_through_faults_and_changed_bodies_lose_nothing(
+    trial, template, checking_proxy, milvus_server_uri, moto_endpoint, tmp_path
+):
+    """The PUT path (docs/design.md §5.2) at 20%: every fault kind, and bodies changed on the way,
+    which the server refuses; a clean run then finishes, and nothing is lost."""
+    trial.name = "s3-faults-checked-puts-20%"
+    plan = FaultPlan(rate=0.2, seed=202, weights={**dict.fromkeys(KINDS, 1.0), "corrupt": 1.0})
+    faulted_then_clean(trial, template, checking_proxy, milvus_server_uri, moto_endpoint, tmp_path, plan)
+    assert checking_proxy.checksums["ok"] > 0 and checking_proxy.fault_counts()["corrupt"] > 0
+
+
+def faulted_then_clean(trial, template, proxy, milvus_server_uri, moto_endpoint, tmp_path, plan: FaultPlan) -> None:
+    """One run under `plan` that completes or stops cleanly, then a clean run: verify passes and
+    the store equals a complete migration."""
     clone = clone_s3(template, milvus_server_uri, moto_endpoint, proxy.endpoint, tmp_path)
     cli = CliLog()
     try:
-        proxy.set_plan(FaultPlan(rate=rate, seed=int(rate * 1000)))
+        proxy.set_plan(plan)
         faulted = cli.run(
             "run",
             "--json",
@@ -129,20 +161,61 @@ def test_faulty_bucket_run_completes_or_stops_cleanly_and_a_clean_run_loses_noth
         trial.detail.update(first_run=outcome)
         partial = trial.compared(check_clone(clone, final=False))
         assert partial.ok, f"after the faulted run ({outcome}):\n" + partial.report()
-
-        clean = cli.run("run", "--retry-failed", "--json", env=clone.env, cwd=tmp_path)
-        assert clean.returncode == 0, str(clean)
-        summary = clean.json()
-        assert summary["failed"] == 0 and summary["stopped_because"] == "no more pending documents", summary
-        verified = cli.run("verify", "--json", env=clone.env, cwd=tmp_path)
-        trial.verified(verified)
-        assert verified.returncode == 0 and verified.json()["ok"], str(verified)
-        final = trial.compared(check_clone(clone, final=True))
+        finish_cleanly(trial, clone, cli, tmp_path)
         trial.detail.update(cli_calls=len(cli.calls))
-        assert final.ok, "after the clean run:\n" + final.report()
         assert trial.faults > 0, "the proxy injected no fault"
     finally:
         trial.faults = sum(proxy.fault_counts().values())  # also when the faulted run itself failed
+        clone.drop()
+
+
+def finish_cleanly(trial, clone, cli, tmp_path) -> None:
+    """`run --retry-failed` with the faults off finishes everything; verify passes; the store equals
+    a complete migration, row by row and object by object."""
+    clean = cli.run("run", "--retry-failed", "--json", env=clone.env, cwd=tmp_path)
+    assert clean.returncode == 0, str(clean)
+    summary = clean.json()
+    assert summary["failed"] == 0 and summary["stopped_because"] == "no more pending documents", summary
+    verified = cli.run("verify", "--json", env=clone.env, cwd=tmp_path)
+    trial.verified(verified)
+    assert verified.returncode == 0 and verified.json()["ok"], str(verified)
+    final = trial.compared(check_clone(clone, final=True))
+    assert final.ok, "after the clean run:\n" + final.report()
+
+
+def test_a_move_whose_put_arrives_changed_fails_its_document_naming_the_key_and_stores_nothing(
+    trial, template, checking_proxy, milvus_server_uri, moto_endpoint, tmp_path
+):
+    """Every checked PUT's body changed on the way: the server refuses each (400 BadDigest), so each
+    document with a move fails with one line naming the key, no copy is stored, the breaker stops
+    the run; with the faults off a clean run finishes and loses nothing."""
+    trial.name = "s3-checked-put-mismatch"
+    clone = clone_s3(template, milvus_server_uri, moto_endpoint, checking_proxy.endpoint, tmp_path)
+    cli = CliLog()
+    try:
+        checking_proxy.set_plan(FaultPlan(rate=1.0, seed=5, weights={"corrupt": 1.0}, when=is_checked_put))
+        faulted = cli.run("run", "--json", "--max-failures", "1", env=clone.env, cwd=tmp_path)
+        trial.faults = sum(checking_proxy.fault_counts().values())
+        checking_proxy.off()
+        assert faulted.returncode == 1, str(faulted)
+        summary = faulted.json()
+        assert summary["stopped_because"].startswith("--max-failures 1 exceeded"), summary
+        errors = summary["errors"]
+        assert summary["failed"] >= 2 and summary["migrated"] == 0 and len(errors) == summary["failed"], summary
+        refused = re.compile(r"^document (\S+): .* refused put '([^']+)' \(HTTP 400 BadDigest\): .*nothing was stored")
+        named = {doc: refused.match(message) for doc, message in errors.items()}
+        assert all(m is not None and m.group(1) == doc for doc, m in named.items()), errors
+        assert all(len(message.splitlines()) == 1 for message in errors.values()), errors
+        canonical = set(template.synthetic.moves.values())
+        with clone.open() as stores:
+            for doc, match in named.items():
+                assert match.group(2) in canonical and not stores.objects.exists(match.group(2)), (doc, match.group(2))
+        assert checking_proxy.checksums["bad"] >= summary["failed"] and checking_proxy.checksums["ok"] == 0
+        partial = trial.compared(check_clone(clone, final=False))
+        assert partial.ok, "after the refused PUTs:\n" + partial.report()
+        finish_cleanly(trial, clone, cli, tmp_path)
+    finally:
+        trial.faults = sum(checking_proxy.fault_counts().values())
         clone.drop()
 
 

@@ -13,6 +13,10 @@ once from the plan's RNG; with probability `rate` it gets one fault, chosen by w
               lands), then the reply is cut: the full Content-Length is announced, half the
               body is sent and the connection is reset. The client must treat the call as
               failed although it happened: the idempotency case.
+- `corrupt`   one byte of the request's body is flipped on the way, then it is forwarded: bits
+              flipped in transit. Only when a plan's weights name it (not in the default mix).
+              With `verify_sha256` (tests/fixtures/proxy.py) a PUT so changed is refused
+              (400 BadDigest), as S3 and R2 refuse it; without, moto stores the changed body.
 
 `set_plan(rate=0)` switches faults off for the clean run. `faults` lists what was injected.
 The RNG is drawn in arrival order under a lock, so a plan's fault sequence is reproducible
@@ -33,6 +37,7 @@ from email.message import Message
 from tests.fixtures.proxy import CountingProxy, ProxyHandler, Seen
 
 KINDS = ("500", "503", "429", "latency", "reset", "truncate")
+NAMED_ONLY = ("corrupt",)  # a plan gets these only by naming them in its weights
 
 
 @dataclass
@@ -46,7 +51,7 @@ class FaultPlan:
     limit: int | None = None  # at most this many faults under this plan (None: no limit)
 
     def __post_init__(self) -> None:
-        unknown = set(self.weights) - set(KINDS)
+        unknown = set(self.weights) - set(KINDS) - set(NAMED_ONLY)
         if unknown or not 0.0 <= self.rate <= 1.0:
             raise ValueError(f"bad fault plan: rate {self.rate}, unknown kinds {sorted(unknown)}")
 
@@ -59,8 +64,8 @@ class Fault:
 
 
 class FaultProxy(CountingProxy):
-    def __init__(self, upstream: str, plan: FaultPlan | None = None):
-        super().__init__(upstream)
+    def __init__(self, upstream: str, plan: FaultPlan | None = None, *, verify_sha256: bool = False):
+        super().__init__(upstream, verify_sha256=verify_sha256)
         self._server.RequestHandlerClass = type("FaultHandler", (FaultHandler,), {"proxy": self})
         self.faults: list[Fault] = []
         self.set_plan(plan or FaultPlan())
@@ -112,6 +117,8 @@ class FaultHandler(ProxyHandler):
         if kind == "latency":
             time.sleep(self.proxy.plan.latency_s)
             return self._pass(arrived, body)
+        if kind == "corrupt":
+            return self._pass(arrived, flip_one_byte(body))
         if kind == "reset":
             self.proxy._record(Seen(arrived, self.command, self.path, 0, True))
             return self._reset()
@@ -170,6 +177,19 @@ class FaultHandler(ProxyHandler):
             self.connection.close()
         except OSError:
             pass
+
+
+def flip_one_byte(body: bytes) -> bytes:
+    """The body with its middle byte inverted (an empty body stays empty)."""
+    if not body:
+        return body
+    middle = len(body) // 2
+    return body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
+
+
+def is_checked_put(method: str, path: str, headers: Message) -> bool:
+    """A PUT that carries x-amz-checksum-sha256 (the PUT path of a move, docs/design.md §5.2)."""
+    return method == "PUT" and headers.get("x-amz-checksum-sha256") is not None
 
 
 def is_copy(method: str, path: str, headers: Message) -> bool:

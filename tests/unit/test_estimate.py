@@ -91,3 +91,24 @@ def test_lite_flush_and_row_checksums_are_counted():
     keys = estimate(loads, lite, Prices(), concurrency=4, batch_size=200).paths[0]
     assert keys.seconds - base.seconds == pytest.approx(2 * 0.25 + 2400 * 2 * 0.0001)
     assert (keys.class_a, keys.class_b) == (base.class_a, base.class_b)
+
+
+def test_where_the_bucket_checks_sha256_a_move_is_two_requests_not_three():
+    """docs/design.md §5.2: the planning GET and a checked PUT, no COPY and no GET of the copy."""
+    loads = {
+        RepairPath.KEYS: PathLoad(documents=100, chunks=600, images_to_move=600),
+        RepairPath.PDF: PathLoad(documents=10, chunks=60, images_to_move=20, source_bytes=20_000_000),
+    }
+    measured = Latencies(**{**LAT.__dict__, "object_request_s": 0.001})
+    copied = estimate(loads, measured, Prices(), concurrency=8, batch_size=50)
+    checked = estimate(loads, measured, Prices(), concurrency=8, batch_size=50, checked_puts=True)
+    (keys_copied, pdf_copied), (keys_checked, pdf_checked) = copied.paths, checked.paths
+    assert (keys_copied.class_a, keys_copied.class_b) == (600, 1200)
+    assert (keys_checked.class_a, keys_checked.class_b) == (600, 600)
+    assert keys_copied.seconds - keys_checked.seconds == pytest.approx(600 * 0.001)
+    # pdf: per document a listing and the source's GET; per image chunk a PUT (or COPY), checked by a
+    # GET unless the bucket checks it; a GET per bucket image compared by its hash
+    assert (pdf_copied.class_a, pdf_copied.class_b) == (70, 10 + 20 + 60)
+    assert (pdf_checked.class_a, pdf_checked.class_b) == (70, 10 + 20)
+    assert (copied.requests_per_moved_image, checked.requests_per_moved_image) == (3, 2)
+    assert checked.as_dict()["requests_per_moved_image"] == 2 and checked.as_dict()["checked_puts"] is True
