@@ -184,6 +184,7 @@ class BatchMigrator:
                 work.chunks = journal
                 work.moves = self.ledger.object_journal(work.document_id)
                 self._restore_kept(work)
+                work.unplanned = self._unjournalled(work) if work.all_rows else 0
             else:  # first run, or again after a pages-only run or a rollback
                 self._fresh_plan(work, {c.identity: c for c in journal})
         except (RepageError, ValueError) as exc:
@@ -231,6 +232,11 @@ class BatchMigrator:
             pdf.add_uploads()
         if journal:
             work.chunks = [self._keep_originals(work, c, journal.get(c.identity)) for c in work.chunks]
+
+    def _unjournalled(self, work: DocumentWork) -> int:
+        """Affected chunks the journal does not name: they arrived after it was written."""
+        journalled = {c.identity for c in work.chunks}
+        return sum(1 for r in work.rows if is_affected(r) and self.identity.text(r) not in journalled)
 
     def _restore_kept(self, work: DocumentWork) -> None:
         """A resumed (or drifted) document's kept canonical images that are gone come back from
@@ -625,7 +631,7 @@ class BatchMigrator:
     def _finish(self, works: Sequence[DocumentWork], result: BatchResult) -> None:
         """The batch's checked documents become migrated in one ledger call; one whose lease was
         lost goes back to pending alone (another worker owns it now)."""
-        items = {}
+        items, again = {}, {}
         for work in works:
             result.objects_copied += len(work.moves)
             usage = work.usage
@@ -638,13 +644,18 @@ class BatchMigrator:
             }
             if work.all_rows:  # else the scan's census stands (rows read by primary key are the affected ones)
                 fields["total_chunks"] = self._chunk_count(work)
-            items[work.document_id] = (work.claim.fencing_token, fields)
+            if work.unplanned:  # its journal is done; the next claim plans it afresh, arrivals included
+                fields["reason"] = f"{work.unplanned} affected chunks arrived after its journal: planned again"
+                again[work.document_id] = (work.claim.fencing_token, fields)
+            else:
+                items[work.document_id] = (work.claim.fencing_token, fields)
         refused = self.ledger.transition_many(State.MIGRATED, items) if items else {}
+        refused.update(self.ledger.transition_many(State.PENDING, again) if again else {})
         for work in works:
             if work.document_id in refused:
                 self._lost(work, result, refused[work.document_id])
             else:
-                self._count(work, State.MIGRATED, result)
+                self._count(work, State.PENDING if work.unplanned else State.MIGRATED, result)
 
     def _images_left(self, work: DocumentWork) -> int:
         """Images still at a legacy key after this write (a pages-only run leaves them).

@@ -63,6 +63,7 @@ class DocumentWork:
     lease_lost: bool = False  # another worker owns it now: no renewal, nothing more written
     journal: list[ChunkJournalEntry] = field(default_factory=list)  # an earlier attempt's, read by prepare
     restored: list[ObjectJournalEntry] = field(default_factory=list)  # resumed: kept images to restore from the PDF
+    unplanned: int = 0  # resumed: affected chunks its journal does not name (arrived since); planned on the next claim
 
     @property
     def document_id(self) -> str:
