@@ -225,8 +225,13 @@ def test_injected_slowdowns_back_off_retry_and_migrate_everything(tmp_path, moto
     injected = 5
     stop = threading.Event()
 
+    def probed() -> bool:
+        """The adapter's checksum probe is over: it deleted what moto stored (a POST of ?delete)."""
+        return any(s.method == "POST" and "delete" in s.path for s in counting_proxy.seen())
+
     def inject_once_running() -> None:  # mid-run: after the stores opened and planning began
-        while not stop.is_set() and len(counting_proxy.seen()) < 12:
+        # and after the probe, whose requests run_requests sets apart: the slowdowns hit moves
+        while not stop.is_set() and (len(counting_proxy.seen()) < 12 or not probed()):
             time.sleep(0.005)
         counting_proxy.inject_throttle(injected, status=503)
 
