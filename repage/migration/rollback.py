@@ -20,7 +20,7 @@ from repage.domain.keys import is_pdf_image_ref
 from repage.domain.records import ChunkChange, ChunkJournalEntry, ObjectJournalEntry, ObjectState
 from repage.domain.states import RepairPath, State
 from repage.errors import RepageError, StoreUnavailable
-from repage.migration.verify import OBJECT_CHECKS, VERIFIABLE, VERIFY_BATCH, CheckReport, records_in
+from repage.migration.verify import OBJECT_CHECKS, VERIFIABLE, VERIFY_BATCH, CheckReport, journalled_rows, records_in
 from repage.stores.milvus import bounded_batches, eq_filter, in_filter
 
 
@@ -77,7 +77,7 @@ def _rollback_journalled(stores, document_ids: list[str], report: CheckReport, c
     journals, moves = ledger.chunk_journals(document_ids), ledger.object_journals(document_ids)
     # originals first: a chunk must never point at a missing image
     _parallel(lambda m: _restore_original(stores.objects, m), [m for d in document_ids for m in moves[d]], concurrency)
-    found = vectors.find_by_identity([ChunkIdentity.from_text(c.identity) for d in document_ids for c in journals[d]])
+    found = vectors.find_written(journalled_rows(journals))
     changes: dict[str, list[ChunkChange]] = {}
     for doc in document_ids:
         try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -102,8 +102,7 @@ def check_documents(stores, document_ids: Sequence[str], concurrency: int = OBJE
     records = {d: ledger.get(d) for d in document_ids}
     journals, moves = ledger.chunk_journals(document_ids), ledger.object_journals(document_ids)
     counts = _chunk_counts(vectors, document_ids)
-    identities = [ChunkIdentity.from_text(e.identity) for d in document_ids for e in journals[d]]
-    found = vectors.find_by_identity(identities, with_vectors=True)
+    found = vectors.find_written(journalled_rows(journals))
     findings = {d: Finding(identities=[e.identity for e in journals[d]]) for d in document_ids}
     for doc, finding in findings.items():
         total = records[doc].total_chunks if records[doc] is not None else None
@@ -114,6 +113,13 @@ def check_documents(stores, document_ids: Sequence[str], concurrency: int = OBJE
                 finding.problems.append(f"chunk {entry.identity}: {problem}")
     _check_objects(stores.objects, journals, moves, findings, concurrency)
     return findings
+
+
+def journalled_rows(journals: Mapping[str, Sequence[ChunkJournalEntry]]) -> dict[tuple, str | None]:
+    """{identity: primary key the run recorded}: read by primary key where the store keeps keys
+    (a point read; a filter of 200 documents' identities scans every row, and grows with the
+    store), by identity elsewhere or where a key is missing (MilvusVectors.find_written)."""
+    return {ChunkIdentity.from_text(e.identity): e.new_pk or e.old_pk for entries in journals.values() for e in entries}
 
 
 def _chunk_counts(vectors, document_ids: Sequence[str]) -> Counter:
