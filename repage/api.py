@@ -206,21 +206,22 @@ def verify(settings: Settings, document_ids=None, *, sample: int | None = None) 
     from repage.migration.verify import verify_documents
 
     with open_stores(settings) as stores:
-        return verify_documents(stores, document_ids, sample=sample).as_dict()
+        # the run's bucket concurrency: a bucket 30 ms away needs as many requests in flight here
+        return verify_documents(stores, document_ids, sample=sample, concurrency=settings.concurrency).as_dict()
 
 
 def rollback(settings: Settings, document_ids=None) -> dict:
     from repage.migration.rollback import rollback_documents
 
     with open_stores(settings) as stores:
-        return rollback_documents(stores, document_ids).as_dict()
+        return rollback_documents(stores, document_ids, concurrency=settings.concurrency).as_dict()
 
 
 def gc(settings: Settings, grace_seconds: float) -> dict:
     from repage.migration.rollback import gc_objects
 
     with open_stores(settings) as stores:
-        return gc_objects(stores, grace_seconds)
+        return gc_objects(stores, grace_seconds, concurrency=settings.concurrency)
 
 
 def review_list(settings: Settings) -> dict:
